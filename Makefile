@@ -1,0 +1,34 @@
+# `make demo` and `make test` each create the virtual environment on first use, install
+# everything and run. The CPU build of torch is the default; a GPU user installs their own torch
+# into .venv first (it is kept: torch is installed only when .venv has none).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test bench protos clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(BIN)/fcmoe simulate configs/demo.yaml
+
+# pytest exits 5 when it collects no test; that is not a failure of the suite.
+test: venv
+	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+bench: venv
+	$(BIN)/python -m benches.round --silos 4 --json
+
+protos: venv
+	$(BIN)/python -m protos.generate
+
+clean:
+	rm -rf $(VENV) runs *.egg-info .pytest_cache

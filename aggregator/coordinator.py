@@ -1,0 +1,248 @@
+"""The aggregator's run: round machine + global model + strategy + accumulator + metrics + checkpoints.
+
+Thread-safe (one condition variable); the gRPC service calls into it from worker threads and a
+single driver thread advances time (:meth:`Coordinator.step`). No gRPC types beyond the protobuf
+messages appear here, so the round logic is testable without a network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.accumulate import PlaintextAccumulator
+from aggregator.checkpoint import save_checkpoint
+from aggregator.metrics import MetricsLog
+from aggregator.rounds import Event, Phase, RoundMachine
+from aggregator.strategies import RoundPlan, Strategy
+from fcmoe.config import Config
+from fcmoe.errors import ProtocolError
+from fcmoe.logs import log_event
+from protos import fcmoe_pb2 as pb
+from protos.codec import TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: Config,
+        layout_hash: str,
+        base_fingerprint: str,
+        unit_sizes: Mapping[str, int],
+        initial_global: Mapping[str, np.ndarray],
+        strategy: Strategy,
+        output_dir: Path,
+        clock: Callable[[], float] = time.time,
+    ):
+        fed = config.federation
+        self.config = config
+        self.layout_hash = layout_hash
+        self.base_fingerprint = base_fingerprint
+        self.unit_sizes = dict(unit_sizes)
+        self.strategy = strategy
+        self.output_dir = output_dir
+        self.clock = clock
+        self.run_id = uuid.uuid4().hex[:12]
+        self.machine = RoundMachine(
+            total_rounds=fed.rounds,
+            min_silos=fed.min_silos,
+            quorum=fed.effective_quorum,
+            round_timeout_s=fed.round_timeout_s,
+            join_timeout_s=fed.join_timeout_s,
+            max_retries=fed.max_round_retries,
+            created_at=clock(),
+        )
+        self.global_units = {k: np.asarray(v, dtype=np.float32) for k, v in initial_global.items()}
+        self.metrics = MetricsLog(output_dir)
+        self.plan: RoundPlan | None = None
+        self._accumulator = PlaintextAccumulator(self.unit_sizes)
+        self._round_started = 0.0
+        self._bytes_down: dict[str, int] = {}
+        self._cv = threading.Condition()
+
+    # -- specs ---------------------------------------------------------------------------------
+    def unit_specs(self) -> dict[str, TensorSpec]:
+        return {k: TensorSpec("float32", (n,)) for k, n in self.unit_sizes.items()}
+
+    # -- RPC entry points ----------------------------------------------------------------------
+    def join(self, silo: str, request: pb.JoinRequest) -> pb.JoinReply:
+        if request.layout_hash != self.layout_hash:
+            raise ProtocolError(
+                f"layout hash {request.layout_hash[:12]!r} != aggregator's {self.layout_hash[:12]!r} "
+                "(model or trainable settings differ)", "FAILED_PRECONDITION")
+        if request.base_fingerprint != self.base_fingerprint:
+            raise ProtocolError("base model weights differ from the aggregator's", "FAILED_PRECONDITION")
+        allowed = self.config.aggregator.allowed_silos
+        if allowed is not None and silo not in allowed:
+            raise ProtocolError(f"silo {silo!r} is not in aggregator.allowed_silos", "PERMISSION_DENIED")
+        with self._cv:
+            self.machine.join(silo)
+            self._cv.notify_all()
+        log_event(log, "silo_joined", silo=silo, examples=request.num_train_examples)
+        return pb.JoinReply(run_id=self.run_id, silo_name=silo, total_rounds=self.config.federation.rounds)
+
+    def task(self, silo: str, request: pb.TaskRequest) -> pb.Task:
+        self._check_run(request.run_id)
+        wait_until = self.clock() + max(0.0, min(request.wait_s, 30.0))
+        with self._cv:
+            view = self.machine.task(silo)
+            while view.kind == "WAIT" and self.clock() < wait_until:
+                self._cv.wait(timeout=max(0.0, wait_until - self.clock()))
+                view = self.machine.task(silo)
+            task = pb.Task(kind=pb.Task.Kind.Value(view.kind), round=view.round, layout_hash=self.layout_hash,
+                           deadline_unix=view.deadline, message=view.message)
+            if view.kind == "TRAIN" and self.plan is not None:
+                local = self.plan.local
+                task.train.CopyFrom(pb.TrainInstructions(
+                    local_steps=local.local_steps, batch_size=local.batch_size, grad_accum=local.grad_accum,
+                    learning_rate=local.learning_rate, weight_decay=local.weight_decay,
+                    prox_mu=self.plan.prox_mu, clip_norm=local.clip_norm, seed=self.plan.seed))
+            return task
+
+    def global_model(self, silo: str, request: pb.DownloadRequest) -> dict[str, np.ndarray]:
+        self._check_run(request.run_id)
+        self._check_layout(request.layout_hash)
+        with self._cv:
+            if request.round != self.machine.version:
+                raise ProtocolError(
+                    f"model version {request.round} unavailable (current {self.machine.version})")
+            return dict(self.global_units)
+
+    def count_download(self, silo: str, nbytes: int) -> None:
+        with self._cv:
+            self._bytes_down[silo] = self._bytes_down.get(silo, 0) + nbytes
+
+    def check_update_header(self, silo: str, header: pb.UpdateHeader) -> None:
+        self._check_run(header.run_id)
+        self._check_layout(header.layout_hash)
+        if list(header.units) != list(self.unit_sizes):
+            raise ProtocolError("update lists units that differ from the layout", "INVALID_ARGUMENT")
+        with self._cv:
+            self.machine.check_update(silo, header.round, self.clock())
+
+    def add_update(self, silo: str, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray],
+                   nbytes: int) -> None:
+        with self._cv:
+            self.machine.check_update(silo, header.round, self.clock())
+            try:
+                self._accumulator.add(silo, header.weight, payload)
+            except ProtocolError as exc:
+                exc.status = "INVALID_ARGUMENT"
+                raise
+            self.machine.record_update(silo, header.round, self.clock())
+            rec = self.metrics.record(header.round - 1)
+            rec.global_pool.add(header.evaluation.global_model)
+            cur = self.metrics.record(header.round)
+            cur.local_pool.add(header.evaluation.local_model)
+            cur.per_silo[silo] = {
+                "bytes_up": nbytes,
+                "bytes_down": self._bytes_down.get(silo, 0),
+                "train_seconds": header.stats.train_seconds,
+                "tokens": header.stats.tokens,
+                "steps": header.stats.steps,
+            }
+            self._cv.notify_all()
+        log_event(log, "update_accepted", silo=silo, round=header.round, bytes=nbytes,
+                  train_s=round(header.stats.train_seconds, 3))
+
+    def add_evaluation(self, silo: str, report: pb.EvalReport) -> None:
+        self._check_run(report.run_id)
+        self._check_layout(report.layout_hash)
+        with self._cv:
+            self.machine.record_evaluation(silo, report.round)
+            self.metrics.record(report.round).global_pool.add(report.evaluation.global_model)
+            self._cv.notify_all()
+        log_event(log, "evaluation_received", silo=silo, version=report.round)
+
+    # -- driver --------------------------------------------------------------------------------
+    def step(self) -> Event | None:
+        """Advance time once; run aggregation when a round closes. Called by one driver thread."""
+        with self._cv:
+            event = self.machine.poll(self.clock())
+            if event in (Event.ROUND_STARTED, Event.ROUND_RETRY):
+                self._open_round(event)
+            elif event == Event.CLOSE_ROUND:
+                self._close_round()
+            elif event in (Event.FINISHED, Event.ABORTED):
+                self._finish(event)
+            if event is not None:
+                self._cv.notify_all()
+            return event
+
+    @property
+    def done(self) -> bool:
+        with self._cv:
+            return self.machine.phase == Phase.DONE
+
+    def _open_round(self, event: Event) -> None:
+        m = self.machine
+        self.plan = self.strategy.configure_round(m.round, self.config.federation.local, self.config.run.seed)
+        self._accumulator = PlaintextAccumulator(self.unit_sizes)
+        self._round_started = self.clock()
+        self._bytes_down = {}
+        for r in (m.round - 1, m.round):  # a retried round reports afresh
+            rec = self.metrics.record(r)
+            if r == m.round:
+                rec.local_pool, rec.per_silo = type(rec.local_pool)(), {}
+            else:
+                rec.global_pool = type(rec.global_pool)()
+        log_event(log, event.value, round=m.round, participants=len(m.participants),
+                  deadline_s=round(m.deadline - self.clock(), 1), attempt=m.retries + 1)
+
+    def _close_round(self) -> None:
+        m = self.machine
+        total = self._accumulator.result()
+        self.global_units = self.strategy.aggregate(m.round, self.global_units, total)
+        elapsed = self.clock() - self._round_started
+        rec = self.metrics.record(m.round)
+        slowest = max((s["train_seconds"] for s in rec.per_silo.values()), default=0.0)
+        tokens = sum(s["tokens"] for s in rec.per_silo.values())
+        train_s = sum(s["train_seconds"] for s in rec.per_silo.values())
+        rec.stats = {
+            "updates": total.count,
+            "round_seconds": elapsed,
+            "slowest_train_seconds": slowest,
+            "overhead": (elapsed - slowest) / elapsed if elapsed > 0 else 0.0,
+            "bytes_up_mean": float(np.mean([s["bytes_up"] for s in rec.per_silo.values()])),
+            "bytes_down_mean": float(np.mean([s["bytes_down"] for s in rec.per_silo.values()])),
+            "train_tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
+        }
+        m.complete_round(self.clock())
+        self._checkpoint()
+        self.metrics.write()
+        log_event(log, "round_closed", round=m.version, updates=total.count, seconds=round(elapsed, 3),
+                  global_loss=self.metrics.record(m.version - 1).global_pool.mean())
+        if m.phase == Phase.TRAINING:
+            self._open_round(Event.ROUND_STARTED)
+        else:
+            log_event(log, "final_evaluation_started", version=m.version, silos=len(m.participants))
+
+    def _finish(self, event: Event) -> None:
+        self.metrics.write()
+        if self.metrics.records:
+            self.metrics.plot()
+        level = logging.INFO if event == Event.FINISHED else logging.ERROR
+        log_event(log, "run_" + event.value, level=level, outcome=self.machine.outcome,
+                  version=self.machine.version)
+
+    def _checkpoint(self) -> None:
+        state = {"run_id": self.run_id, "version": self.machine.version, "layout_hash": self.layout_hash,
+                 "strategy": self.strategy.name, "base_fingerprint": self.base_fingerprint}
+        save_checkpoint(self.output_dir / "checkpoints", self.machine.version, self.global_units,
+                        self.strategy.state_arrays(), state)
+
+    def _check_run(self, run_id: str) -> None:
+        if run_id != self.run_id:
+            raise ProtocolError(f"unknown run id {run_id!r} (join first)", "FAILED_PRECONDITION")
+
+    def _check_layout(self, layout_hash: str) -> None:
+        if layout_hash != self.layout_hash:
+            raise ProtocolError(f"layout hash {layout_hash[:12]!r} does not match", "FAILED_PRECONDITION")

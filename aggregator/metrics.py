@@ -1,0 +1,138 @@
+"""Round metrics as reported by silos (the aggregator holds no data), pooled and written to disk.
+
+A silo reports summed token loss and token counts per domain; pooling sums both over silos, so the
+pooled loss of a domain is the token-weighted mean over every silo that holds that domain. The
+headline figure is the unweighted mean over domains. Files: metrics.jsonl and metrics.csv (rewritten
+atomically after every round), loss.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protos import fcmoe_pb2 as pb
+
+
+@dataclass
+class DomainPool:
+    loss_sum: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def add(self, entries: Iterable[pb.DomainLoss]) -> None:
+        for e in entries:
+            self.loss_sum[e.domain] = self.loss_sum.get(e.domain, 0.0) + e.loss_sum
+            self.tokens[e.domain] = self.tokens.get(e.domain, 0) + e.tokens
+
+    def by_domain(self) -> dict[str, float]:
+        return {d: self.loss_sum[d] / self.tokens[d] for d in sorted(self.tokens) if self.tokens[d] > 0}
+
+    def mean(self) -> float | None:
+        losses = self.by_domain()
+        return sum(losses.values()) / len(losses) if losses else None
+
+
+@dataclass
+class RoundRecord:
+    """Everything known about model version ``round`` (0 = the initial global model)."""
+
+    round: int
+    global_pool: DomainPool = field(default_factory=DomainPool)
+    local_pool: DomainPool = field(default_factory=DomainPool)
+    stats: dict[str, float] = field(default_factory=dict)
+    per_silo: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def row(self) -> dict[str, object]:
+        row: dict[str, object] = {"round": self.round, "global_loss": self.global_pool.mean(),
+                                  "local_loss": self.local_pool.mean()}
+        row.update({f"global_loss/{d}": v for d, v in self.global_pool.by_domain().items()})
+        row.update({f"local_loss/{d}": v for d, v in self.local_pool.by_domain().items()})
+        row.update(self.stats)
+        if self.per_silo:
+            row["silos"] = self.per_silo
+        return row
+
+
+class MetricsLog:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.records: dict[int, RoundRecord] = {}
+
+    def record(self, round_: int) -> RoundRecord:
+        return self.records.setdefault(round_, RoundRecord(round_))
+
+    def rows(self) -> list[dict[str, object]]:
+        return [self.records[r].row() for r in sorted(self.records)]
+
+    def write(self) -> None:
+        rows = self.rows()
+        _atomic_write(self.directory / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        flat = [{k: v for k, v in r.items() if k != "silos"} for r in rows]
+        columns: list[str] = []
+        for r in flat:
+            columns += [k for k in r if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+        _atomic_write(self.directory / "metrics.csv", buf.getvalue())
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.rows()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, style in (("global_loss", "-o"), ("local_loss", "--s")):
+            pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=key.replace("_", " "))
+        ax.set_xlabel("round (model version)")
+        ax.set_ylabel("held-out loss (mean over domains)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.directory / "loss.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def evaluation_losses(entries: Iterable[pb.DomainLoss]) -> dict[str, float]:
+    return {e.domain: e.loss_sum / e.tokens for e in entries if e.tokens > 0}
+
+
+def final_table(rows: list[Mapping[str, object]]) -> str:
+    """Per-domain held-out loss: initial global, final global, final personalised (local)."""
+    if not rows:
+        return "(no metrics)"
+    first, last = rows[0], rows[-1]
+    local_rows = [r for r in rows if r.get("local_loss") is not None]
+    last_local = local_rows[-1] if local_rows else {}
+    domains = sorted({k.split("/", 1)[1] for k in first if k.startswith("global_loss/")})
+    lines = [f"{'domain':<14}{'round 0':>10}{'round ' + str(last['round']):>12}{'local':>10}"]
+    for d in domains + ["(mean)"]:
+        key = "global_loss" if d == "(mean)" else f"global_loss/{d}"
+        lkey = "local_loss" if d == "(mean)" else f"local_loss/{d}"
+        cells = [first.get(key), last.get(key), last_local.get(lkey)]
+        lines.append(f"{d:<14}" + "".join(f"{c:>10.4f}" if isinstance(c, float) else f"{'-':>10}" for c in cells[:1])
+                     + (f"{cells[1]:>12.4f}" if isinstance(cells[1], float) else f"{'-':>12}")
+                     + (f"{cells[2]:>10.4f}" if isinstance(cells[2], float) else f"{'-':>10}"))
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,111 @@
+"""Start the aggregator: build the initial global model, serve gRPC over mutual TLS, drive rounds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from aggregator.coordinator import Coordinator
+from aggregator.metrics import final_table
+from aggregator.strategies import build_strategy
+from crypto.pki import PkiPaths
+from crypto.tls import server_credentials
+from fcmoe.config import Config
+from fcmoe.logs import log_event
+from fcmoe.model import ExpertLayout, base_fingerprint, build_model, trainable_state
+from fcmoe.model.build import num_experts
+from protos import codec
+from protos import fcmoe_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass
+class RunningAggregator:
+    server: grpc.Server
+    coordinator: Coordinator
+    port: int
+
+
+def initial_state(config: Config) -> tuple[ExpertLayout, str, dict]:
+    """Layout, base fingerprint and initial global unit vectors, from the model config alone."""
+    model = build_model(config.model, "cpu", seed=config.run.seed)
+    layout = ExpertLayout.from_model(model, num_experts(model.config))
+    return layout, base_fingerprint(model), layout.split(trainable_state(model))
+
+
+def start_aggregator(config: Config) -> RunningAggregator:
+    layout, fingerprint, initial = initial_state(config)
+    output_dir = config.run.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    coordinator = Coordinator(
+        config, layout.hash, fingerprint, layout.unit_sizes(), initial,
+        build_strategy(config.federation.strategy), output_dir,
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.aggregator.max_workers),
+                         options=GRPC_OPTIONS)
+    pb_grpc.add_FederationServicer_to_server(_service(coordinator), server)
+    address = f"{config.aggregator.host}:{config.aggregator.port}"
+    port = server.add_secure_port(address, server_credentials(PkiPaths(config.aggregator.pki_dir)))
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    if config.aggregator.port_file is not None:
+        tmp = config.aggregator.port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        os.replace(tmp, config.aggregator.port_file)
+    log_event(log, "aggregator_listening", address=f"{config.aggregator.host}:{port}", run_id=coordinator.run_id,
+              layout=layout.hash[:12], units=len(layout.units), parameters=layout.num_parameters,
+              strategy=config.federation.strategy.name, rounds=config.federation.rounds)
+    return RunningAggregator(server, coordinator, port)
+
+
+def _service(coordinator: Coordinator):
+    from aggregator.service import FederationService
+
+    return FederationService(coordinator)
+
+
+def drive(coordinator: Coordinator, stop: threading.Event | None = None, tick_s: float = 0.05,
+          progress: bool = False) -> None:
+    """Advance rounds until the run is done (or ``stop`` is set)."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=coordinator.config.federation.rounds, desc="rounds", unit="round")
+    try:
+        while not coordinator.done and not (stop and stop.is_set()):
+            coordinator.step()
+            if bar is not None:
+                bar.n = coordinator.machine.version
+                bar.refresh()
+            time.sleep(tick_s)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def run_aggregator(config: Config, progress: bool = True) -> int:
+    running = start_aggregator(config)
+    try:
+        drive(running.coordinator, progress=progress)
+        time.sleep(0.5)  # let silos collect their DONE task
+    finally:
+        running.server.stop(grace=2).wait()
+    coordinator = running.coordinator
+    print(final_table(coordinator.metrics.rows()))
+    print(f"report: {Path(config.run.output_dir).resolve()}")
+    return 0 if coordinator.machine.succeeded else 1

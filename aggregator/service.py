@@ -1,0 +1,118 @@
+"""gRPC servicer: wire <-> :class:`~aggregator.coordinator.Coordinator`.
+
+Every refusal becomes a gRPC status with a one-line reason and a one-line log record; no exception
+from a peer's bad input escapes to kill the server. The caller's identity is the common name of its
+verified client certificate, never a field it sends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+
+from aggregator.coordinator import Coordinator
+from crypto.tls import peer_common_name
+from fcmoe.errors import CodecError, FcMoeError, ProtocolError
+from fcmoe.logs import log_event
+from protos import codec
+from protos import fcmoe_pb2 as pb
+from protos import fcmoe_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _identify(context: grpc.ServicerContext) -> str:
+    name = peer_common_name(context)
+    if not name:
+        raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate common name")
+    return name
+
+
+def _refuse(context: grpc.ServicerContext, rpc: str, silo: str, exc: Exception):
+    if isinstance(exc, _Refused):
+        code, message = exc.code, str(exc)
+    elif isinstance(exc, ProtocolError):
+        code, message = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.FAILED_PRECONDITION), str(exc)
+    elif isinstance(exc, CodecError):
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    elif isinstance(exc, FcMoeError):
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    else:
+        code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
+        log.exception("rpc %s failed", rpc)
+    log_event(log, "rpc_refused", level=logging.WARNING, rpc=rpc, silo=silo or "?", code=code.name,
+              reason=message)
+    context.abort(code, message)
+
+
+class FederationService(pb_grpc.FederationServicer):
+    def __init__(self, coordinator: Coordinator, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES):
+        self.coordinator = coordinator
+        self.chunk_bytes = chunk_bytes
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        silo = ""
+        try:
+            silo = _identify(context)
+            return self.coordinator.join(silo, request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            _refuse(context, "Join", silo, exc)
+
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        silo = ""
+        try:
+            silo = _identify(context)
+            return self.coordinator.task(silo, request)
+        except Exception as exc:  # noqa: BLE001
+            _refuse(context, "GetTask", silo, exc)
+
+    def DownloadGlobal(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
+        silo = ""
+        try:
+            silo = _identify(context)
+            units = self.coordinator.global_model(silo, request)
+        except Exception as exc:  # noqa: BLE001
+            _refuse(context, "DownloadGlobal", silo, exc)
+            return
+        sent = 0
+        for chunk in codec.encode(units, self.chunk_bytes):
+            sent += len(chunk.data)
+            yield chunk
+        self.coordinator.count_download(silo, sent)
+
+    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage], context: grpc.ServicerContext) -> pb.SubmitReply:
+        silo = ""
+        try:
+            silo = _identify(context)
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header")
+            header = first.header
+            self.coordinator.check_update_header(silo, header)
+            assembler = codec.TensorAssembler(self.coordinator.unit_specs())
+            for message in request_iterator:
+                if message.WhichOneof("part") != "chunk":
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks may follow the header")
+                assembler.add(message.chunk)
+            payload = assembler.finish()
+            self.coordinator.add_update(silo, header, payload, assembler.bytes_received)
+            return pb.SubmitReply(accepted=True, message="accepted", bytes_received=assembler.bytes_received)
+        except Exception as exc:  # noqa: BLE001
+            _refuse(context, "SubmitUpdate", silo, exc)
+
+    def ReportEvaluation(self, request: pb.EvalReport, context: grpc.ServicerContext) -> pb.Ack:
+        silo = ""
+        try:
+            silo = _identify(context)
+            self.coordinator.add_evaluation(silo, request)
+            return pb.Ack(message="recorded")
+        except Exception as exc:  # noqa: BLE001
+            _refuse(context, "ReportEvaluation", silo, exc)

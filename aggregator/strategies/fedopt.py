@@ -1,0 +1,62 @@
+"""FedOpt server optimizers (Reddi et al. 2021): FedAvgM and FedAdam on the averaged delta."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from aggregator.accumulate import GroupSum
+from aggregator.server_optim import adam_step, momentum_step
+from aggregator.strategies.base import Strategy
+
+
+class _StatefulStrategy(Strategy):
+    """Keeps named per-unit buffers (``slot/unit``) for checkpointing."""
+
+    slots: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, dict[str, np.ndarray]] = {s: {} for s in self.slots}
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {f"{slot}/{unit}": arr for slot, bufs in self._buffers.items() for unit, arr in bufs.items()}
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self._buffers = {s: {} for s in self.slots}
+        for key, arr in arrays.items():
+            slot, _, unit = key.partition("/")
+            if slot not in self._buffers:
+                raise ValueError(f"strategy {self.name}: unknown state slot {slot!r}")
+            self._buffers[slot][unit] = np.asarray(arr, dtype=np.float32)
+
+
+class FedAvgM(_StatefulStrategy):
+    name = "fedavgm"
+    slots = ("momentum",)
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9):
+        super().__init__()
+        self.server_lr, self.momentum = server_lr, momentum
+
+    def aggregate(self, round_: int, global_units: Mapping[str, np.ndarray], total: GroupSum) -> dict[str, np.ndarray]:
+        mean, buf, out = total.mean(), self._buffers["momentum"], {}
+        for k, x in global_units.items():
+            out[k], buf[k] = momentum_step(x, mean[k], buf.get(k), self.server_lr, self.momentum)
+        return out
+
+
+class FedAdam(_StatefulStrategy):
+    name = "fedadam"
+    slots = ("m", "v")
+
+    def __init__(self, server_lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        super().__init__()
+        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+
+    def aggregate(self, round_: int, global_units: Mapping[str, np.ndarray], total: GroupSum) -> dict[str, np.ndarray]:
+        mean, m, v, out = total.mean(), self._buffers["m"], self._buffers["v"], {}
+        for k, x in global_units.items():
+            out[k], m[k], v[k] = adam_step(x, mean[k], m.get(k), v.get(k), self.server_lr,
+                                           self.beta1, self.beta2, self.tau)
+        return out

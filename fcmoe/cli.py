@@ -1,0 +1,67 @@
+"""The ``fcmoe`` command: certs, aggregator, silo, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fcmoe.errors import FcMoeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fcmoe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    certs = sub.add_parser("certs", help="create a CA, an aggregator certificate and one per silo")
+    certs.add_argument("--dir", type=Path, required=True, help="folder for ca.pem, aggregator.pem, silo-NAME.pem, keys")
+    certs.add_argument("--silos", required=True, help="comma-separated silo names")
+    certs.add_argument("--hosts", default="localhost,127.0.0.1,::1", help="aggregator host names / IPs (SANs)")
+
+    for name, text in (("aggregator", "run the aggregator"), ("silo", "run one silo agent"),
+                       ("simulate", "run an aggregator and N silos as local processes")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", type=Path)
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from fcmoe.logs import setup_logging
+
+    try:
+        if args.command == "certs":
+            from crypto.pki import ensure_pki
+
+            setup_logging("certs")
+            silos = [s for s in args.silos.split(",") if s]
+            paths = ensure_pki(args.dir, silos, [h for h in args.hosts.split(",") if h])
+            print(f"certificates in {paths.directory.resolve()}")
+            return 0
+        from fcmoe.config import load_config
+
+        config = load_config(args.config)
+        setup_logging(args.command, config.run.log_level)
+        progress = not args.no_progress
+        if args.command == "aggregator":
+            from aggregator.server import run_aggregator
+
+            return run_aggregator(config, progress=progress)
+        if args.command == "silo":
+            from silo_agent.agent import run_silo
+
+            return run_silo(config, progress=progress)
+        from fcmoe.simulate import simulate
+
+        return simulate(config, progress=progress)
+    except FcMoeError as exc:
+        print(f"fcmoe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fcmoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The one config loader: YAML validated against a pydantic schema.
+
+A single file can describe a whole local simulation (``run``, ``model``, ``data``, ``federation``,
+``aggregator``, ``simulation``); real deployments use one file per role: the aggregator needs
+``model``, ``federation`` and ``aggregator``; a silo needs ``model``, ``data`` and ``silo``. Both sides
+must agree on ``model`` (the expert-unit layout hash checks it on every message).
+
+Any invalid key or value stops with one line naming the key, the value and what is allowed.
+Relative paths are taken relative to the current working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fcmoe.errors import ConfigError
+
+SILO_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Strict):
+    name: str = "fcmoe"
+    output_dir: Path = Path("runs/fcmoe")
+    seed: int = 0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class BuiltinModelConfig(_Strict):
+    """A tiny MoE built from a transformers config (no download); its weights come from ``seed``."""
+
+    family: Literal["mixtral", "qwen2_moe", "olmoe"] = "mixtral"
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    num_experts: int = Field(4, ge=2)
+    top_k: int = Field(2, ge=1)
+    max_position_embeddings: int = Field(256, gt=0)
+    initializer_range: float = Field(
+        0.1, gt=0, description="std of the random init; 0.1 gives the frozen random base a usable logit scale"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "BuiltinModelConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+        return self
+
+
+class TrainableConfig(_Strict):
+    """Which numbers are trained (and so federated)."""
+
+    mode: Literal["lora", "full"] = "lora"
+    lora_rank: int = Field(4, gt=0)
+    lora_alpha: float = Field(8.0, gt=0)
+    router: bool = False
+    attention_lora: bool = False
+
+
+class ModelConfig(_Strict):
+    source: Literal["builtin", "local"] = "builtin"
+    builtin: BuiltinModelConfig = BuiltinModelConfig()
+    path: Path | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trainable: TrainableConfig = TrainableConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.source == "local" and self.path is None:
+            raise ValueError("source 'local' needs model.path (a local checkpoint directory)")
+        return self
+
+
+class BuiltinDataConfig(_Strict):
+    """The built-in conflicting-domains generator, partitioned across ``simulation.silos`` silos."""
+
+    domains: list[str] = ["shift_up", "shift_down", "copy", "reverse"]
+    partition: Literal["domain", "dirichlet"] = "domain"
+    alpha: float = Field(0.5, gt=0)
+    samples_per_silo: int = Field(256, gt=0)
+    eval_fraction: float = Field(0.25, gt=0, lt=1)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    builtin: BuiltinDataConfig | None = BuiltinDataConfig()
+    train_file: Path | None = None
+    eval_file: Path | None = None
+    max_length: int = Field(32, gt=2)
+    eval_batch_size: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        files = self.train_file is not None or self.eval_file is not None
+        if files and (self.train_file is None or self.eval_file is None):
+            raise ValueError("train_file and eval_file go together")
+        if files == (self.builtin is not None) and files:
+            raise ValueError("give either builtin or train_file/eval_file, not both")
+        if not files and self.builtin is None:
+            raise ValueError("no data: set builtin or train_file/eval_file")
+        return self
+
+
+class LocalTrainingConfig(_Strict):
+    """What the aggregator asks every silo to do in a round (sent with the task)."""
+
+    local_steps: int = Field(20, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    clip_norm: float = Field(0.0, ge=0, description="per-unit L2 clip of the delta; 0 disables")
+
+
+class StrategyConfig(_Strict):
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam"] = "fedavg"
+    server_lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+    prox_mu: float = Field(0.01, ge=0)
+
+
+class FederationConfig(_Strict):
+    rounds: int = Field(3, gt=0)
+    min_silos: int = Field(2, gt=0)
+    quorum: int | None = Field(None, gt=0, description="updates needed to close a round; default min_silos")
+    round_timeout_s: float = Field(600.0, gt=0)
+    join_timeout_s: float = Field(600.0, gt=0)
+    max_round_retries: int = Field(2, ge=0)
+    local: LocalTrainingConfig = LocalTrainingConfig()
+    strategy: StrategyConfig = StrategyConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "FederationConfig":
+        if self.quorum is not None and self.quorum > self.min_silos:
+            raise ValueError(f"quorum={self.quorum} exceeds min_silos={self.min_silos}")
+        return self
+
+    @property
+    def effective_quorum(self) -> int:
+        return self.quorum or self.min_silos
+
+
+class AggregatorConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535, description="0 picks a free port (written to port_file)")
+    pki_dir: Path = Path("certs")
+    allowed_silos: list[str] | None = None
+    port_file: Path | None = None
+    max_workers: int = Field(16, gt=0)
+
+
+class SiloConfig(_Strict):
+    name: str = Field(pattern=SILO_NAME_PATTERN)
+    aggregator: str = "127.0.0.1:50051"
+    pki_dir: Path = Path("certs")
+    device: str = "cpu"
+    threads: int | None = Field(None, gt=0)
+    index: int = Field(0, ge=0, description="this silo's share of the built-in data")
+    num_silos: int = Field(1, gt=0)
+    connect_timeout_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SiloConfig":
+        if self.index >= self.num_silos:
+            raise ValueError(f"index={self.index} must be below num_silos={self.num_silos}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device {self.device!r}: allowed 'cpu', 'cuda' or 'cuda:N'")
+        return self
+
+
+class SimulationConfig(_Strict):
+    silos: int = Field(4, gt=0)
+    threads_per_silo: int = Field(1, gt=0)
+    timeout_s: float = Field(1800.0, gt=0)
+
+
+class Config(_Strict):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
+    silo: SiloConfig | None = None
+    simulation: SimulationConfig | None = None
+
+
+def _describe(error: dict[str, Any], config: BaseModel | type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        parent: Any = Config
+        for part in error["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            annotation = getattr(field, "annotation", None)
+            candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+            parent = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        allowed = ", ".join(parent.model_fields) if isinstance(parent, type) else "?"
+        return f"{loc}: unknown key (allowed: {allowed})"
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    msg = error["msg"].removeprefix("Value error, ")
+    return f"{loc} = {shown}: {msg}"
+
+
+def parse_config(data: Any, origin: str = "<config>") -> Config:
+    """Validate a mapping; raise ConfigError with one line naming key, value and what is allowed."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+        raise ConfigError(f"{origin}: {_describe(first, Config)}{suffix}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_config(data, origin=str(path))
+
+
+def dump_config(config: Config, path: Path) -> None:
+    """Write a config as YAML (used by the simulation launcher to hand each role its own file)."""
+    data = config.model_dump(mode="json", exclude_none=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,153 @@
+"""A whole federation on one machine: the aggregator and N silos as separate processes on loopback.
+
+The launcher writes one config file per role (exactly what a real deployment would use), makes the
+certificates on first use, starts the aggregator on a free port, then the silos, and waits. Each
+process logs to ``OUTPUT/logs/<role>.log``. Children are terminated if the launcher is interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fcmoe.config import AggregatorConfig, Config, ConfigError, SiloConfig, dump_config
+from fcmoe.logs import log_event
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def silo_names(count: int) -> list[str]:
+    return [f"silo{i}" for i in range(count)]
+
+
+def role_configs(config: Config, port: int) -> tuple[Config, list[Config]]:
+    """The aggregator's and every silo's own config, derived from one simulation file."""
+    sim = config.simulation
+    assert sim is not None
+    out = config.run.output_dir
+    pki = out / "certs"
+    agg = config.model_copy(update={
+        "aggregator": AggregatorConfig(**{**config.aggregator.model_dump(), "port": port, "pki_dir": pki,
+                                          "port_file": out / "aggregator.port"}),
+        "simulation": None,
+    })
+    silos = []
+    for i, name in enumerate(silo_names(sim.silos)):
+        silo = SiloConfig(name=name, aggregator=f"127.0.0.1:{port}", pki_dir=pki, index=i, num_silos=sim.silos,
+                          threads=sim.threads_per_silo, connect_timeout_s=min(sim.timeout_s, 600.0))
+        silos.append(config.model_copy(update={"silo": silo, "simulation": None}))
+    return agg, silos
+
+
+def _spawn(role: str, config_path: Path, log_path: Path, threads: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    log_file = open(log_path, "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "fcmoe.cli", role, str(config_path), "--no-progress"],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    finally:
+        log_file.close()
+
+
+def _wait_for_port(path: Path, aggregator: subprocess.Popen, timeout_s: float) -> int:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        if aggregator.poll() is not None:
+            raise ConfigError(f"aggregator exited with status {aggregator.returncode} before listening; "
+                              f"see {path.parent / 'logs' / 'aggregator.log'}")
+        time.sleep(0.1)
+    raise ConfigError(f"aggregator did not listen within {timeout_s:.0f} s")
+
+
+def _completed_rounds(out: Path) -> int:
+    latest = out / "checkpoints" / "latest"
+    try:
+        return int(latest.read_text().strip().split("-")[-1])
+    except (OSError, ValueError):
+        return 0
+
+
+def simulate(config: Config, progress: bool = True) -> int:
+    from crypto.pki import ensure_pki
+
+    sim = config.simulation
+    if sim is None:
+        raise ConfigError("simulation section missing: set simulation.silos to run a local federation")
+    if config.federation.min_silos > sim.silos:
+        raise ConfigError(f"federation.min_silos = {config.federation.min_silos}: exceeds simulation.silos = {sim.silos}")
+    out = config.run.output_dir
+    logs, roles = out / "logs", out / "roles"
+    logs.mkdir(parents=True, exist_ok=True)
+    (out / "aggregator.port").unlink(missing_ok=True)
+    ensure_pki(out / "certs", silo_names(sim.silos))
+    agg_config, _ = role_configs(config, 0)
+    dump_config(agg_config, roles / "aggregator.yaml")
+    procs: list[subprocess.Popen] = []
+    bar = None
+    try:
+        aggregator = _spawn("aggregator", roles / "aggregator.yaml", logs / "aggregator.log", 1)
+        procs.append(aggregator)
+        port = _wait_for_port(out / "aggregator.port", aggregator, timeout_s=300)
+        _, silo_configs = role_configs(config, port)
+        for silo_config in silo_configs:
+            assert silo_config.silo is not None
+            path = roles / f"{silo_config.silo.name}.yaml"
+            dump_config(silo_config, path)
+            procs.append(_spawn("silo", path, logs / f"{silo_config.silo.name}.log", sim.threads_per_silo))
+        log_event(log, "simulation_started", port=port, silos=sim.silos, output=out)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.federation.rounds, desc="rounds", unit="round")
+        deadline = time.monotonic() + sim.timeout_s
+        while aggregator.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"simulation exceeded simulation.timeout_s = {sim.timeout_s}")
+            if bar is not None:
+                bar.n = _completed_rounds(out)
+                bar.refresh()
+            time.sleep(0.5)
+        if bar is not None:
+            bar.n = _completed_rounds(out)
+            bar.close()
+            bar = None
+        silo_codes = []
+        for p in procs[1:]:
+            try:
+                silo_codes.append(p.wait(timeout=60))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                silo_codes.append(-9)
+    finally:
+        if bar is not None:
+            bar.close()
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    print_report(out)
+    failed = [f"silo{i}={c}" for i, c in enumerate(silo_codes) if c != 0]
+    if failed:
+        print(f"silo processes failed: {', '.join(failed)} (see {logs})", file=sys.stderr)
+    return aggregator.returncode or (1 if failed else 0)
+
+
+def print_report(out: Path) -> None:
+    from aggregator.metrics import final_table
+
+    path = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    print(final_table(rows))
+    print(f"report: {out.resolve()} (metrics.csv, metrics.jsonl, loss.png, checkpoints/, logs/)")

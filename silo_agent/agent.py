@@ -1,0 +1,147 @@
+"""The silo agent's main loop: join, then train / evaluate whatever round the aggregator opens."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fcmoe.config import Config
+from fcmoe.errors import ConfigError
+from fcmoe.logs import log_event
+from fcmoe.model import ExpertLayout, base_fingerprint, build_model, load_trainable_state, trainable_state
+from fcmoe.model.build import num_experts
+from protos import codec
+from protos import fcmoe_pb2 as pb
+from silo_agent.client import AggregatorClient, RpcFailure
+from silo_agent.data import ByteTokenizer, Example, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
+from silo_agent.training import LocalPlan, evaluate, train_locally
+from silo_agent.update import clip_units, unit_deltas, weighted_payload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiloData:
+    train: ExampleBatches
+    eval: ExampleBatches
+    num_train: int
+
+
+def load_data(config: Config) -> SiloData:
+    silo, data = config.silo, config.data
+    assert silo is not None
+    if data.builtin is not None:
+        b = data.builtin
+        train, held_out = build_silo_dataset(
+            silo_index=silo.index, num_silos=silo.num_silos, domains=b.domains, partition=b.partition,
+            alpha=b.alpha, samples_per_silo=b.samples_per_silo, eval_fraction=b.eval_fraction, seed=b.seed)
+    else:
+        assert data.train_file is not None and data.eval_file is not None
+        train, held_out = load_jsonl(data.train_file), load_jsonl(data.eval_file)
+    tokenizer = ByteTokenizer() if config.model.source == "builtin" else HFTokenizer(config.model.path)
+    return SiloData(ExampleBatches(train, tokenizer, data.max_length),
+                    ExampleBatches(held_out, tokenizer, data.max_length), len(train))
+
+
+def _domain_losses(result: dict[str, tuple[float, int]]) -> list[pb.DomainLoss]:
+    return [pb.DomainLoss(domain=d, loss_sum=s, tokens=n) for d, (s, n) in sorted(result.items())]
+
+
+def _mean_loss(result: dict[str, tuple[float, int]]) -> float:
+    losses = [s / n for s, n in result.values() if n]
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+class SiloAgent:
+    def __init__(self, config: Config, progress: bool = False):
+        if config.silo is None:
+            raise ConfigError("silo section missing: a silo needs silo.name, silo.aggregator and silo.pki_dir")
+        self.config = config
+        self.silo = config.silo
+        self.progress = progress
+        if self.silo.threads:
+            torch.set_num_threads(self.silo.threads)
+        self.device = torch.device(self.silo.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"silo.device = {self.silo.device!r}: CUDA is not available on this machine")
+        self.model = build_model(config.model, self.device, seed=config.run.seed)
+        self.layout = ExpertLayout.from_model(self.model, num_experts(self.model.config))
+        self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}
+        self.data = load_data(config)
+        self.client = AggregatorClient(self.silo.aggregator, self.silo.pki_dir, self.silo.name,
+                                       retry_budget_s=self.silo.connect_timeout_s)
+        self.run_id = ""
+
+    def run(self) -> int:
+        try:
+            reply = self.client.join(pb.JoinRequest(
+                layout_hash=self.layout.hash, base_fingerprint=base_fingerprint(self.model),
+                num_train_examples=self.data.num_train, agent_version="0.1.0"))
+            self.run_id = reply.run_id
+            log_event(log, "joined", silo=reply.silo_name, run_id=reply.run_id, rounds=reply.total_rounds,
+                      layout=self.layout.hash[:12], train_examples=self.data.num_train)
+            while True:
+                task = self.client.get_task(self.run_id, wait_s=5.0)
+                if task.kind == pb.Task.TRAIN:
+                    self._train_round(task)
+                elif task.kind == pb.Task.EVALUATE:
+                    self._final_evaluation(task)
+                elif task.kind == pb.Task.DONE:
+                    log_event(log, "run_done", outcome=task.message)
+                    return 0 if not task.message.startswith("aborted") else 1
+        except RpcFailure as exc:
+            log_event(log, "silo_stopped", level=logging.ERROR, reason=str(exc))
+            return 2
+        finally:
+            self.client.close()
+
+    def _load_global(self, version: int) -> dict[str, np.ndarray]:
+        units, nbytes = self.client.download(self.run_id, version, self.layout.hash, self.specs)
+        load_trainable_state(self.model, self.layout.merge(units))
+        log_event(log, "global_received", version=version, bytes=nbytes)
+        return units
+
+    def _train_round(self, task: pb.Task) -> None:
+        start = self._load_global(task.round - 1)
+        global_eval = evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
+        t = task.train
+        plan = LocalPlan(local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=max(1, t.grad_accum),
+                         learning_rate=t.learning_rate, weight_decay=t.weight_decay, prox_mu=t.prox_mu,
+                         seed=t.seed * 7919 + self.silo.index)
+        result = train_locally(self.model, self.data.train, plan, self.device, progress=self.progress)
+        local_eval = evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
+        trained = self.layout.split(trainable_state(self.model))
+        deltas, norms = clip_units(unit_deltas(trained, start), t.clip_norm)
+        weight = float(self.data.num_train)
+        header = pb.UpdateHeader(
+            run_id=self.run_id, round=task.round, layout_hash=self.layout.hash, weight=weight,
+            stats=pb.TrainStats(steps=result.steps, tokens=result.tokens, train_seconds=result.seconds,
+                                train_loss_first=result.loss_first, train_loss_last=result.loss_last,
+                                num_examples=self.data.num_train),
+            evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(local_eval)),
+            units=list(self.specs),
+        )
+        try:
+            reply = self.client.submit(header, weighted_payload(deltas, weight))
+        except RpcFailure as exc:
+            if exc.code is None or exc.code.name not in ("FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "ALREADY_EXISTS"):
+                raise
+            log_event(log, "update_refused", level=logging.WARNING, round=task.round, reason=str(exc))
+            return
+        log_event(log, "update_sent", round=task.round, bytes=reply.bytes_received,
+                  global_loss=_mean_loss(global_eval), local_loss=_mean_loss(local_eval),
+                  train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()))
+
+    def _final_evaluation(self, task: pb.Task) -> None:
+        self._load_global(task.round)
+        result = evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
+        self.client.report(pb.EvalReport(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
+                                         evaluation=pb.Evaluation(global_model=_domain_losses(result))))
+        log_event(log, "final_evaluation_sent", version=task.round, global_loss=_mean_loss(result))
+
+
+def run_silo(config: Config, progress: bool = False) -> int:
+    return SiloAgent(config, progress=progress).run()

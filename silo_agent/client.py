@@ -1,0 +1,120 @@
+"""The silo's gRPC client: dials out over mutual TLS, retries transient failures with backoff.
+
+Only transient statuses (the aggregator restarting, a cut link, an overloaded server) are retried;
+a refusal (bad layout, closed round, wrong certificate) is raised at once as :class:`RpcFailure`
+with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from crypto.pki import PkiPaths, read_pem, verify_issued_by
+from crypto.tls import channel_credentials, describe_rpc_error
+from fcmoe.errors import FcMoeError, PkiError
+from fcmoe.logs import log_event
+from protos import codec
+from protos import fcmoe_pb2 as pb
+from protos import fcmoe_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
+]
+
+
+class RpcFailure(FcMoeError):
+    def __init__(self, rpc: str, code: grpc.StatusCode | None, message: str):
+        super().__init__(f"{rpc}: {message}")
+        self.rpc, self.code = rpc, code
+
+
+class AggregatorClient:
+    def __init__(self, address: str, pki_dir, silo_name: str, retry_budget_s: float = 600.0,
+                 rpc_timeout_s: float = 600.0):
+        paths = PkiPaths(pki_dir)
+        self.certificate_problem = self._check_own_certificate(paths, silo_name)
+        creds = channel_credentials(paths.ca_cert, paths.silo_cert(silo_name), paths.silo_key(silo_name))
+        self.address = address
+        self.channel = grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.retry_budget_s = retry_budget_s
+        self.rpc_timeout_s = rpc_timeout_s
+
+    @staticmethod
+    def _check_own_certificate(paths: PkiPaths, silo_name: str) -> str | None:
+        """Check our certificate against the CA we trust for the aggregator.
+
+        A refused TLS client learns nothing from the server (the connection is just closed), so the
+        silo checks locally to be able to say *why* it will be refused, then tries anyway: the
+        aggregator's CA may legitimately differ from ours.
+        """
+        try:
+            verify_issued_by(read_pem(paths.silo_cert(silo_name)), read_pem(paths.ca_cert))
+        except PkiError as exc:
+            log_event(log, "certificate_check_failed", level=logging.WARNING, silo=silo_name, reason=str(exc))
+            return str(exc)
+        return None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, rpc: str, fn: Callable[[], T]) -> T:
+        start, delay, attempt = time.monotonic(), 0.2, 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else None
+                reason = describe_rpc_error(err)
+                if self.certificate_problem and "TLS setup" in reason:
+                    raise RpcFailure(rpc, code, f"{reason}; local check: {self.certificate_problem}") from None
+                if code not in RETRYABLE or time.monotonic() - start + delay > self.retry_budget_s:
+                    raise RpcFailure(rpc, code, reason) from None
+                log_event(log, "rpc_retry", level=logging.WARNING, rpc=rpc, attempt=attempt,
+                          code=code.name if code else "?", reason=reason, backoff_s=round(delay, 2))
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+
+    def join(self, request: pb.JoinRequest) -> pb.JoinReply:
+        return self._call("Join", lambda: self.stub.Join(request, timeout=30))
+
+    def get_task(self, run_id: str, wait_s: float = 5.0) -> pb.Task:
+        request = pb.TaskRequest(run_id=run_id, wait_s=wait_s)
+        return self._call("GetTask", lambda: self.stub.GetTask(request, timeout=wait_s + 30))
+
+    def download(self, run_id: str, version: int, layout_hash: str,
+                 expected: Mapping[str, codec.TensorSpec]) -> tuple[dict[str, np.ndarray], int]:
+        request = pb.DownloadRequest(run_id=run_id, round=version, layout_hash=layout_hash)
+
+        def fetch() -> tuple[dict[str, np.ndarray], int]:
+            assembler = codec.TensorAssembler(expected)
+            for chunk in self.stub.DownloadGlobal(request, timeout=self.rpc_timeout_s):
+                assembler.add(chunk)
+            return assembler.finish(), assembler.bytes_received
+
+        return self._call("DownloadGlobal", fetch)
+
+    def submit(self, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray],
+               chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> pb.SubmitReply:
+        def messages() -> Iterator[pb.UpdateMessage]:
+            yield pb.UpdateMessage(header=header)
+            for chunk in codec.encode(payload, chunk_bytes):
+                yield pb.UpdateMessage(chunk=chunk)
+
+        return self._call("SubmitUpdate", lambda: self.stub.SubmitUpdate(messages(), timeout=self.rpc_timeout_s))
+
+    def report(self, report: pb.EvalReport) -> pb.Ack:
+        return self._call("ReportEvaluation", lambda: self.stub.ReportEvaluation(report, timeout=60))

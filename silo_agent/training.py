@@ -1,0 +1,92 @@
+"""Local training and evaluation inside a silo (AdamW, gradient accumulation, optional FedProx term)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from silo_agent.data import IGNORE_INDEX, ExampleBatches
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    local_steps: int
+    batch_size: int
+    grad_accum: int = 1
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    prox_mu: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    loss_first: float
+    loss_last: float
+
+
+def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token next-token loss ``[B, T-1]`` and the mask of positions that count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    losses = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0), reduction="none"
+    ).view_as(labels)
+    mask = labels != IGNORE_INDEX
+    return losses * mask, mask
+
+
+def train_locally(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torch.device,
+                  progress: bool = False) -> TrainResult:
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if plan.prox_mu > 0 else None
+    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
+    generator = torch.Generator().manual_seed(plan.seed)
+    model.train()
+    steps = range(plan.local_steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="local steps", unit="step", leave=False)
+    tokens, first, last = 0, math.nan, math.nan
+    start = time.perf_counter()
+    for step in steps:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(plan.grad_accum):
+            batch = {k: v.to(device) for k, v in data.sample(plan.batch_size, generator).items()}
+            losses, mask = token_losses(model, batch)
+            loss = losses.sum() / mask.sum().clamp_min(1)
+            if anchor is not None:
+                loss = loss + 0.5 * plan.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            (loss / plan.grad_accum).backward()
+            step_loss += loss.item() / plan.grad_accum
+            tokens += int(mask.sum())
+        optimizer.step()
+        first = step_loss if step == 0 else first
+        last = step_loss
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return TrainResult(plan.local_steps, tokens, time.perf_counter() - start, first, last)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ExampleBatches, device: torch.device, batch_size: int) -> dict[str, tuple[float, int]]:
+    """Summed token loss and token count per domain on the held-out split."""
+    model.eval()
+    out: dict[str, tuple[float, int]] = {}
+    for batch, domains in data.iter_eval(batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        losses, mask = token_losses(model, batch)
+        for row, domain in enumerate(domains):
+            loss_sum, count = out.get(domain, (0.0, 0))
+            out[domain] = (loss_sum + float(losses[row].sum()), count + int(mask[row].sum()))
+    return out

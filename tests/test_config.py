@@ -1,0 +1,62 @@
+"""Config errors are one line naming the key, the value and what is allowed."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fcmoe.config import load_config, parse_config
+from fcmoe.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"federation": {"rounds": 0}}, "federation.rounds = 0: Input should be greater than 0"),
+        ({"federation": {"roundz": 3}}, "federation.roundz: unknown key (allowed: rounds, min_silos"),
+        ({"federation": {"strategy": {"name": "fedsgd"}}},
+         "federation.strategy.name = 'fedsgd': Input should be 'fedavg', 'fedprox', 'fedavgm' or 'fedadam'"),
+        ({"model": {"trainable": {"mode": "qlora"}}}, "model.trainable.mode = 'qlora': Input should be 'lora' or 'full'"),
+        ({"model": {"source": "local"}}, "needs model.path"),
+        ({"model": {"builtin": {"num_experts": 2, "top_k": 3}}}, "top_k=3 exceeds num_experts=2"),
+        ({"silo": {"name": "no spaces"}}, "silo.name = 'no spaces': String should match pattern"),
+        ({"silo": {"name": "a", "device": "tpu"}}, "device 'tpu': allowed 'cpu', 'cuda' or 'cuda:N'"),
+        ({"federation": {"min_silos": 2, "quorum": 3}}, "quorum=3 exceeds min_silos=2"),
+        ({"data": {"builtin": {"partition": "iid"}}}, "data.builtin.partition = 'iid': Input should be 'domain' or 'dirichlet'"),
+        ({"simulation": {"silos": "four"}}, "simulation.silos = 'four': Input should be a valid integer"),
+        ({"extra_section": {}}, "extra_section: unknown key (allowed: run, model, data"),
+        ([1, 2], "top level must be a mapping"),
+    ],
+)
+def test_errors_name_key_value_and_allowed(data, expected):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data, origin="x.yaml")
+    message = str(exc.value)
+    assert expected in message and message.startswith("x.yaml: ") and "\n" not in message
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation:\n  rounds: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("federation:\n  rounds: -3\n")
+    proc = subprocess.run([sys.executable, "-m", "fcmoe.cli", "aggregator", str(cfg)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"fcmoe: error: {cfg}: federation.rounds = -3: Input should be greater than 0"]

@@ -1,0 +1,193 @@
+"""End to end over real gRPC + mutual TLS on loopback, with real tiny HF MoE models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import ROOT, SMOKE, silo_config, smoke_config
+from crypto.pki import PkiPaths, ensure_pki
+from crypto.tls import channel_credentials, parse_handshake_failure
+from fcmoe.config import dump_config, load_config
+from protos import codec
+from protos import fcmoe_pb2 as pb
+from protos import fcmoe_pb2_grpc as pb_grpc
+from silo_agent.agent import SiloAgent
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("GRPC_VERBOSITY", None)  # gRPC core then logs refused TLS handshakes on stderr
+    return env
+
+
+def test_simulate_three_silos_two_rounds(tmp_path):
+    data = load_config(SMOKE).model_dump(mode="json", exclude_none=True)
+    out = tmp_path / "run"
+    data["run"]["output_dir"] = str(out)
+    cfg = tmp_path / "smoke.yaml"
+    from fcmoe.config import parse_config
+
+    dump_config(parse_config(data), cfg)
+    proc = subprocess.run([sys.executable, "-m", "fcmoe.cli", "simulate", str(cfg), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(mean)" in proc.stdout and "report:" in proc.stdout
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    domains = ["copy", "shift_down", "shift_up"]
+    for d in domains:
+        assert rows[2][f"global_loss/{d}"] < rows[0][f"global_loss/{d}"]
+    for r in rows[1:]:
+        assert r["updates"] == 3 and set(r["silos"]) == {"silo0", "silo1", "silo2"}
+        assert r["local_loss"] is not None and 0 <= r["overhead"] < 1
+    assert (out / "checkpoints" / "latest").read_text().strip() == "round-0002"
+    assert (out / "checkpoints" / "round-0002" / "global.safetensors").exists()
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "metrics.csv").exists()
+    assert {p.name for p in (out / "roles").iterdir()} == {"aggregator.yaml", "silo0.yaml", "silo1.yaml", "silo2.yaml"}
+    agg_log = (out / "logs" / "aggregator.log").read_text()
+    assert agg_log.count("event=round_closed") == 2 and agg_log.count("event=update_accepted") == 6
+
+
+# -- protocol refusals against a live in-process aggregator ---------------------------------------
+
+def _stub(pki: PkiPaths, port: int, name: str = "silo0"):
+    creds = channel_credentials(pki.ca_cert, pki.silo_cert(name), pki.silo_key(name))
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=[
+        ("grpc.max_send_message_length", 16 * 1024 * 1024), ("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+    return channel, pb_grpc.FederationStub(channel)
+
+
+def _submit(stub, header, chunks):
+    msgs = [pb.UpdateMessage(header=header)] + [pb.UpdateMessage(chunk=c) for c in chunks]
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.SubmitUpdate(iter(msgs), timeout=30)
+    return exc.value
+
+
+def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator_factory):
+    config = smoke_config(tmp_path, min_silos=1, quorum=1, rounds=1)
+    agg = aggregator_factory(config)
+    coord = agg.coordinator
+    channel, stub = _stub(pki, agg.port)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Join(pb.JoinRequest(layout_hash="0" * 32, base_fingerprint=coord.base_fingerprint), timeout=10)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "layout hash" in exc.value.details()
+
+    run_id = stub.Join(pb.JoinRequest(layout_hash=coord.layout_hash, base_fingerprint=coord.base_fingerprint),
+                       timeout=10).run_id
+    task = stub.GetTask(pb.TaskRequest(run_id=run_id, wait_s=10), timeout=20)
+    assert task.kind == pb.Task.TRAIN and task.round == 1
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.GetTask(pb.TaskRequest(run_id="forged", wait_s=0), timeout=10)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    units = list(coord.unit_sizes)
+    header = pb.UpdateHeader(run_id=run_id, round=1, layout_hash=coord.layout_hash, weight=1.0, units=units)
+    payload = {k: np.zeros(n, np.float32) for k, n in coord.unit_sizes.items()}
+    good = list(codec.encode(payload))
+
+    bad_digest = [pb.TensorChunk() for _ in good]
+    for src, dst in zip(good, bad_digest):
+        dst.CopyFrom(src)
+    bad_digest[0].data = b"\x01" + bad_digest[0].data[1:]
+    err = _submit(stub, header, bad_digest)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "SHA-256" in err.details()
+
+    wrong_shape = list(codec.encode({units[0]: np.zeros(coord.unit_sizes[units[0]] + 1, np.float32)}))
+    err = _submit(stub, header, wrong_shape)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "shape" in err.details()
+
+    err = _submit(stub, header, good[:-1])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "missing" in err.details()
+
+    huge = pb.TensorChunk(name=units[0], dtype="float32", shape=[1 << 21], total_bytes=1 << 23,
+                          sha256=b"0" * 32, offset=0, data=bytes(5 * 1024 * 1024))
+    err = _submit(stub, header, [huge])
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    nan = dict(payload)
+    nan[units[0]] = np.full(coord.unit_sizes[units[0]], np.nan, np.float32)
+    err = _submit(stub, header, list(codec.encode(nan)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in err.details()
+
+    wrong_round = pb.UpdateHeader(run_id=run_id, round=7, layout_hash=coord.layout_hash, weight=1.0, units=units)
+    err = _submit(stub, wrong_round, good)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "not open" in err.details()
+    channel.close()
+
+    # none of that changed the round: an honest silo now completes the run
+    assert coord.machine.submitted == set() and coord.machine.version == 0
+    agent = SiloAgent(silo_config(config, "silo0", agg.port, index=0, num_silos=3))
+    assert agent.run() == 0
+    assert coord.machine.succeeded and coord.machine.version == 1
+    rows = coord.metrics.rows()
+    assert rows[-1]["round"] == 1 and rows[-1]["global_loss"] is not None
+
+
+def test_unknown_silo_name_refused_when_allowlist_set(tmp_path, pki, aggregator_factory):
+    config = smoke_config(tmp_path, min_silos=1, quorum=1)
+    data = config.model_dump(mode="json", exclude_none=True)
+    data["aggregator"]["allowed_silos"] = ["silo1", "silo2"]
+    from fcmoe.config import parse_config
+
+    agg = aggregator_factory(parse_config(data))
+    channel, stub = _stub(pki, agg.port, "silo0")
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Join(pb.JoinRequest(layout_hash=agg.coordinator.layout_hash,
+                                 base_fingerprint=agg.coordinator.base_fingerprint), timeout=10)
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED and "allowed_silos" in exc.value.details()
+    channel.close()
+
+
+# -- certificates from another CA -----------------------------------------------------------------
+
+def test_silo_with_foreign_ca_certificate_is_refused_and_both_sides_log_why(tmp_path, pki):
+    config = smoke_config(tmp_path, min_silos=1)
+    data = config.model_dump(mode="json", exclude_none=True)
+    data["aggregator"]["port_file"] = str(tmp_path / "port")
+    from fcmoe.config import parse_config
+
+    agg_cfg = tmp_path / "aggregator.yaml"
+    dump_config(parse_config(data), agg_cfg)
+    agg_log = open(tmp_path / "aggregator.log", "wb")
+    aggregator = subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "aggregator", str(agg_cfg), "--no-progress"],
+                                  stdout=agg_log, stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "port").exists():
+            assert aggregator.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        port = int((tmp_path / "port").read_text())
+        rogue_dir = tmp_path / "rogue"
+        ensure_pki(rogue_dir, ["silo0"])  # a different CA issues a certificate with a legitimate name
+        shutil.copy(pki.ca_cert, rogue_dir / "ca.pem")  # the rogue silo trusts the real aggregator
+        rogue = silo_config(config, "silo0", port).model_dump(mode="json", exclude_none=True)
+        rogue["silo"]["pki_dir"] = str(rogue_dir)
+        rogue_cfg = tmp_path / "rogue.yaml"
+        dump_config(parse_config(rogue), rogue_cfg)
+        silo = subprocess.run([sys.executable, "-m", "fcmoe.cli", "silo", str(rogue_cfg), "--no-progress"],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
+        assert silo.returncode != 0
+        stopped = [line for line in silo.stderr.splitlines() if "event=silo_stopped" in line]
+        assert len(stopped) == 1 and "TLS setup" in stopped[0] and "does not verify against CA" in stopped[0], silo.stderr
+        time.sleep(0.5)
+        assert aggregator.poll() is None  # still serving
+        lines = (tmp_path / "aggregator.log").read_text().splitlines()
+        reasons = [parse_handshake_failure(line) for line in lines if parse_handshake_failure(line)]
+        assert len(reasons) == 1 and "CERTIFICATE_VERIFY_FAILED" in reasons[0], lines[-5:]
+    finally:
+        aggregator.terminate()
+        aggregator.wait(timeout=20)
+        agg_log.close()
