@@ -148,6 +148,8 @@ class Coordinator:
                 "train_seconds": header.stats.train_seconds,
                 "tokens": header.stats.tokens,
                 "steps": header.stats.steps,
+                "eval_seconds": header.stats.eval_seconds,
+                "download_seconds": header.stats.download_seconds,
             }
             self._cv.notify_all()
         log_event(log, "update_accepted", silo=silo, round=header.round, bytes=nbytes,

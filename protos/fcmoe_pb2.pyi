@@ -132,20 +132,24 @@ class Evaluation(_message.Message):
     def __init__(self, global_model: _Optional[_Iterable[_Union[DomainLoss, _Mapping]]] = ..., local_model: _Optional[_Iterable[_Union[DomainLoss, _Mapping]]] = ...) -> None: ...
 
 class TrainStats(_message.Message):
-    __slots__ = ("steps", "tokens", "train_seconds", "train_loss_first", "train_loss_last", "num_examples")
+    __slots__ = ("steps", "tokens", "train_seconds", "train_loss_first", "train_loss_last", "num_examples", "eval_seconds", "download_seconds")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIRST_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_LAST_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     steps: int
     tokens: int
     train_seconds: float
     train_loss_first: float
     train_loss_last: float
     num_examples: int
-    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_loss_first: _Optional[float] = ..., train_loss_last: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
+    eval_seconds: float
+    download_seconds: float
+    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_loss_first: _Optional[float] = ..., train_loss_last: _Optional[float] = ..., num_examples: _Optional[int] = ..., eval_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("run_id", "round", "layout_hash", "weight", "stats", "evaluation", "units")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ from fcmoe.model.build import num_experts
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.client import AggregatorClient, RpcFailure
-from silo_agent.data import ByteTokenizer, Example, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
+from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
 from silo_agent.training import LocalPlan, evaluate, train_locally
 from silo_agent.update import clip_units, unit_deltas, weighted_payload
 
@@ -105,14 +106,19 @@ class SiloAgent:
         return units
 
     def _train_round(self, task: pb.Task) -> None:
+        t0 = time.perf_counter()
         start = self._load_global(task.round - 1)
+        t1 = time.perf_counter()
         global_eval = evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
+        eval_seconds = time.perf_counter() - t1
         t = task.train
         plan = LocalPlan(local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=max(1, t.grad_accum),
                          learning_rate=t.learning_rate, weight_decay=t.weight_decay, prox_mu=t.prox_mu,
                          seed=t.seed * 7919 + self.silo.index)
         result = train_locally(self.model, self.data.train, plan, self.device, progress=self.progress)
+        t2 = time.perf_counter()
         local_eval = evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
+        eval_seconds += time.perf_counter() - t2
         trained = self.layout.split(trainable_state(self.model))
         deltas, norms = clip_units(unit_deltas(trained, start), t.clip_norm)
         weight = float(self.data.num_train)
@@ -120,7 +126,8 @@ class SiloAgent:
             run_id=self.run_id, round=task.round, layout_hash=self.layout.hash, weight=weight,
             stats=pb.TrainStats(steps=result.steps, tokens=result.tokens, train_seconds=result.seconds,
                                 train_loss_first=result.loss_first, train_loss_last=result.loss_last,
-                                num_examples=self.data.num_train),
+                                num_examples=self.data.num_train, eval_seconds=eval_seconds,
+                                download_seconds=t1 - t0),
             evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(local_eval)),
             units=list(self.specs),
         )

@@ -1,0 +1,81 @@
+"""Silo-side pieces without a network: update maths, data loading from JSONL, training, the certs CLI."""
+
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from conftest import ROOT, smoke_config
+from fcmoe.config import parse_config
+from fcmoe.model import build_model
+from silo_agent.agent import load_data
+from silo_agent.data import Example, write_jsonl
+from silo_agent.training import LocalPlan, evaluate, train_locally
+from silo_agent.update import clip_units, unit_deltas, weighted_payload
+
+
+def test_clip_units_bounds_each_unit_and_keeps_direction():
+    deltas = {"a": np.array([3.0, 4.0], np.float32), "b": np.array([0.3, 0.4], np.float32)}
+    clipped, norms = clip_units(deltas, 1.0)
+    assert norms == {"a": 5.0, "b": 0.5} or np.allclose(list(norms.values()), [5.0, 0.5])
+    np.testing.assert_allclose(clipped["a"], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(clipped["b"], deltas["b"])  # under the bound: untouched
+    np.testing.assert_array_equal(clip_units(deltas, 0.0)[0]["a"], deltas["a"])  # 0 disables
+    payload = weighted_payload(unit_deltas({"a": np.ones(2)}, {"a": np.zeros(2)}), 3.0)
+    np.testing.assert_array_equal(payload["a"], [3.0, 3.0])
+
+
+def _jsonl_config(tmp_path):
+    train = [Example("", "the quick brown fox", "prose"), Example("2+2=", "4", "maths")] * 8
+    held_out = [Example("", "jumps over the dog", "prose"), Example("3+3=", "6", "maths")] * 2
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "eval.jsonl", held_out)
+    data = smoke_config(tmp_path).model_dump(mode="json", exclude_none=True)
+    data["data"] = {"builtin": None, "train_file": str(tmp_path / "train.jsonl"),
+                    "eval_file": str(tmp_path / "eval.jsonl"), "max_length": 32}
+    data["silo"] = {"name": "silo0"}
+    return parse_config(data)
+
+
+def test_jsonl_silo_trains_and_evaluates_per_domain(tmp_path):
+    config = _jsonl_config(tmp_path)
+    data = load_data(config)
+    assert data.num_train == 16 and sorted(set(data.eval.domains)) == ["maths", "prose"]
+    model = build_model(config.model)
+    cpu = torch.device("cpu")
+    before = evaluate(model, data.eval, cpu, 8)
+    result = train_locally(model, data.train, LocalPlan(local_steps=15, batch_size=4, learning_rate=0.02), cpu)
+    after = evaluate(model, data.eval, cpu, 8)
+    assert result.steps == 15 and result.tokens > 0 and result.loss_last < result.loss_first
+    for domain in ("maths", "prose"):
+        assert after[domain][1] == before[domain][1] > 0  # same tokens scored
+        assert after[domain][0] < before[domain][0]
+
+
+def test_fedprox_term_keeps_model_closer_to_start(tmp_path):
+    config = _jsonl_config(tmp_path)
+    data = load_data(config)
+    distances = []
+    for mu in (0.0, 50.0):
+        model = build_model(config.model)
+        start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        train_locally(model, data.train, LocalPlan(local_steps=10, batch_size=4, learning_rate=0.02, prox_mu=mu),
+                      torch.device("cpu"))
+        trained = [p.detach() for p in model.parameters() if p.requires_grad]
+        distances.append(sum(float(((a - b) ** 2).sum()) for a, b in zip(trained, start)))
+    assert distances[1] < distances[0]
+
+
+def test_certs_command_creates_and_keeps_pki(tmp_path):
+    cmd = [sys.executable, "-m", "fcmoe.cli", "certs", "--dir", str(tmp_path / "pki"), "--silos", "a,b"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    names = sorted(p.name for p in (tmp_path / "pki").iterdir())
+    assert names == ["aggregator.key", "aggregator.pem", "ca.key", "ca.pem",
+                     "silo-a.key", "silo-a.pem", "silo-b.key", "silo-b.pem"]
+    ca = (tmp_path / "pki" / "ca.pem").read_bytes()
+    assert subprocess.run(cmd, capture_output=True, timeout=60, cwd=ROOT).returncode == 0
+    assert (tmp_path / "pki" / "ca.pem").read_bytes() == ca
+    bad = subprocess.run(cmd[:-1] + ["bad name"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.startswith("fcmoe: error:") and len(bad.stderr.splitlines()) == 1
