@@ -1,8 +1,9 @@
 """Summing silo payloads into group sums: the only code that touches an individual silo's payload.
 
-Strategies receive :class:`GroupSum` objects, never a single silo's update; with secure aggregation
-the plaintext adder below is replaced by unmasking, and everything downstream stays unchanged.
-A silo's payload is ``w_i * delta_i`` per unit plus its scalar weight ``w_i``.
+Strategies receive :class:`GroupSum` values per (unit, group), never a single silo's update. The
+coefficient ``alpha_i,u`` and group of every silo come from the aggregator's own plan, never from the
+silo's message, and the payload is ``alpha_i,u * delta_i,u``. With secure aggregation this plaintext
+adder is replaced by unmasking; everything downstream stays unchanged.
 """
 
 from __future__ import annotations
@@ -17,48 +18,69 @@ from fcmoe.errors import ProtocolError
 
 @dataclass(frozen=True)
 class GroupSum:
-    """Sum over the members of a group: ``sum_i w_i delta_i`` per unit, ``sum_i w_i`` and the count."""
+    """``sum_i alpha_i,u delta_i,u`` over a group's contributors, ``sum_i alpha_i,u`` and their count."""
 
-    units: Mapping[str, np.ndarray]
+    vector: np.ndarray
     weight: float
     count: int
 
-    def mean(self) -> dict[str, np.ndarray]:
-        if self.weight <= 0:
-            raise ProtocolError("group has no weight; nothing to average")
-        return {k: (v / self.weight).astype(np.float32) for k, v in self.units.items()}
+
+@dataclass(frozen=True)
+class Coefficients:
+    """The upload plan of a round: alpha and group per silo and unit."""
+
+    alpha: Mapping[str, Mapping[str, float]]
+    group: Mapping[str, Mapping[str, int]]
+
+
+UnitSums = Mapping[str, Mapping[int, GroupSum]]
+
+
+def weighted_mean(groups: Mapping[int, GroupSum]) -> np.ndarray:
+    weight = sum(g.weight for g in groups.values())
+    if weight <= 0:
+        raise ProtocolError("no weight in any group; nothing to average")
+    return (sum(g.vector.astype(np.float64) for g in groups.values()) / weight).astype(np.float32)
 
 
 class PlaintextAccumulator:
-    """Adds payloads as they arrive (mode: none). Keeps one running sum per unit, not per silo."""
+    """Adds payloads as they arrive (mode: none): one running sum per (unit, group), none per silo."""
 
-    def __init__(self, unit_sizes: Mapping[str, int]):
-        self._sums = {k: np.zeros(n, dtype=np.float64) for k, n in unit_sizes.items()}
-        self._weight = 0.0
+    def __init__(self, unit_sizes: Mapping[str, int], plan: Coefficients):
+        self._plan = plan
+        self._sizes = dict(unit_sizes)
+        self._sums: dict[tuple[str, int], np.ndarray] = {}
+        self._weights: dict[tuple[str, int], float] = {}
+        self._counts: dict[tuple[str, int], int] = {}
         self._members: set[str] = set()
 
-    def add(self, silo: str, weight: float, payload: Mapping[str, np.ndarray]) -> None:
+    def add(self, silo: str, payload: Mapping[str, np.ndarray]) -> None:
         if silo in self._members:
-            raise ProtocolError(f"silo {silo!r} already contributed to this round")
-        if not np.isfinite(weight) or weight <= 0:
-            raise ProtocolError(f"silo {silo!r}: weight {weight} must be finite and positive")
-        if set(payload) != set(self._sums):
-            raise ProtocolError(f"silo {silo!r}: payload units do not match the layout")
-        for key, vec in payload.items():
+            raise ProtocolError(f"silo {silo!r} already contributed to this round", "ALREADY_EXISTS")
+        if silo not in self._plan.alpha:
+            raise ProtocolError(f"silo {silo!r} has no coefficients this round", "PERMISSION_DENIED")
+        if set(payload) != set(self._sizes):
+            raise ProtocolError(f"silo {silo!r}: payload units do not match the layout", "INVALID_ARGUMENT")
+        for unit, vec in payload.items():
             if not np.all(np.isfinite(vec)):
-                raise ProtocolError(f"silo {silo!r}: unit {key} contains NaN or infinity")
-        for key, vec in payload.items():
+                raise ProtocolError(f"silo {silo!r}: unit {unit} contains NaN or infinity", "INVALID_ARGUMENT")
+        alpha, group = self._plan.alpha[silo], self._plan.group[silo]
+        for unit, vec in payload.items():
+            key = (unit, group[unit])
+            if key not in self._sums:
+                self._sums[key] = np.zeros(self._sizes[unit], dtype=np.float64)
             self._sums[key] += vec
-        self._weight += weight
+            self._weights[key] = self._weights.get(key, 0.0) + alpha[unit]
+            self._counts[key] = self._counts.get(key, 0) + 1
         self._members.add(silo)
 
     @property
     def members(self) -> frozenset[str]:
         return frozenset(self._members)
 
-    def result(self) -> GroupSum:
-        return GroupSum(
-            units={k: v.astype(np.float32) for k, v in self._sums.items()},
-            weight=self._weight,
-            count=len(self._members),
-        )
+    def result(self) -> dict[str, dict[int, GroupSum]]:
+        out: dict[str, dict[int, GroupSum]] = {u: {} for u in self._sizes}
+        for (unit, group), vec in self._sums.items():
+            out[unit][group] = GroupSum(vec.astype(np.float32), self._weights[(unit, group)],
+                                        self._counts[(unit, group)])
+        return out

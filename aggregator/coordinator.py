@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.accumulate import PlaintextAccumulator
+from aggregator.accumulate import Coefficients, PlaintextAccumulator
 from aggregator.checkpoint import save_checkpoint
 from aggregator.metrics import MetricsLog
 from aggregator.rounds import Event, Phase, RoundMachine
-from aggregator.strategies import RoundPlan, Strategy
+from aggregator.strategies import RoundPlan, SiloReport, Strategy
 from fcmoe.config import Config
-from fcmoe.errors import ProtocolError
+from fcmoe.errors import CodecError, ProtocolError
 from fcmoe.logs import log_event
+from protos import codec
 from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
 
@@ -59,11 +60,14 @@ class Coordinator:
             join_timeout_s=fed.join_timeout_s,
             max_retries=fed.max_round_retries,
             created_at=clock(),
+            upload_timeout_s=fed.upload_timeout_s,
         )
         self.global_units = {k: np.asarray(v, dtype=np.float32) for k, v in initial_global.items()}
         self.metrics = MetricsLog(output_dir)
         self.plan: RoundPlan | None = None
-        self._accumulator = PlaintextAccumulator(self.unit_sizes)
+        self._reports: dict[str, SiloReport] = {}
+        self._coefficients: Coefficients | None = None
+        self._accumulator: PlaintextAccumulator | None = None
         self._round_started = 0.0
         self._bytes_down: dict[str, int] = {}
         self._cv = threading.Condition()
@@ -100,11 +104,17 @@ class Coordinator:
             task = pb.Task(kind=pb.Task.Kind.Value(view.kind), round=view.round, layout_hash=self.layout_hash,
                            deadline_unix=view.deadline, message=view.message)
             if view.kind == "TRAIN" and self.plan is not None:
-                local = self.plan.local
+                plan, local = self.plan, self.plan.local
                 task.train.CopyFrom(pb.TrainInstructions(
                     local_steps=local.local_steps, batch_size=local.batch_size, grad_accum=local.grad_accum,
                     learning_rate=local.learning_rate, weight_decay=local.weight_decay,
-                    prox_mu=self.plan.prox_mu, clip_norm=local.clip_norm, seed=self.plan.seed))
+                    prox_mu=plan.prox_mu, clip_norm=local.clip_norm, seed=plan.seed,
+                    retention_lambda=plan.retention_lambda, retention_by_importance=plan.retention_by_importance,
+                    sketch_buckets=plan.sketch_buckets))
+            if view.kind == "UPLOAD" and self._coefficients is not None:
+                alpha = self._coefficients.alpha[silo]
+                task.upload.CopyFrom(pb.UploadInstructions(units=list(self.unit_sizes),
+                                                           coefficients=[alpha[u] for u in self.unit_sizes]))
             return task
 
     def global_model(self, silo: str, request: pb.DownloadRequest) -> dict[str, np.ndarray]:
@@ -120,40 +130,65 @@ class Coordinator:
         with self._cv:
             self._bytes_down[silo] = self._bytes_down.get(silo, 0) + nbytes
 
+    def add_report(self, silo: str, report: pb.RoundReport) -> None:
+        """Phase 1: validate and keep what the strategy needs to weigh this silo."""
+        self._check_run(report.run_id)
+        self._check_layout(report.layout_hash)
+        units = list(self.unit_sizes)
+        if list(report.units) != units or len(report.routing_share) != len(units):
+            raise ProtocolError("report units or routing shares do not match the layout", "INVALID_ARGUMENT")
+        numbers = [report.num_examples, report.reliability, *report.routing_share]
+        if not all(np.isfinite(numbers)) or report.num_examples <= 0 or min(report.routing_share) < 0:
+            raise ProtocolError("report has a non-finite, negative or zero quantity", "INVALID_ARGUMENT")
+        with self._cv:
+            self.machine.check_report(silo, report.round, self.clock())
+            buckets = self.plan.sketch_buckets if self.plan else 0
+            sketches = {}
+            if buckets:
+                specs = {u: TensorSpec("float32", (buckets,)) for u in units}
+                sketches = codec.decode(report.sketches, specs)
+                if not all(np.all(np.isfinite(v)) for v in sketches.values()):
+                    raise CodecError("sketch contains NaN or infinity")
+            elif len(report.sketches):
+                raise ProtocolError("no sketches were asked for this round", "INVALID_ARGUMENT")
+            self._reports[silo] = SiloReport(report.num_examples, report.reliability,
+                                             dict(zip(units, report.routing_share)), sketches)
+            self.machine.record_report(silo, report.round, self.clock())
+            self.metrics.record(report.round - 1).global_pool.add(report.evaluation.global_model)
+            cur = self.metrics.record(report.round)
+            cur.local_pool.add(report.evaluation.local_model)
+            cur.per_silo[silo] = {
+                "bytes_down": self._bytes_down.get(silo, 0),
+                "report_bytes": report.ByteSize(),
+                "train_seconds": report.stats.train_seconds,
+                "tokens": report.stats.tokens,
+                "steps": report.stats.steps,
+                "eval_seconds": report.stats.eval_seconds,
+                "download_seconds": report.stats.download_seconds,
+                "reliability": report.reliability,
+            }
+            self._cv.notify_all()
+        log_event(log, "report_accepted", silo=silo, round=report.round, bytes=report.ByteSize())
+
     def check_update_header(self, silo: str, header: pb.UpdateHeader) -> None:
         self._check_run(header.run_id)
         self._check_layout(header.layout_hash)
         if list(header.units) != list(self.unit_sizes):
             raise ProtocolError("update lists units that differ from the layout", "INVALID_ARGUMENT")
         with self._cv:
-            self.machine.check_update(silo, header.round, self.clock())
+            self.machine.check_upload(silo, header.round, self.clock())
 
     def add_update(self, silo: str, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray],
                    nbytes: int) -> None:
+        """Phase 2: the payload goes into the group sums and nowhere else."""
         with self._cv:
-            self.machine.check_update(silo, header.round, self.clock())
-            try:
-                self._accumulator.add(silo, header.weight, payload)
-            except ProtocolError as exc:
-                exc.status = "INVALID_ARGUMENT"
-                raise
-            self.machine.record_update(silo, header.round, self.clock())
-            rec = self.metrics.record(header.round - 1)
-            rec.global_pool.add(header.evaluation.global_model)
-            cur = self.metrics.record(header.round)
-            cur.local_pool.add(header.evaluation.local_model)
-            cur.per_silo[silo] = {
-                "bytes_up": nbytes,
-                "bytes_down": self._bytes_down.get(silo, 0),
-                "train_seconds": header.stats.train_seconds,
-                "tokens": header.stats.tokens,
-                "steps": header.stats.steps,
-                "eval_seconds": header.stats.eval_seconds,
-                "download_seconds": header.stats.download_seconds,
-            }
+            self.machine.check_upload(silo, header.round, self.clock())
+            assert self._accumulator is not None
+            self._accumulator.add(silo, payload)
+            self.machine.record_upload(silo, header.round, self.clock())
+            self.metrics.record(header.round).per_silo.setdefault(silo, {})["bytes_up"] = nbytes
             self._cv.notify_all()
-        log_event(log, "update_accepted", silo=silo, round=header.round, bytes=nbytes,
-                  train_s=round(header.stats.train_seconds, 3))
+        log_event(log, "update_accepted", silo=silo, round=header.round, bytes=nbytes)
 
     def add_evaluation(self, silo: str, report: pb.EvalReport) -> None:
         self._check_run(report.run_id)
@@ -171,6 +206,8 @@ class Coordinator:
             event = self.machine.poll(self.clock())
             if event in (Event.ROUND_STARTED, Event.ROUND_RETRY):
                 self._open_round(event)
+            elif event == Event.REPORTS_CLOSED:
+                self._plan_upload()
             elif event == Event.CLOSE_ROUND:
                 self._close_round()
             elif event in (Event.FINISHED, Event.ABORTED):
@@ -187,7 +224,7 @@ class Coordinator:
     def _open_round(self, event: Event) -> None:
         m = self.machine
         self.plan = self.strategy.configure_round(m.round, self.config.federation.local, self.config.run.seed)
-        self._accumulator = PlaintextAccumulator(self.unit_sizes)
+        self._reports, self._coefficients, self._accumulator = {}, None, None
         self._round_started = self.clock()
         self._bytes_down = {}
         for r in (m.round - 1, m.round):  # a retried round reports afresh
@@ -199,28 +236,38 @@ class Coordinator:
         log_event(log, event.value, round=m.round, participants=len(m.participants),
                   deadline_s=round(m.deadline - self.clock(), 1), attempt=m.retries + 1)
 
+    def _plan_upload(self) -> None:
+        m = self.machine
+        reports = {s: r for s, r in self._reports.items() if s in m.reported}
+        self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports)
+        self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients)
+        m.open_upload(self.clock())
+        log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
+
     def _close_round(self) -> None:
         m = self.machine
-        total = self._accumulator.result()
-        self.global_units = self.strategy.aggregate(m.round, self.global_units, total)
+        assert self._accumulator is not None
+        sums = self._accumulator.result()
+        contributors = len(self._accumulator.members)
+        self.global_units = self.strategy.aggregate(m.round, self.global_units, sums)
         elapsed = self.clock() - self._round_started
         rec = self.metrics.record(m.round)
         slowest = max((s["train_seconds"] for s in rec.per_silo.values()), default=0.0)
         tokens = sum(s["tokens"] for s in rec.per_silo.values())
         train_s = sum(s["train_seconds"] for s in rec.per_silo.values())
-        rec.stats = {
-            "updates": total.count,
+        rec.stats = {**{k: float(v) for k, v in self.strategy.diagnostics.items()},
+            "updates": contributors,
             "round_seconds": elapsed,
             "slowest_train_seconds": slowest,
             "overhead": (elapsed - slowest) / elapsed if elapsed > 0 else 0.0,
-            "bytes_up_mean": float(np.mean([s["bytes_up"] for s in rec.per_silo.values()])),
+            "bytes_up_mean": float(np.mean([s.get("bytes_up", 0) + s["report_bytes"] for s in rec.per_silo.values()])),
             "bytes_down_mean": float(np.mean([s["bytes_down"] for s in rec.per_silo.values()])),
             "train_tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
         }
         m.complete_round(self.clock())
         self._checkpoint()
         self.metrics.write()
-        log_event(log, "round_closed", round=m.version, updates=total.count, seconds=round(elapsed, 3),
+        log_event(log, "round_closed", round=m.version, updates=contributors, seconds=round(elapsed, 3),
                   global_loss=self.metrics.record(m.version - 1).global_pool.mean())
         if m.phase == Phase.TRAINING:
             self._open_round(Event.ROUND_STARTED)

@@ -1,10 +1,12 @@
 """The round state machine: who may do what, when. Pure logic; time is passed in, no I/O.
 
-Phases: WAITING (for ``min_silos`` to join) -> TRAINING round r -> AGGREGATING -> ... -> EVALUATING
-(every silo evaluates the final global model) -> DONE. A round closes when every participant has
-submitted, or at its deadline if at least ``quorum`` did; below quorum it is redone from the same global
-model (at most ``max_retries`` times), so a failed round never changes the model. Updates that arrive
-for a closed round, from a non-participant or twice are refused.
+Phases: WAITING (for ``min_silos`` to join) -> TRAINING round r (participants train and *report*:
+importance and sketches) -> PLANNING (the caller computes coefficients) -> UPLOADING (reporters send
+``alpha * delta``) -> AGGREGATING -> next round ... -> EVALUATING (every silo evaluates the final
+global model) -> DONE. Each of the two collecting phases closes when everyone expected has answered,
+or at its deadline if at least ``quorum`` did; below quorum the round is redone from the same global
+model (at most ``max_retries`` times), so a failed round never changes the model. Messages for a
+closed phase, from an outsider or sent twice are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from fcmoe.errors import ProtocolError
 class Phase(str, Enum):
     WAITING = "waiting"
     TRAINING = "training"
+    PLANNING = "planning"
+    UPLOADING = "uploading"
     AGGREGATING = "aggregating"
     EVALUATING = "evaluating"
     DONE = "done"
@@ -25,15 +29,16 @@ class Phase(str, Enum):
 
 class Event(str, Enum):
     ROUND_STARTED = "round_started"
+    REPORTS_CLOSED = "reports_closed"  # the caller plans coefficients, then calls open_upload()
     CLOSE_ROUND = "close_round"  # the caller aggregates, then calls complete_round()
-    ROUND_RETRY = "round_retry"  # quorum missed: the caller discards the partial sums
+    ROUND_RETRY = "round_retry"  # quorum missed: the caller discards the round's partial state
     FINISHED = "finished"
     ABORTED = "aborted"
 
 
 @dataclass(frozen=True)
 class TaskView:
-    kind: str  # "WAIT" | "TRAIN" | "EVALUATE" | "DONE"
+    kind: str  # "WAIT" | "TRAIN" | "UPLOAD" | "EVALUATE" | "DONE"
     round: int = 0
     deadline: float = 0.0
     message: str = ""
@@ -48,12 +53,15 @@ class RoundMachine:
     join_timeout_s: float
     max_retries: int
     created_at: float
+    upload_timeout_s: float = 300.0
     phase: Phase = Phase.WAITING
     round: int = 0  # current (or last) round, 1-based
     version: int = 0  # completed rounds = version of the global model
     joined: set[str] = field(default_factory=set)
     participants: frozenset[str] = frozenset()
-    submitted: set[str] = field(default_factory=set)
+    reported: set[str] = field(default_factory=set)
+    uploaders: frozenset[str] = frozenset()
+    uploaded: set[str] = field(default_factory=set)
     evaluated: set[str] = field(default_factory=set)
     deadline: float = 0.0
     retries: int = 0
@@ -70,25 +78,27 @@ class RoundMachine:
             return TaskView("DONE", self.round, message=self.outcome)
         if silo not in self.joined:
             return TaskView("WAIT", message="join first")
-        if self.phase == Phase.TRAINING and silo in self.participants and silo not in self.submitted:
+        if self.phase == Phase.TRAINING and silo in self.participants and silo not in self.reported:
             return TaskView("TRAIN", self.round, self.deadline)
+        if self.phase == Phase.UPLOADING and silo in self.uploaders and silo not in self.uploaded:
+            return TaskView("UPLOAD", self.round, self.deadline)
         if self.phase == Phase.EVALUATING and silo in self.participants and silo not in self.evaluated:
             return TaskView("EVALUATE", self.version, self.deadline)
         return TaskView("WAIT", self.round, message=f"phase {self.phase.value}")
 
-    def check_update(self, silo: str, round_: int, now: float) -> None:
-        if self.phase != Phase.TRAINING or round_ != self.round:
-            raise ProtocolError(f"round {round_} is not open (phase {self.phase.value}, round {self.round})")
-        if silo not in self.participants:
-            raise ProtocolError(f"silo {silo!r} is not a participant of round {round_}", "PERMISSION_DENIED")
-        if silo in self.submitted:
-            raise ProtocolError(f"silo {silo!r} already submitted round {round_}", "ALREADY_EXISTS")
-        if now > self.deadline:
-            raise ProtocolError(f"round {round_} deadline passed", "DEADLINE_EXCEEDED")
+    def check_report(self, silo: str, round_: int, now: float) -> None:
+        self._check(Phase.TRAINING, self.participants, self.reported, "report", silo, round_, now)
 
-    def record_update(self, silo: str, round_: int, now: float) -> None:
-        self.check_update(silo, round_, now)
-        self.submitted.add(silo)
+    def record_report(self, silo: str, round_: int, now: float) -> None:
+        self.check_report(silo, round_, now)
+        self.reported.add(silo)
+
+    def check_upload(self, silo: str, round_: int, now: float) -> None:
+        self._check(Phase.UPLOADING, self.uploaders, self.uploaded, "upload", silo, round_, now)
+
+    def record_upload(self, silo: str, round_: int, now: float) -> None:
+        self.check_upload(silo, round_, now)
+        self.uploaded.add(silo)
 
     def record_evaluation(self, silo: str, version: int) -> None:
         if self.phase != Phase.EVALUATING or version != self.version or silo not in self.participants:
@@ -96,6 +106,17 @@ class RoundMachine:
         if silo in self.evaluated:
             raise ProtocolError(f"silo {silo!r} already reported version {version}", "ALREADY_EXISTS")
         self.evaluated.add(silo)
+
+    def _check(self, phase: Phase, expected: frozenset[str], done: set[str], what: str,
+               silo: str, round_: int, now: float) -> None:
+        if self.phase != phase or round_ != self.round:
+            raise ProtocolError(f"no {what} for round {round_} is open (phase {self.phase.value}, round {self.round})")
+        if silo not in expected:
+            raise ProtocolError(f"silo {silo!r} is not expected to {what} in round {round_}", "PERMISSION_DENIED")
+        if silo in done:
+            raise ProtocolError(f"silo {silo!r} already sent its {what} for round {round_}", "ALREADY_EXISTS")
+        if now > self.deadline:
+            raise ProtocolError(f"round {round_} {what} deadline passed", "DEADLINE_EXCEEDED")
 
     # -- time ---------------------------------------------------------------------------------
     def poll(self, now: float) -> Event | None:
@@ -106,27 +127,38 @@ class RoundMachine:
             if now > self.created_at + self.join_timeout_s:
                 return self._abort(f"only {len(self.joined)} of {self.min_silos} silos joined in time")
         elif self.phase == Phase.TRAINING:
-            if self.submitted >= self.participants:
-                self.phase = Phase.AGGREGATING
-                return Event.CLOSE_ROUND
-            if now > self.deadline:
-                if len(self.submitted) >= self.quorum:
-                    self.phase = Phase.AGGREGATING
-                    return Event.CLOSE_ROUND
-                if self.retries >= self.max_retries:
-                    return self._abort(
-                        f"round {self.round}: {len(self.submitted)} updates < quorum {self.quorum} "
-                        f"after {self.retries + 1} attempts"
-                    )
-                self.retries += 1
-                self._start_round(self.round, now)
-                return Event.ROUND_RETRY
+            return self._collecting(self.reported, self.participants, now, Phase.PLANNING, Event.REPORTS_CLOSED)
+        elif self.phase == Phase.UPLOADING:
+            return self._collecting(self.uploaded, self.uploaders, now, Phase.AGGREGATING, Event.CLOSE_ROUND)
         elif self.phase == Phase.EVALUATING:
             if self.evaluated >= self.participants or now > self.deadline:
                 self.phase = Phase.DONE
                 self.outcome = f"completed {self.version} rounds"
                 return Event.FINISHED
         return None
+
+    def _collecting(self, got: set[str], expected: frozenset[str], now: float, next_phase: Phase,
+                    event: Event) -> Event | None:
+        if got >= expected or (now > self.deadline and len(got) >= self.quorum):
+            self.phase = next_phase
+            return event
+        if now <= self.deadline:
+            return None
+        if self.retries >= self.max_retries:
+            return self._abort(f"round {self.round}: {len(got)} of {len(expected)} answered in "
+                               f"{self.phase.value}, quorum {self.quorum}, after {self.retries + 1} attempts")
+        self.retries += 1
+        self._start_round(self.round, now)
+        return Event.ROUND_RETRY
+
+    def open_upload(self, now: float) -> None:
+        """The caller planned coefficients for every reporter: collect their uploads."""
+        if self.phase != Phase.PLANNING:
+            raise ProtocolError(f"open_upload in phase {self.phase.value}")
+        self.phase = Phase.UPLOADING
+        self.uploaders = frozenset(self.reported)
+        self.uploaded = set()
+        self.deadline = now + self.upload_timeout_s
 
     def complete_round(self, now: float) -> None:
         """The caller applied the round's aggregate: advance the model version."""
@@ -146,7 +178,7 @@ class RoundMachine:
         self.phase = Phase.TRAINING
         self.round = round_
         self.participants = frozenset(self.joined)
-        self.submitted = set()
+        self.reported, self.uploaders, self.uploaded = set(), frozenset(), set()
         self.deadline = now + self.round_timeout_s
 
     def _abort(self, reason: str) -> Event:

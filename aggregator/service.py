@@ -53,28 +53,65 @@ def _refuse(context: grpc.ServicerContext, rpc: str, silo: str, exc: Exception):
     context.abort(code, message)
 
 
+def _rpc(name: str):
+    """Wrap a handler ``(self, silo, request, context)``: identify the caller, turn failures into statuses."""
+
+    def wrap(handler):
+        def method(self, request, context: grpc.ServicerContext):
+            silo = ""
+            try:
+                silo = _identify(context)
+                return handler(self, silo, request, context)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                _refuse(context, name, silo, exc)
+
+        method.__name__ = method.__qualname__ = name
+        return method
+
+    return wrap
+
+
 class FederationService(pb_grpc.FederationServicer):
     def __init__(self, coordinator: Coordinator, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES):
         self.coordinator = coordinator
         self.chunk_bytes = chunk_bytes
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        silo = ""
-        try:
-            silo = _identify(context)
-            return self.coordinator.join(silo, request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            _refuse(context, "Join", silo, exc)
+    @_rpc("Join")
+    def Join(self, silo: str, request: pb.JoinRequest, context) -> pb.JoinReply:
+        return self.coordinator.join(silo, request)
 
-    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
-        silo = ""
-        try:
-            silo = _identify(context)
-            return self.coordinator.task(silo, request)
-        except Exception as exc:  # noqa: BLE001
-            _refuse(context, "GetTask", silo, exc)
+    @_rpc("GetTask")
+    def GetTask(self, silo: str, request: pb.TaskRequest, context) -> pb.Task:
+        return self.coordinator.task(silo, request)
+
+    @_rpc("SubmitReport")
+    def SubmitReport(self, silo: str, request: pb.RoundReport, context) -> pb.Ack:
+        self.coordinator.add_report(silo, request)
+        return pb.Ack(message="recorded")
+
+    @_rpc("ReportEvaluation")
+    def ReportEvaluation(self, silo: str, request: pb.EvalReport, context) -> pb.Ack:
+        self.coordinator.add_evaluation(silo, request)
+        return pb.Ack(message="recorded")
+
+    @_rpc("SubmitUpdate")
+    def SubmitUpdate(self, silo: str, request_iterator: Iterator[pb.UpdateMessage], context) -> pb.SubmitReply:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header")
+        header = first.header
+        self.coordinator.check_update_header(silo, header)
+        assembler = codec.TensorAssembler(self.coordinator.unit_specs())
+        for message in request_iterator:
+            if message.WhichOneof("part") != "chunk":
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks may follow the header")
+            assembler.add(message.chunk)
+        payload = assembler.finish()
+        self.coordinator.add_update(silo, header, payload, assembler.bytes_received)
+        return pb.SubmitReply(accepted=True, message="accepted", bytes_received=assembler.bytes_received)
 
     def DownloadGlobal(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
+        # A generator: refusals must happen before the first chunk, so it is not wrapped by _rpc.
         silo = ""
         try:
             silo = _identify(context)
@@ -87,32 +124,3 @@ class FederationService(pb_grpc.FederationServicer):
             sent += len(chunk.data)
             yield chunk
         self.coordinator.count_download(silo, sent)
-
-    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage], context: grpc.ServicerContext) -> pb.SubmitReply:
-        silo = ""
-        try:
-            silo = _identify(context)
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header")
-            header = first.header
-            self.coordinator.check_update_header(silo, header)
-            assembler = codec.TensorAssembler(self.coordinator.unit_specs())
-            for message in request_iterator:
-                if message.WhichOneof("part") != "chunk":
-                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks may follow the header")
-                assembler.add(message.chunk)
-            payload = assembler.finish()
-            self.coordinator.add_update(silo, header, payload, assembler.bytes_received)
-            return pb.SubmitReply(accepted=True, message="accepted", bytes_received=assembler.bytes_received)
-        except Exception as exc:  # noqa: BLE001
-            _refuse(context, "SubmitUpdate", silo, exc)
-
-    def ReportEvaluation(self, request: pb.EvalReport, context: grpc.ServicerContext) -> pb.Ack:
-        silo = ""
-        try:
-            silo = _identify(context)
-            self.coordinator.add_evaluation(silo, request)
-            return pb.Ack(message="recorded")
-        except Exception as exc:  # noqa: BLE001
-            _refuse(context, "ReportEvaluation", silo, exc)

@@ -124,14 +124,35 @@ class LocalTrainingConfig(_Strict):
     clip_norm: float = Field(0.0, ge=0, description="per-unit L2 clip of the delta; 0 disables")
 
 
+class FcMoeConfig(_Strict):
+    """FC-MoE's mechanisms (each switchable for ablations) and their constants; see docs/algorithm.md."""
+
+    importance: bool = True
+    projection: bool = True
+    retention: bool = True
+    retention_lambda: float = Field(1.0, ge=0, le=1)
+    sketch_buckets: int = Field(256, ge=2, le=1 << 20)
+    routing_power: float = Field(1.0, ge=0)
+    reliability_floor: float = Field(0.05, gt=0, le=1)
+    phi_floor: float = Field(0.1, ge=0, le=1)
+    conflict_threshold: float = Field(0.0, ge=-1, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FcMoeConfig":
+        if self.sketch_buckets & (self.sketch_buckets - 1):
+            raise ValueError(f"sketch_buckets={self.sketch_buckets} must be a power of two")
+        return self
+
+
 class StrategyConfig(_Strict):
-    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "local", "fcmoe"] = "fedavg"
     server_lr: float = Field(1.0, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
     prox_mu: float = Field(0.01, ge=0)
+    fcmoe: FcMoeConfig = FcMoeConfig()
 
 
 class FederationConfig(_Strict):
@@ -141,6 +162,8 @@ class FederationConfig(_Strict):
     round_timeout_s: float = Field(600.0, gt=0)
     join_timeout_s: float = Field(600.0, gt=0)
     max_round_retries: int = Field(2, ge=0)
+    upload_timeout_s: float = Field(300.0, gt=0, description="phase 2: time to upload after coefficients")
+    min_group_size: int = Field(3, gt=0, description="smallest group whose sum the aggregator may see")
     local: LocalTrainingConfig = LocalTrainingConfig()
     strategy: StrategyConfig = StrategyConfig()
 
@@ -171,6 +194,9 @@ class SiloConfig(_Strict):
     device: str = "cpu"
     threads: int | None = Field(None, gt=0)
     index: int = Field(0, ge=0, description="this silo's share of the built-in data")
+    sketch_key: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$",
+        description="hex of the 32-byte secret the silos share for keyed sketches (never given to the aggregator)")
     num_silos: int = Field(1, gt=0)
     connect_timeout_s: float = Field(600.0, gt=0)
 

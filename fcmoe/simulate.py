@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -26,8 +27,11 @@ def silo_names(count: int) -> list[str]:
     return [f"silo{i}" for i in range(count)]
 
 
-def role_configs(config: Config, port: int) -> tuple[Config, list[Config]]:
-    """The aggregator's and every silo's own config, derived from one simulation file."""
+def role_configs(config: Config, port: int, sketch_key: str | None = None) -> tuple[Config, list[Config]]:
+    """The aggregator's and every silo's own config, derived from one simulation file.
+
+    ``sketch_key`` (the silos' shared secret for keyed sketches) goes into silo files only.
+    """
     sim = config.simulation
     assert sim is not None
     out = config.run.output_dir
@@ -40,7 +44,8 @@ def role_configs(config: Config, port: int) -> tuple[Config, list[Config]]:
     silos = []
     for i, name in enumerate(silo_names(sim.silos)):
         silo = SiloConfig(name=name, aggregator=f"127.0.0.1:{port}", pki_dir=pki, index=i, num_silos=sim.silos,
-                          threads=sim.threads_per_silo, connect_timeout_s=min(sim.timeout_s, 600.0))
+                          threads=sim.threads_per_silo, connect_timeout_s=min(sim.timeout_s, 600.0),
+                          sketch_key=sketch_key)
         silos.append(config.model_copy(update={"silo": silo, "simulation": None}))
     return agg, silos
 
@@ -96,7 +101,7 @@ def simulate(config: Config, progress: bool = True) -> int:
         aggregator = _spawn("aggregator", roles / "aggregator.yaml", logs / "aggregator.log", 1)
         procs.append(aggregator)
         port = _wait_for_port(out / "aggregator.port", aggregator, timeout_s=300)
-        _, silo_configs = role_configs(config, port)
+        _, silo_configs = role_configs(config, port, secrets.token_hex(32))
         for silo_config in silo_configs:
             assert silo_config.silo is not None
             path = roles / f"{silo_config.silo.name}.yaml"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x66\x63moe.proto\x12\x08\x66\x63moe.v1\"|\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"o\n\x0bJoinRequest\x12\x13\n\x0blayout_hash\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x1a\n\x12num_train_examples\x18\x03 \x01(\x04\x12\x15\n\ragent_version\x18\x04 \x01(\t\"D\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tsilo_name\x18\x02 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\r\"-\n\x0bTaskRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\xaf\x01\n\x11TrainInstructions\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x12\n\ngrad_accum\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x0f\n\x07prox_mu\x18\x06 \x01(\x01\x12\x11\n\tclip_norm\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"\xec\x01\n\x04Task\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.fcmoe.v1.Task.Kind\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12\x15\n\rdeadline_unix\x18\x04 \x01(\x01\x12*\n\x05train\x18\x05 \x01(\x0b\x32\x1b.fcmoe.v1.TrainInstructions\x12\x0f\n\x07message\x18\x06 \x01(\t\"I\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x0c\n\x08\x45VALUATE\x10\x03\x12\x08\n\x04\x44ONE\x10\x04\"E\n\x0f\x44ownloadRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\">\n\nDomainLoss\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x10\n\x08loss_sum\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"c\n\nEvaluation\x12*\n\x0cglobal_model\x18\x01 \x03(\x0b\x32\x14.fcmoe.v1.DomainLoss\x12)\n\x0blocal_model\x18\x02 \x03(\x0b\x32\x14.fcmoe.v1.DomainLoss\"\xbb\x01\n\nTrainStats\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x15\n\rtrain_seconds\x18\x03 \x01(\x01\x12\x18\n\x10train_loss_first\x18\x04 \x01(\x01\x12\x17\n\x0ftrain_loss_last\x18\x05 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x14\n\x0c\x65val_seconds\x18\x07 \x01(\x01\x12\x18\n\x10\x64ownload_seconds\x18\x08 \x01(\x01\"\xb0\x01\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12#\n\x05stats\x18\x05 \x01(\x0b\x32\x14.fcmoe.v1.TrainStats\x12(\n\nevaluation\x18\x06 \x01(\x0b\x32\x14.fcmoe.v1.Evaluation\x12\r\n\x05units\x18\x07 \x03(\t\"i\n\rUpdateMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fcmoe.v1.UpdateHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.fcmoe.v1.TensorChunkH\x00\x42\x06\n\x04part\"H\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"j\n\nEvalReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12(\n\nevaluation\x18\x04 \x01(\x0b\x32\x14.fcmoe.v1.Evaluation\"\x16\n\x03\x41\x63k\x12\x0f\n\x07message\x18\x01 \x01(\t2\xb3\x02\n\nFederation\x12\x32\n\x04Join\x12\x15.fcmoe.v1.JoinRequest\x1a\x13.fcmoe.v1.JoinReply\x12\x30\n\x07GetTask\x12\x15.fcmoe.v1.TaskRequest\x1a\x0e.fcmoe.v1.Task\x12\x44\n\x0e\x44ownloadGlobal\x12\x19.fcmoe.v1.DownloadRequest\x1a\x15.fcmoe.v1.TensorChunk0\x01\x12@\n\x0cSubmitUpdate\x12\x17.fcmoe.v1.UpdateMessage\x1a\x15.fcmoe.v1.SubmitReply(\x01\x12\x37\n\x10ReportEvaluation\x12\x14.fcmoe.v1.EvalReport\x1a\r.fcmoe.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x66\x63moe.proto\x12\x08\x66\x63moe.v1\"|\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"o\n\x0bJoinRequest\x12\x13\n\x0blayout_hash\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x1a\n\x12num_train_examples\x18\x03 \x01(\x04\x12\x15\n\ragent_version\x18\x04 \x01(\t\"D\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tsilo_name\x18\x02 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\r\"-\n\x0bTaskRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\x82\x02\n\x11TrainInstructions\x12\x13\n\x0blocal_steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x12\n\ngrad_accum\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x0f\n\x07prox_mu\x18\x06 \x01(\x01\x12\x11\n\tclip_norm\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x18\n\x10retention_lambda\x18\t \x01(\x01\x12\x1f\n\x17retention_by_importance\x18\n \x01(\x08\x12\x16\n\x0esketch_buckets\x18\x0b \x01(\r\"\xa6\x02\n\x04Task\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.fcmoe.v1.Task.Kind\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12\x15\n\rdeadline_unix\x18\x04 \x01(\x01\x12*\n\x05train\x18\x05 \x01(\x0b\x32\x1b.fcmoe.v1.TrainInstructions\x12\x0f\n\x07message\x18\x06 \x01(\t\x12,\n\x06upload\x18\x07 \x01(\x0b\x32\x1c.fcmoe.v1.UploadInstructions\"U\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x0c\n\x08\x45VALUATE\x10\x03\x12\x08\n\x04\x44ONE\x10\x04\x12\n\n\x06UPLOAD\x10\x05\"9\n\x12UploadInstructions\x12\r\n\x05units\x18\x01 \x03(\t\x12\x14\n\x0c\x63oefficients\x18\x02 \x03(\x01\"E\n\x0f\x44ownloadRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\">\n\nDomainLoss\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x10\n\x08loss_sum\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"c\n\nEvaluation\x12*\n\x0cglobal_model\x18\x01 \x03(\x0b\x32\x14.fcmoe.v1.DomainLoss\x12)\n\x0blocal_model\x18\x02 \x03(\x0b\x32\x14.fcmoe.v1.DomainLoss\"\xbb\x01\n\nTrainStats\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x15\n\rtrain_seconds\x18\x03 \x01(\x01\x12\x18\n\x10train_loss_first\x18\x04 \x01(\x01\x12\x17\n\x0ftrain_loss_last\x18\x05 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x14\n\x0c\x65val_seconds\x18\x07 \x01(\x01\x12\x18\n\x10\x64ownload_seconds\x18\x08 \x01(\x01\"\x8a\x02\n\x0bRoundReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x01\x12\x13\n\x0breliability\x18\x05 \x01(\x01\x12\r\n\x05units\x18\x06 \x03(\t\x12\x15\n\rrouting_share\x18\x07 \x03(\x01\x12\'\n\x08sketches\x18\x08 \x03(\x0b\x32\x15.fcmoe.v1.TensorChunk\x12#\n\x05stats\x18\t \x01(\x0b\x32\x14.fcmoe.v1.TrainStats\x12(\n\nevaluation\x18\n \x01(\x0b\x32\x14.fcmoe.v1.Evaluation\"Q\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12\r\n\x05units\x18\x04 \x03(\t\"i\n\rUpdateMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fcmoe.v1.UpdateHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.fcmoe.v1.TensorChunkH\x00\x42\x06\n\x04part\"H\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"j\n\nEvalReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12(\n\nevaluation\x18\x04 \x01(\x0b\x32\x14.fcmoe.v1.Evaluation\"\x16\n\x03\x41\x63k\x12\x0f\n\x07message\x18\x01 \x01(\t2\xe9\x02\n\nFederation\x12\x32\n\x04Join\x12\x15.fcmoe.v1.JoinRequest\x1a\x13.fcmoe.v1.JoinReply\x12\x30\n\x07GetTask\x12\x15.fcmoe.v1.TaskRequest\x1a\x0e.fcmoe.v1.Task\x12\x44\n\x0e\x44ownloadGlobal\x12\x19.fcmoe.v1.DownloadRequest\x1a\x15.fcmoe.v1.TensorChunk0\x01\x12\x34\n\x0cSubmitReport\x12\x15.fcmoe.v1.RoundReport\x1a\r.fcmoe.v1.Ack\x12@\n\x0cSubmitUpdate\x12\x17.fcmoe.v1.UpdateMessage\x1a\x15.fcmoe.v1.SubmitReply(\x01\x12\x37\n\x10ReportEvaluation\x12\x14.fcmoe.v1.EvalReport\x1a\r.fcmoe.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,29 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKREQUEST']._serialized_start=334
   _globals['_TASKREQUEST']._serialized_end=379
   _globals['_TRAININSTRUCTIONS']._serialized_start=382
-  _globals['_TRAININSTRUCTIONS']._serialized_end=557
-  _globals['_TASK']._serialized_start=560
-  _globals['_TASK']._serialized_end=796
-  _globals['_TASK_KIND']._serialized_start=723
-  _globals['_TASK_KIND']._serialized_end=796
-  _globals['_DOWNLOADREQUEST']._serialized_start=798
-  _globals['_DOWNLOADREQUEST']._serialized_end=867
-  _globals['_DOMAINLOSS']._serialized_start=869
-  _globals['_DOMAINLOSS']._serialized_end=931
-  _globals['_EVALUATION']._serialized_start=933
-  _globals['_EVALUATION']._serialized_end=1032
-  _globals['_TRAINSTATS']._serialized_start=1035
-  _globals['_TRAINSTATS']._serialized_end=1222
-  _globals['_UPDATEHEADER']._serialized_start=1225
-  _globals['_UPDATEHEADER']._serialized_end=1401
-  _globals['_UPDATEMESSAGE']._serialized_start=1403
-  _globals['_UPDATEMESSAGE']._serialized_end=1508
-  _globals['_SUBMITREPLY']._serialized_start=1510
-  _globals['_SUBMITREPLY']._serialized_end=1582
-  _globals['_EVALREPORT']._serialized_start=1584
-  _globals['_EVALREPORT']._serialized_end=1690
-  _globals['_ACK']._serialized_start=1692
-  _globals['_ACK']._serialized_end=1714
-  _globals['_FEDERATION']._serialized_start=1717
-  _globals['_FEDERATION']._serialized_end=2024
+  _globals['_TRAININSTRUCTIONS']._serialized_end=640
+  _globals['_TASK']._serialized_start=643
+  _globals['_TASK']._serialized_end=937
+  _globals['_TASK_KIND']._serialized_start=852
+  _globals['_TASK_KIND']._serialized_end=937
+  _globals['_UPLOADINSTRUCTIONS']._serialized_start=939
+  _globals['_UPLOADINSTRUCTIONS']._serialized_end=996
+  _globals['_DOWNLOADREQUEST']._serialized_start=998
+  _globals['_DOWNLOADREQUEST']._serialized_end=1067
+  _globals['_DOMAINLOSS']._serialized_start=1069
+  _globals['_DOMAINLOSS']._serialized_end=1131
+  _globals['_EVALUATION']._serialized_start=1133
+  _globals['_EVALUATION']._serialized_end=1232
+  _globals['_TRAINSTATS']._serialized_start=1235
+  _globals['_TRAINSTATS']._serialized_end=1422
+  _globals['_ROUNDREPORT']._serialized_start=1425
+  _globals['_ROUNDREPORT']._serialized_end=1691
+  _globals['_UPDATEHEADER']._serialized_start=1693
+  _globals['_UPDATEHEADER']._serialized_end=1774
+  _globals['_UPDATEMESSAGE']._serialized_start=1776
+  _globals['_UPDATEMESSAGE']._serialized_end=1881
+  _globals['_SUBMITREPLY']._serialized_start=1883
+  _globals['_SUBMITREPLY']._serialized_end=1955
+  _globals['_EVALREPORT']._serialized_start=1957
+  _globals['_EVALREPORT']._serialized_end=2063
+  _globals['_ACK']._serialized_start=2065
+  _globals['_ACK']._serialized_end=2087
+  _globals['_FEDERATION']._serialized_start=2090
+  _globals['_FEDERATION']._serialized_end=2451
 # @@protoc_insertion_point(module_scope)

@@ -56,7 +56,7 @@ class TaskRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TrainInstructions(_message.Message):
-    __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed")
+    __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed", "retention_lambda", "retention_by_importance", "sketch_buckets")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,9 @@ class TrainInstructions(_message.Message):
     PROX_MU_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_BY_IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     batch_size: int
     grad_accum: int
@@ -73,10 +76,13 @@ class TrainInstructions(_message.Message):
     prox_mu: float
     clip_norm: float
     seed: int
-    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    retention_lambda: float
+    retention_by_importance: bool
+    sketch_buckets: int
+    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message")
+    __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Task.Kind]
@@ -84,24 +90,36 @@ class Task(_message.Message):
         TRAIN: _ClassVar[Task.Kind]
         EVALUATE: _ClassVar[Task.Kind]
         DONE: _ClassVar[Task.Kind]
+        UPLOAD: _ClassVar[Task.Kind]
     KIND_UNSPECIFIED: Task.Kind
     WAIT: Task.Kind
     TRAIN: Task.Kind
     EVALUATE: Task.Kind
     DONE: Task.Kind
+    UPLOAD: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     round: int
     layout_hash: str
     deadline_unix: float
     train: TrainInstructions
     message: str
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+    upload: UploadInstructions
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ..., upload: _Optional[_Union[UploadInstructions, _Mapping]] = ...) -> None: ...
+
+class UploadInstructions(_message.Message):
+    __slots__ = ("units", "coefficients")
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
+    units: _containers.RepeatedScalarFieldContainer[str]
+    coefficients: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, units: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("run_id", "round", "layout_hash")
@@ -151,23 +169,41 @@ class TrainStats(_message.Message):
     download_seconds: float
     def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_loss_first: _Optional[float] = ..., train_loss_last: _Optional[float] = ..., num_examples: _Optional[int] = ..., eval_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ...) -> None: ...
 
-class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "layout_hash", "weight", "stats", "evaluation", "units")
+class RoundReport(_message.Message):
+    __slots__ = ("run_id", "round", "layout_hash", "num_examples", "reliability", "units", "routing_share", "sketches", "stats", "evaluation")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
-    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RELIABILITY_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_SHARE_FIELD_NUMBER: _ClassVar[int]
+    SKETCHES_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    layout_hash: str
+    num_examples: float
+    reliability: float
+    units: _containers.RepeatedScalarFieldContainer[str]
+    routing_share: _containers.RepeatedScalarFieldContainer[float]
+    sketches: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    stats: TrainStats
+    evaluation: Evaluation
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., num_examples: _Optional[float] = ..., reliability: _Optional[float] = ..., units: _Optional[_Iterable[str]] = ..., routing_share: _Optional[_Iterable[float]] = ..., sketches: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("run_id", "round", "layout_hash", "units")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     layout_hash: str
-    weight: float
-    stats: TrainStats
-    evaluation: Evaluation
     units: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., weight: _Optional[float] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., units: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "chunk")

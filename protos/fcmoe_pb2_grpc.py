@@ -49,6 +49,11 @@ class FederationStub:
                 request_serializer=fcmoe__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=fcmoe__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.SubmitReport = channel.unary_unary(
+                '/fcmoe.v1.Federation/SubmitReport',
+                request_serializer=fcmoe__pb2.RoundReport.SerializeToString,
+                response_deserializer=fcmoe__pb2.Ack.FromString,
+                _registered_method=True)
         self.SubmitUpdate = channel.stream_unary(
                 '/fcmoe.v1.Federation/SubmitUpdate',
                 request_serializer=fcmoe__pb2.UpdateMessage.SerializeToString,
@@ -77,6 +82,12 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadGlobal(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitReport(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +122,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.DownloadGlobal,
                     request_deserializer=fcmoe__pb2.DownloadRequest.FromString,
                     response_serializer=fcmoe__pb2.TensorChunk.SerializeToString,
+            ),
+            'SubmitReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitReport,
+                    request_deserializer=fcmoe__pb2.RoundReport.FromString,
+                    response_serializer=fcmoe__pb2.Ack.SerializeToString,
             ),
             'SubmitUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitUpdate,
@@ -204,6 +220,33 @@ class Federation:
             '/fcmoe.v1.Federation/DownloadGlobal',
             fcmoe__pb2.DownloadRequest.SerializeToString,
             fcmoe__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fcmoe.v1.Federation/SubmitReport',
+            fcmoe__pb2.RoundReport.SerializeToString,
+            fcmoe__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,

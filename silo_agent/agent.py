@@ -19,7 +19,10 @@ from protos import fcmoe_pb2 as pb
 from silo_agent.client import AggregatorClient, RpcFailure
 from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
 from silo_agent.training import LocalPlan, evaluate, train_locally
-from silo_agent.update import clip_units, unit_deltas, weighted_payload
+from crypto.sketch import sketch_units
+from silo_agent.retention import anchor, importance_scale
+from silo_agent.routing import RoutingMeter
+from silo_agent.update import clip_units, scaled_payload, unit_deltas
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,20 @@ def _mean_loss(result: dict[str, tuple[float, int]]) -> float:
     return float(np.mean(losses)) if losses else float("nan")
 
 
+def reliability(global_eval: dict[str, tuple[float, int]], local_eval: dict[str, tuple[float, int]]) -> float:
+    """Relative held-out loss reduction of local training, bounded to [0, 1]."""
+    before, after = _mean_loss(global_eval), _mean_loss(local_eval)
+    if not (np.isfinite(before) and np.isfinite(after)) or before <= 0:
+        return 0.0
+    return float(min(1.0, max(0.0, (before - after) / before)))
+
+
+@dataclass
+class PendingUpload:
+    round: int
+    deltas: dict[str, np.ndarray]
+
+
 class SiloAgent:
     def __init__(self, config: Config, progress: bool = False):
         if config.silo is None:
@@ -70,11 +87,16 @@ class SiloAgent:
             raise ConfigError(f"silo.device = {self.silo.device!r}: CUDA is not available on this machine")
         self.model = build_model(config.model, self.device, seed=config.run.seed)
         self.layout = ExpertLayout.from_model(self.model, num_experts(self.model.config))
+        self.meter = RoutingMeter(num_experts(self.model.config))
         self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}
         self.data = load_data(config)
+        self.sketch_secret = bytes.fromhex(self.silo.sketch_key) if self.silo.sketch_key else None
         self.client = AggregatorClient(self.silo.aggregator, self.silo.pki_dir, self.silo.name,
                                        retry_budget_s=self.silo.connect_timeout_s)
         self.run_id = ""
+        self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
+        self.local_shares: dict[str, float] | None = None
+        self.pending: PendingUpload | None = None
 
     def run(self) -> int:
         try:
@@ -87,7 +109,9 @@ class SiloAgent:
             while True:
                 task = self.client.get_task(self.run_id, wait_s=5.0)
                 if task.kind == pb.Task.TRAIN:
-                    self._train_round(task)
+                    self._train_and_report(task)
+                elif task.kind == pb.Task.UPLOAD:
+                    self._upload(task)
                 elif task.kind == pb.Task.EVALUATE:
                     self._final_evaluation(task)
                 elif task.kind == pb.Task.DONE:
@@ -99,52 +123,94 @@ class SiloAgent:
         finally:
             self.client.close()
 
-    def _load_global(self, version: int) -> dict[str, np.ndarray]:
+    def _download(self, version: int) -> dict[str, np.ndarray]:
         units, nbytes = self.client.download(self.run_id, version, self.layout.hash, self.specs)
-        load_trainable_state(self.model, self.layout.merge(units))
         log_event(log, "global_received", version=version, bytes=nbytes)
         return units
 
-    def _train_round(self, task: pb.Task) -> None:
-        t0 = time.perf_counter()
-        start = self._load_global(task.round - 1)
-        t1 = time.perf_counter()
-        global_eval = evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
-        eval_seconds = time.perf_counter() - t1
+    def _load(self, units: dict[str, np.ndarray]) -> None:
+        load_trainable_state(self.model, self.layout.merge(units))
+
+    def _evaluate(self) -> dict[str, tuple[float, int]]:
+        return evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
+
+    def _train_and_report(self, task: pb.Task) -> None:
         t = task.train
+        t0 = time.perf_counter()
+        global_units = self._download(task.round - 1)
+        self._load(global_units)
+        t1 = time.perf_counter()
+        global_eval = self._evaluate()
+        eval_seconds = time.perf_counter() - t1
+        if t.retention_lambda > 0 and self.local_units is not None:
+            scale = importance_scale(self.local_shares) if t.retention_by_importance and self.local_shares else None
+            self._load(anchor(global_units, self.local_units, t.retention_lambda, scale))
         plan = LocalPlan(local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=max(1, t.grad_accum),
                          learning_rate=t.learning_rate, weight_decay=t.weight_decay, prox_mu=t.prox_mu,
                          seed=t.seed * 7919 + self.silo.index)
-        result = train_locally(self.model, self.data.train, plan, self.device, progress=self.progress)
+        self.meter.reset()
+        with self.meter.attached(self.model):
+            result = train_locally(self.model, self.data.train, plan, self.device, self.progress, self.meter)
         t2 = time.perf_counter()
-        local_eval = evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
+        local_eval = self._evaluate()
         eval_seconds += time.perf_counter() - t2
-        trained = self.layout.split(trainable_state(self.model))
-        deltas, norms = clip_units(unit_deltas(trained, start), t.clip_norm)
-        weight = float(self.data.num_train)
-        header = pb.UpdateHeader(
-            run_id=self.run_id, round=task.round, layout_hash=self.layout.hash, weight=weight,
+        self.local_units = self.layout.split(trainable_state(self.model))
+        self.local_shares = self.meter.shares(self.layout)
+        deltas, norms = clip_units(unit_deltas(self.local_units, global_units), t.clip_norm)
+        self.pending = PendingUpload(task.round, deltas)
+        rel = reliability(global_eval, local_eval)
+        report = pb.RoundReport(
+            run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
+            num_examples=float(self.data.num_train), reliability=rel, units=list(self.specs),
+            routing_share=[self.local_shares[u] for u in self.specs],
             stats=pb.TrainStats(steps=result.steps, tokens=result.tokens, train_seconds=result.seconds,
                                 train_loss_first=result.loss_first, train_loss_last=result.loss_last,
                                 num_examples=self.data.num_train, eval_seconds=eval_seconds,
                                 download_seconds=t1 - t0),
             evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(local_eval)),
-            units=list(self.specs),
         )
+        if t.sketch_buckets:
+            if self.sketch_secret is None:
+                raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key (shared by the silos)")
+            report.sketches.extend(codec.encode(
+                sketch_units(deltas, self.sketch_secret, self.run_id, task.round, t.sketch_buckets)))
+        if self._refused("report", task.round, lambda: self.client.report_round(report)):
+            return
+        log_event(log, "report_sent", round=task.round, global_loss=_mean_loss(global_eval),
+                  local_loss=_mean_loss(local_eval), reliability=round(rel, 4), train_s=round(result.seconds, 3),
+                  max_unit_norm=max(norms.values()))
+
+    def _upload(self, task: pb.Task) -> None:
+        pending = self.pending
+        if pending is None or pending.round != task.round:
+            log_event(log, "upload_without_training", level=logging.WARNING, round=task.round)
+            return
+        coefficients = dict(zip(task.upload.units, task.upload.coefficients))
+        if list(coefficients) != list(self.specs):
+            raise ConfigError("upload instructions do not match this silo's layout")
+        payload = scaled_payload(pending.deltas, coefficients)
+        replies: list[pb.SubmitReply] = []
+        if self._refused("update", task.round, lambda: replies.append(self.client.submit(
+                pb.UpdateHeader(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
+                                units=list(self.specs)), payload))):
+            return
+        self.pending = None
+        log_event(log, "update_sent", round=task.round, bytes=replies[0].bytes_received)
+
+    def _refused(self, what: str, round_: int, send) -> bool:
+        """Send; a refusal because the round moved on is logged and survived, anything else raised."""
         try:
-            reply = self.client.submit(header, weighted_payload(deltas, weight))
+            send()
         except RpcFailure as exc:
             if exc.code is None or exc.code.name not in ("FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "ALREADY_EXISTS"):
                 raise
-            log_event(log, "update_refused", level=logging.WARNING, round=task.round, reason=str(exc))
-            return
-        log_event(log, "update_sent", round=task.round, bytes=reply.bytes_received,
-                  global_loss=_mean_loss(global_eval), local_loss=_mean_loss(local_eval),
-                  train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()))
+            log_event(log, f"{what}_refused", level=logging.WARNING, round=round_, reason=str(exc))
+            return True
+        return False
 
     def _final_evaluation(self, task: pb.Task) -> None:
-        self._load_global(task.round)
-        result = evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
+        self._load(self._download(task.round))
+        result = self._evaluate()
         self.client.report(pb.EvalReport(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
                                          evaluation=pb.Evaluation(global_model=_domain_losses(result))))
         log_event(log, "final_evaluation_sent", version=task.round, global_loss=_mean_loss(result))

@@ -95,6 +95,9 @@ class AggregatorClient:
         request = pb.TaskRequest(run_id=run_id, wait_s=wait_s)
         return self._call("GetTask", lambda: self.stub.GetTask(request, timeout=wait_s + 30))
 
+    def report_round(self, report: pb.RoundReport) -> pb.Ack:
+        return self._call("SubmitReport", lambda: self.stub.SubmitReport(report, timeout=60))
+
     def download(self, run_id: str, version: int, layout_hash: str,
                  expected: Mapping[str, codec.TensorSpec]) -> tuple[dict[str, np.ndarray], int]:
         request = pb.DownloadRequest(run_id=run_id, round=version, layout_hash=layout_hash)

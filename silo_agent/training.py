@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
+from silo_agent.routing import RoutingMeter
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
 
 
 def train_locally(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torch.device,
-                  progress: bool = False) -> TrainResult:
+                  progress: bool = False, meter: RoutingMeter | None = None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.prox_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
@@ -63,6 +64,8 @@ def train_locally(model: nn.Module, data: ExampleBatches, plan: LocalPlan, devic
         step_loss = 0.0
         for _ in range(plan.grad_accum):
             batch = {k: v.to(device) for k, v in data.sample(plan.batch_size, generator).items()}
+            if meter is not None:
+                meter.mask = batch["attention_mask"].reshape(-1).bool()
             losses, mask = token_losses(model, batch)
             loss = losses.sum() / mask.sum().clamp_min(1)
             if anchor is not None:

@@ -22,6 +22,6 @@ def clip_units(deltas: Mapping[str, np.ndarray], clip_norm: float) -> tuple[dict
     return clipped, norms
 
 
-def weighted_payload(deltas: Mapping[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
-    """``w * delta`` per unit: the aggregator divides the group sum by the sum of weights."""
-    return {k: (weight * d).astype(np.float32) for k, d in deltas.items()}
+def scaled_payload(deltas: Mapping[str, np.ndarray], coefficients: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """``alpha_u * delta_u`` per unit: the aggregator divides group sums by the sum of the alphas."""
+    return {k: (coefficients[k] * d).astype(np.float32) for k, d in deltas.items()}

@@ -71,69 +71,98 @@ def _stub(pki: PkiPaths, port: int, name: str = "silo0"):
 
 def _submit(stub, header, chunks):
     msgs = [pb.UpdateMessage(header=header)] + [pb.UpdateMessage(chunk=c) for c in chunks]
+    return _refused(lambda: stub.SubmitUpdate(iter(msgs), timeout=30))
+
+
+def _refused(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as exc:
-        stub.SubmitUpdate(iter(msgs), timeout=30)
+        call()
     return exc.value
 
 
 def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator_factory):
-    config = smoke_config(tmp_path, min_silos=1, quorum=1, rounds=1)
+    """A raw client (silo1) sends bad messages in every phase; an honest silo0 runs beside it."""
+    config = smoke_config(tmp_path, min_silos=2, quorum=2, rounds=1)
     agg = aggregator_factory(config)
     coord = agg.coordinator
-    channel, stub = _stub(pki, agg.port)
-    with pytest.raises(grpc.RpcError) as exc:
-        stub.Join(pb.JoinRequest(layout_hash="0" * 32, base_fingerprint=coord.base_fingerprint), timeout=10)
-    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "layout hash" in exc.value.details()
-
+    channel, stub = _stub(pki, agg.port, "silo1")
+    err = _refused(lambda: stub.Join(pb.JoinRequest(layout_hash="0" * 32, base_fingerprint=coord.base_fingerprint),
+                                     timeout=10))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "layout hash" in err.details()
     run_id = stub.Join(pb.JoinRequest(layout_hash=coord.layout_hash, base_fingerprint=coord.base_fingerprint),
                        timeout=10).run_id
-    task = stub.GetTask(pb.TaskRequest(run_id=run_id, wait_s=10), timeout=20)
+
+    agent = SiloAgent(silo_config(config, "silo0", agg.port, index=0, num_silos=3))
+    outcome: list[int] = []
+    honest = threading.Thread(target=lambda: outcome.append(agent.run()), daemon=True)
+    honest.start()
+
+    task = stub.GetTask(pb.TaskRequest(run_id=run_id, wait_s=20), timeout=40)
     assert task.kind == pb.Task.TRAIN and task.round == 1
-    with pytest.raises(grpc.RpcError) as exc:
-        stub.GetTask(pb.TaskRequest(run_id="forged", wait_s=0), timeout=10)
-    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    err = _refused(lambda: stub.GetTask(pb.TaskRequest(run_id="forged", wait_s=0), timeout=10))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     units = list(coord.unit_sizes)
-    header = pb.UpdateHeader(run_id=run_id, round=1, layout_hash=coord.layout_hash, weight=1.0, units=units)
+
+    def report(**change):
+        fields = dict(run_id=run_id, round=1, layout_hash=coord.layout_hash, num_examples=10.0, reliability=0.5,
+                      units=units, routing_share=[1.0] * len(units))
+        fields.update(change)
+        return pb.RoundReport(**fields)
+
+    for bad, status, words in [
+        (report(num_examples=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+        (report(routing_share=[1.0]), grpc.StatusCode.INVALID_ARGUMENT, "routing shares"),
+        (report(round=2), grpc.StatusCode.FAILED_PRECONDITION, "round 2"),
+        (report(sketches=list(codec.encode({units[0]: np.ones(4, np.float32)}))), grpc.StatusCode.INVALID_ARGUMENT,
+         "no sketches"),
+    ]:
+        err = _refused(lambda: stub.SubmitReport(bad, timeout=10))
+        assert err.code() == status and words in err.details(), err.details()
+    stub.SubmitReport(report(), timeout=10)
+    err = _refused(lambda: stub.SubmitReport(report(), timeout=10))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    task = stub.GetTask(pb.TaskRequest(run_id=run_id, wait_s=25), timeout=40)
+    assert task.kind == pb.Task.UPLOAD and list(task.upload.units) == units
+
+    header = pb.UpdateHeader(run_id=run_id, round=1, layout_hash=coord.layout_hash, units=units)
     payload = {k: np.zeros(n, np.float32) for k, n in coord.unit_sizes.items()}
     good = list(codec.encode(payload))
-
     bad_digest = [pb.TensorChunk() for _ in good]
     for src, dst in zip(good, bad_digest):
         dst.CopyFrom(src)
     bad_digest[0].data = b"\x01" + bad_digest[0].data[1:]
-    err = _submit(stub, header, bad_digest)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "SHA-256" in err.details()
-
     wrong_shape = list(codec.encode({units[0]: np.zeros(coord.unit_sizes[units[0]] + 1, np.float32)}))
-    err = _submit(stub, header, wrong_shape)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "shape" in err.details()
-
-    err = _submit(stub, header, good[:-1])
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "missing" in err.details()
-
     huge = pb.TensorChunk(name=units[0], dtype="float32", shape=[1 << 21], total_bytes=1 << 23,
                           sha256=b"0" * 32, offset=0, data=bytes(5 * 1024 * 1024))
-    err = _submit(stub, header, [huge])
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-
     nan = dict(payload)
     nan[units[0]] = np.full(coord.unit_sizes[units[0]], np.nan, np.float32)
-    err = _submit(stub, header, list(codec.encode(nan)))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in err.details()
+    wrong_round = pb.UpdateHeader(run_id=run_id, round=7, layout_hash=coord.layout_hash, units=units)
+    for hdr, chunks, status, words in [
+        (header, bad_digest, grpc.StatusCode.INVALID_ARGUMENT, "SHA-256"),
+        (header, wrong_shape, grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+        (header, good[:-1], grpc.StatusCode.INVALID_ARGUMENT, "missing"),
+        (header, [huge], grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        (header, list(codec.encode(nan)), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+        (wrong_round, good, grpc.StatusCode.FAILED_PRECONDITION, "round 7"),
+    ]:
+        err = _submit(stub, hdr, chunks)
+        assert err.code() == status and words in (err.details() or ""), err.details()
+    assert coord.machine.version == 0 and "silo1" not in coord.machine.uploaded  # nothing of that counted
 
-    wrong_round = pb.UpdateHeader(run_id=run_id, round=7, layout_hash=coord.layout_hash, weight=1.0, units=units)
-    err = _submit(stub, wrong_round, good)
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "not open" in err.details()
+    msgs = [pb.UpdateMessage(header=header)] + [pb.UpdateMessage(chunk=c) for c in good]
+    assert stub.SubmitUpdate(iter(msgs), timeout=30).accepted
+    task = stub.GetTask(pb.TaskRequest(run_id=run_id, wait_s=25), timeout=40)
+    assert task.kind == pb.Task.EVALUATE and task.round == 1
+    stub.ReportEvaluation(pb.EvalReport(run_id=run_id, round=1, layout_hash=coord.layout_hash), timeout=10)
     channel.close()
 
-    # none of that changed the round: an honest silo now completes the run
-    assert coord.machine.submitted == set() and coord.machine.version == 0
-    agent = SiloAgent(silo_config(config, "silo0", agg.port, index=0, num_silos=3))
-    assert agent.run() == 0
+    honest.join(timeout=60)
+    assert outcome == [0]
     assert coord.machine.succeeded and coord.machine.version == 1
     rows = coord.metrics.rows()
-    assert rows[-1]["round"] == 1 and rows[-1]["global_loss"] is not None
+    assert rows[-1]["round"] == 1 and rows[-1]["global_loss"] is not None and rows[-1]["updates"] == 2
 
 
 def test_unknown_silo_name_refused_when_allowlist_set(tmp_path, pki, aggregator_factory):

@@ -8,9 +8,29 @@ from fcmoe.errors import ProtocolError
 
 def machine(**kw):
     args = dict(total_rounds=2, min_silos=3, quorum=2, round_timeout_s=10, join_timeout_s=30, max_retries=1,
-                created_at=0.0)
+                created_at=0.0, upload_timeout_s=5)
     args.update(kw)
     return RoundMachine(**args)
+
+
+def started(**kw):
+    m = machine(**kw)
+    for s in "abc":
+        m.join(s)
+    assert m.poll(0) == Event.ROUND_STARTED
+    return m
+
+
+def run_round(m, now, silos="abc"):
+    for s in silos:
+        m.record_report(s, m.round, now)
+    assert m.poll(now) == Event.REPORTS_CLOSED
+    m.open_upload(now)
+    for s in silos:
+        assert m.task(s).kind == "UPLOAD"
+        m.record_upload(s, m.round, now)
+    assert m.poll(now) == Event.CLOSE_ROUND
+    m.complete_round(now)
 
 
 def test_waits_for_min_silos_then_runs_all_rounds_and_final_evaluation():
@@ -19,39 +39,58 @@ def test_waits_for_min_silos_then_runs_all_rounds_and_final_evaluation():
     assert m.poll(1) is None and m.task("a").kind == "WAIT"
     m.join("c")
     assert m.poll(2) == Event.ROUND_STARTED and m.task("a").kind == "TRAIN" and m.round == 1
+    m.record_report("a", 1, 3)
+    assert m.task("a").kind == "WAIT" and m.task("b").kind == "TRAIN"
+    for s in "bc":
+        m.record_report(s, 1, 3)
+    assert m.poll(3) == Event.REPORTS_CLOSED and m.phase == Phase.PLANNING and m.task("a").kind == "WAIT"
+    m.open_upload(3)
     for s in "abc":
-        m.record_update(s, 1, 3)
-    assert m.task("a").kind == "WAIT"  # already submitted
-    assert m.poll(3) == Event.CLOSE_ROUND
+        m.record_upload(s, 1, 4)
+    assert m.poll(4) == Event.CLOSE_ROUND
     m.complete_round(4)
     assert m.version == 1 and m.round == 2 and m.task("b").kind == "TRAIN"
-    for s in "abc":
-        m.record_update(s, 2, 5)
-    assert m.poll(5) == Event.CLOSE_ROUND
-    m.complete_round(6)
+    run_round(m, 5)
     assert m.phase == Phase.EVALUATING and m.task("c").kind == "EVALUATE" and m.task("c").round == 2
     for s in "abc":
         m.record_evaluation(s, 2)
     assert m.poll(7) == Event.FINISHED and m.task("a").kind == "DONE" and m.succeeded
 
 
-def test_deadline_with_quorum_closes_and_late_update_is_refused():
-    m = machine()
-    for s in "abc":
-        m.join(s)
-    m.poll(0)
-    m.record_update("a", 1, 1)
-    m.record_update("b", 1, 2)
+def test_deadlines_with_quorum_close_each_phase_and_late_messages_are_refused():
+    m = started()
+    m.record_report("a", 1, 1)
+    m.record_report("b", 1, 2)
     assert m.poll(5) is None
-    assert m.poll(11) == Event.CLOSE_ROUND
-    with pytest.raises(ProtocolError, match="not open"):
-        m.record_update("c", 1, 11.5)
-    m.complete_round(12)
-    with pytest.raises(ProtocolError, match="not open"):
-        m.check_update("c", 1, 12.5)  # an update for an old round
+    assert m.poll(11) == Event.REPORTS_CLOSED
+    with pytest.raises(ProtocolError, match="no report for round 1 is open"):
+        m.record_report("c", 1, 11.5)
+    m.open_upload(11)
+    assert m.task("c").kind == "WAIT"  # c did not report: it has nothing to upload
     with pytest.raises(ProtocolError) as exc:
-        m.record_update("a", 2, 30)  # past round 2's deadline (12 + 10)
+        m.record_upload("c", 1, 12)
+    assert exc.value.status == "PERMISSION_DENIED"
+    m.record_upload("a", 1, 12)
+    m.record_upload("b", 1, 12)
+    assert m.poll(12) == Event.CLOSE_ROUND
+    m.complete_round(12)
+    with pytest.raises(ProtocolError, match="no upload for round 1"):
+        m.check_upload("a", 1, 12.5)  # an update for an old round
+    with pytest.raises(ProtocolError) as exc:
+        m.record_report("a", 2, 30)  # past round 2's deadline (12 + 10)
     assert exc.value.status == "DEADLINE_EXCEEDED"
+
+
+def test_upload_quorum_after_a_dropout():
+    m = started()
+    for s in "abc":
+        m.record_report(s, 1, 1)
+    m.poll(1)
+    m.open_upload(1)
+    m.record_upload("a", 1, 2)
+    m.record_upload("b", 1, 2)  # c dropped after reporting
+    assert m.poll(3) is None
+    assert m.poll(7) == Event.CLOSE_ROUND and m.uploaded == {"a", "b"}
 
 
 def test_duplicate_and_outsider_refused():
@@ -59,24 +98,26 @@ def test_duplicate_and_outsider_refused():
     m.join("a"), m.join("b")
     m.poll(0)
     m.join("late")
-    m.record_update("a", 1, 1)
+    m.record_report("a", 1, 1)
     with pytest.raises(ProtocolError, match="already") as exc:
-        m.record_update("a", 1, 1)
+        m.record_report("a", 1, 1)
     assert exc.value.status == "ALREADY_EXISTS"
-    with pytest.raises(ProtocolError, match="not a participant"):
-        m.record_update("late", 1, 1)
+    with pytest.raises(ProtocolError, match="not expected"):
+        m.record_report("late", 1, 1)
     assert m.task("late").kind == "WAIT"
 
 
 def test_below_quorum_retries_same_round_then_aborts():
-    m = machine()
-    for s in "abc":
-        m.join(s)
-    m.poll(0)
-    m.record_update("a", 1, 1)
-    assert m.poll(11) == Event.ROUND_RETRY and m.round == 1 and m.version == 0 and not m.submitted
+    m = started()
+    m.record_report("a", 1, 1)
+    assert m.poll(11) == Event.ROUND_RETRY and m.round == 1 and m.version == 0 and not m.reported
     assert m.task("a").kind == "TRAIN"  # everyone trains the round again
-    assert m.poll(22) == Event.ABORTED and m.phase == Phase.DONE and not m.succeeded
+    for s in "ab":
+        m.record_report(s, 1, 12)
+    m.poll(22)
+    m.open_upload(22)
+    m.record_upload("a", 1, 23)  # one upload < quorum at the upload deadline
+    assert m.poll(28) == Event.ABORTED and m.phase == Phase.DONE and not m.succeeded
     assert "quorum" in m.outcome and m.version == 0
 
 

@@ -12,7 +12,7 @@ from fcmoe.model import build_model
 from silo_agent.agent import load_data
 from silo_agent.data import Example, write_jsonl
 from silo_agent.training import LocalPlan, evaluate, train_locally
-from silo_agent.update import clip_units, unit_deltas, weighted_payload
+from silo_agent.update import clip_units, unit_deltas, scaled_payload
 
 
 def test_clip_units_bounds_each_unit_and_keeps_direction():
@@ -22,7 +22,7 @@ def test_clip_units_bounds_each_unit_and_keeps_direction():
     np.testing.assert_allclose(clipped["a"], [0.6, 0.8], rtol=1e-6)
     np.testing.assert_array_equal(clipped["b"], deltas["b"])  # under the bound: untouched
     np.testing.assert_array_equal(clip_units(deltas, 0.0)[0]["a"], deltas["a"])  # 0 disables
-    payload = weighted_payload(unit_deltas({"a": np.ones(2)}, {"a": np.zeros(2)}), 3.0)
+    payload = scaled_payload(unit_deltas({"a": np.ones(2)}, {"a": np.zeros(2)}), {"a": 3.0})
     np.testing.assert_array_equal(payload["a"], [3.0, 3.0])
 
 

@@ -1,19 +1,23 @@
-"""The strategy interface: configure a round, aggregate its group sums (in the spirit of Flower's).
+"""The strategy interface, in the spirit of Flower's: configure a round, weigh it, aggregate it.
 
-A strategy never sees an individual silo's update, only :class:`GroupSum` values; it returns the next
-global model as one float32 vector per unit. Its server-side state (momentum, Adam moments) is
-exposed as arrays so checkpoints can save and restore it.
+A round has two phases. Every silo first reports what is needed to weigh it (sample count,
+reliability, routing shares, keyed sketches: :class:`SiloReport`); :meth:`Strategy.coefficients`
+turns the reports into each silo's coefficient and group per unit. Silos then upload
+``alpha * delta``; :meth:`Strategy.aggregate` receives only group sums per unit and returns the next
+global model. Baselines and FC-MoE go through the same path; the default coefficients are FedAvg's
+(sample count, one group).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggregator.accumulate import GroupSum
+from aggregator.accumulate import Coefficients, UnitSums, weighted_mean
+from aggregator.server_optim import sgd_step
 from fcmoe.config import LocalTrainingConfig
 
 
@@ -25,19 +29,48 @@ class RoundPlan:
     local: LocalTrainingConfig
     prox_mu: float = 0.0
     seed: int = 0
+    retention_lambda: float = 0.0
+    retention_by_importance: bool = False
+    sketch_buckets: int = 0
+
+
+@dataclass(frozen=True)
+class SiloReport:
+    """Phase-1 report of one silo, validated against the layout."""
+
+    num_examples: float
+    reliability: float
+    routing_share: Mapping[str, float]
+    sketches: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 class Strategy(ABC):
     name: str = "strategy"
 
+    def __init__(self, server_lr: float = 1.0):
+        self.server_lr = server_lr
+        self.diagnostics: dict[str, float] = {}
+
     def configure_round(self, round_: int, local: LocalTrainingConfig, seed: int) -> RoundPlan:
         return RoundPlan(round=round_, local=local, seed=seed * 1_000_003 + round_)
 
-    @abstractmethod
-    def aggregate(
-        self, round_: int, global_units: Mapping[str, np.ndarray], total: GroupSum
-    ) -> dict[str, np.ndarray]:
-        """Next global model from the current one and the round's sum of weighted deltas."""
+    def coefficients(self, round_: int, units: list[str], reports: Mapping[str, SiloReport]) -> Coefficients:
+        """FedAvg's: alpha_i,u = n_i for every unit, one group."""
+        alpha = {s: {u: float(r.num_examples) for u in units} for s, r in reports.items()}
+        return Coefficients(alpha, {s: {u: 0 for u in units} for s in reports})
+
+    def combine(self, unit: str, groups: Mapping) -> np.ndarray:
+        """A unit's averaged update from its group sums."""
+        return weighted_mean(groups)
+
+    def apply(self, unit: str, x: np.ndarray, update: np.ndarray) -> np.ndarray:
+        """Server optimizer step for one unit."""
+        return sgd_step(x, update, self.server_lr)
+
+    def aggregate(self, round_: int, global_units: Mapping[str, np.ndarray], sums: UnitSums) -> dict[str, np.ndarray]:
+        """Next global model; a unit no silo contributed to stays as it is."""
+        return {u: self.apply(u, x, self.combine(u, sums[u])) if sums.get(u) else x
+                for u, x in global_units.items()}
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {}

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from aggregator.accumulate import GroupSum
 from aggregator.server_optim import adam_step, momentum_step
 from aggregator.strategies.base import Strategy
 
@@ -16,7 +15,8 @@ class _StatefulStrategy(Strategy):
 
     slots: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, server_lr: float) -> None:
+        super().__init__(server_lr)
         self._buffers: dict[str, dict[str, np.ndarray]] = {s: {} for s in self.slots}
 
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -36,13 +36,12 @@ class FedAvgM(_StatefulStrategy):
     slots = ("momentum",)
 
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9):
-        super().__init__()
-        self.server_lr, self.momentum = server_lr, momentum
+        super().__init__(server_lr)
+        self.momentum = momentum
 
-    def aggregate(self, round_: int, global_units: Mapping[str, np.ndarray], total: GroupSum) -> dict[str, np.ndarray]:
-        mean, buf, out = total.mean(), self._buffers["momentum"], {}
-        for k, x in global_units.items():
-            out[k], buf[k] = momentum_step(x, mean[k], buf.get(k), self.server_lr, self.momentum)
+    def apply(self, unit: str, x: np.ndarray, update: np.ndarray) -> np.ndarray:
+        buf = self._buffers["momentum"]
+        out, buf[unit] = momentum_step(x, update, buf.get(unit), self.server_lr, self.momentum)
         return out
 
 
@@ -51,12 +50,11 @@ class FedAdam(_StatefulStrategy):
     slots = ("m", "v")
 
     def __init__(self, server_lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
-        super().__init__()
-        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+        super().__init__(server_lr)
+        self.beta1, self.beta2, self.tau = beta1, beta2, tau
 
-    def aggregate(self, round_: int, global_units: Mapping[str, np.ndarray], total: GroupSum) -> dict[str, np.ndarray]:
-        mean, m, v, out = total.mean(), self._buffers["m"], self._buffers["v"], {}
-        for k, x in global_units.items():
-            out[k], m[k], v[k] = adam_step(x, mean[k], m.get(k), v.get(k), self.server_lr,
-                                           self.beta1, self.beta2, self.tau)
+    def apply(self, unit: str, x: np.ndarray, update: np.ndarray) -> np.ndarray:
+        m, v = self._buffers["m"], self._buffers["v"]
+        out, m[unit], v[unit] = adam_step(x, update, m.get(unit), v.get(unit), self.server_lr,
+                                          self.beta1, self.beta2, self.tau)
         return out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from aggregator.strategies.base import RoundPlan
-from aggregator.strategies.fedavg import FedAvg
+from dataclasses import replace
+
+from aggregator.strategies.base import RoundPlan, Strategy
 from fcmoe.config import LocalTrainingConfig
 
 
-class FedProx(FedAvg):
+class FedProx(Strategy):
     name = "fedprox"
 
     def __init__(self, prox_mu: float, server_lr: float = 1.0):
@@ -15,5 +16,4 @@ class FedProx(FedAvg):
         self.prox_mu = prox_mu
 
     def configure_round(self, round_: int, local: LocalTrainingConfig, seed: int) -> RoundPlan:
-        plan = super().configure_round(round_, local, seed)
-        return RoundPlan(round=plan.round, local=plan.local, prox_mu=self.prox_mu, seed=plan.seed)
+        return replace(super().configure_round(round_, local, seed), prox_mu=self.prox_mu)

@@ -1,0 +1,81 @@
+"""FC-MoE's weighting and grouping, per expert unit. Pure functions on arrays (no I/O).
+
+Inputs for one unit u over the n silos that reported: importance components, and keyed sketches
+``Y [n, k]`` of their clipped deltas. Formulas (docs/algorithm.md has the derivation and references):
+
+    s_i,u  = n_i * share_i,u ** gamma * rel_i            importance (each factor switchable)
+    w_i,u  = s_i,u / sum_j s_j,u
+    C_-i   = sum_{j != i} w_j y_j                       leave-one-out consensus sketch
+    c_i    = cos(y_i, C_-i)                             direction agreement        in [-1, 1]
+    a_i    = sum_b |y_ib| [sign y_ib = sign C_-i,b] / sum_b |y_ib|   sign agreement  in [0, 1]
+    z_i    = (c_i + (2 a_i - 1)) / 2                    agreement score            in [-1, 1]
+    group  = conflict if z_i < tau else consensus       both groups >= min_group_size, else merged
+    phi_i  = floor + (1 - floor) * max(0, z_i)
+    alpha_i,u = w_i,u phi_i / sum_j w_j,u phi_j
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CONSENSUS, CONFLICT = 0, 1
+
+
+def importance(num_examples: np.ndarray, reliability: np.ndarray, routing_share: np.ndarray,
+               use_routing: bool = True, use_reliability: bool = True, routing_power: float = 1.0) -> np.ndarray:
+    """Importance ``s [n, U]`` of each silo for each unit (sample count always counts)."""
+    n = np.asarray(num_examples, dtype=np.float64)[:, None]
+    s = np.broadcast_to(n, np.shape(routing_share)).astype(np.float64)
+    if use_routing:
+        s = s * np.clip(np.asarray(routing_share, dtype=np.float64), 0.0, None) ** routing_power
+    if use_reliability:
+        s = s * np.asarray(reliability, dtype=np.float64)[:, None]
+    return s
+
+
+def normalise(scores: np.ndarray) -> np.ndarray:
+    """Column-wise shares; a unit nobody scored is shared equally."""
+    scores = np.asarray(scores, dtype=np.float64)
+    total = scores.sum(axis=0, keepdims=True)
+    equal = np.full_like(scores, 1.0 / scores.shape[0])
+    return np.where(total > 0, scores / np.where(total > 0, total, 1.0), equal)
+
+
+def agreement(sketches: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out cosine ``c [n]`` and magnitude-weighted sign agreement ``a [n]`` for one unit."""
+    y = np.asarray(sketches, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    total = (w[:, None] * y).sum(axis=0)
+    loo = total[None, :] - w[:, None] * y
+    dot = (y * loo).sum(axis=1)
+    norms = np.linalg.norm(y, axis=1) * np.linalg.norm(loo, axis=1)
+    cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+    mag = np.abs(y)
+    match = (np.sign(y) == np.sign(loo)) & (loo != 0)
+    denom = mag.sum(axis=1)
+    sign = np.where(denom > 0, (mag * match).sum(axis=1) / np.where(denom > 0, denom, 1.0), 0.5)
+    return cos, sign
+
+
+def agreement_score(cos: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    return (np.asarray(cos) + 2.0 * np.asarray(sign) - 1.0) / 2.0
+
+
+def partition(scores: np.ndarray, min_group_size: int, threshold: float = 0.0) -> np.ndarray:
+    """Group of each silo (CONSENSUS or CONFLICT); one group when either would be too small."""
+    groups = np.where(np.asarray(scores) < threshold, CONFLICT, CONSENSUS)
+    conflict = int((groups == CONFLICT).sum())
+    if conflict < min_group_size or len(groups) - conflict < min_group_size:
+        return np.full(len(groups), CONSENSUS)
+    return groups
+
+
+def phi(scores: np.ndarray, floor: float) -> np.ndarray:
+    return floor + (1.0 - floor) * np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+
+
+def coefficients(weights: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """``alpha = w * phi``, normalised to sum to one over the silos."""
+    raw = np.asarray(weights, dtype=np.float64) * np.asarray(factors, dtype=np.float64)
+    total = raw.sum()
+    return raw / total if total > 0 else np.full(len(raw), 1.0 / len(raw))

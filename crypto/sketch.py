@@ -1,0 +1,59 @@
+"""Keyed count-sketch: inner products of deltas survive, coordinates do not.
+
+``y[b] = sum_{j : h(j) = b} s(j) * x[j]`` with bucket ``h(j)`` and sign ``s(j)`` read from an
+AES-256-CTR keystream whose key is derived (HKDF-SHA256) from a secret the silos share and the
+aggregator does not have, bound to the run, round and unit. So ``<y_a, y_b>`` is an unbiased estimate
+of ``<x_a, x_b>`` (Charikar et al. 2002), while the aggregator, not knowing ``h`` and ``s``, cannot map a
+bucket back to coordinates; a fresh key per round and unit stops it from correlating across rounds.
+
+Why not numpy.random: a non-cryptographic generator seeded from the key is predictable from its
+outputs; the keystream is not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fcmoe.errors import FcMoeError
+
+KEY_BYTES = 32
+_BLOCK = 1 << 20  # coordinates per keystream block: bounds memory for any unit size
+_NONCE = bytes(16)
+
+
+class SketchError(FcMoeError):
+    """Bad sketch parameters or key."""
+
+
+def derive_key(secret: bytes, run_id: str, round_: int, unit: str) -> bytes:
+    if len(secret) < KEY_BYTES:
+        raise SketchError(f"sketch secret must be at least {KEY_BYTES} bytes, got {len(secret)}")
+    info = f"fcmoe/sketch/v1|{run_id}|{round_}|{unit}".encode()
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
+
+
+def count_sketch(vector: np.ndarray, key: bytes, buckets: int) -> np.ndarray:
+    """Count-sketch of a 1-D float vector into ``buckets`` (a power of two) float32 values."""
+    if buckets < 1 or buckets & (buckets - 1):
+        raise SketchError(f"buckets={buckets} must be a power of two")
+    if len(key) != KEY_BYTES:
+        raise SketchError(f"sketch key must be {KEY_BYTES} bytes")
+    x = np.asarray(vector, dtype=np.float32).reshape(-1)
+    keystream = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
+    out = np.zeros(buckets, dtype=np.float64)
+    zeros = bytes(4 * _BLOCK)
+    for start in range(0, x.size, _BLOCK):
+        block = x[start : start + _BLOCK]
+        words = np.frombuffer(keystream.update(zeros[: 4 * block.size]), dtype="<u4")
+        signed = np.where(words >> 31, -block, block)
+        out += np.bincount(words & (buckets - 1), weights=signed, minlength=buckets)
+    return out.astype(np.float32)
+
+
+def sketch_units(units: dict[str, np.ndarray], secret: bytes, run_id: str, round_: int,
+                 buckets: int) -> dict[str, np.ndarray]:
+    """One sketch per unit, each under its own (run, round, unit) key."""
+    return {u: count_sketch(v, derive_key(secret, run_id, round_, u), buckets) for u, v in units.items()}
