@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fcmoe.fileio import write_atomic
+
 KEEP = 2  # round checkpoints kept besides the newest one
 
 
@@ -40,9 +42,7 @@ def save_checkpoint(
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / "latest")
+    write_atomic(root / "latest", final.name + "\n")
     for old in sorted(root.glob("round-*"))[: -(KEEP + 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final

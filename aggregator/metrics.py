@@ -11,11 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fcmoe.fileio import write_atomic
 from protos import fcmoe_pb2 as pb
 
 
@@ -71,7 +71,7 @@ class MetricsLog:
 
     def write(self) -> None:
         rows = self.rows()
-        _atomic_write(self.directory / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(self.directory / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         flat = [{k: v for k, v in r.items() if k != "silos"} for r in rows]
         columns: list[str] = []
         for r in flat:
@@ -80,7 +80,7 @@ class MetricsLog:
         writer = csv.DictWriter(buf, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)
-        _atomic_write(self.directory / "metrics.csv", buf.getvalue())
+        write_atomic(self.directory / "metrics.csv", buf.getvalue())
 
     def plot(self) -> Path:
         import matplotlib
@@ -126,13 +126,3 @@ def final_table(rows: list[Mapping[str, object]]) -> str:
                      + (f"{cells[1]:>12.4f}" if isinstance(cells[1], float) else f"{'-':>12}")
                      + (f"{cells[2]:>10.4f}" if isinstance(cells[2], float) else f"{'-':>10}"))
     return "\n".join(lines)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

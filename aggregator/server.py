@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent import futures
@@ -18,6 +17,7 @@ from aggregator.strategies import build_strategy
 from crypto.pki import PkiPaths
 from crypto.tls import server_credentials
 from fcmoe.config import Config
+from fcmoe.fileio import write_atomic
 from fcmoe.logs import log_event
 from fcmoe.model import ExpertLayout, base_fingerprint, build_model, trainable_state
 from fcmoe.model.build import num_experts
@@ -52,7 +52,7 @@ def start_aggregator(config: Config) -> RunningAggregator:
     output_dir.mkdir(parents=True, exist_ok=True)
     coordinator = Coordinator(
         config, layout.hash, fingerprint, layout.unit_sizes(), initial,
-        build_strategy(config.federation.strategy), output_dir,
+        build_strategy(config.federation.strategy, config.federation.min_group_size), output_dir,
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.aggregator.max_workers),
                          options=GRPC_OPTIONS)
@@ -63,9 +63,7 @@ def start_aggregator(config: Config) -> RunningAggregator:
         raise OSError(f"cannot listen on {address}")
     server.start()
     if config.aggregator.port_file is not None:
-        tmp = config.aggregator.port_file.with_suffix(".tmp")
-        tmp.write_text(str(port))
-        os.replace(tmp, config.aggregator.port_file)
+        write_atomic(config.aggregator.port_file, str(port))
     log_event(log, "aggregator_listening", address=f"{config.aggregator.host}:{port}", run_id=coordinator.run_id,
               layout=layout.hash[:12], units=len(layout.units), parameters=layout.num_parameters,
               strategy=config.federation.strategy.name, rounds=config.federation.rounds)

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fcmoe.errors import ConfigError
+from fcmoe.fileio import write_atomic
 
 SILO_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
@@ -67,6 +68,12 @@ class TrainableConfig(_Strict):
     lora_alpha: float = Field(8.0, gt=0)
     router: bool = False
     attention_lora: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainableConfig":
+        if self.attention_lora and self.mode != "lora":
+            raise ValueError("attention_lora needs mode 'lora' (full mode trains expert weights only)")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -215,6 +222,29 @@ class SimulationConfig(_Strict):
     timeout_s: float = Field(1800.0, gt=0)
 
 
+BENCH_METHODS = ("fedavg", "fedprox", "fedadam", "local", "fcmoe",
+                 "fcmoe-no-importance", "fcmoe-no-projection", "fcmoe-no-retention")
+
+
+class BenchmarkSetting(_Strict):
+    """One data setting of the convergence benchmark (built-in domains)."""
+
+    name: str
+    silos: int = Field(4, gt=1)
+    partition: Literal["domain", "dirichlet"] = "domain"
+    alpha: float = Field(0.5, gt=0)
+    domains: list[str] = ["shift_up", "shift_down", "copy", "reverse"]
+
+
+class BenchmarkConfig(_Strict):
+    """benches/convergence.py: every method on every setting, same data, steps and learning rates."""
+
+    methods: list[Literal[BENCH_METHODS]] = list(BENCH_METHODS)  # type: ignore[valid-type]
+    settings: list[BenchmarkSetting] = [BenchmarkSetting(name="conflict")]
+    fedadam_server_lr: float = Field(0.03, gt=0, description="FedAdam's own server step (FedAvg's is 1)")
+    workers: int = Field(2, gt=0)
+
+
 class Config(_Strict):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -223,6 +253,7 @@ class Config(_Strict):
     aggregator: AggregatorConfig = AggregatorConfig()
     silo: SiloConfig | None = None
     simulation: SimulationConfig | None = None
+    benchmark: BenchmarkConfig | None = None
 
 
 def _describe(error: dict[str, Any], config: BaseModel | type[BaseModel]) -> str:
@@ -275,7 +306,4 @@ def load_config(path: str | Path) -> Config:
 def dump_config(config: Config, path: Path) -> None:
     """Write a config as YAML (used by the simulation launcher to hand each role its own file)."""
     data = config.model_dump(mode="json", exclude_none=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False), mode=0o600)  # silo files may hold the sketch key

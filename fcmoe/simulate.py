@@ -8,6 +8,7 @@ process logs to ``OUTPUT/logs/<role>.log``. Children are terminated if the launc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -17,8 +18,6 @@ from pathlib import Path
 
 from fcmoe.config import AggregatorConfig, Config, ConfigError, SiloConfig, dump_config
 from fcmoe.logs import log_event
-
-import logging
 
 log = logging.getLogger(__name__)
 

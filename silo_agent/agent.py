@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from crypto.sketch import sketch_units
 from fcmoe.config import Config
 from fcmoe.errors import ConfigError
 from fcmoe.logs import log_event
@@ -18,10 +19,9 @@ from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.client import AggregatorClient, RpcFailure
 from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
-from silo_agent.training import LocalPlan, evaluate, train_locally
-from crypto.sketch import sketch_units
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
+from silo_agent.training import LocalPlan, evaluate, train_locally
 from silo_agent.update import clip_units, scaled_payload, unit_deltas
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class PendingUpload:
 
 
 class SiloAgent:
-    def __init__(self, config: Config, progress: bool = False):
+    def __init__(self, config: Config, progress: bool = False, transport=None):
         if config.silo is None:
             raise ConfigError("silo section missing: a silo needs silo.name, silo.aggregator and silo.pki_dir")
         self.config = config
@@ -91,32 +91,42 @@ class SiloAgent:
         self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}
         self.data = load_data(config)
         self.sketch_secret = bytes.fromhex(self.silo.sketch_key) if self.silo.sketch_key else None
-        self.client = AggregatorClient(self.silo.aggregator, self.silo.pki_dir, self.silo.name,
-                                       retry_budget_s=self.silo.connect_timeout_s)
+        # the gRPC client, or anything with its methods (fcmoe.inprocess for many-run experiments)
+        self.client = transport or AggregatorClient(self.silo.aggregator, self.silo.pki_dir, self.silo.name,
+                                                    retry_budget_s=self.silo.connect_timeout_s)
         self.run_id = ""
         self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
         self.local_shares: dict[str, float] | None = None
         self.pending: PendingUpload | None = None
 
+    def join(self) -> None:
+        reply = self.client.join(pb.JoinRequest(
+            layout_hash=self.layout.hash, base_fingerprint=base_fingerprint(self.model),
+            num_train_examples=self.data.num_train, agent_version="0.1.0"))
+        self.run_id = reply.run_id
+        log_event(log, "joined", silo=reply.silo_name, run_id=reply.run_id, rounds=reply.total_rounds,
+                  layout=self.layout.hash[:12], train_examples=self.data.num_train)
+
+    def handle(self, task: pb.Task) -> int | None:
+        """Do one task; returns the exit status once the run is over, else None."""
+        if task.kind == pb.Task.TRAIN:
+            self._train_and_report(task)
+        elif task.kind == pb.Task.UPLOAD:
+            self._upload(task)
+        elif task.kind == pb.Task.EVALUATE:
+            self._final_evaluation(task)
+        elif task.kind == pb.Task.DONE:
+            log_event(log, "run_done", outcome=task.message)
+            return 0 if not task.message.startswith("aborted") else 1
+        return None
+
     def run(self) -> int:
         try:
-            reply = self.client.join(pb.JoinRequest(
-                layout_hash=self.layout.hash, base_fingerprint=base_fingerprint(self.model),
-                num_train_examples=self.data.num_train, agent_version="0.1.0"))
-            self.run_id = reply.run_id
-            log_event(log, "joined", silo=reply.silo_name, run_id=reply.run_id, rounds=reply.total_rounds,
-                      layout=self.layout.hash[:12], train_examples=self.data.num_train)
+            self.join()
             while True:
-                task = self.client.get_task(self.run_id, wait_s=5.0)
-                if task.kind == pb.Task.TRAIN:
-                    self._train_and_report(task)
-                elif task.kind == pb.Task.UPLOAD:
-                    self._upload(task)
-                elif task.kind == pb.Task.EVALUATE:
-                    self._final_evaluation(task)
-                elif task.kind == pb.Task.DONE:
-                    log_event(log, "run_done", outcome=task.message)
-                    return 0 if not task.message.startswith("aborted") else 1
+                status = self.handle(self.client.get_task(self.run_id, wait_s=5.0))
+                if status is not None:
+                    return status
         except RpcFailure as exc:
             log_event(log, "silo_stopped", level=logging.ERROR, reason=str(exc))
             return 2
@@ -142,9 +152,11 @@ class SiloAgent:
         t1 = time.perf_counter()
         global_eval = self._evaluate()
         eval_seconds = time.perf_counter() - t1
+        start_units = global_units
         if t.retention_lambda > 0 and self.local_units is not None:
             scale = importance_scale(self.local_shares) if t.retention_by_importance and self.local_shares else None
-            self._load(anchor(global_units, self.local_units, t.retention_lambda, scale))
+            start_units = anchor(global_units, self.local_units, t.retention_lambda, scale)
+            self._load(start_units)
         plan = LocalPlan(local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=max(1, t.grad_accum),
                          learning_rate=t.learning_rate, weight_decay=t.weight_decay, prox_mu=t.prox_mu,
                          seed=t.seed * 7919 + self.silo.index)
@@ -156,7 +168,8 @@ class SiloAgent:
         eval_seconds += time.perf_counter() - t2
         self.local_units = self.layout.split(trainable_state(self.model))
         self.local_shares = self.meter.shares(self.layout)
-        deltas, norms = clip_units(unit_deltas(self.local_units, global_units), t.clip_norm)
+        # What this round taught the silo; the retained residual (start - global) stays here.
+        deltas, norms = clip_units(unit_deltas(self.local_units, start_units), t.clip_norm)
         self.pending = PendingUpload(task.round, deltas)
         rel = reliability(global_eval, local_eval)
         report = pb.RoundReport(

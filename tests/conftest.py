@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
-def smoke_config(tmp_path: Path, **federation) -> Config:
+def smoke_config(tmp_path: Path, strategy: dict | None = None, **federation) -> Config:
     """configs/smoke.yaml with its output under tmp_path and federation fields overridden."""
     data = load_config(SMOKE).model_dump(mode="json", exclude_none=True)
     data["run"]["output_dir"] = str(tmp_path / "run")
     data["federation"].update(federation)
+    if strategy:
+        data["federation"]["strategy"] = strategy
     data["aggregator"].update({"port": 0, "pki_dir": str(tmp_path / "certs")})
     data.pop("simulation", None)
     return parse_config(data)

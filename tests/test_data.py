@@ -215,7 +215,7 @@ def test_jsonl_default_domain_and_blank_lines(tmp_path: Path) -> None:
 def test_malformed_jsonl_names_file_and_line(tmp_path: Path, bad: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n' + bad + "\n")
-    with pytest.raises(DataError, match=rf"bad\.jsonl:3: "):
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: "):
         load_jsonl(path)
 
 

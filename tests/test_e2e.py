@@ -9,13 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-
 from conftest import ROOT, SMOKE, silo_config, smoke_config
+
 from crypto.pki import PkiPaths, ensure_pki
 from crypto.tls import channel_credentials, parse_handshake_failure
 from fcmoe.config import dump_config, load_config
@@ -31,10 +30,12 @@ def _env():
     return env
 
 
-def test_simulate_three_silos_two_rounds(tmp_path):
+@pytest.mark.parametrize("strategy", ["fedavg", "fcmoe"])
+def test_simulate_three_silos_two_rounds(tmp_path, strategy):
     data = load_config(SMOKE).model_dump(mode="json", exclude_none=True)
     out = tmp_path / "run"
     data["run"]["output_dir"] = str(out)
+    data["federation"]["strategy"]["name"] = strategy
     cfg = tmp_path / "smoke.yaml"
     from fcmoe.config import parse_config
 
@@ -58,6 +59,10 @@ def test_simulate_three_silos_two_rounds(tmp_path):
     assert {p.name for p in (out / "roles").iterdir()} == {"aggregator.yaml", "silo0.yaml", "silo1.yaml", "silo2.yaml"}
     agg_log = (out / "logs" / "aggregator.log").read_text()
     assert agg_log.count("event=round_closed") == 2 and agg_log.count("event=update_accepted") == 6
+    assert agg_log.count("event=report_accepted") == 6
+    aggregator_role = (out / "roles" / "aggregator.yaml").read_text()
+    assert "sketch_key" not in aggregator_role  # the silos' shared secret never reaches the aggregator
+    assert all("sketch_key" in (out / "roles" / f"silo{i}.yaml").read_text() for i in range(3))
 
 
 # -- protocol refusals against a live in-process aggregator ---------------------------------------

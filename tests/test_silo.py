@@ -5,14 +5,14 @@ import sys
 
 import numpy as np
 import torch
-
 from conftest import ROOT, smoke_config
+
 from fcmoe.config import parse_config
 from fcmoe.model import build_model
 from silo_agent.agent import load_data
 from silo_agent.data import Example, write_jsonl
 from silo_agent.training import LocalPlan, evaluate, train_locally
-from silo_agent.update import clip_units, unit_deltas, scaled_payload
+from silo_agent.update import clip_units, scaled_payload, unit_deltas
 
 
 def test_clip_units_bounds_each_unit_and_keeps_direction():
@@ -79,3 +79,28 @@ def test_certs_command_creates_and_keeps_pki(tmp_path):
     assert (tmp_path / "pki" / "ca.pem").read_bytes() == ca
     bad = subprocess.run(cmd[:-1] + ["bad name"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith("fcmoe: error:") and len(bad.stderr.splitlines()) == 1
+
+
+def test_routing_meter_shares_sum_to_one_per_layer_and_ignore_padding(tmp_path):
+    from fcmoe.model import ExpertLayout
+    from fcmoe.model.build import num_experts
+    from silo_agent.routing import RoutingMeter
+
+    config = _jsonl_config(tmp_path)
+    model = build_model(config.model)
+    layout = ExpertLayout.from_model(model, num_experts(model.config))
+    meter = RoutingMeter(num_experts(model.config))
+    ids = torch.tensor([[65, 66, 67, 258, 258], [68, 69, 70, 71, 72]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with meter.attached(model):
+        meter.mask = mask.reshape(-1).bool()
+        model(input_ids=ids, attention_mask=mask)
+    shares = meter.shares(layout)
+    assert meter.tokens == {0: 8.0, 1: 8.0}  # padding excluded
+    for layer in (0, 1):
+        experts = [v for k, v in shares.items() if k.startswith(f"L{layer}.E")]
+        assert len(experts) == 4 and sum(experts) == __import__("pytest").approx(1.0)
+    assert all(v == 1.0 for k, v in shares.items() if k.endswith("shared"))
+    with meter.attached(model):
+        pass
+    assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed

@@ -8,13 +8,12 @@ reports the first problem as one line naming ``FILE:LINE`` so the operator can f
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from fcmoe.errors import DataError
+from fcmoe.fileio import write_atomic
 
 _TEXT_KEYS = frozenset({"text", "domain"})
 _PAIR_KEYS = frozenset({"prompt", "response", "domain"})
@@ -118,18 +117,5 @@ def record_to_json(example: Example) -> dict[str, str]:
 
 def write_jsonl(path: Path, examples: Iterable[Example]) -> None:
     """Write examples as JSONL atomically, so a crash never leaves a half-written dataset behind."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            for example in examples:
-                handle.write(json.dumps(record_to_json(example), ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    lines = "".join(json.dumps(record_to_json(e), ensure_ascii=False) + "\n" for e in examples)
+    write_atomic(Path(path), lines)

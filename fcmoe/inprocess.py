@@ -1,0 +1,107 @@
+"""A federation inside one process: the real coordinator and silo agents, without sockets.
+
+For experiments that run many federations (the convergence benchmark runs 48): every message is
+still a protobuf message and every tensor still goes through the codec (encode, then decode against
+the expected specs), and the coordinator's round logic is the one the gRPC service drives, so the
+algorithmic path is identical; only gRPC and TLS are skipped. Tests of the wire use the real thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from aggregator.coordinator import Coordinator
+from aggregator.server import initial_state
+from aggregator.strategies import build_strategy
+from fcmoe.config import Config
+from fcmoe.errors import FcMoeError, ProtocolError
+from protos import codec
+from protos import fcmoe_pb2 as pb
+from silo_agent.agent import SiloAgent
+from silo_agent.client import RpcFailure
+
+T = TypeVar("T")
+
+
+class InProcessTransport:
+    """Implements the silo client's interface by calling the coordinator directly."""
+
+    def __init__(self, coordinator: Coordinator, silo: str):
+        self.coordinator, self.silo = coordinator, silo
+
+    def _call(self, rpc: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except ProtocolError as exc:
+            raise RpcFailure(rpc, getattr(grpc.StatusCode, exc.status), str(exc)) from None
+        except FcMoeError as exc:
+            raise RpcFailure(rpc, grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+    def join(self, request: pb.JoinRequest) -> pb.JoinReply:
+        return self._call("Join", lambda: self.coordinator.join(self.silo, request))
+
+    def get_task(self, run_id: str, wait_s: float = 5.0) -> pb.Task:
+        return self._call("GetTask", lambda: self.coordinator.task(self.silo, pb.TaskRequest(run_id=run_id, wait_s=wait_s)))
+
+    def download(self, run_id: str, version: int, layout_hash: str,
+                 expected: Mapping[str, codec.TensorSpec]) -> tuple[dict[str, np.ndarray], int]:
+        def fetch() -> tuple[dict[str, np.ndarray], int]:
+            units = self.coordinator.global_model(
+                self.silo, pb.DownloadRequest(run_id=run_id, round=version, layout_hash=layout_hash))
+            assembler = codec.TensorAssembler(expected)
+            for chunk in codec.encode(units):
+                assembler.add(chunk)
+            self.coordinator.count_download(self.silo, assembler.bytes_received)
+            return assembler.finish(), assembler.bytes_received
+
+        return self._call("DownloadGlobal", fetch)
+
+    def report_round(self, report: pb.RoundReport) -> pb.Ack:
+        wire = pb.RoundReport.FromString(report.SerializeToString())
+        return self._call("SubmitReport", lambda: (self.coordinator.add_report(self.silo, wire), pb.Ack())[1])
+
+    def submit(self, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray]) -> pb.SubmitReply:
+        def send() -> pb.SubmitReply:
+            self.coordinator.check_update_header(self.silo, header)
+            assembler = codec.TensorAssembler(self.coordinator.unit_specs())
+            for chunk in codec.encode(payload):
+                assembler.add(chunk)
+            self.coordinator.add_update(self.silo, header, assembler.finish(), assembler.bytes_received)
+            return pb.SubmitReply(accepted=True, bytes_received=assembler.bytes_received)
+
+        return self._call("SubmitUpdate", send)
+
+    def report(self, report: pb.EvalReport) -> pb.Ack:
+        return self._call("ReportEvaluation", lambda: (self.coordinator.add_evaluation(self.silo, report), pb.Ack())[1])
+
+    def close(self) -> None:
+        pass
+
+
+def run_in_process(aggregator_config: Config, silo_configs: list[Config]) -> Coordinator:
+    """Run a whole federation in this process and thread; returns the finished coordinator.
+
+    Silos take turns (deterministic, and safe: PEFT's parameter wrappers are not thread-safe across
+    models), each doing whatever task the coordinator has for it.
+    """
+    layout, fingerprint, initial = initial_state(aggregator_config)
+    fed = aggregator_config.federation
+    coordinator = Coordinator(aggregator_config, layout.hash, fingerprint, layout.unit_sizes(), initial,
+                              build_strategy(fed.strategy, fed.min_group_size), aggregator_config.run.output_dir)
+    agents = []
+    for config in silo_configs:
+        assert config.silo is not None
+        agents.append(SiloAgent(config, transport=InProcessTransport(coordinator, config.silo.name)))
+    for agent in agents:
+        agent.join()
+    active = list(agents)
+    while active:
+        coordinator.step()
+        for agent in list(active):
+            if agent.handle(agent.client.get_task(agent.run_id, wait_s=0.0)) is not None:
+                active.remove(agent)
+    return coordinator

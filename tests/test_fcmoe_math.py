@@ -1,0 +1,112 @@
+"""FC-MoE's pure maths: keyed sketches, importance, consensus, partition, projection, retention."""
+
+import os
+
+import numpy as np
+import pytest
+
+from aggregator import consensus
+from aggregator.accumulate import GroupSum
+from aggregator.projection import combine, project_off
+from aggregator.strategies import FcMoe, SiloReport
+from crypto.sketch import SketchError, count_sketch, derive_key, sketch_units
+from fcmoe.config import FcMoeConfig, LocalTrainingConfig
+from silo_agent.retention import anchor, importance_scale
+
+SECRET = bytes(range(32))
+
+
+def test_sketch_is_linear_keyed_and_preserves_inner_products_in_expectation():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(20_000).astype(np.float32), rng.standard_normal(20_000).astype(np.float32)
+    b = (0.6 * a + 0.8 * b).astype(np.float32)
+    key = derive_key(SECRET, "run", 1, "L0.E0")
+    np.testing.assert_allclose(count_sketch(a + b, key, 512), count_sketch(a, key, 512) + count_sketch(b, key, 512),
+                               rtol=1e-4, atol=1e-3)
+    estimates = []
+    for r in range(40):
+        k = derive_key(SECRET, "run", r, "L0.E0")
+        estimates.append(float(count_sketch(a, k, 512) @ count_sketch(b, k, 512)))
+    assert abs(np.mean(estimates) - float(a @ b)) < 4 * np.std(estimates) / np.sqrt(40)
+    # the key changes with round, unit and secret; the norm is preserved in expectation
+    assert derive_key(SECRET, "run", 1, "L0.E0") != derive_key(SECRET, "run", 2, "L0.E0")
+    assert derive_key(SECRET, "run", 1, "L0.E0") != derive_key(SECRET, "run", 1, "L0.E1")
+    assert derive_key(SECRET, "run", 1, "u") != derive_key(os.urandom(32), "run", 1, "u")
+    y = sketch_units({"u": a}, SECRET, "run", 1, 1024)["u"]
+    assert y.shape == (1024,) and abs(float(y @ y) / float(a @ a) - 1) < 0.2
+
+
+def test_sketch_refuses_bad_parameters():
+    with pytest.raises(SketchError, match="power of two"):
+        count_sketch(np.ones(4), bytes(32), 100)
+    with pytest.raises(SketchError, match="at least 32 bytes"):
+        derive_key(b"short", "r", 1, "u")
+
+
+def test_importance_and_normalisation_by_hand():
+    s = consensus.importance(np.array([100, 300]), np.array([0.5, 1.0]), np.array([[0.8, 0.2], [0.1, 0.9]]))
+    np.testing.assert_allclose(s, [[40.0, 10.0], [30.0, 270.0]])
+    w = consensus.normalise(s)
+    np.testing.assert_allclose(w, [[40 / 70, 10 / 280], [30 / 70, 270 / 280]])
+    off = consensus.importance(np.array([100, 300]), np.array([0.5, 1.0]), np.zeros((2, 2)), use_routing=False,
+                               use_reliability=False)
+    np.testing.assert_allclose(consensus.normalise(off), [[0.25, 0.25], [0.75, 0.75]])
+    np.testing.assert_allclose(consensus.normalise(np.zeros((2, 1))), [[0.5], [0.5]])
+
+
+def test_agreement_flags_the_opposing_silo():
+    rng = np.random.default_rng(1)
+    common = rng.standard_normal(256)
+    y = np.stack([common + 0.1 * rng.standard_normal(256) for _ in range(4)] + [-common])
+    cos, sign = consensus.agreement(y, np.full(5, 0.2))
+    score = consensus.agreement_score(cos, sign)
+    assert np.all(cos[:4] > 0.9) and cos[4] < -0.9 and np.all(sign[:4] > 0.9) and sign[4] < 0.1
+    groups = consensus.partition(score, min_group_size=1)
+    assert groups.tolist() == [0, 0, 0, 0, 1]
+    assert consensus.partition(score, min_group_size=2).tolist() == [0] * 5  # a group of 1 is merged
+    alpha = consensus.coefficients(np.full(5, 0.2), consensus.phi(score, 0.1))
+    assert alpha.sum() == pytest.approx(1.0) and alpha[4] < alpha[0] / 5
+
+
+def test_projection_removes_only_the_opposing_component():
+    cons, conf = np.array([1.0, 0.0], np.float32), np.array([-1.0, 1.0], np.float32)
+    np.testing.assert_allclose(project_off(conf, cons), [0.0, 1.0])
+    np.testing.assert_array_equal(project_off(np.array([1.0, 1.0]), cons), [1.0, 1.0])  # agreeing: untouched
+    groups = {0: GroupSum(np.array([2.0, 0.0], np.float32), 1.0, 3), 1: GroupSum(np.array([-2.0, 2.0], np.float32), 1.0, 3)}
+    np.testing.assert_allclose(combine(groups, project=True), [1.0, 1.0])  # ([2,0] + [0,2]) / 2
+    np.testing.assert_allclose(combine(groups, project=False), [0.0, 1.0])  # plain weighted mean
+
+
+def test_fcmoe_coefficients_end_to_end_on_reports():
+    rng = np.random.default_rng(2)
+    common = rng.standard_normal(64).astype(np.float32)
+    reports = {}
+    for i in range(6):
+        y = (common if i < 4 else -common) + 0.05 * rng.standard_normal(64).astype(np.float32)
+        reports[f"s{i}"] = SiloReport(100, 0.5, {"L0.E0": 0.9 if i == 0 else 0.3, "L0.shared": 1.0},
+                                      {"L0.E0": y, "L0.shared": common})
+    s = FcMoe(FcMoeConfig(), min_group_size=2)
+    plan = s.coefficients(1, ["L0.E0", "L0.shared"], reports)
+    assert [plan.group[f"s{i}"]["L0.E0"] for i in range(6)] == [0, 0, 0, 0, 1, 1]
+    assert all(plan.group[f"s{i}"]["L0.shared"] == 0 for i in range(6))
+    a = {k: v["L0.E0"] for k, v in plan.alpha.items()}
+    assert sum(a.values()) == pytest.approx(1.0)
+    assert a["s0"] > a["s1"] > a["s4"]  # more routing mass, then agreement, raise alpha
+    ablated = FcMoe(FcMoeConfig(importance=False, projection=False), min_group_size=2)
+    flat = ablated.coefficients(1, ["L0.E0", "L0.shared"], reports)
+    assert [v["L0.E0"] for v in flat.alpha.values()] == pytest.approx([1 / 6] * 6)
+    assert {g["L0.E0"] for g in flat.group.values()} == {0}
+    no_retention = FcMoe(FcMoeConfig(retention=False), min_group_size=2)
+    assert no_retention.configure_round(1, LocalTrainingConfig(), 0).retention_lambda == 0.0
+    assert s.configure_round(1, LocalTrainingConfig(), 0).sketch_buckets == 256
+
+
+def test_retention_anchor_and_importance_scale():
+    shares = {"L0.E0": 0.6, "L0.E1": 0.3, "L0.E2": 0.0, "L0.shared": 1.0, "L1.E0": 0.2, "L1.E1": 0.1}
+    scale = importance_scale(shares)
+    assert scale == {"L0.E0": 1.0, "L0.E1": 0.5, "L0.E2": 0.0, "L0.shared": 1.0, "L1.E0": 1.0, "L1.E1": 0.5}
+    g = {"L0.E1": np.zeros(2, np.float32)}
+    local = {"L0.E1": np.array([2.0, -2.0], np.float32)}
+    np.testing.assert_allclose(anchor(g, local, 0.5, scale)["L0.E1"], [0.5, -0.5])
+    np.testing.assert_allclose(anchor(g, local, 1.0)["L0.E1"], [2.0, -2.0])  # local-only
+    np.testing.assert_allclose(anchor(g, local, 0.0)["L0.E1"], [0.0, 0.0])  # FedAvg
