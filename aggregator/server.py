@@ -15,7 +15,7 @@ from aggregator.coordinator import Coordinator
 from aggregator.metrics import final_table
 from aggregator.strategies import build_strategy
 from crypto.pki import PkiPaths
-from crypto.tls import server_credentials
+from crypto.tls import handshake_failures_logged, server_credentials
 from fcmoe.config import Config
 from fcmoe.fileio import write_atomic
 from fcmoe.logs import log_event
@@ -64,6 +64,9 @@ def start_aggregator(config: Config) -> RunningAggregator:
     server.start()
     if config.aggregator.port_file is not None:
         write_atomic(config.aggregator.port_file, str(port))
+    if not handshake_failures_logged():
+        log_event(log, "tls_refusals_hidden", level=logging.WARNING,
+                  reason="GRPC_VERBOSITY hides gRPC's one-line record of refused client certificates")
     log_event(log, "aggregator_listening", address=f"{config.aggregator.host}:{port}", run_id=coordinator.run_id,
               layout=layout.hash[:12], units=len(layout.units), parameters=layout.num_parameters,
               strategy=config.federation.strategy.name, rounds=config.federation.rounds)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(silos: int, rounds: int, config_path: Path, local_steps: int | None, out_dir: Path) -> dict:
-    data = load_config(config_path).model_dump(mode="json", exclude_none=True)
+    data = load_config(config_path).model_dump(mode="json")
     data["run"]["output_dir"] = str(out_dir)
     data["federation"].update({"rounds": rounds, "min_silos": silos})
     if local_steps:

@@ -305,5 +305,5 @@ def load_config(path: str | Path) -> Config:
 
 def dump_config(config: Config, path: Path) -> None:
     """Write a config as YAML (used by the simulation launcher to hand each role its own file)."""
-    data = config.model_dump(mode="json", exclude_none=True)
+    data = config.model_dump(mode="json")  # explicit nulls matter (e.g. data.builtin: null)
     write_atomic(path, yaml.safe_dump(data, sort_keys=False), mode=0o600)  # silo files may hold the sketch key

@@ -34,3 +34,7 @@ class ProtocolError(FcMoeError):
     def __init__(self, message: str, status: str = "FAILED_PRECONDITION"):
         super().__init__(message)
         self.status = status
+
+
+class RunError(FcMoeError):
+    """A federation run could not complete (a process died, a time limit passed)."""

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from fcmoe.config import AggregatorConfig, Config, ConfigError, SiloConfig, dump_config
+from fcmoe.config import AggregatorConfig, Config, SiloConfig, dump_config
+from fcmoe.errors import ConfigError, RunError
 from fcmoe.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,10 @@ def _wait_for_port(path: Path, aggregator: subprocess.Popen, timeout_s: float) -
         if path.exists() and path.read_text().strip():
             return int(path.read_text())
         if aggregator.poll() is not None:
-            raise ConfigError(f"aggregator exited with status {aggregator.returncode} before listening; "
+            raise RunError(f"aggregator exited with status {aggregator.returncode} before listening; "
                               f"see {path.parent / 'logs' / 'aggregator.log'}")
         time.sleep(0.1)
-    raise ConfigError(f"aggregator did not listen within {timeout_s:.0f} s")
+    raise RunError(f"aggregator did not listen within {timeout_s:.0f} s")
 
 
 def _completed_rounds(out: Path) -> int:
@@ -114,7 +115,11 @@ def simulate(config: Config, progress: bool = True) -> int:
         deadline = time.monotonic() + sim.timeout_s
         while aggregator.poll() is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"simulation exceeded simulation.timeout_s = {sim.timeout_s}")
+                raise RunError(f"simulation exceeded simulation.timeout_s = {sim.timeout_s}")
+            dead = [i for i, p in enumerate(procs[1:]) if p.poll() not in (None, 0)]
+            if dead:
+                raise RunError(f"silo{dead[0]} exited with status {procs[1 + dead[0]].returncode}; "
+                                  f"see {logs / f'silo{dead[0]}.log'}")
             if bar is not None:
                 bar.n = _completed_rounds(out)
                 bar.refresh()

@@ -17,7 +17,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 
 def smoke_config(tmp_path: Path, strategy: dict | None = None, **federation) -> Config:
     """configs/smoke.yaml with its output under tmp_path and federation fields overridden."""
-    data = load_config(SMOKE).model_dump(mode="json", exclude_none=True)
+    data = load_config(SMOKE).model_dump(mode="json")
     data["run"]["output_dir"] = str(tmp_path / "run")
     data["federation"].update(federation)
     if strategy:
@@ -28,7 +28,7 @@ def smoke_config(tmp_path: Path, strategy: dict | None = None, **federation) -> 
 
 
 def silo_config(config: Config, name: str, port: int, index: int = 0, num_silos: int = 3) -> Config:
-    data = config.model_dump(mode="json", exclude_none=True)
+    data = config.model_dump(mode="json")
     data["silo"] = {"name": name, "aggregator": f"127.0.0.1:{port}", "pki_dir": data["aggregator"]["pki_dir"],
                     "index": index, "num_silos": num_silos, "threads": 1, "connect_timeout_s": 20}
     return parse_config(data)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -32,7 +33,7 @@ def _env():
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fcmoe"])
 def test_simulate_three_silos_two_rounds(tmp_path, strategy):
-    data = load_config(SMOKE).model_dump(mode="json", exclude_none=True)
+    data = load_config(SMOKE).model_dump(mode="json")
     out = tmp_path / "run"
     data["run"]["output_dir"] = str(out)
     data["federation"]["strategy"]["name"] = strategy
@@ -172,7 +173,7 @@ def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator
 
 def test_unknown_silo_name_refused_when_allowlist_set(tmp_path, pki, aggregator_factory):
     config = smoke_config(tmp_path, min_silos=1, quorum=1)
-    data = config.model_dump(mode="json", exclude_none=True)
+    data = config.model_dump(mode="json")
     data["aggregator"]["allowed_silos"] = ["silo1", "silo2"]
     from fcmoe.config import parse_config
 
@@ -189,7 +190,7 @@ def test_unknown_silo_name_refused_when_allowlist_set(tmp_path, pki, aggregator_
 
 def test_silo_with_foreign_ca_certificate_is_refused_and_both_sides_log_why(tmp_path, pki):
     config = smoke_config(tmp_path, min_silos=1)
-    data = config.model_dump(mode="json", exclude_none=True)
+    data = config.model_dump(mode="json")
     data["aggregator"]["port_file"] = str(tmp_path / "port")
     from fcmoe.config import parse_config
 
@@ -207,7 +208,7 @@ def test_silo_with_foreign_ca_certificate_is_refused_and_both_sides_log_why(tmp_
         rogue_dir = tmp_path / "rogue"
         ensure_pki(rogue_dir, ["silo0"])  # a different CA issues a certificate with a legitimate name
         shutil.copy(pki.ca_cert, rogue_dir / "ca.pem")  # the rogue silo trusts the real aggregator
-        rogue = silo_config(config, "silo0", port).model_dump(mode="json", exclude_none=True)
+        rogue = silo_config(config, "silo0", port).model_dump(mode="json")
         rogue["silo"]["pki_dir"] = str(rogue_dir)
         rogue_cfg = tmp_path / "rogue.yaml"
         dump_config(parse_config(rogue), rogue_cfg)
@@ -225,3 +226,22 @@ def test_silo_with_foreign_ca_certificate_is_refused_and_both_sides_log_why(tmp_
         aggregator.terminate()
         aggregator.wait(timeout=20)
         agg_log.close()
+
+
+def test_simulate_stops_at_once_when_a_silo_dies(tmp_path):
+    data = load_config(SMOKE).model_dump(mode="json")
+    data["run"]["output_dir"] = str(tmp_path / "run")
+    data["data"] = {"builtin": None, "train_file": str(tmp_path / "missing.jsonl"),
+                    "eval_file": str(tmp_path / "missing.jsonl")}
+    cfg = tmp_path / "broken.yaml"
+    from fcmoe.config import parse_config
+
+    dump_config(parse_config(data), cfg)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "fcmoe.cli", "simulate", str(cfg), "--no-progress"],
+                          capture_output=True, text=True, timeout=200, cwd=ROOT, env=_env())
+    assert proc.returncode == 2 and time.monotonic() - start < 100  # not the 180 s join timeout
+    error = [line for line in proc.stderr.splitlines() if line.startswith("fcmoe: error:")]
+    assert len(error) == 1 and "exited with status" in error[0] and ".log" in error[0]
+    log_name = error[0].split("see ")[-1]
+    assert "missing.jsonl" in Path(log_name).read_text()

@@ -12,7 +12,7 @@ def _configs(tmp_path, strategy):
     key = "ab" * 32
     silos = []
     for i in range(3):
-        data = silo_config(config, f"silo{i}", 0, index=i, num_silos=3).model_dump(mode="json", exclude_none=True)
+        data = silo_config(config, f"silo{i}", 0, index=i, num_silos=3).model_dump(mode="json")
         data["silo"]["sketch_key"] = key
         silos.append(parse_config(data))
     return config, silos

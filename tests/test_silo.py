@@ -31,7 +31,7 @@ def _jsonl_config(tmp_path):
     held_out = [Example("", "jumps over the dog", "prose"), Example("3+3=", "6", "maths")] * 2
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "eval.jsonl", held_out)
-    data = smoke_config(tmp_path).model_dump(mode="json", exclude_none=True)
+    data = smoke_config(tmp_path).model_dump(mode="json")
     data["data"] = {"builtin": None, "train_file": str(tmp_path / "train.jsonl"),
                     "eval_file": str(tmp_path / "eval.jsonl"), "max_length": 32}
     data["silo"] = {"name": "silo0"}

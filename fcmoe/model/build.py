@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -21,6 +22,8 @@ from fcmoe.errors import ConfigError, LayoutError
 from fcmoe.logs import log_event
 
 log = logging.getLogger(__name__)
+# peft 0.21 calls a transformers 5 API that transformers deprecates: noise in every silo log, not ours to fix.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 BYTE_VOCAB_SIZE = 260  # 256 bytes + BOS/EOS/PAD, rounded up (see silo_agent.data.tokenize)
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
