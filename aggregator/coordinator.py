@@ -18,7 +18,7 @@ import numpy as np
 
 from aggregator.accumulate import Coefficients, PlaintextAccumulator
 from aggregator.checkpoint import save_checkpoint
-from aggregator.metrics import MetricsLog
+from aggregator.metrics import DomainPool, MetricsLog
 from aggregator.rounds import Event, Phase, RoundMachine
 from aggregator.strategies import RoundPlan, SiloReport, Strategy
 from fcmoe.config import Config
@@ -227,12 +227,9 @@ class Coordinator:
         self._reports, self._coefficients, self._accumulator = {}, None, None
         self._round_started = self.clock()
         self._bytes_down = {}
-        for r in (m.round - 1, m.round):  # a retried round reports afresh
-            rec = self.metrics.record(r)
-            if r == m.round:
-                rec.local_pool, rec.per_silo = type(rec.local_pool)(), {}
-            else:
-                rec.global_pool = type(rec.global_pool)()
+        self.metrics.record(m.round - 1).global_pool = DomainPool()  # a retried round reports afresh
+        current = self.metrics.record(m.round)
+        current.local_pool, current.per_silo = DomainPool(), {}
         log_event(log, event.value, round=m.round, participants=len(m.participants),
                   deadline_s=round(m.deadline - self.clock(), 1), attempt=m.retries + 1)
 

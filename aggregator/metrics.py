@@ -114,15 +114,15 @@ def final_table(rows: list[Mapping[str, object]]) -> str:
     if not rows:
         return "(no metrics)"
     first, last = rows[0], rows[-1]
-    local_rows = [r for r in rows if r.get("local_loss") is not None]
-    last_local = local_rows[-1] if local_rows else {}
-    domains = sorted({k.split("/", 1)[1] for k in first if k.startswith("global_loss/")})
+    last_local = next((r for r in reversed(rows) if r.get("local_loss") is not None), {})
+    domains = sorted(k.split("/", 1)[1] for k in first if k.startswith("global_loss/"))
+
+    def cell(value: object, width: int) -> str:
+        return f"{value:>{width}.4f}" if isinstance(value, float) else f"{'-':>{width}}"
+
     lines = [f"{'domain':<14}{'round 0':>10}{'round ' + str(last['round']):>12}{'local':>10}"]
     for d in domains + ["(mean)"]:
-        key = "global_loss" if d == "(mean)" else f"global_loss/{d}"
-        lkey = "local_loss" if d == "(mean)" else f"local_loss/{d}"
-        cells = [first.get(key), last.get(key), last_local.get(lkey)]
-        lines.append(f"{d:<14}" + "".join(f"{c:>10.4f}" if isinstance(c, float) else f"{'-':>10}" for c in cells[:1])
-                     + (f"{cells[1]:>12.4f}" if isinstance(cells[1], float) else f"{'-':>12}")
-                     + (f"{cells[2]:>10.4f}" if isinstance(cells[2], float) else f"{'-':>10}"))
+        suffix = "" if d == "(mean)" else f"/{d}"
+        lines.append(f"{d:<14}" + cell(first.get("global_loss" + suffix), 10)
+                     + cell(last.get("global_loss" + suffix), 12) + cell(last_local.get("local_loss" + suffix), 10))
     return "\n".join(lines)

@@ -191,7 +191,7 @@ class AggregatorConfig(_Strict):
     pki_dir: Path = Path("certs")
     allowed_silos: list[str] | None = None
     port_file: Path | None = None
-    max_workers: int = Field(16, gt=0)
+    max_workers: int = Field(64, gt=0, description="server threads; each waiting silo holds one during a long-poll")
 
 
 class SiloConfig(_Strict):
