@@ -13,15 +13,10 @@ outputs; the keystream is not.
 from __future__ import annotations
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from crypto import keystream
+from crypto.keystream import KEY_BYTES
 from fcmoe.errors import FcMoeError
-
-KEY_BYTES = 32
-_BLOCK = 1 << 20  # coordinates per keystream block: bounds memory for any unit size
-_NONCE = bytes(16)
 
 
 class SketchError(FcMoeError):
@@ -31,8 +26,7 @@ class SketchError(FcMoeError):
 def derive_key(secret: bytes, run_id: str, round_: int, unit: str) -> bytes:
     if len(secret) < KEY_BYTES:
         raise SketchError(f"sketch secret must be at least {KEY_BYTES} bytes, got {len(secret)}")
-    info = f"fcmoe/sketch/v1|{run_id}|{round_}|{unit}".encode()
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
+    return keystream.derive_key(secret, f"fcmoe/sketch/v1|{run_id}|{round_}|{unit}")
 
 
 def count_sketch(vector: np.ndarray, key: bytes, buckets: int) -> np.ndarray:
@@ -42,12 +36,9 @@ def count_sketch(vector: np.ndarray, key: bytes, buckets: int) -> np.ndarray:
     if len(key) != KEY_BYTES:
         raise SketchError(f"sketch key must be {KEY_BYTES} bytes")
     x = np.asarray(vector, dtype=np.float32).reshape(-1)
-    keystream = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
     out = np.zeros(buckets, dtype=np.float64)
-    zeros = bytes(4 * _BLOCK)
-    for start in range(0, x.size, _BLOCK):
-        block = x[start : start + _BLOCK]
-        words = np.frombuffer(keystream.update(zeros[: 4 * block.size]), dtype="<u4")
+    for start, words in keystream.word_blocks(key, x.size, 32):
+        block = x[start : start + words.size]
         signed = np.where(words >> 31, -block, block)
         out += np.bincount(words & (buckets - 1), weights=signed, minlength=buckets)
     return out.astype(np.float32)
