@@ -1,0 +1,552 @@
+"""CKKS building blocks for ``mode: ckks``: one key-holder silo, additive aggregation under its public key.
+
+The key-holder silo creates a CKKS key pair (:func:`new_secret_context`) and publishes the public
+context (:func:`public_context_bytes`). Every silo encrypts its update under it (:func:`encrypt`);
+the aggregator, which only ever holds the public context, weights and sums the ciphertexts
+(:func:`scale`, :func:`add`) and hands the key holder one encrypted sum, which the key holder
+decrypts (:func:`decrypt_sum`). Without the secret key a ciphertext is IND-CPA secure (RLWE at the
+HE-standard 128-bit level, which SEAL enforces when it builds a context), so the aggregator learns
+nothing from the individual vectors.
+
+Trust model, stated plainly: the aggregator must never hold the secret context, and the key holder
+must never see an individual silo's ciphertext; if the two collude, every vector is in the clear.
+The secret context therefore travels only between silos, encrypted under pairwise keys
+(:func:`secret_context_bytes`). The key holder cannot tell a sum from a single contribution; see
+:func:`decrypt_sum` for what the ``min_group_size`` check does and does not guarantee.
+
+Error model. CKKS is approximate: a value ``x`` is stored as ``round(x * 2**scale_bits)`` plus
+lattice noise, so every result carries an absolute error that no decryption removes. Measured at the
+default parameters (degree 8192, moduli 60-40-40-60 bits, scale ``2**40``) on sums of ``n``
+vectors of 5000 entries uniform in ``[-1, 1]``, each first multiplied by a weight in ``(0, 1]``
+(largest error over all entries and 5 seeds): the CKKS error is about ``2e-7`` for ``n = 2``,
+``4e-7`` for ``n = 5`` and ``6e-7`` for ``n = 10``, growing roughly like ``sqrt(n)``; the rounding
+that :func:`decrypt_sum` applies on release adds at most ``2**-21 ~ 4.8e-7``, for a released error
+of about ``9e-7`` at ``n = 10`` (``8e-7`` to ``9e-7`` for ``n = 8`` and 200000 to 1000000
+entries in ``benches.ckks``). Above that floor errors are relative to magnitude: each
+:func:`scale` leaves a relative error of about ``1.3e-7``, because TenSEAL resets the scale to
+``2**40`` after dividing by a prime that is only close to ``2**40``. Tests allow ``1e-3``.
+
+Levels. Each multiplication by a plaintext scalar consumes one 40-bit prime (a rescale). The
+default chain has two such primes, so a ciphertext takes at most two :func:`scale` calls
+(:attr:`CkksParams.max_multiplications`); a third is refused. What is left bounds the magnitude a
+decryption can represent: ``|value| < 2**(bits left - scale_bits - 1)``, i.e. ``2**99`` fresh,
+``2**59`` after one multiplication and only ``2**19`` after two; beyond it the value wraps
+silently, so keep to one multiplication for model updates. Scale every term before summing: then
+all terms sit at the same level. (TenSEAL mod-switches the fresher operand of a mixed-level
+:func:`add` down, which is correct but spends its level for nothing.)
+
+Sizes and speed, measured on one core of a 2-core x86 VM at the default parameters with
+``python -m benches.ckks --floats 1000000`` (serialization and parsing included): a fresh
+ciphertext is about 81 bytes per float (a float32 is 4), 57 after one :func:`scale` and 32 after
+two; the public context is about 465 kB. Encryption runs at about 0.84 M floats/s, :func:`add` of
+two serialized vectors at about 1.7 M, :func:`scale` at about 2.4 M and :func:`decrypt_sum` at
+about 3.1 M. Each chunk is a separate TenSEAL vector, so these calls use one core.
+
+Untrusted bytes. Every context or ciphertext that arrives from elsewhere is size-limited by
+``max_ciphertext_bytes``, its protobuf layout is checked here before TenSEAL sees it (TenSEAL
+indexes chunk sizes and ciphertexts without bounds checks), and every TenSEAL or SEAL exception
+becomes a :class:`CkksError`. TenSEAL parses protobuf and SEAL's own binary format; nothing is
+unpickled. CKKS has no integrity: a silo (or the aggregator) can add anything to a sum, and
+corrupted coefficients decrypt to garbage, not to an error.
+
+Releasing decryptions. Li and Micciancio (Eurocrypt 2021) recovered CKKS secret keys from exact
+decryptions of ciphertexts the attacker knows, which is exactly what the aggregator holds after
+summing; with the key it would decrypt every silo's vector. Two things here stand in the way of the
+published attack, which solves a linear system for the key from the decryption noise: TenSEAL
+returns only the real parts of the slots, and :func:`decrypt_sum` rounds its output to a
+``2**-release_frac_bits`` grid (``2**-20 ~ 9.5e-7`` by default, coarser than the measured noise of
+a sum of up to 10 vectors). Neither is a proof: rounding is deterministic and only slightly above
+the noise, and an aggregator may submit a ciphertext of its own making instead of a sum, which
+gives it more control than the passive attack assumes. A proven defence floods the decryption with
+noise sized by a bound on the decryption noise (which needs a larger scale than the defaults, to
+keep the result useful) or uses threshold decryption, so that no exact decryption is released.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi  # registers seal::Modulus, so parameter checks can read bit sizes
+
+from fcmoe.errors import FcMoeError
+
+MAX_CIPHERTEXT_BYTES = 2_000_000
+RELEASE_FRAC_BITS = 20
+_MIN_DEGREE, _MAX_DEGREE = 1024, 32768
+_MAX_VARINT_BYTES = 10
+_WIRE_VARINT, _WIRE_FIXED64, _WIRE_BYTES, _WIRE_FIXED32 = 0, 1, 2, 5
+# What TenSEAL and SEAL raise (std::invalid_argument, std::logic_error and I/O errors arrive as
+# ValueError or RuntimeError through pybind11); anything else is a bug here, not bad input.
+_TENSEAL_ERRORS = (RuntimeError, ValueError, TypeError, OverflowError, MemoryError, IndexError)
+
+
+class CkksError(FcMoeError):
+    """Bad CKKS parameters, context, ciphertext or decryption request."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class CkksParams:
+    """CKKS parameters; the defaults give 128-bit security (200 of the 218 bits allowed at degree 8192)."""
+
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60)
+    scale_bits: int = 40
+    max_ciphertext_bytes: int = MAX_CIPHERTEXT_BYTES
+
+    def __post_init__(self) -> None:
+        degree = self.poly_modulus_degree
+        if not _is_int(degree) or not _MIN_DEGREE <= degree <= _MAX_DEGREE or degree & (degree - 1):
+            raise CkksError(f"poly_modulus_degree must be a power of two in [{_MIN_DEGREE}, {_MAX_DEGREE}], "
+                            f"got {degree!r}")
+        sizes = self.coeff_mod_bit_sizes
+        if not isinstance(sizes, tuple) or len(sizes) < 2 or not all(_is_int(b) and 1 <= b <= 60 for b in sizes):
+            raise CkksError(f"coeff_mod_bit_sizes must be a tuple of at least 2 ints in [1, 60], got {sizes!r}")
+        if not _is_int(self.scale_bits) or not 1 <= self.scale_bits < sizes[0]:
+            raise CkksError(f"scale_bits must be an int in [1, {sizes[0]}) (below the first prime), "
+                            f"got {self.scale_bits!r}")
+        if not _is_int(self.max_ciphertext_bytes) or self.max_ciphertext_bytes < 1:
+            raise CkksError(f"max_ciphertext_bytes must be a positive int, got {self.max_ciphertext_bytes!r}")
+
+    @property
+    def slots(self) -> int:
+        """Floats per ciphertext: CKKS packs ``degree / 2`` complex slots; we use their real parts."""
+        return self.poly_modulus_degree // 2
+
+    @property
+    def max_multiplications(self) -> int:
+        """Plaintext multiplications a fresh ciphertext can take: one per prime between first and special."""
+        return len(self.coeff_mod_bit_sizes) - 2
+
+    @property
+    def scale(self) -> float:
+        """``2**scale_bits``: the fixed-point factor every value is encoded with."""
+        return float(2 ** self.scale_bits)
+
+
+DEFAULT_PARAMS = CkksParams()
+
+
+# --- minimal protobuf wire reader: enough to check a layout before TenSEAL indexes it -----------
+
+def _read_varint(data: memoryview, pos: int, what: str) -> tuple[int, int]:
+    """``(value, next position)`` of the base-128 varint at ``pos``."""
+    value = 0
+    for i in range(_MAX_VARINT_BYTES):
+        if pos + i >= len(data):
+            raise CkksError(f"{what} is not well-formed protobuf: truncated varint")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    raise CkksError(f"{what} is not well-formed protobuf: varint longer than {_MAX_VARINT_BYTES} bytes")
+
+
+def _wire_fields(data: bytes | memoryview, what: str) -> list[tuple[int, int, int | memoryview]]:
+    """Top-level ``(field number, wire type, value)`` triples; varints as int, the rest as bytes views."""
+    view = memoryview(data)
+    fields: list[tuple[int, int, int | memoryview]] = []
+    pos = 0
+    while pos < len(view):
+        key, pos = _read_varint(view, pos, what)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise CkksError(f"{what} is not well-formed protobuf: field number 0")
+        if wire == _WIRE_VARINT:
+            value, pos = _read_varint(view, pos, what)
+            fields.append((field, wire, value))
+            continue
+        if wire == _WIRE_BYTES:
+            length, pos = _read_varint(view, pos, what)
+        elif wire in (_WIRE_FIXED64, _WIRE_FIXED32):
+            length = 8 if wire == _WIRE_FIXED64 else 4
+        else:
+            raise CkksError(f"{what} is not well-formed protobuf: wire type {wire} in field {field}")
+        if pos + length > len(view):
+            raise CkksError(f"{what} is not well-formed protobuf: field {field} runs past the end")
+        fields.append((field, wire, view[pos : pos + length]))
+        pos += length
+    return fields
+
+
+def _packed_varints(data: memoryview, what: str) -> list[int]:
+    out = []
+    pos = 0
+    while pos < len(data):
+        value, pos = _read_varint(data, pos, what)
+        out.append(value)
+    return out
+
+
+def _double(value: int | memoryview) -> float:
+    return struct.unpack("<d", bytes(value))[0]
+
+
+def _check_bytes(data: object, max_bytes: int, what: str) -> bytes:
+    """``data`` as bytes, refusing other types and anything longer than ``max_bytes`` before parsing."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CkksError(f"{what} must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise CkksError(f"{what} is {len(data)} bytes, limit is {max_bytes}")
+    if len(data) == 0:
+        raise CkksError(f"{what} is empty")
+    return bytes(data)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+# --- contexts ------------------------------------------------------------------------------------
+
+def _check_context_layout(data: bytes, secret: bool) -> None:
+    """Refuse, before TenSEAL parses it, a context with the wrong kind of key material.
+
+    A public context must carry exactly a public key: no private part (the secret key lives there)
+    and no relinearization or Galois keys, which ``mode: ckks`` never uses and whose size an
+    attacker controls. A secret context must carry the private part. Both must use public-key
+    encryption, which is what lets silos other than the key holder encrypt.
+    """
+    what = "secret context" if secret else "public context"
+    has_private = False
+    public_key = False
+    for field, wire, value in _wire_fields(data, what):
+        if field == 1 and wire == _WIRE_BYTES:
+            continue  # encryption parameters, checked after parsing
+        if field == 2 and wire == _WIRE_BYTES:
+            for inner, inner_wire, inner_value in _wire_fields(value, what):
+                if inner == 1 and inner_wire == _WIRE_BYTES:
+                    public_key = len(inner_value) > 0
+                elif inner in (4, 5) and inner_wire == _WIRE_BYTES:
+                    if len(inner_value):
+                        raise CkksError(f"{what} carries evaluation keys, which mode ckks never uses")
+                elif (inner, inner_wire) not in ((2, _WIRE_VARINT), (3, _WIRE_FIXED64)):
+                    raise CkksError(f"{what} has unexpected field {inner} (wire type {inner_wire})")
+        elif field == 3 and wire == _WIRE_BYTES:
+            has_private = True
+        elif field == 4 and wire == _WIRE_VARINT:
+            if value != 0:
+                raise CkksError(f"{what} uses symmetric encryption; silos need a public key")
+        else:
+            raise CkksError(f"{what} has unexpected field {field} (wire type {wire})")
+    if has_private and not secret:
+        raise CkksError("public context carries a secret key; refusing it")
+    if secret and not has_private:
+        raise CkksError("secret context carries no secret key")
+    if not public_key:
+        raise CkksError(f"{what} carries no public key")
+
+
+def _context_degree(ctx: ts.Context) -> int:
+    return int(ctx.seal_context().data.key_context_data().parms().poly_modulus_degree())
+
+
+def _check_params(ctx: ts.Context, params: CkksParams, what: str) -> None:
+    """Refuse a context whose parameters differ from the configured ones (a weaker key, a wrong scale)."""
+    parms = ctx.seal_context().data.key_context_data().parms()
+    if getattr(parms.scheme(), "name", None) != "CKKS":
+        raise CkksError(f"{what} is not a CKKS context")
+    bits = tuple(int(m.bit_count()) for m in parms.coeff_modulus())
+    if int(parms.poly_modulus_degree()) != params.poly_modulus_degree or bits != params.coeff_mod_bit_sizes:
+        raise CkksError(f"{what} has degree {parms.poly_modulus_degree()} and moduli {bits}, expected "
+                        f"{params.poly_modulus_degree} and {params.coeff_mod_bit_sizes}")
+    try:
+        global_scale = ctx.global_scale
+    except _TENSEAL_ERRORS:
+        raise CkksError(f"{what} has no global scale") from None
+    if global_scale != params.scale:
+        raise CkksError(f"{what} has scale {global_scale!r}, expected 2**{params.scale_bits}")
+
+
+def _set_auto_flags(ctx: ts.Context) -> ts.Context:
+    """Rescale and mod-switch automatically, whatever the sender's flags said: :func:`scale` and
+    :func:`add` rely on both."""
+    ctx.auto_rescale = True
+    ctx.auto_mod_switch = True
+    ctx.auto_relin = True
+    return ctx
+
+
+def _load_context(data: object, params: CkksParams, secret: bool) -> ts.Context:
+    what = "secret context" if secret else "public context"
+    raw = _check_bytes(data, params.max_ciphertext_bytes, what)
+    _check_context_layout(raw, secret)
+    try:
+        ctx = ts.context_from(raw)
+    except _TENSEAL_ERRORS as error:
+        raise CkksError(f"{what} does not parse: {_one_line(error)}") from None
+    if ctx.is_private() != secret:
+        raise CkksError(f"{what} {'lacks' if secret else 'carries'} a secret key")
+    if not ctx.has_public_key():
+        raise CkksError(f"{what} carries no public key")
+    _check_params(ctx, params, what)
+    return _set_auto_flags(ctx)
+
+
+def new_secret_context(params: CkksParams = DEFAULT_PARAMS) -> ts.Context:
+    """A fresh CKKS key pair for the key-holder silo, global scale set.
+
+    No Galois keys are generated: we only add and multiply by scalars, never rotate. (TenSEAL
+    always creates relinearization keys too; they are never serialized by this module.)
+    """
+    if not isinstance(params, CkksParams):
+        raise CkksError(f"params must be CkksParams, got {type(params).__name__}")
+    try:
+        ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=params.poly_modulus_degree,
+                         coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
+    except _TENSEAL_ERRORS as error:
+        raise CkksError(f"SEAL refuses CKKS parameters {params}: {_one_line(error)}") from None
+    ctx.global_scale = params.scale
+    return _set_auto_flags(ctx)
+
+
+def public_context_bytes(secret_ctx: ts.Context) -> bytes:
+    """The context without the secret key (and without evaluation keys): what the aggregator and
+    the other silos receive. Enough to encrypt, add and scale; useless for decrypting."""
+    _check_context(secret_ctx)
+    return secret_ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False,
+                                save_relin_keys=False)
+
+
+def load_public_context(data: bytes, params: CkksParams = DEFAULT_PARAMS) -> ts.Context:
+    """Parse a public context from untrusted bytes; refuse one that carries a secret key.
+
+    A silo that received a context carrying the key holder's secret key could decrypt everyone's
+    vectors, and an aggregator that did could too; refusing makes that mistake loud. Parameters
+    must equal ``params``, so nobody can get silos to encrypt under a weaker key. Authenticity is
+    not checked here: an aggregator that swaps in its own public key reads every vector, so callers
+    must pin the context (e.g. a digest signed by the key holder) before encrypting under it.
+    """
+    return _load_context(data, params, secret=False)
+
+
+def secret_context_bytes(ctx: ts.Context) -> bytes:
+    """The key holder's context WITH its secret key, for its own storage.
+
+    Never send these bytes to the aggregator: with them it decrypts every silo's vector. In the
+    protocol they travel only between silos (e.g. to a successor key holder), encrypted under the
+    pairwise keys of :mod:`crypto.key_agreement`.
+    """
+    _check_context(ctx)
+    if not ctx.is_private():
+        raise CkksError("context holds no secret key")
+    return ctx.serialize(save_public_key=True, save_secret_key=True, save_galois_keys=False,
+                         save_relin_keys=False)
+
+
+def load_secret_context(data: bytes, params: CkksParams = DEFAULT_PARAMS) -> ts.Context:
+    """Parse a context written by :func:`secret_context_bytes`; refuse one without a secret key."""
+    return _load_context(data, params, secret=True)
+
+
+# --- ciphertexts ---------------------------------------------------------------------------------
+
+def _check_context(ctx: object) -> None:
+    if not isinstance(ctx, ts.Context):
+        raise CkksError(f"context must be a tenseal.Context, got {type(ctx).__name__}")
+
+
+def _slots(ctx: ts.Context) -> int:
+    return _context_degree(ctx) // 2
+
+
+def _global_scale(ctx: ts.Context) -> float:
+    try:
+        return float(ctx.global_scale)
+    except _TENSEAL_ERRORS:
+        raise CkksError("context has no global scale; build it with new_secret_context") from None
+
+
+def _chunk_layout(data: bytes, slots: int, expected_scale: float) -> int:
+    """Number of floats in one serialized chunk, refusing anything but one ciphertext at ``expected_scale``.
+
+    TenSEAL's vector format lists chunk sizes and ciphertexts separately and indexes one by the
+    other without bounds checks, so a mismatched or oversized list reads out of bounds.
+    """
+    sizes: list[int] = []
+    ciphertexts = 0
+    scales: list[float] = []
+    for field, wire, value in _wire_fields(data, "ciphertext"):
+        if field == 1 and wire == _WIRE_VARINT:
+            sizes.append(int(value))
+        elif field == 1 and wire == _WIRE_BYTES:
+            sizes.extend(_packed_varints(value, "ciphertext"))
+        elif field == 2 and wire == _WIRE_BYTES:
+            ciphertexts += 1
+        elif field == 3 and wire == _WIRE_FIXED64:
+            scales.append(_double(value))
+        else:
+            raise CkksError(f"ciphertext has unexpected field {field} (wire type {wire})")
+    if ciphertexts != 1 or len(sizes) != 1:
+        raise CkksError(f"ciphertext chunk must hold 1 ciphertext and 1 size, got {ciphertexts} and {len(sizes)}")
+    if not 1 <= sizes[0] <= slots:
+        raise CkksError(f"ciphertext chunk claims {sizes[0]} floats, limit is {slots}")
+    if scales != [expected_scale]:
+        raise CkksError(f"ciphertext chunk has scale {scales}, expected {expected_scale!r}")
+    return sizes[0]
+
+
+def _load_chunk(ctx: ts.Context, data: object, max_bytes: int) -> ts.CKKSVector:
+    """Parse one untrusted chunk, checking size, layout and what SEAL decoded."""
+    raw = _check_bytes(data, max_bytes, "ciphertext")
+    expected_scale = _global_scale(ctx)
+    length = _chunk_layout(raw, _slots(ctx), expected_scale)
+    try:
+        vector = ts.ckks_vector_from(ctx, raw)
+        ciphertexts = vector.ciphertext()
+    except _TENSEAL_ERRORS as error:
+        raise CkksError(f"ciphertext does not parse: {_one_line(error)}") from None
+    if vector.size() != length or len(ciphertexts) != 1:
+        raise CkksError("ciphertext chunk does not match its declared layout")
+    ct = ciphertexts[0]
+    if ct.size() != 2 or ct.scale != expected_scale or not ct.is_ntt_form():
+        raise CkksError(f"ciphertext chunk has {ct.size()} polynomials at scale {ct.scale!r}; "
+                        f"expected 2 in NTT form at {expected_scale!r}")
+    return vector
+
+
+def _check_chunks(chunks: object, what: str) -> Sequence[bytes]:
+    if not isinstance(chunks, (list, tuple)) or not chunks:
+        raise CkksError(f"{what} must be a non-empty list of serialized chunks")
+    return chunks
+
+
+def encrypt(ctx: ts.Context, vector: np.ndarray) -> list[bytes]:
+    """The 1-D float vector in ``slots``-sized chunks, each a serialized CKKS ciphertext.
+
+    Works with the public context (every silo encrypts under the key holder's public key).
+    Refuses non-finite values: a NaN or infinity has no fixed-point encoding and would poison the
+    whole sum without anyone being able to tell which silo sent it.
+    """
+    _check_context(ctx)
+    values = np.asarray(vector, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise CkksError(f"can only encrypt a non-empty 1-D vector, got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise CkksError(f"cannot encrypt non-finite values ({int(np.sum(~np.isfinite(values)))} of {values.size})")
+    _global_scale(ctx)
+    slots = _slots(ctx)
+    try:
+        return [ts.ckks_vector(ctx, values[start : start + slots]).serialize()
+                for start in range(0, values.size, slots)]
+    except _TENSEAL_ERRORS as error:
+        raise CkksError(f"encryption failed: {_one_line(error)}") from None
+
+
+def add(ctx: ts.Context, a: list[bytes], b: list[bytes], *,
+        max_bytes: int = MAX_CIPHERTEXT_BYTES) -> list[bytes]:
+    """Chunk-wise homomorphic sum of two encrypted vectors of the same length.
+
+    Needs only the public context: this is the aggregator's side. Add terms that have had the same
+    number of :func:`scale` calls (see the module docstring on levels).
+    """
+    _check_context(ctx)
+    a, b = _check_chunks(a, "left operand"), _check_chunks(b, "right operand")
+    if len(a) != len(b):
+        raise CkksError(f"cannot add vectors of {len(a)} and {len(b)} chunks")
+    out = []
+    for left, right in zip(a, b, strict=True):
+        x, y = _load_chunk(ctx, left, max_bytes), _load_chunk(ctx, right, max_bytes)
+        if x.size() != y.size():
+            raise CkksError(f"cannot add chunks of {x.size()} and {y.size()} floats")
+        try:
+            out.append((x + y).serialize())
+        except _TENSEAL_ERRORS as error:
+            raise CkksError(f"homomorphic add failed: {_one_line(error)}") from None
+    return out
+
+
+def scale(ctx: ts.Context, a: list[bytes], factor: float, *,
+          max_bytes: int = MAX_CIPHERTEXT_BYTES) -> list[bytes]:
+    """Every chunk multiplied by the plaintext scalar ``factor`` (e.g. a silo's aggregation weight).
+
+    Needs only the public context. Uses one level: the default parameters allow two such
+    multiplications per ciphertext and refuse a third, but only the first keeps ample headroom
+    (module docstring). ``factor`` is itself encoded at ``2**scale_bits``, so factors below
+    ``2**-(scale_bits + 1)`` in magnitude round to zero and the result encrypts zeros.
+    """
+    _check_context(ctx)
+    a = _check_chunks(a, "operand")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float, np.floating, np.integer)):
+        raise CkksError(f"scale factor must be a real number, got {factor!r}")
+    if not math.isfinite(float(factor)):
+        raise CkksError(f"scale factor must be finite, got {factor!r}")
+    out = []
+    for data in a:
+        vector = _load_chunk(ctx, data, max_bytes)
+        try:
+            out.append((vector * float(factor)).serialize())
+        except _TENSEAL_ERRORS as error:
+            raise CkksError(f"homomorphic scale failed (no level left?): {_one_line(error)}") from None
+    return out
+
+
+def _release(values: np.ndarray, frac_bits: int) -> np.ndarray:
+    """Round to multiples of ``2**-frac_bits``: drops the low-order noise bits a key-recovery attack needs."""
+    return np.ldexp(np.rint(np.ldexp(values, frac_bits)), -frac_bits)
+
+
+def decrypt_sum(secret_ctx: ts.Context, chunks: list[bytes], length: int, contributors: int,
+                min_group_size: int, *, release_frac_bits: int = RELEASE_FRAC_BITS,
+                max_bytes: int = MAX_CIPHERTEXT_BYTES) -> np.ndarray:
+    """Decrypt an aggregated vector of ``length`` floats, if it claims at least ``min_group_size`` terms.
+
+    What this guarantees: the key holder never decrypts anything whose claimed group is smaller than
+    ``min_group_size``, nor a vector whose chunk count or chunk sizes do not match ``length``; the
+    output is rounded to a ``2**-release_frac_bits`` grid (module docstring, "Releasing
+    decryptions"), which adds at most ``2**-(release_frac_bits + 1)`` absolute error.
+
+    What it does not guarantee: ``contributors`` is the aggregator's claim, and a ciphertext carries
+    no record of how many vectors were summed into it. The check therefore protects against an
+    honest aggregator's mistakes (a group that shrank below the minimum after dropouts) and turns a
+    dishonest aggregator's lie (one silo's ciphertext passed off as a group sum) into explicit
+    protocol misbehaviour, a false statement in its request, rather than a permitted action; it
+    does not prevent the lie. The real guarantee needs the aggregator to prove membership: silos
+    sign (round label, group, digest of their ciphertext), and the key holder checks
+    ``min_group_size`` distinct valid signatures and that the sum is the sum of exactly those
+    ciphertexts, which takes recomputing it (so the key holder then sees individual ciphertexts and
+    must be trusted not to decrypt them), a proof of correct aggregation, or threshold decryption
+    in which each silo's partial decryption is its consent to that exact sum.
+    """
+    _check_context(secret_ctx)
+    for name, value in (("length", length), ("contributors", contributors), ("min_group_size", min_group_size),
+                        ("release_frac_bits", release_frac_bits)):
+        if not _is_int(value):
+            raise CkksError(f"{name} must be an int, got {value!r}")
+    if not 0 <= release_frac_bits <= 52:
+        raise CkksError(f"release_frac_bits must be in [0, 52], got {release_frac_bits}")
+    if min_group_size < 1:
+        raise CkksError(f"min_group_size must be at least 1, got {min_group_size}")
+    if contributors < min_group_size:
+        raise CkksError(f"refusing to decrypt a sum of {contributors} contributors; "
+                        f"min_group_size is {min_group_size}")
+    if not secret_ctx.is_private():
+        raise CkksError("context holds no secret key; only the key-holder silo can decrypt")
+    if length < 1:
+        raise CkksError(f"length must be positive, got {length}")
+    chunks = _check_chunks(chunks, "encrypted sum")
+    slots = _slots(secret_ctx)
+    expected = -(-int(length) // slots)
+    if len(chunks) != expected:
+        raise CkksError(f"encrypted sum has {len(chunks)} chunks; {length} floats need {expected}")
+    out = np.empty(int(length), dtype=np.float64)
+    for index, data in enumerate(chunks):
+        vector = _load_chunk(secret_ctx, data, max_bytes)
+        start = index * slots
+        want = min(slots, int(length) - start)
+        if vector.size() != want:
+            raise CkksError(f"chunk {index} holds {vector.size()} floats, expected {want}")
+        try:
+            out[start : start + want] = vector.decrypt()
+        except _TENSEAL_ERRORS as error:
+            raise CkksError(f"decryption failed: {_one_line(error)}") from None
+    return _release(out, int(release_frac_bits))
