@@ -36,18 +36,37 @@ class Coefficients:
 UnitSums = Mapping[str, Mapping[int, GroupSum]]
 
 
+def total_weight(groups: Mapping[int, GroupSum]) -> float:
+    return float(sum(g.weight for g in groups.values()))
+
+
 def weighted_mean(groups: Mapping[int, GroupSum]) -> np.ndarray:
-    weight = sum(g.weight for g in groups.values())
+    weight = total_weight(groups)
     if weight <= 0:
         raise ProtocolError("no weight in any group; nothing to average")
     return (sum(g.vector.astype(np.float64) for g in groups.values()) / weight).astype(np.float32)
 
 
+def merge_small_groups(sums: UnitSums, min_group_size: int) -> dict[str, dict[int, GroupSum]]:
+    """One group per unit wherever a group ended up smaller than ``min_group_size`` (upload dropouts):
+    the aggregator never uses a sum over fewer silos than that while another group exists."""
+    out: dict[str, dict[int, GroupSum]] = {}
+    for unit, groups in sums.items():
+        if len(groups) > 1 and min(g.count for g in groups.values()) < min_group_size:
+            merged = GroupSum(sum(g.vector.astype(np.float64) for g in groups.values()).astype(np.float32),
+                              total_weight(groups), sum(g.count for g in groups.values()))
+            out[unit] = {0: merged}
+        else:
+            out[unit] = dict(groups)
+    return out
+
+
 class PlaintextAccumulator:
     """Adds payloads as they arrive (mode: none): one running sum per (unit, group), none per silo."""
 
-    def __init__(self, unit_sizes: Mapping[str, int], plan: Coefficients):
+    def __init__(self, unit_sizes: Mapping[str, int], plan: Coefficients, clip_norm: float = 0.0):
         self._plan = plan
+        self._clip = clip_norm
         self._sizes = dict(unit_sizes)
         self._sums: dict[tuple[str, int], np.ndarray] = {}
         self._weights: dict[tuple[str, int], float] = {}
@@ -65,6 +84,11 @@ class PlaintextAccumulator:
             if not np.all(np.isfinite(vec)):
                 raise ProtocolError(f"silo {silo!r}: unit {unit} contains NaN or infinity", "INVALID_ARGUMENT")
         alpha, group = self._plan.alpha[silo], self._plan.group[silo]
+        if self._clip > 0:  # every delta was clipped to C, so ||alpha * delta|| <= alpha * C
+            for unit, vec in payload.items():
+                bound = abs(alpha[unit]) * self._clip * (1 + 1e-3) + 1e-6
+                if float(np.linalg.norm(vec.astype(np.float64))) > bound:
+                    raise ProtocolError(f"silo {silo!r}: unit {unit} exceeds alpha * clip_norm", "INVALID_ARGUMENT")
         for unit, vec in payload.items():
             key = (unit, group[unit])
             if key not in self._sums:

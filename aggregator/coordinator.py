@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.accumulate import Coefficients, PlaintextAccumulator
+from aggregator.accumulate import Coefficients, PlaintextAccumulator, merge_small_groups
 from aggregator.checkpoint import save_checkpoint
 from aggregator.metrics import DomainPool, MetricsLog
 from aggregator.rounds import Event, Phase, RoundMachine
 from aggregator.strategies import RoundPlan, SiloReport, Strategy
 from fcmoe.config import Config
-from fcmoe.errors import CodecError, ProtocolError
+from fcmoe.errors import CodecError, ConfigError, ProtocolError
 from fcmoe.logs import log_event
 from protos import codec
 from protos import fcmoe_pb2 as pb
@@ -62,6 +62,7 @@ class Coordinator:
             created_at=clock(),
             upload_timeout_s=fed.upload_timeout_s,
         )
+        self._check_report_fits()
         self.global_units = {k: np.asarray(v, dtype=np.float32) for k, v in initial_global.items()}
         self.metrics = MetricsLog(output_dir)
         self.plan: RoundPlan | None = None
@@ -71,6 +72,15 @@ class Coordinator:
         self._round_started = 0.0
         self._bytes_down: dict[str, int] = {}
         self._cv = threading.Condition()
+
+    def _check_report_fits(self) -> None:
+        """A round report (all sketches) is one message: refuse a configuration it cannot fit in."""
+        buckets = self.strategy.configure_round(1, self.config.federation.local, 0).sketch_buckets
+        size = len(self.unit_sizes) * (4 * buckets + 160) + 64 * 1024
+        if buckets and size > codec.MAX_MESSAGE_BYTES:
+            raise ConfigError(
+                f"federation.strategy.fcmoe.sketch_buckets = {buckets}: reports of {len(self.unit_sizes)} units "
+                f"would take ~{size} bytes, over the {codec.MAX_MESSAGE_BYTES}-byte message limit; use fewer buckets")
 
     # -- specs ---------------------------------------------------------------------------------
     def unit_specs(self) -> dict[str, TensorSpec]:
@@ -134,6 +144,7 @@ class Coordinator:
         """Phase 1: validate and keep what the strategy needs to weigh this silo."""
         self._check_run(report.run_id)
         self._check_layout(report.layout_hash)
+        _check_evaluation(report.evaluation)
         units = list(self.unit_sizes)
         if list(report.units) != units or len(report.routing_share) != len(units):
             raise ProtocolError("report units or routing shares do not match the layout", "INVALID_ARGUMENT")
@@ -182,10 +193,11 @@ class Coordinator:
                    nbytes: int) -> None:
         """Phase 2: the payload goes into the group sums and nowhere else."""
         with self._cv:
-            self.machine.check_upload(silo, header.round, self.clock())
+            now = self.clock()  # one reading: a payload is either refused or counted, never both
+            self.machine.check_upload(silo, header.round, now)
             assert self._accumulator is not None
             self._accumulator.add(silo, payload)
-            self.machine.record_upload(silo, header.round, self.clock())
+            self.machine.record_upload(silo, header.round, now)
             self.metrics.record(header.round).per_silo.setdefault(silo, {})["bytes_up"] = nbytes
             self._cv.notify_all()
         log_event(log, "update_accepted", silo=silo, round=header.round, bytes=nbytes)
@@ -193,6 +205,7 @@ class Coordinator:
     def add_evaluation(self, silo: str, report: pb.EvalReport) -> None:
         self._check_run(report.run_id)
         self._check_layout(report.layout_hash)
+        _check_evaluation(report.evaluation)
         with self._cv:
             self.machine.record_evaluation(silo, report.round)
             self.metrics.record(report.round).global_pool.add(report.evaluation.global_model)
@@ -237,16 +250,31 @@ class Coordinator:
         m = self.machine
         reports = {s: r for s, r in self._reports.items() if s in m.reported}
         self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports)
-        self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients)
+        clip = self.plan.local.clip_norm if self.plan else 0.0
+        self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients, clip)
         m.open_upload(self.clock())
         log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
 
     def _close_round(self) -> None:
         m = self.machine
         assert self._accumulator is not None
-        sums = self._accumulator.result()
+        sums = merge_small_groups(self._accumulator.result(), self.config.federation.min_group_size)
         contributors = len(self._accumulator.members)
-        self.global_units = self.strategy.aggregate(m.round, self.global_units, sums)
+        try:
+            new_global = self.strategy.aggregate(m.round, self.global_units, sums)
+            bad = next((u for u, v in new_global.items() if not np.all(np.isfinite(v))), None)
+            if bad is not None:
+                raise ProtocolError(f"aggregate of unit {bad} is not finite")
+        except (ProtocolError, ValueError, FloatingPointError) as exc:
+            event = m.fail_round(self.clock(), f"aggregation failed ({exc})")
+            log_event(log, "aggregation_failed", level=logging.ERROR, round=m.round, reason=str(exc),
+                      next=event.value)
+            if event == Event.ROUND_RETRY:
+                self._open_round(event)
+            else:
+                self._finish(event)
+            return
+        self.global_units = new_global
         elapsed = self.clock() - self._round_started
         rec = self.metrics.record(m.round)
         slowest = max((s["train_seconds"] for s in rec.per_silo.values()), default=0.0)
@@ -292,3 +320,18 @@ class Coordinator:
     def _check_layout(self, layout_hash: str) -> None:
         if layout_hash != self.layout_hash:
             raise ProtocolError(f"layout hash {layout_hash[:12]!r} does not match", "FAILED_PRECONDITION")
+
+
+MAX_DOMAINS = 256
+MAX_DOMAIN_NAME = 64
+
+
+def _check_evaluation(evaluation: pb.Evaluation) -> None:
+    """Bound what a silo's evaluation can make the aggregator store and compute."""
+    for name, entries in (("global_model", evaluation.global_model), ("local_model", evaluation.local_model)):
+        if len(entries) > MAX_DOMAINS:
+            raise ProtocolError(f"evaluation.{name}: {len(entries)} domains, at most {MAX_DOMAINS}", "INVALID_ARGUMENT")
+        for e in entries:
+            if not 0 < len(e.domain) <= MAX_DOMAIN_NAME or e.tokens <= 0 or not np.isfinite(e.loss_sum) or e.loss_sum < 0:
+                raise ProtocolError(f"evaluation.{name}: bad entry for domain {e.domain[:MAX_DOMAIN_NAME]!r}",
+                                    "INVALID_ARGUMENT")

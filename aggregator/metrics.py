@@ -73,9 +73,7 @@ class MetricsLog:
         rows = self.rows()
         write_atomic(self.directory / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         flat = [{k: v for k, v in r.items() if k != "silos"} for r in rows]
-        columns: list[str] = []
-        for r in flat:
-            columns += [k for k in r if k not in columns]
+        columns = list(dict.fromkeys(k for r in flat for k in r))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns)
         writer.writeheader()

@@ -144,9 +144,18 @@ class RoundMachine:
             return event
         if now <= self.deadline:
             return None
+        return self._retry_or_abort(now, f"{len(got)} of {len(expected)} answered in {self.phase.value}, "
+                                         f"quorum {self.quorum}")
+
+    def fail_round(self, now: float, reason: str) -> Event:
+        """The caller could not aggregate (e.g. a non-finite result): redo the round or give up."""
+        if self.phase != Phase.AGGREGATING:
+            raise ProtocolError(f"fail_round in phase {self.phase.value}")
+        return self._retry_or_abort(now, reason)
+
+    def _retry_or_abort(self, now: float, reason: str) -> Event:
         if self.retries >= self.max_retries:
-            return self._abort(f"round {self.round}: {len(got)} of {len(expected)} answered in "
-                               f"{self.phase.value}, quorum {self.quorum}, after {self.retries + 1} attempts")
+            return self._abort(f"round {self.round}: {reason}, after {self.retries + 1} attempts")
         self.retries += 1
         self._start_round(self.round, now)
         return Event.ROUND_RETRY

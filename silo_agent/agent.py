@@ -147,7 +147,10 @@ class SiloAgent:
     def _train_and_report(self, task: pb.Task) -> None:
         t = task.train
         t0 = time.perf_counter()
-        global_units = self._download(task.round - 1)
+        fetched: list[dict[str, np.ndarray]] = []
+        if self._refused("download", task.round, lambda: fetched.append(self._download(task.round - 1))):
+            return
+        global_units = fetched[0]
         self._load(global_units)
         t1 = time.perf_counter()
         global_eval = self._evaluate()
@@ -196,7 +199,9 @@ class SiloAgent:
     def _upload(self, task: pb.Task) -> None:
         pending = self.pending
         if pending is None or pending.round != task.round:
+            # e.g. restarted after reporting: nothing to send; wait for the phase to move on, do not spin
             log_event(log, "upload_without_training", level=logging.WARNING, round=task.round)
+            time.sleep(min(5.0, max(0.5, task.deadline_unix - time.time())))
             return
         coefficients = dict(zip(task.upload.units, task.upload.coefficients))
         if list(coefficients) != list(self.specs):
@@ -222,10 +227,15 @@ class SiloAgent:
         return False
 
     def _final_evaluation(self, task: pb.Task) -> None:
-        self._load(self._download(task.round))
+        fetched: list[dict[str, np.ndarray]] = []
+        if self._refused("download", task.round, lambda: fetched.append(self._download(task.round))):
+            return
+        self._load(fetched[0])
         result = self._evaluate()
-        self.client.report(pb.EvalReport(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
-                                         evaluation=pb.Evaluation(global_model=_domain_losses(result))))
+        report = pb.EvalReport(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
+                               evaluation=pb.Evaluation(global_model=_domain_losses(result)))
+        if self._refused("evaluation", task.round, lambda: self.client.report(report)):
+            return
         log_event(log, "final_evaluation_sent", version=task.round, global_loss=_mean_loss(result))
 
 

@@ -27,7 +27,9 @@ from protos import fcmoe_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# RESOURCE_EXHAUSTED is not retried: gRPC uses it for a message over the size limit, which a retry
+# of the same message cannot fix.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),

@@ -120,6 +120,11 @@ def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator
         (report(num_examples=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
         (report(routing_share=[1.0]), grpc.StatusCode.INVALID_ARGUMENT, "routing shares"),
         (report(round=2), grpc.StatusCode.FAILED_PRECONDITION, "round 2"),
+        (report(evaluation=pb.Evaluation(global_model=[pb.DomainLoss(domain="d", loss_sum=float("nan"), tokens=3)])),
+         grpc.StatusCode.INVALID_ARGUMENT, "bad entry"),
+        (report(evaluation=pb.Evaluation(local_model=[pb.DomainLoss(domain=str(i), loss_sum=1.0, tokens=1)
+                                                      for i in range(300)])),
+         grpc.StatusCode.INVALID_ARGUMENT, "at most 256"),
         (report(sketches=list(codec.encode({units[0]: np.ones(4, np.float32)}))), grpc.StatusCode.INVALID_ARGUMENT,
          "no sketches"),
     ]:

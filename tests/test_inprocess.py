@@ -43,3 +43,17 @@ def test_in_process_is_deterministic(tmp_path):
     b = run_in_process(*_configs(tmp_path / "b", {"name": "fedavg"}))
     for unit, vec in a.global_units.items():
         np.testing.assert_array_equal(vec, b.global_units[unit])
+
+
+def test_sketches_that_cannot_fit_a_report_are_refused_at_start(tmp_path):
+    import pytest
+
+    from aggregator.coordinator import Coordinator
+    from aggregator.strategies import build_strategy
+    from fcmoe.errors import ConfigError
+
+    config = smoke_config(tmp_path, strategy={"name": "fcmoe", "fcmoe": {"sketch_buckets": 1 << 20}})
+    units = {f"L0.E{e}": 8 for e in range(8)}
+    with pytest.raises(ConfigError, match="sketch_buckets = 1048576"):
+        Coordinator(config, "h", "f", units, {u: np.zeros(8, np.float32) for u in units},
+                    build_strategy(config.federation.strategy), tmp_path)

@@ -121,6 +121,25 @@ def test_below_quorum_retries_same_round_then_aborts():
     assert "quorum" in m.outcome and m.version == 0
 
 
+def test_failed_aggregation_redoes_the_round_then_aborts():
+    m = started(max_retries=1)
+    run = lambda: [m.record_report(s, m.round, 1) for s in "abc"]  # noqa: E731
+    run()
+    m.poll(1)
+    m.open_upload(1)
+    for s in "abc":
+        m.record_upload(s, 1, 1)
+    assert m.poll(1) == Event.CLOSE_ROUND
+    assert m.fail_round(2, "not finite") == Event.ROUND_RETRY and m.round == 1 and m.version == 0
+    run()
+    m.poll(2)
+    m.open_upload(2)
+    for s in "abc":
+        m.record_upload(s, 1, 2)
+    m.poll(2)
+    assert m.fail_round(3, "not finite") == Event.ABORTED and "not finite" in m.outcome
+
+
 def test_join_timeout_aborts():
     m = machine()
     m.join("a")

@@ -96,5 +96,27 @@ def test_accumulator_refuses_bad_payloads_and_keeps_only_group_sums():
         acc.add("b", {"v": np.ones(2, np.float32)})
     result = acc.result()
     assert set(result["u"]) == {0} and result["u"][0].count == 1  # refused payloads left no trace
-    assert not hasattr(acc, "payloads") and set(vars(acc)) == {"_plan", "_sizes", "_sums", "_weights", "_counts",
-                                                                "_members"}
+    assert not hasattr(acc, "payloads") and set(vars(acc)) == {"_plan", "_clip", "_sizes", "_sums", "_weights",
+                                                                "_counts", "_members"}
+
+
+def test_accumulator_bounds_payload_norm_by_alpha_times_clip():
+    plan = Coefficients({"a": {"u": 0.5}}, {"a": {"u": 0}})
+    acc = PlaintextAccumulator({"u": 2}, plan, clip_norm=1.0)
+    with pytest.raises(ProtocolError, match="alpha \\* clip_norm"):
+        acc.add("a", {"u": np.array([3e38, 0.0], np.float32)})  # finite, but no clipped delta is that large
+    acc.add("a", {"u": np.array([0.3, 0.4], np.float32)})  # norm 0.5 = alpha * C
+    assert acc.result()["u"][0].count == 1
+
+
+def test_small_groups_are_merged_and_weightless_units_stay_unchanged():
+    from aggregator.accumulate import GroupSum, merge_small_groups
+
+    sums = {"u": {0: GroupSum(np.ones(2, np.float32), 2.0, 3), 1: GroupSum(np.ones(2, np.float32), 1.0, 1)},
+            "v": {0: GroupSum(np.ones(2, np.float32), 1.0, 3), 1: GroupSum(np.ones(2, np.float32), 1.0, 3)}}
+    merged = merge_small_groups(sums, min_group_size=3)
+    assert list(merged["u"]) == [0] and merged["u"][0].count == 4 and merged["u"][0].weight == 3.0
+    assert merged["u"][0].vector.tolist() == [2.0, 2.0] and list(merged["v"]) == [0, 1]
+    x = {"w": np.ones(2, np.float32)}
+    out = FedAvg().aggregate(1, x, {"w": {0: GroupSum(np.zeros(2, np.float32), 0.0, 2)}})
+    assert out["w"].tolist() == [1.0, 1.0]  # nobody weighted it: unchanged, no crash

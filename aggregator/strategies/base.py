@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggregator.accumulate import Coefficients, UnitSums, weighted_mean
+from aggregator.accumulate import Coefficients, UnitSums, total_weight, weighted_mean
 from aggregator.server_optim import sgd_step
 from fcmoe.config import LocalTrainingConfig
 
@@ -68,8 +68,8 @@ class Strategy(ABC):
         return sgd_step(x, update, self.server_lr)
 
     def aggregate(self, round_: int, global_units: Mapping[str, np.ndarray], sums: UnitSums) -> dict[str, np.ndarray]:
-        """Next global model; a unit no silo contributed to stays as it is."""
-        return {u: self.apply(u, x, self.combine(u, sums[u])) if sums.get(u) else x
+        """Next global model; a unit no silo contributed weight to stays as it is."""
+        return {u: self.apply(u, x, self.combine(u, sums[u])) if sums.get(u) and total_weight(sums[u]) > 0 else x
                 for u, x in global_units.items()}
 
     def state_arrays(self) -> dict[str, np.ndarray]:
