@@ -71,6 +71,7 @@ class Coordinator:
         self._accumulator: PlaintextAccumulator | None = None
         self._round_started = 0.0
         self._bytes_down: dict[str, int] = {}
+        self._uploading: set[str] = set()  # silos with an update stream in flight (one each)
         self._cv = threading.Condition()
 
     def _check_report_fits(self) -> None:
@@ -181,13 +182,23 @@ class Coordinator:
             self._cv.notify_all()
         log_event(log, "report_accepted", silo=silo, round=report.round, bytes=report.ByteSize())
 
-    def check_update_header(self, silo: str, header: pb.UpdateHeader) -> None:
+    def begin_update(self, silo: str, header: pb.UpdateHeader) -> float:
+        """Admit one update stream per silo (each buffers up to a model's size); returns its deadline.
+        The caller must call :meth:`end_update` when the stream ends, however it ends."""
         self._check_run(header.run_id)
         self._check_layout(header.layout_hash)
         if list(header.units) != list(self.unit_sizes):
             raise ProtocolError("update lists units that differ from the layout", "INVALID_ARGUMENT")
         with self._cv:
             self.machine.check_upload(silo, header.round, self.clock())
+            if silo in self._uploading:
+                raise ProtocolError(f"silo {silo!r} already has an update in flight", "ALREADY_EXISTS")
+            self._uploading.add(silo)
+            return self.machine.deadline
+
+    def end_update(self, silo: str) -> None:
+        with self._cv:
+            self._uploading.discard(silo)
 
     def add_update(self, silo: str, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray],
                    nbytes: int) -> None:

@@ -100,14 +100,19 @@ class FederationService(pb_grpc.FederationServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header")
         header = first.header
-        self.coordinator.check_update_header(silo, header)
-        assembler = codec.TensorAssembler(self.coordinator.unit_specs())
-        for message in request_iterator:
-            if message.WhichOneof("part") != "chunk":
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks may follow the header")
-            assembler.add(message.chunk)
-        payload = assembler.finish()
-        self.coordinator.add_update(silo, header, payload, assembler.bytes_received)
+        deadline = self.coordinator.begin_update(silo, header)
+        try:
+            assembler = codec.TensorAssembler(self.coordinator.unit_specs())
+            for message in request_iterator:
+                if message.WhichOneof("part") != "chunk":
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks may follow the header")
+                if self.coordinator.clock() > deadline:
+                    raise _Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {header.round} upload deadline passed")
+                assembler.add(message.chunk)
+            payload = assembler.finish()
+            self.coordinator.add_update(silo, header, payload, assembler.bytes_received)
+        finally:
+            self.coordinator.end_update(silo)
         return pb.SubmitReply(accepted=True, message="accepted", bytes_received=assembler.bytes_received)
 
     def DownloadGlobal(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:

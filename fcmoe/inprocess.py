@@ -66,11 +66,14 @@ class InProcessTransport:
 
     def submit(self, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray]) -> pb.SubmitReply:
         def send() -> pb.SubmitReply:
-            self.coordinator.check_update_header(self.silo, header)
-            assembler = codec.TensorAssembler(self.coordinator.unit_specs())
-            for chunk in codec.encode(payload):
-                assembler.add(chunk)
-            self.coordinator.add_update(self.silo, header, assembler.finish(), assembler.bytes_received)
+            self.coordinator.begin_update(self.silo, header)
+            try:
+                assembler = codec.TensorAssembler(self.coordinator.unit_specs())
+                for chunk in codec.encode(payload):
+                    assembler.add(chunk)
+                self.coordinator.add_update(self.silo, header, assembler.finish(), assembler.bytes_received)
+            finally:
+                self.coordinator.end_update(self.silo)
             return pb.SubmitReply(accepted=True, bytes_received=assembler.bytes_received)
 
         return self._call("SubmitUpdate", send)

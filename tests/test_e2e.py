@@ -163,7 +163,21 @@ def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator
     assert coord.machine.version == 0 and "silo1" not in coord.machine.uploaded  # nothing of that counted
 
     msgs = [pb.UpdateMessage(header=header)] + [pb.UpdateMessage(chunk=c) for c in good]
-    assert stub.SubmitUpdate(iter(msgs), timeout=30).accepted
+    release = threading.Event()
+
+    def slow():  # an honest but slow stream: a second one from the same silo must wait its turn
+        yield from msgs[:2]
+        release.wait(30)
+        yield from msgs[2:]
+
+    first = stub.SubmitUpdate.future(slow(), timeout=60)
+    deadline = time.monotonic() + 20
+    while "silo1" not in coord._uploading and time.monotonic() < deadline:
+        time.sleep(0.05)
+    err = _submit(stub, header, good)
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "in flight" in err.details()
+    release.set()
+    assert first.result().accepted and "silo1" not in coord._uploading
     task = stub.GetTask(pb.TaskRequest(run_id=run_id, wait_s=25), timeout=40)
     assert task.kind == pb.Task.EVALUATE and task.round == 1
     stub.ReportEvaluation(pb.EvalReport(run_id=run_id, round=1, layout_hash=coord.layout_hash), timeout=10)
