@@ -57,3 +57,30 @@ def test_sketches_that_cannot_fit_a_report_are_refused_at_start(tmp_path):
     with pytest.raises(ConfigError, match="sketch_buckets = 1048576"):
         Coordinator(config, "h", "f", units, {u: np.zeros(8, np.float32) for u in units},
                     build_strategy(config.federation.strategy), tmp_path)
+
+
+def test_model_and_tokenizer_from_a_local_checkpoint_directory(tmp_path):
+    """A real deployment's path: model.source local (safetensors + config) and its AutoTokenizer."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fcmoe.config import BuiltinModelConfig, ModelConfig
+    from fcmoe.model.build import build_base_model
+
+    checkpoint = tmp_path / "olmoe-tiny"
+    base = ModelConfig(builtin=BuiltinModelConfig(family="olmoe", hidden_size=32, intermediate_size=64,
+                                                  num_heads=4, num_kv_heads=2, seed=3))
+    build_base_model(base).save_pretrained(checkpoint)
+    vocab = {tok: i for i, tok in enumerate(["</s>", "[UNK]", "=", "\n", *string.ascii_lowercase])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="[UNK]").save_pretrained(checkpoint)
+
+    config, silos = _configs(tmp_path, {"name": "fedavg"})
+    swap = lambda c: parse_config({**c.model_dump(mode="json"),  # noqa: E731
+                                   "model": {"source": "local", "path": str(checkpoint)}})
+    coord = run_in_process(swap(config), [swap(s) for s in silos])
+    rows = coord.metrics.rows()
+    assert coord.machine.succeeded and rows[-1]["global_loss"] < rows[0]["global_loss"]
