@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from fcmoe.fileio import write_atomic
 
@@ -47,11 +47,3 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     return final
 
-
-def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, object]]:
-    strategy_file = path / "strategy.safetensors"
-    return (
-        load_file(str(path / "global.safetensors")),
-        load_file(str(strategy_file)) if strategy_file.exists() else {},
-        json.loads((path / "state.json").read_text()),
-    )

@@ -103,10 +103,6 @@ class MetricsLog:
         return path
 
 
-def evaluation_losses(entries: Iterable[pb.DomainLoss]) -> dict[str, float]:
-    return {e.domain: e.loss_sum / e.tokens for e in entries if e.tokens > 0}
-
-
 def final_table(rows: list[Mapping[str, object]]) -> str:
     """Per-domain held-out loss: initial global, final global, final personalised (local)."""
     if not rows:

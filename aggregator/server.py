@@ -13,6 +13,7 @@ import grpc
 
 from aggregator.coordinator import Coordinator
 from aggregator.metrics import final_table
+from aggregator.service import FederationService
 from aggregator.strategies import build_strategy
 from crypto.pki import PkiPaths
 from crypto.tls import handshake_failures_logged, server_credentials
@@ -56,7 +57,7 @@ def start_aggregator(config: Config) -> RunningAggregator:
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.aggregator.max_workers),
                          options=GRPC_OPTIONS)
-    pb_grpc.add_FederationServicer_to_server(_service(coordinator), server)
+    pb_grpc.add_FederationServicer_to_server(FederationService(coordinator), server)
     address = f"{config.aggregator.host}:{config.aggregator.port}"
     port = server.add_secure_port(address, server_credentials(PkiPaths(config.aggregator.pki_dir)))
     if port == 0:
@@ -71,12 +72,6 @@ def start_aggregator(config: Config) -> RunningAggregator:
               layout=layout.hash[:12], units=len(layout.units), parameters=layout.num_parameters,
               strategy=config.federation.strategy.name, rounds=config.federation.rounds)
     return RunningAggregator(server, coordinator, port)
-
-
-def _service(coordinator: Coordinator):
-    from aggregator.service import FederationService
-
-    return FederationService(coordinator)
 
 
 def drive(coordinator: Coordinator, stop: threading.Event | None = None, tick_s: float = 0.05,

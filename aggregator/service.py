@@ -14,7 +14,7 @@ import grpc
 
 from aggregator.coordinator import Coordinator
 from crypto.tls import peer_common_name
-from fcmoe.errors import CodecError, FcMoeError, ProtocolError
+from fcmoe.errors import FcMoeError, ProtocolError
 from fcmoe.logs import log_event
 from protos import codec
 from protos import fcmoe_pb2 as pb
@@ -36,15 +36,18 @@ def _identify(context: grpc.ServicerContext) -> str:
     return name
 
 
+def status_for(exc: FcMoeError) -> grpc.StatusCode:
+    """The gRPC status a refusal is answered with (also used by the in-process transport)."""
+    if isinstance(exc, ProtocolError):
+        return getattr(grpc.StatusCode, exc.status, grpc.StatusCode.FAILED_PRECONDITION)
+    return grpc.StatusCode.INVALID_ARGUMENT  # codec, layout, config and other input errors
+
+
 def _refuse(context: grpc.ServicerContext, rpc: str, silo: str, exc: Exception):
     if isinstance(exc, _Refused):
         code, message = exc.code, str(exc)
-    elif isinstance(exc, ProtocolError):
-        code, message = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.FAILED_PRECONDITION), str(exc)
-    elif isinstance(exc, CodecError):
-        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     elif isinstance(exc, FcMoeError):
-        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        code, message = status_for(exc), str(exc)
     else:
         code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
         log.exception("rpc %s failed", rpc)

@@ -72,16 +72,6 @@ def _load_key(pem: bytes, what: str = "private key") -> ec.EllipticCurvePrivateK
     return key
 
 
-def load_certificate(path: Path) -> x509.Certificate:
-    """Read and parse a PEM certificate; :class:`PkiError` names the path on any failure."""
-    return _load_cert(read_pem(path), what=f"certificate {path}")
-
-
-def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """Read and parse an unencrypted PEM EC private key; :class:`PkiError` names the path."""
-    return _load_key(read_pem(path), what=f"private key {path}")
-
-
 def check_key_pair(cert_pem: bytes, key_pem: bytes, what: str = "certificate") -> None:
     """Raise :class:`PkiError` unless ``key_pem`` is the private key of ``cert_pem``."""
     cert = _load_cert(cert_pem, what)

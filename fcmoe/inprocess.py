@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-import grpc
 import numpy as np
 
 from aggregator.coordinator import Coordinator
 from aggregator.server import initial_state
+from aggregator.service import status_for
 from aggregator.strategies import build_strategy
 from fcmoe.config import Config
-from fcmoe.errors import FcMoeError, ProtocolError
+from fcmoe.errors import FcMoeError
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.agent import SiloAgent
@@ -36,10 +36,8 @@ class InProcessTransport:
     def _call(self, rpc: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
-        except ProtocolError as exc:
-            raise RpcFailure(rpc, getattr(grpc.StatusCode, exc.status), str(exc)) from None
         except FcMoeError as exc:
-            raise RpcFailure(rpc, grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise RpcFailure(rpc, status_for(exc), str(exc)) from None
 
     def join(self, request: pb.JoinRequest) -> pb.JoinReply:
         return self._call("Join", lambda: self.coordinator.join(self.silo, request))

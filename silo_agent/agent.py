@@ -133,8 +133,13 @@ class SiloAgent:
         finally:
             self.client.close()
 
-    def _download(self, version: int) -> dict[str, np.ndarray]:
-        units, nbytes = self.client.download(self.run_id, version, self.layout.hash, self.specs)
+    def _download(self, version: int, round_: int) -> dict[str, np.ndarray] | None:
+        """The global model of ``version``, or None when the round moved on meanwhile."""
+        fetched: list[tuple[dict[str, np.ndarray], int]] = []
+        if self._refused("download", round_, lambda: fetched.append(
+                self.client.download(self.run_id, version, self.layout.hash, self.specs))):
+            return None
+        units, nbytes = fetched[0]
         log_event(log, "global_received", version=version, bytes=nbytes)
         return units
 
@@ -147,10 +152,9 @@ class SiloAgent:
     def _train_and_report(self, task: pb.Task) -> None:
         t = task.train
         t0 = time.perf_counter()
-        fetched: list[dict[str, np.ndarray]] = []
-        if self._refused("download", task.round, lambda: fetched.append(self._download(task.round - 1))):
+        global_units = self._download(task.round - 1, task.round)
+        if global_units is None:
             return
-        global_units = fetched[0]
         self._load(global_units)
         t1 = time.perf_counter()
         global_eval = self._evaluate()
@@ -227,10 +231,10 @@ class SiloAgent:
         return False
 
     def _final_evaluation(self, task: pb.Task) -> None:
-        fetched: list[dict[str, np.ndarray]] = []
-        if self._refused("download", task.round, lambda: fetched.append(self._download(task.round))):
+        units = self._download(task.round, task.round)
+        if units is None:
             return
-        self._load(fetched[0])
+        self._load(units)
         result = self._evaluate()
         report = pb.EvalReport(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
                                evaluation=pb.Evaluation(global_model=_domain_losses(result)))
