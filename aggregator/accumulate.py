@@ -61,6 +61,28 @@ def merge_small_groups(sums: UnitSums, min_group_size: int) -> dict[str, dict[in
     return out
 
 
+def regroup(plan: Coefficients, silos: set[str] | frozenset[str], min_group_size: int) -> Coefficients:
+    """The plan restricted to ``silos`` (those still in the round), with one group per unit wherever
+    a group would otherwise be smaller than ``min_group_size``. Used before masked uploads, whose
+    group sums cannot be merged after the fact without unmasking the small group on its own."""
+    alpha = {s: dict(a) for s, a in plan.alpha.items() if s in silos}
+    group = {s: dict(g) for s, g in plan.group.items() if s in silos}
+    units = next(iter(group.values()), {}).keys()
+    for unit in units:
+        sizes: dict[int, int] = {}
+        for g in group.values():
+            sizes[g[unit]] = sizes.get(g[unit], 0) + 1
+        if len(sizes) > 1 and min(sizes.values()) < min_group_size:
+            for g in group.values():
+                g[unit] = 0
+    return Coefficients(alpha, group)
+
+
+def clip_bound(alpha: float, clip_norm: float) -> float:
+    """Largest norm ``alpha * delta`` may have when every delta was clipped to ``clip_norm``."""
+    return abs(alpha) * clip_norm * (1 + 1e-3) + 1e-6
+
+
 class PlaintextAccumulator:
     """Adds payloads as they arrive (mode: none): one running sum per (unit, group), none per silo."""
 
@@ -86,8 +108,7 @@ class PlaintextAccumulator:
         alpha, group = self._plan.alpha[silo], self._plan.group[silo]
         if self._clip > 0:  # every delta was clipped to C, so ||alpha * delta|| <= alpha * C
             for unit, vec in payload.items():
-                bound = abs(alpha[unit]) * self._clip * (1 + 1e-3) + 1e-6
-                if float(np.linalg.norm(vec.astype(np.float64))) > bound:
+                if float(np.linalg.norm(vec.astype(np.float64))) > clip_bound(alpha[unit], self._clip):
                     raise ProtocolError(f"silo {silo!r}: unit {unit} exceeds alpha * clip_norm", "INVALID_ARGUMENT")
         for unit, vec in payload.items():
             key = (unit, group[unit])

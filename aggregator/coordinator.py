@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.accumulate import Coefficients, PlaintextAccumulator, merge_small_groups
+from aggregator.accumulate import Coefficients, PlaintextAccumulator, UnitSums, merge_small_groups
 from aggregator.checkpoint import save_checkpoint
+from aggregator.masked_round import MaskedRound
 from aggregator.metrics import DomainPool, MetricsLog
 from aggregator.rounds import Event, Phase, RoundMachine
 from aggregator.strategies import RoundPlan, SiloReport, Strategy
+from crypto.pki import PkiPaths, read_pem
 from fcmoe.config import Config
 from fcmoe.errors import CodecError, ConfigError, ProtocolError
 from fcmoe.logs import log_event
@@ -68,7 +70,12 @@ class Coordinator:
         self.plan: RoundPlan | None = None
         self._reports: dict[str, SiloReport] = {}
         self._coefficients: Coefficients | None = None
-        self._accumulator: PlaintextAccumulator | None = None
+        self._accumulator: PlaintextAccumulator | MaskedRound | None = None
+        self.secure = fed.secure_aggregation
+        # mode masking: the aggregator checks key adverts against the CA before relaying them
+        self._ca_pem = read_pem(PkiPaths(config.aggregator.pki_dir).ca_cert) if self.secure.mode == "masking" else b""
+        self._masked: MaskedRound | None = None
+        self._unmask: pb.UnmaskInstructions | None = None
         self._round_started = 0.0
         self._bytes_down: dict[str, int] = {}
         self._uploading: set[str] = set()  # silos with an update stream in flight (one each)
@@ -86,6 +93,11 @@ class Coordinator:
     # -- specs ---------------------------------------------------------------------------------
     def unit_specs(self) -> dict[str, TensorSpec]:
         return {k: TensorSpec("float32", (n,)) for k, n in self.unit_sizes.items()}
+
+    def update_specs(self) -> dict[str, TensorSpec]:
+        """What an upload carries: float32 deltas, or fixed-point words when masked."""
+        with self._cv:
+            return self._masked.update_specs() if self._masked is not None else self.unit_specs()
 
     # -- RPC entry points ----------------------------------------------------------------------
     def join(self, silo: str, request: pb.JoinRequest) -> pb.JoinReply:
@@ -121,11 +133,17 @@ class Coordinator:
                     learning_rate=local.learning_rate, weight_decay=local.weight_decay,
                     prox_mu=plan.prox_mu, clip_norm=local.clip_norm, seed=plan.seed,
                     retention_lambda=plan.retention_lambda, retention_by_importance=plan.retention_by_importance,
-                    sketch_buckets=plan.sketch_buckets))
-            if view.kind == "UPLOAD" and self._coefficients is not None:
+                    sketch_buckets=plan.sketch_buckets, secure_mode=self.secure.mode, session=self.machine.session))
+            if view.kind == "SHARE" and self._masked is not None:
+                task.share.CopyFrom(self._masked.share_instructions())
+            if view.kind == "UPLOAD" and self._masked is not None:
+                task.upload.CopyFrom(self._masked.upload_instructions(silo))
+            elif view.kind == "UPLOAD" and self._coefficients is not None:
                 alpha = self._coefficients.alpha[silo]
                 task.upload.CopyFrom(pb.UploadInstructions(units=list(self.unit_sizes),
                                                            coefficients=[alpha[u] for u in self.unit_sizes]))
+            if view.kind == "UNMASK" and self._unmask is not None:
+                task.unmask.CopyFrom(self._unmask)
             return task
 
     def global_model(self, silo: str, request: pb.DownloadRequest) -> dict[str, np.ndarray]:
@@ -153,7 +171,14 @@ class Coordinator:
         if not all(np.isfinite(numbers)) or report.num_examples <= 0 or min(report.routing_share) < 0:
             raise ProtocolError("report has a non-finite, negative or zero quantity", "INVALID_ARGUMENT")
         with self._cv:
-            self.machine.check_report(silo, report.round, self.clock())
+            self.machine.check(Phase.TRAINING, silo, report.round, self.clock())
+            if self._masked is not None:
+                if not report.HasField("advert"):
+                    raise ProtocolError("secure aggregation (masking) needs a key advert in the report",
+                                        "INVALID_ARGUMENT")
+                self._masked.check_advert(silo, report.advert)
+            elif report.HasField("advert"):
+                raise ProtocolError("no key advert was asked for this round", "INVALID_ARGUMENT")
             buckets = self.plan.sketch_buckets if self.plan else 0
             sketches = {}
             if buckets:
@@ -165,7 +190,9 @@ class Coordinator:
                 raise ProtocolError("no sketches were asked for this round", "INVALID_ARGUMENT")
             self._reports[silo] = SiloReport(report.num_examples, report.reliability,
                                              dict(zip(units, report.routing_share)), sketches)
-            self.machine.record_report(silo, report.round, self.clock())
+            if self._masked is not None:
+                self._masked.keep_advert(silo, report.advert)
+            self.machine.record(Phase.TRAINING, silo, report.round, self.clock())
             self.metrics.record(report.round - 1).global_pool.add(report.evaluation.global_model)
             cur = self.metrics.record(report.round)
             cur.local_pool.add(report.evaluation.local_model)
@@ -190,7 +217,7 @@ class Coordinator:
         if list(header.units) != list(self.unit_sizes):
             raise ProtocolError("update lists units that differ from the layout", "INVALID_ARGUMENT")
         with self._cv:
-            self.machine.check_upload(silo, header.round, self.clock())
+            self.machine.check(Phase.UPLOADING, silo, header.round, self.clock())
             if silo in self._uploading:
                 raise ProtocolError(f"silo {silo!r} already has an update in flight", "ALREADY_EXISTS")
             self._uploading.add(silo)
@@ -205,13 +232,37 @@ class Coordinator:
         """Phase 2: the payload goes into the group sums and nowhere else."""
         with self._cv:
             now = self.clock()  # one reading: a payload is either refused or counted, never both
-            self.machine.check_upload(silo, header.round, now)
+            self.machine.check(Phase.UPLOADING, silo, header.round, now)
             assert self._accumulator is not None
             self._accumulator.add(silo, payload)
-            self.machine.record_upload(silo, header.round, now)
+            self.machine.record(Phase.UPLOADING, silo, header.round, now)
             self.metrics.record(header.round).per_silo.setdefault(silo, {})["bytes_up"] = nbytes
             self._cv.notify_all()
         log_event(log, "update_accepted", silo=silo, round=header.round, bytes=nbytes)
+
+    def add_shares(self, silo: str, submission: pb.ShareSubmission) -> None:
+        """Masking, SHARE phase: sealed shares to relay; the aggregator cannot open them."""
+        self._check_run(submission.run_id)
+        with self._cv:
+            now = self.clock()
+            self.machine.check(Phase.SHARING, silo, submission.round, now)
+            assert self._masked is not None
+            self._masked.add_shares(silo, submission)
+            self.machine.record(Phase.SHARING, silo, submission.round, now)
+            self._cv.notify_all()
+        log_event(log, "shares_accepted", silo=silo, round=submission.round, shares=len(submission.shares))
+
+    def add_unmask(self, silo: str, submission: pb.UnmaskSubmission) -> None:
+        """Masking, UNMASK phase: one survivor's revealed shares."""
+        self._check_run(submission.run_id)
+        with self._cv:
+            now = self.clock()
+            self.machine.check(Phase.UNMASKING, silo, submission.round, now)
+            assert self._masked is not None
+            self._masked.add_reveal(silo, submission)
+            self.machine.record(Phase.UNMASKING, silo, submission.round, now)
+            self._cv.notify_all()
+        log_event(log, "unmask_shares_accepted", silo=silo, round=submission.round)
 
     def add_evaluation(self, silo: str, report: pb.EvalReport) -> None:
         self._check_run(report.run_id)
@@ -230,10 +281,11 @@ class Coordinator:
             event = self.machine.poll(self.clock())
             if event in (Event.ROUND_STARTED, Event.ROUND_RETRY):
                 self._open_round(event)
-            elif event == Event.REPORTS_CLOSED:
-                self._plan_upload()
-            elif event == Event.CLOSE_ROUND:
-                self._close_round()
+            elif event in (Event.REPORTS_CLOSED, Event.SHARES_CLOSED, Event.UPLOADS_CLOSED, Event.UNMASK_CLOSED):
+                try:
+                    self._next_phase(event)
+                except ProtocolError as exc:
+                    self._fail(str(exc))
             elif event in (Event.FINISHED, Event.ABORTED):
                 self._finish(event)
             if event is not None:
@@ -248,7 +300,11 @@ class Coordinator:
     def _open_round(self, event: Event) -> None:
         m = self.machine
         self.plan = self.strategy.configure_round(m.round, self.config.federation.local, self.config.run.seed)
-        self._reports, self._coefficients, self._accumulator = {}, None, None
+        self._reports, self._coefficients, self._accumulator, self._unmask = {}, None, None, None
+        self._masked = None
+        if self.secure.mode == "masking":
+            self._masked = MaskedRound(self.run_id, m.session, self.unit_sizes, self.secure,
+                                       self.config.federation.min_group_size, self._ca_pem)
         self._round_started = self.clock()
         self._bytes_down = {}
         self.metrics.record(m.round - 1).global_pool = DomainPool()  # a retried round reports afresh
@@ -257,34 +313,61 @@ class Coordinator:
         log_event(log, event.value, round=m.round, participants=len(m.participants),
                   deadline_s=round(m.deadline - self.clock(), 1), attempt=m.retries + 1)
 
-    def _plan_upload(self) -> None:
-        m = self.machine
-        reports = {s: r for s, r in self._reports.items() if s in m.reported}
-        self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports)
-        clip = self.plan.local.clip_norm if self.plan else 0.0
-        self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients, clip)
-        m.open_upload(self.clock())
-        log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
+    def _next_phase(self, event: Event) -> None:
+        """A collecting phase closed: plan and open the next one, or aggregate the round."""
+        m, now, timeout = self.machine, self.clock(), self.secure.phase_timeout_s
+        masked = self._masked
+        if event == Event.REPORTS_CLOSED:
+            reports = {s: r for s, r in self._reports.items() if s in m.reported}
+            self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports)
+            log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
+            if masked is None:
+                self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients, self._clip_norm())
+                m.open_upload(now)
+            else:
+                masked.open_sharing(m.reported)
+                m.open_phase(Phase.SHARING, m.reported, masked.threshold, now, timeout)
+        elif event == Event.SHARES_CLOSED:
+            assert masked is not None and self._coefficients is not None
+            sharers = m.answered[Phase.SHARING]
+            masked.open_upload(sharers, self._coefficients, self._clip_norm())
+            self._accumulator = masked
+            m.open_phase(Phase.UPLOADING, sharers, max(masked.threshold, m.quorum), now, m.upload_timeout_s)
+        elif event == Event.UPLOADS_CLOSED and masked is not None:
+            self._unmask = masked.unmask_instructions()
+            m.open_phase(Phase.UNMASKING, self._unmask.survivors, masked.threshold, now, timeout)
+            log_event(log, "unmask_requested", round=m.round, survivors=len(self._unmask.survivors),
+                      dropped=len(self._unmask.dropped))
+        elif event == Event.UPLOADS_CLOSED:
+            assert isinstance(self._accumulator, PlaintextAccumulator)
+            sums = merge_small_groups(self._accumulator.result(), self.config.federation.min_group_size)
+            self._close_round(sums, len(self._accumulator.members))
+        else:  # UNMASK_CLOSED
+            assert masked is not None
+            self._close_round(masked.result(), len(masked.members))
 
-    def _close_round(self) -> None:
+    def _clip_norm(self) -> float:
+        return self.plan.local.clip_norm if self.plan else 0.0
+
+    def _fail(self, reason: str) -> None:
+        """This attempt cannot complete: redo the round (fresh keys and masks) or give up; nothing applied."""
+        event = self.machine.fail_round(self.clock(), reason)
+        log_event(log, "round_failed", level=logging.ERROR, round=self.machine.round, reason=reason,
+                  next=event.value)
+        if event == Event.ROUND_RETRY:
+            self._open_round(event)
+        else:
+            self._finish(event)
+
+    def _close_round(self, sums: UnitSums, contributors: int) -> None:
         m = self.machine
-        assert self._accumulator is not None
-        sums = merge_small_groups(self._accumulator.result(), self.config.federation.min_group_size)
-        contributors = len(self._accumulator.members)
         try:
             new_global = self.strategy.aggregate(m.round, self.global_units, sums)
             bad = next((u for u, v in new_global.items() if not np.all(np.isfinite(v))), None)
             if bad is not None:
                 raise ProtocolError(f"aggregate of unit {bad} is not finite")
-        except (ProtocolError, ValueError, FloatingPointError) as exc:
-            event = m.fail_round(self.clock(), f"aggregation failed ({exc})")
-            log_event(log, "aggregation_failed", level=logging.ERROR, round=m.round, reason=str(exc),
-                      next=event.value)
-            if event == Event.ROUND_RETRY:
-                self._open_round(event)
-            else:
-                self._finish(event)
-            return
+        except (ValueError, FloatingPointError) as exc:
+            raise ProtocolError(f"aggregation failed ({exc})") from None
         self.global_units = new_global
         elapsed = self.clock() - self._round_started
         rec = self.metrics.record(m.round)

@@ -1,16 +1,21 @@
 """The round state machine: who may do what, when. Pure logic; time is passed in, no I/O.
 
 Phases: WAITING (for ``min_silos`` to join) -> TRAINING round r (participants train and *report*:
-importance and sketches) -> PLANNING (the caller computes coefficients) -> UPLOADING (reporters send
-``alpha * delta``) -> AGGREGATING -> next round ... -> EVALUATING (every silo evaluates the final
-global model) -> DONE. Each of the two collecting phases closes when everyone expected has answered,
-or at its deadline if at least ``quorum`` did; below quorum the round is redone from the same global
-model (at most ``max_retries`` times), so a failed round never changes the model. Messages for a
-closed phase, from an outsider or sent twice are refused.
+importance, sketches, key adverts) -> [SHARING: silos send sealed Shamir shares, mode masking] ->
+UPLOADING (reporters send ``alpha * delta``, masked or not) -> [UNMASKING: survivors reveal shares,
+mode masking] -> next round ... -> EVALUATING (every silo evaluates the final global model) -> DONE.
+
+Every collecting phase closes when everyone expected has answered, or at its deadline if at least
+its ``minimum`` did; the machine then sits in PLANNING and the caller decides what comes next
+(:meth:`open_phase`, :meth:`complete_round` or :meth:`fail_round`). Below the minimum the round is
+redone from the same global model (at most ``max_retries`` times, each a new ``attempt`` with fresh
+keys), so a failed round never changes the model. Messages for a closed phase, from an outsider or
+sent twice are refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -20,25 +25,38 @@ from fcmoe.errors import ProtocolError
 class Phase(str, Enum):
     WAITING = "waiting"
     TRAINING = "training"
-    PLANNING = "planning"
+    PLANNING = "planning"  # a collecting phase closed; the caller plans the next step
+    SHARING = "sharing"
     UPLOADING = "uploading"
-    AGGREGATING = "aggregating"
+    UNMASKING = "unmasking"
     EVALUATING = "evaluating"
     DONE = "done"
 
 
 class Event(str, Enum):
     ROUND_STARTED = "round_started"
-    REPORTS_CLOSED = "reports_closed"  # the caller plans coefficients, then calls open_upload()
-    CLOSE_ROUND = "close_round"  # the caller aggregates, then calls complete_round()
-    ROUND_RETRY = "round_retry"  # quorum missed: the caller discards the round's partial state
+    REPORTS_CLOSED = "reports_closed"  # the caller plans coefficients, then opens the next phase
+    SHARES_CLOSED = "shares_closed"
+    UPLOADS_CLOSED = "uploads_closed"
+    UNMASK_CLOSED = "unmask_closed"
+    ROUND_RETRY = "round_retry"  # a phase missed its minimum: the caller discards the round's partial state
     FINISHED = "finished"
     ABORTED = "aborted"
 
 
+# collecting phase -> (what a silo sends in it, the task that asks for it, the event that closes it)
+COLLECTING = {
+    Phase.TRAINING: ("report", "TRAIN", Event.REPORTS_CLOSED),
+    Phase.SHARING: ("shares", "SHARE", Event.SHARES_CLOSED),
+    Phase.UPLOADING: ("upload", "UPLOAD", Event.UPLOADS_CLOSED),
+    Phase.UNMASKING: ("unmask", "UNMASK", Event.UNMASK_CLOSED),
+}
+ATTEMPT_BITS = 16  # session = round << ATTEMPT_BITS | attempt
+
+
 @dataclass(frozen=True)
 class TaskView:
-    kind: str  # "WAIT" | "TRAIN" | "UPLOAD" | "EVALUATE" | "DONE"
+    kind: str  # "WAIT" | "TRAIN" | "SHARE" | "UPLOAD" | "UNMASK" | "EVALUATE" | "DONE"
     round: int = 0
     deadline: float = 0.0
     message: str = ""
@@ -59,13 +77,26 @@ class RoundMachine:
     version: int = 0  # completed rounds = version of the global model
     joined: set[str] = field(default_factory=set)
     participants: frozenset[str] = frozenset()
-    reported: set[str] = field(default_factory=set)
-    uploaders: frozenset[str] = frozenset()
-    uploaded: set[str] = field(default_factory=set)
+    expected: frozenset[str] = frozenset()  # who must answer the current collecting phase
+    minimum: int = 0  # answers needed to close it at its deadline
+    answered: dict[Phase, set[str]] = field(default_factory=dict)  # per collecting phase of this round
     evaluated: set[str] = field(default_factory=set)
     deadline: float = 0.0
     retries: int = 0
     outcome: str = ""
+
+    @property
+    def reported(self) -> set[str]:
+        return self.answered.get(Phase.TRAINING, set())
+
+    @property
+    def uploaded(self) -> set[str]:
+        return self.answered.get(Phase.UPLOADING, set())
+
+    @property
+    def session(self) -> int:
+        """Binds keys, shares and masks to one attempt of one round (a retried round gets fresh ones)."""
+        return self.round << ATTEMPT_BITS | (self.retries & ((1 << ATTEMPT_BITS) - 1))
 
     # -- silo actions -------------------------------------------------------------------------
     def join(self, silo: str) -> None:
@@ -78,27 +109,27 @@ class RoundMachine:
             return TaskView("DONE", self.round, message=self.outcome)
         if silo not in self.joined:
             return TaskView("WAIT", message="join first")
-        if self.phase == Phase.TRAINING and silo in self.participants and silo not in self.reported:
-            return TaskView("TRAIN", self.round, self.deadline)
-        if self.phase == Phase.UPLOADING and silo in self.uploaders and silo not in self.uploaded:
-            return TaskView("UPLOAD", self.round, self.deadline)
+        if self.phase in COLLECTING and silo in self.expected and silo not in self.answered[self.phase]:
+            return TaskView(COLLECTING[self.phase][1], self.round, self.deadline)
         if self.phase == Phase.EVALUATING and silo in self.participants and silo not in self.evaluated:
             return TaskView("EVALUATE", self.version, self.deadline)
         return TaskView("WAIT", self.round, message=f"phase {self.phase.value}")
 
-    def check_report(self, silo: str, round_: int, now: float) -> None:
-        self._check(Phase.TRAINING, self.participants, self.reported, "report", silo, round_, now)
+    def check(self, phase: Phase, silo: str, round_: int, now: float) -> None:
+        """Refuse (ProtocolError) unless ``silo`` may answer ``phase`` of ``round_`` now."""
+        what = COLLECTING[phase][0]
+        if self.phase != phase or round_ != self.round:
+            raise ProtocolError(f"no {what} for round {round_} is open (phase {self.phase.value}, round {self.round})")
+        if silo not in self.expected:
+            raise ProtocolError(f"silo {silo!r} is not expected to send {what} in round {round_}", "PERMISSION_DENIED")
+        if silo in self.answered[phase]:
+            raise ProtocolError(f"silo {silo!r} already sent its {what} for round {round_}", "ALREADY_EXISTS")
+        if now > self.deadline:
+            raise ProtocolError(f"round {round_} {what} deadline passed", "DEADLINE_EXCEEDED")
 
-    def record_report(self, silo: str, round_: int, now: float) -> None:
-        self.check_report(silo, round_, now)
-        self.reported.add(silo)
-
-    def check_upload(self, silo: str, round_: int, now: float) -> None:
-        self._check(Phase.UPLOADING, self.uploaders, self.uploaded, "upload", silo, round_, now)
-
-    def record_upload(self, silo: str, round_: int, now: float) -> None:
-        self.check_upload(silo, round_, now)
-        self.uploaded.add(silo)
+    def record(self, phase: Phase, silo: str, round_: int, now: float) -> None:
+        self.check(phase, silo, round_, now)
+        self.answered[phase].add(silo)
 
     def record_evaluation(self, silo: str, version: int) -> None:
         if self.phase != Phase.EVALUATING or version != self.version or silo not in self.participants:
@@ -106,17 +137,6 @@ class RoundMachine:
         if silo in self.evaluated:
             raise ProtocolError(f"silo {silo!r} already reported version {version}", "ALREADY_EXISTS")
         self.evaluated.add(silo)
-
-    def _check(self, phase: Phase, expected: frozenset[str], done: set[str], what: str,
-               silo: str, round_: int, now: float) -> None:
-        if self.phase != phase or round_ != self.round:
-            raise ProtocolError(f"no {what} for round {round_} is open (phase {self.phase.value}, round {self.round})")
-        if silo not in expected:
-            raise ProtocolError(f"silo {silo!r} is not expected to {what} in round {round_}", "PERMISSION_DENIED")
-        if silo in done:
-            raise ProtocolError(f"silo {silo!r} already sent its {what} for round {round_}", "ALREADY_EXISTS")
-        if now > self.deadline:
-            raise ProtocolError(f"round {round_} {what} deadline passed", "DEADLINE_EXCEEDED")
 
     # -- time ---------------------------------------------------------------------------------
     def poll(self, now: float) -> Event | None:
@@ -126,10 +146,15 @@ class RoundMachine:
                 return Event.ROUND_STARTED
             if now > self.created_at + self.join_timeout_s:
                 return self._abort(f"only {len(self.joined)} of {self.min_silos} silos joined in time")
-        elif self.phase == Phase.TRAINING:
-            return self._collecting(self.reported, self.participants, now, Phase.PLANNING, Event.REPORTS_CLOSED)
-        elif self.phase == Phase.UPLOADING:
-            return self._collecting(self.uploaded, self.uploaders, now, Phase.AGGREGATING, Event.CLOSE_ROUND)
+        elif self.phase in COLLECTING:
+            got = self.answered[self.phase]
+            if got >= self.expected or (now > self.deadline and len(got) >= self.minimum):
+                event = COLLECTING[self.phase][2]
+                self.phase = Phase.PLANNING
+                return event
+            if now > self.deadline:
+                return self._retry_or_abort(now, f"{len(got)} of {len(self.expected)} answered in "
+                                                 f"{self.phase.value}, {self.minimum} needed")
         elif self.phase == Phase.EVALUATING:
             if self.evaluated >= self.participants or now > self.deadline:
                 self.phase = Phase.DONE
@@ -137,19 +162,9 @@ class RoundMachine:
                 return Event.FINISHED
         return None
 
-    def _collecting(self, got: set[str], expected: frozenset[str], now: float, next_phase: Phase,
-                    event: Event) -> Event | None:
-        if got >= expected or (now > self.deadline and len(got) >= self.quorum):
-            self.phase = next_phase
-            return event
-        if now <= self.deadline:
-            return None
-        return self._retry_or_abort(now, f"{len(got)} of {len(expected)} answered in {self.phase.value}, "
-                                         f"quorum {self.quorum}")
-
     def fail_round(self, now: float, reason: str) -> Event:
-        """The caller could not aggregate (e.g. a non-finite result): redo the round or give up."""
-        if self.phase != Phase.AGGREGATING:
+        """The caller cannot go on with this attempt (e.g. a non-finite aggregate): redo the round or give up."""
+        if self.phase != Phase.PLANNING:
             raise ProtocolError(f"fail_round in phase {self.phase.value}")
         return self._retry_or_abort(now, reason)
 
@@ -160,18 +175,23 @@ class RoundMachine:
         self._start_round(self.round, now)
         return Event.ROUND_RETRY
 
+    def open_phase(self, phase: Phase, expected: Iterable[str], minimum: int, now: float, timeout_s: float) -> None:
+        """The caller planned the next step of this round: collect ``phase`` from ``expected``."""
+        if self.phase != Phase.PLANNING or phase not in COLLECTING or phase == Phase.TRAINING:
+            raise ProtocolError(f"open {phase.value} in phase {self.phase.value}")
+        self.phase = phase
+        self.expected = frozenset(expected)
+        self.minimum = minimum
+        self.answered[phase] = set()
+        self.deadline = now + timeout_s
+
     def open_upload(self, now: float) -> None:
-        """The caller planned coefficients for every reporter: collect their uploads."""
-        if self.phase != Phase.PLANNING:
-            raise ProtocolError(f"open_upload in phase {self.phase.value}")
-        self.phase = Phase.UPLOADING
-        self.uploaders = frozenset(self.reported)
-        self.uploaded = set()
-        self.deadline = now + self.upload_timeout_s
+        """Plaintext rounds: every reporter uploads; the round needs ``quorum`` of them."""
+        self.open_phase(Phase.UPLOADING, self.reported, self.quorum, now, self.upload_timeout_s)
 
     def complete_round(self, now: float) -> None:
         """The caller applied the round's aggregate: advance the model version."""
-        if self.phase != Phase.AGGREGATING:
+        if self.phase != Phase.PLANNING:
             raise ProtocolError(f"complete_round in phase {self.phase.value}")
         self.version = self.round
         self.retries = 0
@@ -186,8 +206,9 @@ class RoundMachine:
     def _start_round(self, round_: int, now: float) -> None:
         self.phase = Phase.TRAINING
         self.round = round_
-        self.participants = frozenset(self.joined)
-        self.reported, self.uploaders, self.uploaded = set(), frozenset(), set()
+        self.participants = self.expected = frozenset(self.joined)
+        self.minimum = self.quorum
+        self.answered = {Phase.TRAINING: set()}
         self.deadline = now + self.round_timeout_s
 
     def _abort(self, reason: str) -> Event:

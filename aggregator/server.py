@@ -47,14 +47,17 @@ def initial_state(config: Config) -> tuple[ExpertLayout, str, dict]:
     return layout, base_fingerprint(model), layout.split(trainable_state(model))
 
 
-def start_aggregator(config: Config) -> RunningAggregator:
+def build_coordinator(config: Config) -> Coordinator:
+    """The run's coordinator, from the config alone (the model defines layout and initial global)."""
     layout, fingerprint, initial = initial_state(config)
     output_dir = config.run.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    coordinator = Coordinator(
-        config, layout.hash, fingerprint, layout.unit_sizes(), initial,
-        build_strategy(config.federation.strategy, config.federation.min_group_size), output_dir,
-    )
+    return Coordinator(config, layout.hash, fingerprint, layout.unit_sizes(), initial,
+                       build_strategy(config.federation.strategy, config.federation.min_group_size), output_dir)
+
+
+def start_aggregator(config: Config) -> RunningAggregator:
+    coordinator = build_coordinator(config)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.aggregator.max_workers),
                          options=GRPC_OPTIONS)
     pb_grpc.add_FederationServicer_to_server(FederationService(coordinator), server)
@@ -69,7 +72,8 @@ def start_aggregator(config: Config) -> RunningAggregator:
         log_event(log, "tls_refusals_hidden", level=logging.WARNING,
                   reason="GRPC_VERBOSITY hides gRPC's one-line record of refused client certificates")
     log_event(log, "aggregator_listening", address=f"{config.aggregator.host}:{port}", run_id=coordinator.run_id,
-              layout=layout.hash[:12], units=len(layout.units), parameters=layout.num_parameters,
+              layout=coordinator.layout_hash[:12], units=len(coordinator.unit_sizes),
+              parameters=sum(coordinator.unit_sizes.values()),
               strategy=config.federation.strategy.name, rounds=config.federation.rounds)
     return RunningAggregator(server, coordinator, port)
 

@@ -97,6 +97,16 @@ class FederationService(pb_grpc.FederationServicer):
         self.coordinator.add_evaluation(silo, request)
         return pb.Ack(message="recorded")
 
+    @_rpc("SubmitShares")
+    def SubmitShares(self, silo: str, request: pb.ShareSubmission, context) -> pb.Ack:
+        self.coordinator.add_shares(silo, request)
+        return pb.Ack(message="recorded")
+
+    @_rpc("SubmitUnmask")
+    def SubmitUnmask(self, silo: str, request: pb.UnmaskSubmission, context) -> pb.Ack:
+        self.coordinator.add_unmask(silo, request)
+        return pb.Ack(message="recorded")
+
     @_rpc("SubmitUpdate")
     def SubmitUpdate(self, silo: str, request_iterator: Iterator[pb.UpdateMessage], context) -> pb.SubmitReply:
         first = next(request_iterator, None)
@@ -105,7 +115,7 @@ class FederationService(pb_grpc.FederationServicer):
         header = first.header
         deadline = self.coordinator.begin_update(silo, header)
         try:
-            assembler = codec.TensorAssembler(self.coordinator.unit_specs())
+            assembler = codec.TensorAssembler(self.coordinator.update_specs())
             for message in request_iterator:
                 if message.WhichOneof("part") != "chunk":
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks may follow the header")

@@ -57,7 +57,7 @@ def run_configs(base: dict, setting: dict, method: str, seed: int, out_dir: str)
     silos = []
     for i in range(setting["silos"]):
         silo = {**data, "silo": {"name": f"silo{i}", "index": i, "num_silos": setting["silos"], "threads": 1,
-                                 "sketch_key": key}}
+                                 "sketch_key": key, "accept_modes": ["none"]}}
         silos.append(parse_config(silo))
     return aggregator, silos
 

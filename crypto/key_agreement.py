@@ -162,6 +162,11 @@ class RoundKeys:
         """For the encrypted channel that carries this silo's shares to each peer."""
         return self._channel
 
+    def mask_private_bytes(self) -> bytes:
+        """Raw 32-byte mask key, for Shamir sharing only: peers rebuild it if this silo drops out."""
+        return self._mask.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                        serialization.NoEncryption())
+
     @property
     def mask_public(self) -> bytes:
         return _raw_public(self._mask)

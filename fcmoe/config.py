@@ -162,6 +162,18 @@ class StrategyConfig(_Strict):
     fcmoe: FcMoeConfig = FcMoeConfig()
 
 
+class SecureAggregationConfig(_Strict):
+    """How silo updates are hidden from the aggregator; see docs/protocol.md and docs/threat-model.md."""
+
+    mode: Literal["none", "masking"] = Field(
+        "none", description="masking: the aggregator learns only group sums; none: plaintext (debugging, baseline)")
+    threshold: float = Field(
+        0.6, gt=0.5, le=1,
+        description="t = ceil(threshold * n) of the n silos that sent shares must survive to unmask a round")
+    fixed_point_bits: Literal[32, 64] = 64
+    phase_timeout_s: float = Field(120.0, gt=0, description="deadline of the share and unmask phases")
+
+
 class FederationConfig(_Strict):
     rounds: int = Field(3, gt=0)
     min_silos: int = Field(2, gt=0)
@@ -173,11 +185,18 @@ class FederationConfig(_Strict):
     min_group_size: int = Field(3, gt=0, description="smallest group whose sum the aggregator may see")
     local: LocalTrainingConfig = LocalTrainingConfig()
     strategy: StrategyConfig = StrategyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":
         if self.quorum is not None and self.quorum > self.min_silos:
             raise ValueError(f"quorum={self.quorum} exceeds min_silos={self.min_silos}")
+        if self.secure_aggregation.mode == "masking":
+            if self.local.clip_norm <= 0:
+                raise ValueError("secure_aggregation.mode 'masking' needs local.clip_norm > 0 "
+                                 "(the fixed-point range is proved from the clip)")
+            if self.min_group_size < 2:
+                raise ValueError("secure_aggregation.mode 'masking' needs min_group_size >= 2")
         return self
 
     @property
@@ -206,6 +225,10 @@ class SiloConfig(_Strict):
         description="hex of the 32-byte secret the silos share for keyed sketches (never given to the aggregator)")
     num_silos: int = Field(1, gt=0)
     connect_timeout_s: float = Field(600.0, gt=0)
+    accept_modes: list[Literal["none", "masking"]] = Field(
+        ["masking"], min_length=1, description="secure-aggregation modes this silo takes part in; it refuses others")
+    min_group_size: int = Field(
+        3, ge=2, description="this silo's own floor: it masks with and unmasks for groups of at least this many silos")
 
     @model_validator(mode="after")
     def _check(self) -> "SiloConfig":

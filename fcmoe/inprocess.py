@@ -14,9 +14,8 @@ from typing import TypeVar
 import numpy as np
 
 from aggregator.coordinator import Coordinator
-from aggregator.server import initial_state
+from aggregator.server import build_coordinator
 from aggregator.service import status_for
-from aggregator.strategies import build_strategy
 from fcmoe.config import Config
 from fcmoe.errors import FcMoeError
 from protos import codec
@@ -66,7 +65,7 @@ class InProcessTransport:
         def send() -> pb.SubmitReply:
             self.coordinator.begin_update(self.silo, header)
             try:
-                assembler = codec.TensorAssembler(self.coordinator.unit_specs())
+                assembler = codec.TensorAssembler(self.coordinator.update_specs())
                 for chunk in codec.encode(payload):
                     assembler.add(chunk)
                 self.coordinator.add_update(self.silo, header, assembler.finish(), assembler.bytes_received)
@@ -76,6 +75,14 @@ class InProcessTransport:
 
         return self._call("SubmitUpdate", send)
 
+    def submit_shares(self, submission: pb.ShareSubmission) -> pb.Ack:
+        wire = pb.ShareSubmission.FromString(submission.SerializeToString())
+        return self._call("SubmitShares", lambda: (self.coordinator.add_shares(self.silo, wire), pb.Ack())[1])
+
+    def submit_unmask(self, submission: pb.UnmaskSubmission) -> pb.Ack:
+        wire = pb.UnmaskSubmission.FromString(submission.SerializeToString())
+        return self._call("SubmitUnmask", lambda: (self.coordinator.add_unmask(self.silo, wire), pb.Ack())[1])
+
     def report(self, report: pb.EvalReport) -> pb.Ack:
         return self._call("ReportEvaluation", lambda: (self.coordinator.add_evaluation(self.silo, report), pb.Ack())[1])
 
@@ -83,16 +90,15 @@ class InProcessTransport:
         pass
 
 
-def run_in_process(aggregator_config: Config, silo_configs: list[Config]) -> Coordinator:
+def run_in_process(aggregator_config: Config, silo_configs: list[Config],
+                   absent: Callable[[str, pb.Task], bool] | None = None) -> Coordinator:
     """Run a whole federation in this process and thread; returns the finished coordinator.
 
     Silos take turns (deterministic, and safe: PEFT's parameter wrappers are not thread-safe across
-    models), each doing whatever task the coordinator has for it.
+    models), each doing whatever task the coordinator has for it. ``absent(silo, task)`` returning
+    True makes that silo unreachable for that task (it does nothing), to study dropouts.
     """
-    layout, fingerprint, initial = initial_state(aggregator_config)
-    fed = aggregator_config.federation
-    coordinator = Coordinator(aggregator_config, layout.hash, fingerprint, layout.unit_sizes(), initial,
-                              build_strategy(fed.strategy, fed.min_group_size), aggregator_config.run.output_dir)
+    coordinator = build_coordinator(aggregator_config)
     agents = []
     for config in silo_configs:
         assert config.silo is not None
@@ -103,6 +109,9 @@ def run_in_process(aggregator_config: Config, silo_configs: list[Config]) -> Coo
     while active:
         coordinator.step()
         for agent in list(active):
-            if agent.handle(agent.client.get_task(agent.run_id, wait_s=0.0)) is not None:
+            task = agent.client.get_task(agent.run_id, wait_s=0.0)
+            if absent is not None and absent(agent.silo.name, task):
+                continue
+            if agent.handle(task) is not None:
                 active.remove(agent)
     return coordinator

@@ -45,7 +45,8 @@ def role_configs(config: Config, port: int, sketch_key: str | None = None) -> tu
     for i, name in enumerate(silo_names(sim.silos)):
         silo = SiloConfig(name=name, aggregator=f"127.0.0.1:{port}", pki_dir=pki, index=i, num_silos=sim.silos,
                           threads=sim.threads_per_silo, connect_timeout_s=min(sim.timeout_s, 600.0),
-                          sketch_key=sketch_key)
+                          sketch_key=sketch_key, accept_modes=[config.federation.secure_aggregation.mode],
+                          min_group_size=max(2, config.federation.min_group_size))
         silos.append(config.model_copy(update={"silo": silo, "simulation": None}))
     return agg, silos
 
@@ -129,9 +130,11 @@ def simulate(config: Config, progress: bool = True) -> int:
             bar.close()
             bar = None
         silo_codes = []
+        # after a failed aggregator the silos only retry connecting: do not wait for them
+        grace_s = 60 if aggregator.returncode == 0 else 0.5
         for p in procs[1:]:
             try:
-                silo_codes.append(p.wait(timeout=60))
+                silo_codes.append(p.wait(timeout=grace_s))
             except subprocess.TimeoutExpired:
                 p.kill()
                 silo_codes.append(-9)

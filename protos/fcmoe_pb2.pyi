@@ -56,7 +56,7 @@ class TaskRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TrainInstructions(_message.Message):
-    __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed", "retention_lambda", "retention_by_importance", "sketch_buckets")
+    __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed", "retention_lambda", "retention_by_importance", "sketch_buckets", "secure_mode", "session")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,8 @@ class TrainInstructions(_message.Message):
     RETENTION_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     RETENTION_BY_IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
     SKETCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    SECURE_MODE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     batch_size: int
     grad_accum: int
@@ -79,10 +81,12 @@ class TrainInstructions(_message.Message):
     retention_lambda: float
     retention_by_importance: bool
     sketch_buckets: int
-    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ...) -> None: ...
+    secure_mode: str
+    session: int
+    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ..., secure_mode: _Optional[str] = ..., session: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload")
+    __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload", "share", "unmask")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Task.Kind]
@@ -91,12 +95,16 @@ class Task(_message.Message):
         EVALUATE: _ClassVar[Task.Kind]
         DONE: _ClassVar[Task.Kind]
         UPLOAD: _ClassVar[Task.Kind]
+        SHARE: _ClassVar[Task.Kind]
+        UNMASK: _ClassVar[Task.Kind]
     KIND_UNSPECIFIED: Task.Kind
     WAIT: Task.Kind
     TRAIN: Task.Kind
     EVALUATE: Task.Kind
     DONE: Task.Kind
     UPLOAD: Task.Kind
+    SHARE: Task.Kind
+    UNMASK: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +112,8 @@ class Task(_message.Message):
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     round: int
     layout_hash: str
@@ -111,15 +121,101 @@ class Task(_message.Message):
     train: TrainInstructions
     message: str
     upload: UploadInstructions
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ..., upload: _Optional[_Union[UploadInstructions, _Mapping]] = ...) -> None: ...
+    share: ShareInstructions
+    unmask: UnmaskInstructions
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ..., upload: _Optional[_Union[UploadInstructions, _Mapping]] = ..., share: _Optional[_Union[ShareInstructions, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskInstructions, _Mapping]] = ...) -> None: ...
 
 class UploadInstructions(_message.Message):
-    __slots__ = ("units", "coefficients")
+    __slots__ = ("units", "coefficients", "peers", "groups", "fixed_point_bits", "fixed_point_frac_bits", "shares")
     UNITS_FIELD_NUMBER: _ClassVar[int]
     COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    FIXED_POINT_BITS_FIELD_NUMBER: _ClassVar[int]
+    FIXED_POINT_FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
     units: _containers.RepeatedScalarFieldContainer[str]
     coefficients: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, units: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ...) -> None: ...
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    groups: _containers.RepeatedScalarFieldContainer[int]
+    fixed_point_bits: int
+    fixed_point_frac_bits: int
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    def __init__(self, units: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., peers: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[int]] = ..., fixed_point_bits: _Optional[int] = ..., fixed_point_frac_bits: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
+
+class KeyAdvert(_message.Message):
+    __slots__ = ("silo", "session", "mask_public", "channel_public", "signature", "certificate_pem")
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    silo: str
+    session: int
+    mask_public: bytes
+    channel_public: bytes
+    signature: bytes
+    certificate_pem: bytes
+    def __init__(self, silo: _Optional[str] = ..., session: _Optional[int] = ..., mask_public: _Optional[bytes] = ..., channel_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ...) -> None: ...
+
+class ShareInstructions(_message.Message):
+    __slots__ = ("adverts", "threshold", "min_group_size")
+    ADVERTS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    adverts: _containers.RepeatedCompositeFieldContainer[KeyAdvert]
+    threshold: int
+    min_group_size: int
+    def __init__(self, adverts: _Optional[_Iterable[_Union[KeyAdvert, _Mapping]]] = ..., threshold: _Optional[int] = ..., min_group_size: _Optional[int] = ...) -> None: ...
+
+class SealedShare(_message.Message):
+    __slots__ = ("sender", "recipient", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    recipient: str
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareSubmission(_message.Message):
+    __slots__ = ("run_id", "round", "shares")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
+
+class UnmaskInstructions(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner", "mask_key", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    mask_key: bool
+    share: bytes
+    def __init__(self, owner: _Optional[str] = ..., mask_key: _Optional[bool] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskSubmission(_message.Message):
+    __slots__ = ("run_id", "round", "shares")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("run_id", "round", "layout_hash")
@@ -170,7 +266,7 @@ class TrainStats(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_loss_first: _Optional[float] = ..., train_loss_last: _Optional[float] = ..., num_examples: _Optional[int] = ..., eval_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ...) -> None: ...
 
 class RoundReport(_message.Message):
-    __slots__ = ("run_id", "round", "layout_hash", "num_examples", "reliability", "units", "routing_share", "sketches", "stats", "evaluation")
+    __slots__ = ("run_id", "round", "layout_hash", "num_examples", "reliability", "units", "routing_share", "sketches", "stats", "evaluation", "advert")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +277,7 @@ class RoundReport(_message.Message):
     SKETCHES_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    ADVERT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     layout_hash: str
@@ -191,7 +288,8 @@ class RoundReport(_message.Message):
     sketches: _containers.RepeatedCompositeFieldContainer[TensorChunk]
     stats: TrainStats
     evaluation: Evaluation
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., num_examples: _Optional[float] = ..., reliability: _Optional[float] = ..., units: _Optional[_Iterable[str]] = ..., routing_share: _Optional[_Iterable[float]] = ..., sketches: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
+    advert: KeyAdvert
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., num_examples: _Optional[float] = ..., reliability: _Optional[float] = ..., units: _Optional[_Iterable[str]] = ..., routing_share: _Optional[_Iterable[float]] = ..., sketches: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., advert: _Optional[_Union[KeyAdvert, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("run_id", "round", "layout_hash", "units")

@@ -64,6 +64,16 @@ class FederationStub:
                 request_serializer=fcmoe__pb2.EvalReport.SerializeToString,
                 response_deserializer=fcmoe__pb2.Ack.FromString,
                 _registered_method=True)
+        self.SubmitShares = channel.unary_unary(
+                '/fcmoe.v1.Federation/SubmitShares',
+                request_serializer=fcmoe__pb2.ShareSubmission.SerializeToString,
+                response_deserializer=fcmoe__pb2.Ack.FromString,
+                _registered_method=True)
+        self.SubmitUnmask = channel.unary_unary(
+                '/fcmoe.v1.Federation/SubmitUnmask',
+                request_serializer=fcmoe__pb2.UnmaskSubmission.SerializeToString,
+                response_deserializer=fcmoe__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -105,6 +115,18 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitUnmask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +158,16 @@ def add_FederationServicer_to_server(servicer, server):
             'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEvaluation,
                     request_deserializer=fcmoe__pb2.EvalReport.FromString,
+                    response_serializer=fcmoe__pb2.Ack.SerializeToString,
+            ),
+            'SubmitShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitShares,
+                    request_deserializer=fcmoe__pb2.ShareSubmission.FromString,
+                    response_serializer=fcmoe__pb2.Ack.SerializeToString,
+            ),
+            'SubmitUnmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitUnmask,
+                    request_deserializer=fcmoe__pb2.UnmaskSubmission.FromString,
                     response_serializer=fcmoe__pb2.Ack.SerializeToString,
             ),
     }
@@ -300,6 +332,60 @@ class Federation:
             target,
             '/fcmoe.v1.Federation/ReportEvaluation',
             fcmoe__pb2.EvalReport.SerializeToString,
+            fcmoe__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fcmoe.v1.Federation/SubmitShares',
+            fcmoe__pb2.ShareSubmission.SerializeToString,
+            fcmoe__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitUnmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fcmoe.v1.Federation/SubmitUnmask',
+            fcmoe__pb2.UnmaskSubmission.SerializeToString,
             fcmoe__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -18,7 +18,9 @@ from fcmoe.model.build import num_experts
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.client import AggregatorClient, RpcFailure
+from crypto.secagg import SecAggError
 from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
+from silo_agent.masked_round import MaskingSession
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
 from silo_agent.training import LocalPlan, evaluate, train_locally
@@ -98,6 +100,8 @@ class SiloAgent:
         self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
         self.local_shares: dict[str, float] | None = None
         self.pending: PendingUpload | None = None
+        self.masked: MaskingSession | None = None  # this attempt's secure-aggregation state (mode masking)
+        self.refused_session: int | None = None  # an attempt this silo refused to take part in
 
     def join(self) -> None:
         reply = self.client.join(pb.JoinRequest(
@@ -110,9 +114,16 @@ class SiloAgent:
     def handle(self, task: pb.Task) -> int | None:
         """Do one task; returns the exit status once the run is over, else None."""
         if task.kind == pb.Task.TRAIN:
-            self._train_and_report(task)
+            if task.train.session == self.refused_session and task.train.session:
+                self._wait_out(task)
+            else:
+                self._train_and_report(task)
+        elif task.kind == pb.Task.SHARE:
+            self._share(task)
         elif task.kind == pb.Task.UPLOAD:
             self._upload(task)
+        elif task.kind == pb.Task.UNMASK:
+            self._reveal(task)
         elif task.kind == pb.Task.EVALUATE:
             self._final_evaluation(task)
         elif task.kind == pb.Task.DONE:
@@ -149,8 +160,27 @@ class SiloAgent:
     def _evaluate(self) -> dict[str, tuple[float, int]]:
         return evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
 
+    def _wait_out(self, task: pb.Task) -> None:
+        """Nothing to do for this task (refused, or restarted mid-round): wait for the phase to move on."""
+        time.sleep(min(5.0, max(0.5, task.deadline_unix - time.time())))
+
+    def _refuse_round(self, task: pb.Task, reason: str) -> None:
+        """Stay out of this attempt; the round goes on without this silo."""
+        self.refused_session = self.masked.session if self.masked is not None else task.train.session
+        self.masked, self.pending = None, None
+        log_event(log, "round_refused", level=logging.WARNING, round=task.round, reason=reason)
+
     def _train_and_report(self, task: pb.Task) -> None:
         t = task.train
+        mode = t.secure_mode or "none"
+        if mode not in self.silo.accept_modes:
+            self._refuse_round(task, f"secure_aggregation mode {mode!r} is not in this silo's accept_modes "
+                                     f"{self.silo.accept_modes}")
+            return
+        self.masked = None
+        if mode == "masking":
+            self.masked = MaskingSession(self.run_id, t.session, self.silo.name, self.silo.pki_dir,
+                                         self.silo.min_group_size)
         t0 = time.perf_counter()
         global_units = self._download(task.round - 1, task.round)
         if global_units is None:
@@ -194,6 +224,8 @@ class SiloAgent:
                 raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key (shared by the silos)")
             report.sketches.extend(codec.encode(
                 sketch_units(deltas, self.sketch_secret, self.run_id, task.round, t.sketch_buckets)))
+        if self.masked is not None:
+            report.advert.CopyFrom(self.masked.advert())
         if self._refused("report", task.round, lambda: self.client.report_round(report)):
             return
         log_event(log, "report_sent", round=task.round, global_loss=_mean_loss(global_eval),
@@ -203,14 +235,21 @@ class SiloAgent:
     def _upload(self, task: pb.Task) -> None:
         pending = self.pending
         if pending is None or pending.round != task.round:
-            # e.g. restarted after reporting: nothing to send; wait for the phase to move on, do not spin
+            # e.g. restarted after reporting, or refused the round: nothing to send; do not spin
             log_event(log, "upload_without_training", level=logging.WARNING, round=task.round)
-            time.sleep(min(5.0, max(0.5, task.deadline_unix - time.time())))
+            self._wait_out(task)
             return
         coefficients = dict(zip(task.upload.units, task.upload.coefficients))
         if list(coefficients) != list(self.specs):
             raise ConfigError("upload instructions do not match this silo's layout")
-        payload = scaled_payload(pending.deltas, coefficients)
+        if self.masked is not None:
+            try:
+                payload = self.masked.masked_payload(task.upload, pending.deltas)
+            except SecAggError as exc:
+                self._refuse_round(task, str(exc))
+                return
+        else:
+            payload = scaled_payload(pending.deltas, coefficients)
         replies: list[pb.SubmitReply] = []
         if self._refused("update", task.round, lambda: replies.append(self.client.submit(
                 pb.UpdateHeader(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
@@ -218,6 +257,33 @@ class SiloAgent:
             return
         self.pending = None
         log_event(log, "update_sent", round=task.round, bytes=replies[0].bytes_received)
+
+    def _share(self, task: pb.Task) -> None:
+        if self.masked is None:
+            self._wait_out(task)
+            return
+        try:
+            shares = self.masked.make_shares(task.share)
+        except SecAggError as exc:
+            self._refuse_round(task, str(exc))
+            return
+        submission = pb.ShareSubmission(run_id=self.run_id, round=task.round, shares=shares)
+        if not self._refused("shares", task.round, lambda: self.client.submit_shares(submission)):
+            log_event(log, "shares_sent", round=task.round, peers=len(shares))
+
+    def _reveal(self, task: pb.Task) -> None:
+        if self.masked is None:
+            self._wait_out(task)
+            return
+        try:
+            shares = self.masked.reveal(task.unmask)
+        except SecAggError as exc:
+            self._refuse_round(task, str(exc))
+            return
+        submission = pb.UnmaskSubmission(run_id=self.run_id, round=task.round, shares=shares)
+        if not self._refused("unmask", task.round, lambda: self.client.submit_unmask(submission)):
+            log_event(log, "unmask_sent", round=task.round, survivors=len(task.unmask.survivors),
+                      dropped=len(task.unmask.dropped))
 
     def _refused(self, what: str, round_: int, send) -> bool:
         """Send; a refusal because the round moved on is logged and survived, anything else raised."""

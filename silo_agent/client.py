@@ -121,5 +121,11 @@ class AggregatorClient:
 
         return self._call("SubmitUpdate", lambda: self.stub.SubmitUpdate(messages(), timeout=self.rpc_timeout_s))
 
+    def submit_shares(self, submission: pb.ShareSubmission) -> pb.Ack:
+        return self._call("SubmitShares", lambda: self.stub.SubmitShares(submission, timeout=60))
+
+    def submit_unmask(self, submission: pb.UnmaskSubmission) -> pb.Ack:
+        return self._call("SubmitUnmask", lambda: self.stub.SubmitUnmask(submission, timeout=60))
+
     def report(self, report: pb.EvalReport) -> pb.Ack:
         return self._call("ReportEvaluation", lambda: self.stub.ReportEvaluation(report, timeout=60))

@@ -30,7 +30,9 @@ def smoke_config(tmp_path: Path, strategy: dict | None = None, **federation) -> 
 def silo_config(config: Config, name: str, port: int, index: int = 0, num_silos: int = 3) -> Config:
     data = config.model_dump(mode="json")
     data["silo"] = {"name": name, "aggregator": f"127.0.0.1:{port}", "pki_dir": data["aggregator"]["pki_dir"],
-                    "index": index, "num_silos": num_silos, "threads": 1, "connect_timeout_s": 20}
+                    "index": index, "num_silos": num_silos, "threads": 1, "connect_timeout_s": 20,
+                    "accept_modes": [config.federation.secure_aggregation.mode],
+                    "min_group_size": max(2, config.federation.min_group_size)}
     return parse_config(data)
 
 

@@ -31,12 +31,13 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fcmoe"])
-def test_simulate_three_silos_two_rounds(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,mode", [("fedavg", "none"), ("fcmoe", "none"), ("fcmoe", "masking")])
+def test_simulate_three_silos_two_rounds(tmp_path, strategy, mode):
     data = load_config(SMOKE).model_dump(mode="json")
     out = tmp_path / "run"
     data["run"]["output_dir"] = str(out)
     data["federation"]["strategy"]["name"] = strategy
+    data["federation"]["secure_aggregation"] = {"mode": mode}
     cfg = tmp_path / "smoke.yaml"
     from fcmoe.config import parse_config
 
@@ -61,6 +62,8 @@ def test_simulate_three_silos_two_rounds(tmp_path, strategy):
     agg_log = (out / "logs" / "aggregator.log").read_text()
     assert agg_log.count("event=round_closed") == 2 and agg_log.count("event=update_accepted") == 6
     assert agg_log.count("event=report_accepted") == 6
+    secure_events = agg_log.count("event=shares_accepted") + agg_log.count("event=unmask_shares_accepted")
+    assert secure_events == (12 if mode == "masking" else 0)
     aggregator_role = (out / "roles" / "aggregator.yaml").read_text()
     assert "sketch_key" not in aggregator_role  # the silos' shared secret never reaches the aggregator
     assert all("sketch_key" in (out / "roles" / f"silo{i}.yaml").read_text() for i in range(3))

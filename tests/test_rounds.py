@@ -23,13 +23,13 @@ def started(**kw):
 
 def run_round(m, now, silos="abc"):
     for s in silos:
-        m.record_report(s, m.round, now)
+        m.record(Phase.TRAINING, s, m.round, now)
     assert m.poll(now) == Event.REPORTS_CLOSED
     m.open_upload(now)
     for s in silos:
         assert m.task(s).kind == "UPLOAD"
-        m.record_upload(s, m.round, now)
-    assert m.poll(now) == Event.CLOSE_ROUND
+        m.record(Phase.UPLOADING, s, m.round, now)
+    assert m.poll(now) == Event.UPLOADS_CLOSED
     m.complete_round(now)
 
 
@@ -39,15 +39,15 @@ def test_waits_for_min_silos_then_runs_all_rounds_and_final_evaluation():
     assert m.poll(1) is None and m.task("a").kind == "WAIT"
     m.join("c")
     assert m.poll(2) == Event.ROUND_STARTED and m.task("a").kind == "TRAIN" and m.round == 1
-    m.record_report("a", 1, 3)
+    m.record(Phase.TRAINING, "a", 1, 3)
     assert m.task("a").kind == "WAIT" and m.task("b").kind == "TRAIN"
     for s in "bc":
-        m.record_report(s, 1, 3)
+        m.record(Phase.TRAINING, s, 1, 3)
     assert m.poll(3) == Event.REPORTS_CLOSED and m.phase == Phase.PLANNING and m.task("a").kind == "WAIT"
     m.open_upload(3)
     for s in "abc":
-        m.record_upload(s, 1, 4)
-    assert m.poll(4) == Event.CLOSE_ROUND
+        m.record(Phase.UPLOADING, s, 1, 4)
+    assert m.poll(4) == Event.UPLOADS_CLOSED
     m.complete_round(4)
     assert m.version == 1 and m.round == 2 and m.task("b").kind == "TRAIN"
     run_round(m, 5)
@@ -59,38 +59,38 @@ def test_waits_for_min_silos_then_runs_all_rounds_and_final_evaluation():
 
 def test_deadlines_with_quorum_close_each_phase_and_late_messages_are_refused():
     m = started()
-    m.record_report("a", 1, 1)
-    m.record_report("b", 1, 2)
+    m.record(Phase.TRAINING, "a", 1, 1)
+    m.record(Phase.TRAINING, "b", 1, 2)
     assert m.poll(5) is None
     assert m.poll(11) == Event.REPORTS_CLOSED
     with pytest.raises(ProtocolError, match="no report for round 1 is open"):
-        m.record_report("c", 1, 11.5)
+        m.record(Phase.TRAINING, "c", 1, 11.5)
     m.open_upload(11)
     assert m.task("c").kind == "WAIT"  # c did not report: it has nothing to upload
     with pytest.raises(ProtocolError) as exc:
-        m.record_upload("c", 1, 12)
+        m.record(Phase.UPLOADING, "c", 1, 12)
     assert exc.value.status == "PERMISSION_DENIED"
-    m.record_upload("a", 1, 12)
-    m.record_upload("b", 1, 12)
-    assert m.poll(12) == Event.CLOSE_ROUND
+    m.record(Phase.UPLOADING, "a", 1, 12)
+    m.record(Phase.UPLOADING, "b", 1, 12)
+    assert m.poll(12) == Event.UPLOADS_CLOSED
     m.complete_round(12)
     with pytest.raises(ProtocolError, match="no upload for round 1"):
-        m.check_upload("a", 1, 12.5)  # an update for an old round
+        m.check(Phase.UPLOADING, "a", 1, 12.5)  # an update for an old round
     with pytest.raises(ProtocolError) as exc:
-        m.record_report("a", 2, 30)  # past round 2's deadline (12 + 10)
+        m.record(Phase.TRAINING, "a", 2, 30)  # past round 2's deadline (12 + 10)
     assert exc.value.status == "DEADLINE_EXCEEDED"
 
 
 def test_upload_quorum_after_a_dropout():
     m = started()
     for s in "abc":
-        m.record_report(s, 1, 1)
+        m.record(Phase.TRAINING, s, 1, 1)
     m.poll(1)
     m.open_upload(1)
-    m.record_upload("a", 1, 2)
-    m.record_upload("b", 1, 2)  # c dropped after reporting
+    m.record(Phase.UPLOADING, "a", 1, 2)
+    m.record(Phase.UPLOADING, "b", 1, 2)  # c dropped after reporting
     assert m.poll(3) is None
-    assert m.poll(7) == Event.CLOSE_ROUND and m.uploaded == {"a", "b"}
+    assert m.poll(7) == Event.UPLOADS_CLOSED and m.uploaded == {"a", "b"}
 
 
 def test_duplicate_and_outsider_refused():
@@ -98,44 +98,44 @@ def test_duplicate_and_outsider_refused():
     m.join("a"), m.join("b")
     m.poll(0)
     m.join("late")
-    m.record_report("a", 1, 1)
+    m.record(Phase.TRAINING, "a", 1, 1)
     with pytest.raises(ProtocolError, match="already") as exc:
-        m.record_report("a", 1, 1)
+        m.record(Phase.TRAINING, "a", 1, 1)
     assert exc.value.status == "ALREADY_EXISTS"
     with pytest.raises(ProtocolError, match="not expected"):
-        m.record_report("late", 1, 1)
+        m.record(Phase.TRAINING, "late", 1, 1)
     assert m.task("late").kind == "WAIT"
 
 
 def test_below_quorum_retries_same_round_then_aborts():
     m = started()
-    m.record_report("a", 1, 1)
+    m.record(Phase.TRAINING, "a", 1, 1)
     assert m.poll(11) == Event.ROUND_RETRY and m.round == 1 and m.version == 0 and not m.reported
     assert m.task("a").kind == "TRAIN"  # everyone trains the round again
     for s in "ab":
-        m.record_report(s, 1, 12)
+        m.record(Phase.TRAINING, s, 1, 12)
     m.poll(22)
     m.open_upload(22)
-    m.record_upload("a", 1, 23)  # one upload < quorum at the upload deadline
+    m.record(Phase.UPLOADING, "a", 1, 23)  # one upload < quorum at the upload deadline
     assert m.poll(28) == Event.ABORTED and m.phase == Phase.DONE and not m.succeeded
-    assert "quorum" in m.outcome and m.version == 0
+    assert "1 of 2 answered in uploading, 2 needed" in m.outcome and m.version == 0
 
 
 def test_failed_aggregation_redoes_the_round_then_aborts():
     m = started(max_retries=1)
-    run = lambda: [m.record_report(s, m.round, 1) for s in "abc"]  # noqa: E731
+    run = lambda: [m.record(Phase.TRAINING, s, m.round, 1) for s in "abc"]  # noqa: E731
     run()
     m.poll(1)
     m.open_upload(1)
     for s in "abc":
-        m.record_upload(s, 1, 1)
-    assert m.poll(1) == Event.CLOSE_ROUND
+        m.record(Phase.UPLOADING, s, 1, 1)
+    assert m.poll(1) == Event.UPLOADS_CLOSED
     assert m.fail_round(2, "not finite") == Event.ROUND_RETRY and m.round == 1 and m.version == 0
     run()
     m.poll(2)
     m.open_upload(2)
     for s in "abc":
-        m.record_upload(s, 1, 2)
+        m.record(Phase.UPLOADING, s, 1, 2)
     m.poll(2)
     assert m.fail_round(3, "not finite") == Event.ABORTED and "not finite" in m.outcome
 
@@ -144,3 +144,28 @@ def test_join_timeout_aborts():
     m = machine()
     m.join("a")
     assert m.poll(31) == Event.ABORTED and "1 of 3" in m.outcome
+
+
+def test_secure_phases_in_order_and_each_attempt_has_its_own_session():
+    m = started(max_retries=2)
+    first = m.session
+    for s in "abc":
+        m.record(Phase.TRAINING, s, 1, 1)
+    assert m.poll(1) == Event.REPORTS_CLOSED
+    m.open_phase(Phase.SHARING, "abc", 2, 1, 5)
+    assert m.task("a").kind == "SHARE"
+    for s in "ab":
+        m.record(Phase.SHARING, s, 1, 2)
+    assert m.poll(7) == Event.SHARES_CLOSED  # c dropped; 2 >= minimum at the deadline
+    m.open_phase(Phase.UPLOADING, "ab", 2, 7, 5)
+    assert m.task("c").kind == "WAIT" and m.task("a").kind == "UPLOAD"
+    for s in "ab":
+        m.record(Phase.UPLOADING, s, 1, 8)
+    assert m.poll(8) == Event.UPLOADS_CLOSED
+    m.open_phase(Phase.UNMASKING, "ab", 2, 8, 5)
+    assert m.task("b").kind == "UNMASK"
+    m.record(Phase.UNMASKING, "a", 1, 9)
+    assert m.poll(14) == Event.ROUND_RETRY  # one of two unmasked: below t, nothing applied
+    assert m.version == 0 and m.round == 1 and m.session != first
+    with pytest.raises(ProtocolError, match="open unmasking in phase training"):
+        m.open_phase(Phase.UNMASKING, "ab", 2, 14, 5)
