@@ -249,6 +249,7 @@ class Coordinator:
             assert self._masked is not None
             self._masked.add_shares(silo, submission)
             self.machine.record(Phase.SHARING, silo, submission.round, now)
+            self._count_secure(silo, submission.round, submission.ByteSize())
             self._cv.notify_all()
         log_event(log, "shares_accepted", silo=silo, round=submission.round, shares=len(submission.shares))
 
@@ -261,8 +262,15 @@ class Coordinator:
             assert self._masked is not None
             self._masked.add_reveal(silo, submission)
             self.machine.record(Phase.UNMASKING, silo, submission.round, now)
+            self._count_secure(silo, submission.round, submission.ByteSize(), submission.secure_seconds)
             self._cv.notify_all()
         log_event(log, "unmask_shares_accepted", silo=silo, round=submission.round)
+
+    def _count_secure(self, silo: str, round_: int, nbytes: int, seconds: float = 0.0) -> None:
+        stats = self.metrics.record(round_).per_silo.setdefault(silo, {})
+        stats["secure_bytes"] = stats.get("secure_bytes", 0) + nbytes
+        if np.isfinite(seconds) and seconds >= 0:
+            stats["secure_seconds"] = seconds
 
     def add_evaluation(self, silo: str, report: pb.EvalReport) -> None:
         self._check_run(report.run_id)
@@ -379,7 +387,9 @@ class Coordinator:
             "round_seconds": elapsed,
             "slowest_train_seconds": slowest,
             "overhead": (elapsed - slowest) / elapsed if elapsed > 0 else 0.0,
-            "bytes_up_mean": float(np.mean([s.get("bytes_up", 0) + s["report_bytes"] for s in rec.per_silo.values()])),
+            "bytes_up_mean": float(np.mean([s.get("bytes_up", 0) + s["report_bytes"] + s.get("secure_bytes", 0)
+                                            for s in rec.per_silo.values()])),
+            "aggregator_secure_seconds": self._masked.seconds if self._masked is not None else 0.0,
             "bytes_down_mean": float(np.mean([s["bytes_down"] for s in rec.per_silo.values()])),
             "train_tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
         }

@@ -24,6 +24,7 @@ from crypto.secagg import PACKED_SHARES_BYTES, SecAggError, mask_label, mask_see
 from crypto.shamir import Share, ShamirError
 from fcmoe.config import SecureAggregationConfig
 from fcmoe.errors import ProtocolError
+from fcmoe.timing import timed
 from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
 
@@ -54,9 +55,11 @@ class MaskedRound:
         self._clip = 0.0
         self._sums: dict[tuple[str, int], np.ndarray] = {}
         self._members: set[str] = set()
+        self.seconds = 0.0  # in secure-aggregation work this attempt (fcmoe.timing.timed)
         self._revealed: dict[str, list[pb.RevealedShare]] = {}
 
     # -- TRAINING: adverts ride on the reports -------------------------------------------------
+    @timed
     def check_advert(self, silo: str, advert: pb.KeyAdvert) -> None:
         """Refuse early what peers would refuse anyway: an advert not signed by ``silo`` for this attempt."""
         if advert.silo != silo or advert.session != self.session:
@@ -81,6 +84,7 @@ class MaskedRound:
         return pb.ShareInstructions(adverts=[self._adverts[s] for s in self.reporters], threshold=self.threshold,
                                     min_group_size=self.min_group_size)
 
+    @timed
     def add_shares(self, silo: str, submission: pb.ShareSubmission) -> None:
         expected = set(self.reporters) - {silo}
         recipients = [s.recipient for s in submission.shares]
@@ -104,7 +108,8 @@ class MaskedRound:
         try:
             self.fixed = plan_fixed_point(len(self.peers), clip_norm, largest or 1.0, self.settings.fixed_point_bits)
         except FixedPointError as exc:
-            raise ProtocolError(f"cannot plan the fixed-point encoding: {exc}") from None
+            raise ProtocolError(f"cannot plan the fixed-point encoding: {exc} "
+                                "(federation.secure_aggregation.fixed_point_bits: 64 widens the range)") from None
         self._clip = clip_norm
 
     def upload_instructions(self, silo: str) -> pb.UploadInstructions:
@@ -120,6 +125,7 @@ class MaskedRound:
         bits = self.settings.fixed_point_bits
         return {u: TensorSpec(f"uint{bits}", (n,)) for u, n in self.unit_sizes.items()}
 
+    @timed
     def add(self, silo: str, payload: Mapping[str, np.ndarray]) -> None:
         """Masked words go into the (unit, group) sums, mod ``2**bits``, and nowhere else."""
         assert self.plan is not None and self.fixed is not None
@@ -161,6 +167,7 @@ class MaskedRound:
         return pb.UnmaskInstructions(survivors=sorted(survivors),
                                      dropped=sorted(set(self.peers) - survivors))
 
+    @timed
     def add_reveal(self, silo: str, submission: pb.UnmaskSubmission) -> None:
         survivors = self.members
         owners = [r.owner for r in submission.shares]
@@ -187,6 +194,7 @@ class MaskedRound:
             raise ProtocolError(f"revealed shares of {owner!r} are inconsistent")
         return secret
 
+    @timed
     def result(self) -> UnitSums:
         """Unmasked, decoded group sums; ProtocolError if anything does not add up."""
         assert self.plan is not None and self.fixed is not None

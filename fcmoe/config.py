@@ -170,7 +170,7 @@ class SecureAggregationConfig(_Strict):
     threshold: float = Field(
         0.6, gt=0.5, le=1,
         description="t = ceil(threshold * n) of the n silos that sent shares must survive to unmask a round")
-    fixed_point_bits: Literal[32, 64] = 64
+    fixed_point_bits: Literal[32, 64] = Field(32, description="32: as many bytes as float32; 64 for wide ranges")
     phase_timeout_s: float = Field(120.0, gt=0, description="deadline of the share and unmask phases")
 
 

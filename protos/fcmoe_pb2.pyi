@@ -208,14 +208,16 @@ class RevealedShare(_message.Message):
     def __init__(self, owner: _Optional[str] = ..., mask_key: _Optional[bool] = ..., share: _Optional[bytes] = ...) -> None: ...
 
 class UnmaskSubmission(_message.Message):
-    __slots__ = ("run_id", "round", "shares")
+    __slots__ = ("run_id", "round", "shares", "secure_seconds")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    SECURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+    secure_seconds: float
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., secure_seconds: _Optional[float] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("run_id", "round", "layout_hash")

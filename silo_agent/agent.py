@@ -280,7 +280,8 @@ class SiloAgent:
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
-        submission = pb.UnmaskSubmission(run_id=self.run_id, round=task.round, shares=shares)
+        submission = pb.UnmaskSubmission(run_id=self.run_id, round=task.round, shares=shares,
+                                         secure_seconds=self.masked.seconds)
         if not self._refused("unmask", task.round, lambda: self.client.submit_unmask(submission)):
             log_event(log, "unmask_sent", round=task.round, survivors=len(task.unmask.survivors),
                       dropped=len(task.unmask.dropped))

@@ -43,6 +43,7 @@ from crypto.secagg import (
     unpack_shares,
 )
 from crypto.shamir import Share, ShamirError
+from fcmoe.timing import timed
 from protos import fcmoe_pb2 as pb
 
 
@@ -68,8 +69,10 @@ class MaskingSession:
         self._received: dict[str, tuple[Share, Share]] = {}  # owner -> (self-seed share, mask-key share)
         self._peers: list[str] = []  # U2: who masks with whom
         self._groups: dict[str, dict[str, int]] = {}  # unit -> peer -> group
+        self.seconds = 0.0  # in secure-aggregation work this attempt (fcmoe.timing.timed)
         self._revealed = False
 
+    @timed
     def advert(self) -> pb.KeyAdvert:
         signed = self._keys.advert(self._identity_key)
         return pb.KeyAdvert(silo=self.silo, session=self.session, mask_public=signed.mask_public,
@@ -77,6 +80,7 @@ class MaskingSession:
                             certificate_pem=self._cert)
 
     # -- SHARE ---------------------------------------------------------------------------------
+    @timed
     def make_shares(self, instructions: pb.ShareInstructions) -> list[pb.SealedShare]:
         """Verify every peer's advert, then seal shares of this silo's secrets for each peer."""
         if self._reporters:
@@ -124,6 +128,7 @@ class MaskingSession:
                                self.run_id, self.session, self.silo, peer, "channel")
 
     # -- UPLOAD --------------------------------------------------------------------------------
+    @timed
     def masked_payload(self, instructions: pb.UploadInstructions, deltas: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``encode(alpha * delta) + self mask + pairwise masks`` per unit, as uint words."""
         if not self._reporters:
@@ -191,6 +196,7 @@ class MaskingSession:
                                   f"(this silo's minimum is {self.min_group_size})")
 
     # -- UNMASK --------------------------------------------------------------------------------
+    @timed
     def reveal(self, instructions: pb.UnmaskInstructions) -> list[pb.RevealedShare]:
         """Self-seed shares of survivors and mask-key shares of dropped peers; once per attempt."""
         if self._revealed:
