@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test bench protos clean
+.PHONY: venv demo test bench protos clean flower-venv
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m benches.round --silos 4 --json
+
+# Flower (for benches.secagg's SecAgg+ reference) pins protobuf < 7: it gets its own environment.
+flower-venv:
+	test -x .flwr-venv/bin/python || $(PYTHON) -m venv .flwr-venv
+	.flwr-venv/bin/python -m pip install -q "flwr==1.41.0" numpy
 
 protos: venv
 	$(BIN)/python -m protos.generate

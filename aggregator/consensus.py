@@ -61,6 +61,17 @@ def agreement_score(cos: np.ndarray, sign: np.ndarray) -> np.ndarray:
     return (np.asarray(cos) + 2.0 * np.asarray(sign) - 1.0) / 2.0
 
 
+def scores_with_missing(sketches: list[np.ndarray | None], weights: np.ndarray) -> np.ndarray:
+    """Agreement score per silo; a silo without a sketch (no sketch key yet: the first masked
+    round, or it just joined) counts as agreeing (1), and is left out of the others' consensus."""
+    score = np.ones(len(sketches))
+    have = [i for i, y in enumerate(sketches) if y is not None]
+    if len(have) >= 2:
+        cos, sign = agreement(np.stack([sketches[i] for i in have]), np.asarray(weights)[have])
+        score[have] = agreement_score(cos, sign)
+    return score
+
+
 def partition(scores: np.ndarray, min_group_size: int, threshold: float = 0.0) -> np.ndarray:
     """Group of each silo (CONSENSUS or CONFLICT); one group when either would be too small."""
     groups = np.where(np.asarray(scores) < threshold, CONFLICT, CONSENSUS)

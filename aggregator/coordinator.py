@@ -181,7 +181,7 @@ class Coordinator:
                 raise ProtocolError("no key advert was asked for this round", "INVALID_ARGUMENT")
             buckets = self.plan.sketch_buckets if self.plan else 0
             sketches = {}
-            if buckets:
+            if buckets and len(report.sketches):  # none: the silo has no sketch key yet (mode masking)
                 specs = {u: TensorSpec("float32", (buckets,)) for u in units}
                 sketches = codec.decode(report.sketches, specs)
                 if not all(np.all(np.isfinite(v)) for v in sketches.values()):

@@ -18,9 +18,18 @@ import numpy as np
 from aggregator.accumulate import Coefficients, GroupSum, UnitSums, clip_bound, regroup
 from crypto import shamir
 from crypto.fixed_point import FixedPoint, FixedPointError, plan_fixed_point
-from crypto.key_agreement import NONCE_BYTES, TAG_BYTES, AdvertError, KeyAdvert, verify_advert
+from crypto.key_agreement import NONCE_BYTES, TAG_BYTES, AdvertError, verify_advert
 from crypto.masking import MaskingError, unmask_sum
-from crypto.secagg import PACKED_SHARES_BYTES, SecAggError, mask_label, mask_seed, share_x, threshold_for
+from crypto.secagg import (
+    PACKED_SHARES_BYTES,
+    RUN_SECRET_BYTES,
+    SecAggError,
+    advert_of,
+    mask_label,
+    mask_seed,
+    share_x,
+    threshold_for,
+)
 from crypto.shamir import Share, ShamirError
 from fcmoe.config import SecureAggregationConfig
 from fcmoe.errors import ProtocolError
@@ -29,6 +38,7 @@ from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
 
 SEALED_SHARE_BYTES = NONCE_BYTES + PACKED_SHARES_BYTES + TAG_BYTES
+SEALED_SECRET_BYTES = NONCE_BYTES + RUN_SECRET_BYTES + TAG_BYTES
 
 
 def _bad(message: str) -> ProtocolError:
@@ -49,6 +59,8 @@ class MaskedRound:
         self.reporters: list[str] = []
         self.threshold = 0
         self._inbox: dict[str, dict[str, pb.SealedShare]] = {}  # sender -> recipient -> sealed share
+        self.dealer, self._secret_recipients = "", []
+        self._secrets: dict[str, pb.SealedShare] = {}  # recipient -> run secret sealed by the dealer
         self.peers: list[str] = []
         self.plan: Coefficients | None = None
         self.fixed: FixedPoint | None = None
@@ -66,9 +78,8 @@ class MaskedRound:
             raise _bad(f"key advert is for silo {advert.silo!r} session {advert.session}, "
                        f"expected {silo!r} session {self.session}")
         try:
-            verify_advert(KeyAdvert(self.run_id, advert.session, advert.silo, advert.mask_public,
-                                    advert.channel_public, advert.signature),
-                          bytes(advert.certificate_pem), self._ca, self.run_id, self.session)
+            verify_advert(advert_of(advert, self.run_id), bytes(advert.certificate_pem), self._ca, self.run_id,
+                          self.session)
         except AdvertError as exc:
             raise _bad(str(exc)) from None
 
@@ -79,10 +90,19 @@ class MaskedRound:
     def open_sharing(self, reporters: set[str]) -> None:
         self.reporters = sorted(reporters)
         self.threshold = threshold_for(len(self.reporters), self.settings.threshold)
+        # the run secret: dealt by the first reporter that holds one (or draws it), to those that lack it
+        digests = {s: bytes(self._adverts[s].secret_digest) for s in self.reporters}
+        holders = [s for s in self.reporters if digests[s]]
+        self.dealer = holders[0] if holders else self.reporters[0]
+        self._secret_recipients = [s for s in self.reporters if s != self.dealer
+                                   and (not digests[s] or digests[s] != digests[self.dealer])]
+        if not self._secret_recipients:
+            self.dealer = ""
 
     def share_instructions(self) -> pb.ShareInstructions:
         return pb.ShareInstructions(adverts=[self._adverts[s] for s in self.reporters], threshold=self.threshold,
-                                    min_group_size=self.min_group_size)
+                                    min_group_size=self.min_group_size, dealer=self.dealer,
+                                    secret_recipients=self._secret_recipients)
 
     @timed
     def add_shares(self, silo: str, submission: pb.ShareSubmission) -> None:
@@ -94,7 +114,13 @@ class MaskedRound:
             if s.sender != silo or len(s.ciphertext) != SEALED_SHARE_BYTES:
                 raise _bad(f"sealed share for {s.recipient!r}: wrong sender or {len(s.ciphertext)} bytes "
                            f"(expected {SEALED_SHARE_BYTES})")
+        secrets = list(submission.secrets)
+        wanted = self._secret_recipients if silo == self.dealer else []
+        if sorted(s.recipient for s in secrets) != sorted(wanted) or any(
+                s.sender != silo or len(s.ciphertext) != SEALED_SECRET_BYTES for s in secrets):
+            raise _bad(f"run secrets: expected one sealed secret for each of {len(wanted)} recipients from the dealer")
         self._inbox[silo] = {s.recipient: s for s in submission.shares}
+        self._secrets.update({s.recipient: s for s in secrets})
 
     # -- UPLOADING -----------------------------------------------------------------------------
     def open_upload(self, sharers: set[str], plan: Coefficients, clip_norm: float) -> None:
@@ -119,7 +145,7 @@ class MaskedRound:
             units=units, coefficients=[self.plan.alpha[silo][u] for u in units], peers=self.peers,
             groups=[self.plan.group[p][u] for u in units for p in self.peers],
             fixed_point_bits=self.fixed.bits, fixed_point_frac_bits=self.fixed.frac_bits,
-            shares=[self._inbox[p][silo] for p in self.peers if p != silo])
+            shares=[self._inbox[p][silo] for p in self.peers if p != silo], run_secret=self._secrets.get(silo))
 
     def update_specs(self) -> dict[str, TensorSpec]:
         bits = self.settings.fixed_point_bits

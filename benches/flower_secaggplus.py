@@ -46,8 +46,8 @@ __all__ = ["measure"]
 
 # Flower's example app (examples/flower-secure-aggregation) uses num-shares = 3 and
 # reconstruction-threshold = 2; SecAggPlusWorkflow itself has no default for either.
-DEFAULT_NUM_SHARES: int | float = 3
-DEFAULT_RECONSTRUCTION_THRESHOLD: int | float = 2
+DEFAULT_NUM_SHARES: float = 3
+DEFAULT_RECONSTRUCTION_THRESHOLD: float = 2
 
 
 @dataclass
@@ -80,6 +80,19 @@ def _unavailable(reason: str, version: str | None = None) -> dict[str, Any]:
 def _one_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _protobuf_note() -> str:
+    """Why flwr may not share this environment: flwr 1.41 requires protobuf<7."""
+    try:
+        from importlib.metadata import version
+
+        installed = version("protobuf")
+    except Exception:  # noqa: BLE001 - best effort, only decorates a message
+        return ""
+    if int(installed.split(".")[0]) >= 7:
+        return f"; flwr 1.41 requires protobuf<7 but this environment has protobuf {installed}"
+    return ""
 
 
 def _make_vectors(silos: int, params: int, seed: int) -> list[np.ndarray]:
@@ -167,8 +180,12 @@ def _make_grid(fl: Any, clients: dict[int, Callable[[Any], Any]], clock: _Clock)
             elapsed = time.perf_counter() - start
             client_spent = clock.seconds.get("client", 0.0) + clock.seconds.get("client_fit", 0.0) - client_before
             clock.add("transport", elapsed - client_spent)  # the mod's own bookkeeping outside stage code
-            key = "client_to_server_masked" if stage == fl.Stage.COLLECT_MASKED_VECTORS else "client_to_server_other"
-            return _wire(fl, reply, clock, key)
+            before = clock.bytes.get("client_to_server", 0)
+            out = _wire(fl, reply, clock, "client_to_server")
+            clock.count(f"up:{nid}", clock.bytes["client_to_server"] - before)
+            if stage == fl.Stage.COLLECT_MASKED_VECTORS:
+                clock.count("masked_upload", clock.bytes["client_to_server"] - before)
+            return out
 
     return InProcessGrid()
 
@@ -192,8 +209,19 @@ class _Flower:
         import flwr
         from flwr.app import ConfigRecord, Context, Message, RecordDict
         from flwr.client.mod import secaggplus_mod
-        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+        from flwr.common import (
+            Code,
+            FitRes,
+            Status,
+            ndarrays_to_parameters,
+            parameters_to_ndarrays,
+        )
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.common.secure_aggregation.secaggplus_constants import (
+            RECORD_KEY_CONFIGS,
+            Key,
+            Stage,
+        )
         from flwr.common.serde import message_from_proto, message_to_proto
         from flwr.compat.common import recorddict_compat
         from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
@@ -203,10 +231,16 @@ class _Flower:
         from flwr.server.compat.legacy_context import LegacyContext
         from flwr.server.strategy import FedAvg
         from flwr.server.workflow import SecAggPlusWorkflow
-        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+        from flwr.server.workflow.constant import (
+            MAIN_CONFIGS_RECORD,
+            MAIN_PARAMS_RECORD,
+        )
         from flwr.server.workflow.constant import Key as WorkflowKey
-        from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+        from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (
+            WorkflowState,
+        )
         from flwr.serverapp.grid import Grid
+        from flwr.supercore.task_identity import TaskIdentity
 
         self.version: str = getattr(flwr, "__version__", None) or _dist_version("flwr")
         self.ConfigRecord, self.Context, self.Message, self.RecordDict = ConfigRecord, Context, Message, RecordDict
@@ -219,7 +253,8 @@ class _Flower:
         self.ServerConfig, self.SimpleClientManager, self.GridClientProxy = ServerConfig, SimpleClientManager, GridClientProxy
         self.LegacyContext, self.FedAvg, self.SecAggPlusWorkflow = LegacyContext, FedAvg, SecAggPlusWorkflow
         self.MAIN_CONFIGS_RECORD, self.MAIN_PARAMS_RECORD, self.WorkflowKey = MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, WorkflowKey
-        self.WorkflowState, self.Grid = WorkflowState, Grid
+        self.WorkflowState, self.Grid, self.TaskIdentity = WorkflowState, Grid, TaskIdentity
+        self.SUPERLINK_NODE_ID = SUPERLINK_NODE_ID
 
 
 def _dist_version(name: str) -> str:
@@ -232,7 +267,7 @@ def _server_context(fl: Any, grid: Any, silos: int, clock: _Clock) -> Any:
     """A ``LegacyContext`` as ``DefaultWorkflow`` prepares it: FedAvg over all nodes, round 1,
     an empty global model (the broadcast model is not SecAgg+ work), every node registered."""
     strategy = fl.FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=silos,
-                         min_available_clients=silos)
+                         min_available_clients=silos, fit_metrics_aggregation_fn=lambda _metrics: {})
     inner = strategy.aggregate_fit
 
     def timed_aggregate_fit(*args: Any, **kwargs: Any) -> Any:
@@ -269,28 +304,46 @@ def _pick_dropouts(neighbours: dict[int, set[int]], threshold: int, dropouts: in
     return sorted(chosen) if len(chosen) == dropouts else None
 
 
-def _run_round(fl: Any, workflow: Any, grid: Any, context: Any, dropouts: int, seed: int,
-               clock: _Clock) -> tuple[bool, str, dict[str, float], list[int]]:
-    """Call the workflow's four stages in order; drop nodes after 'share keys' if asked."""
+class _InfeasibleDropouts(Exception):
+    """The requested dropouts would leave some node below the reconstruction threshold."""
+
+
+@dataclass
+class _Outcome:
+    """What one round left behind, besides the aggregate in the server context."""
+
+    ok: bool = True
+    reason: str = ""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
+    num_shares: int = 0  # as the workflow resolved them for this many nodes
+    threshold: int = 0
+
+
+def _run_round(fl: Any, workflow: Any, grid: Any, context: Any, dropouts: int, seed: int) -> _Outcome:
+    """Call the workflow's four stages in order, as ``SecAggPlusWorkflow.__call__`` does;
+    make ``dropouts`` nodes vanish after 'share keys' if asked."""
     state = fl.WorkflowState()
     stages = [("setup", workflow.setup_stage), ("share_keys", workflow.share_keys_stage),
               ("collect_masked_vectors", workflow.collect_masked_vectors_stage), ("unmask", workflow.unmask_stage)]
-    stage_seconds: dict[str, float] = {}
-    dropped: list[int] = []
+    outcome = _Outcome()
     for name, step in stages:
         start = time.perf_counter()
         ok = step(grid, context, state)
-        stage_seconds[name] = time.perf_counter() - start
+        outcome.stage_seconds[name] = time.perf_counter() - start
+        if name == "setup":
+            outcome.num_shares, outcome.threshold = state.num_shares, state.threshold
         if not ok:
-            return False, f"Flower's SecAgg+ halted in stage '{name}'", stage_seconds, dropped
+            outcome.ok, outcome.reason = False, f"Flower's SecAgg+ halted in stage '{name}'"
+            return outcome
         if name == "setup" and dropouts:
             picked = _pick_dropouts(state.nid_to_neighbours, state.threshold, dropouts, random.Random(seed))
             if picked is None:
-                return False, (f"{dropouts} dropouts cannot leave every node {state.threshold} live "
-                               f"neighbours with num_shares={state.num_shares}"), stage_seconds, dropped
-            dropped = picked
+                raise _InfeasibleDropouts(f"{dropouts} dropouts cannot leave every node {state.threshold} "
+                                          f"live neighbours with num_shares={state.num_shares}")
+            outcome.dropped = picked
             grid.dropped = set(picked)
-    return True, "", stage_seconds, dropped
+    return outcome
 
 
 def _aggregate(fl: Any, context: Any) -> np.ndarray:
@@ -299,9 +352,22 @@ def _aggregate(fl: Any, context: Any) -> np.ndarray:
     return np.asarray(arrays[0], dtype=np.float64)
 
 
-def _measure(silos: int, params: int, dropouts: int, seed: int, num_shares: int | float,
-             reconstruction_threshold: int | float) -> dict[str, Any]:
+def _measure(silos: int, params: int, dropouts: int, seed: int, num_shares: float,
+             reconstruction_threshold: float) -> dict[str, Any]:
     fl = _Flower()
+    # Flower's runtimes set the process's task identity before any Message is built; its legacy
+    # ``start_grid`` uses task 1 on the SuperLink node, and so does this.
+    ident = fl.TaskIdentity
+    previous = (ident._task_id, ident._run_id, ident._node_id)  # pylint: disable=protected-access
+    ident.task_id, ident.run_id, ident.node_id = 1, 1, fl.SUPERLINK_NODE_ID
+    try:
+        return _measure_round(fl, silos, params, dropouts, seed, num_shares, reconstruction_threshold)
+    finally:
+        ident._task_id, ident._run_id, ident._node_id = previous  # pylint: disable=protected-access
+
+
+def _measure_round(fl: Any, silos: int, params: int, dropouts: int, seed: int, num_shares: float,
+                   reconstruction_threshold: float) -> dict[str, Any]:
     vectors = _make_vectors(silos, params, seed)
     workflow = fl.SecAggPlusWorkflow(num_shares=num_shares, reconstruction_threshold=reconstruction_threshold)
     num_examples = int(workflow.max_weight)  # weight ratio 1: no precision lost to weighting
@@ -310,17 +376,19 @@ def _measure(silos: int, params: int, dropouts: int, seed: int, num_shares: int 
     grid = _make_grid(fl, clients, clock)
     context = _server_context(fl, grid, silos, clock)
 
-    ok, reason, stage_seconds, dropped = _run_round(fl, workflow, grid, context, dropouts, seed, clock)
+    outcome = _run_round(fl, workflow, grid, context, dropouts, seed)
+    stage_seconds, dropped = outcome.stage_seconds, outcome.dropped
     settings = {
         "num_shares": num_shares, "reconstruction_threshold": reconstruction_threshold,
+        "resolved_num_shares": outcome.num_shares, "resolved_threshold": outcome.threshold,
         "clipping_range": workflow.clipping_range, "quantization_range": workflow.quantization_range,
         "modulus_range": workflow.modulus_range, "max_weight": workflow.max_weight,
         "num_examples_per_client": num_examples, "strategy": "FedAvg",
         "vectors": "numpy default_rng(seed).standard_normal float32",
         "transport": "in-process Grid, protobuf round-trip per message",
     }
-    if not ok:
-        result = _unavailable(reason, fl.version)
+    if not outcome.ok:
+        result = _unavailable(outcome.reason, fl.version)
         result.update(settings=settings, stage_seconds=stage_seconds, dropped_nodes=dropped)
         return result
 
@@ -338,9 +406,8 @@ def _measure(silos: int, params: int, dropouts: int, seed: int, num_shares: int 
     step = 2 * workflow.clipping_range / workflow.quantization_range  # stochastic rounding: < 1 step each
     tolerance = len(survivors) * step * (1 + 1e-6) + 1e-9 * float(np.max(np.abs(plain_sum)))
 
-    uploaders = len(survivors)
-    up_masked = clock.bytes.get("client_to_server_masked", 0)
-    up_all = up_masked + clock.bytes.get("client_to_server_other", 0)
+    survivor_ids = [nid for nid in clients if nid not in set(dropped)]
+    up_per_survivor = [clock.bytes.get(f"up:{nid}", 0) for nid in survivor_ids]
     return {
         "available": True,
         "reason": "",
@@ -352,8 +419,8 @@ def _measure(silos: int, params: int, dropouts: int, seed: int, num_shares: int 
         "excluded_seconds": {"client_fit_function": clock.seconds.get("client_fit", 0.0),
                              "strategy_aggregate_fit": clock.seconds.get("strategy", 0.0)},
         "stage_seconds": stage_seconds,
-        "bytes_per_parameter": up_all / uploaders / params,
-        "masked_upload_bytes_per_parameter": up_masked / uploaders / params,
+        "bytes_per_parameter": sum(up_per_survivor) / len(survivor_ids) / params,
+        "masked_upload_bytes_per_parameter": clock.bytes.get("masked_upload", 0) / len(survivor_ids) / params,
         "download_bytes_per_parameter": clock.bytes.get("server_to_client", 0) / silos / params,
         "exact": error <= tolerance,
         "max_abs_error": error,
@@ -367,41 +434,57 @@ def _measure(silos: int, params: int, dropouts: int, seed: int, num_shares: int 
 
 
 def measure(silos: int = 8, params: int = 4_000_000, dropouts: int = 0, seed: int = 0, *,
-            num_shares: int | float = DEFAULT_NUM_SHARES,
-            reconstruction_threshold: int | float = DEFAULT_RECONSTRUCTION_THRESHOLD) -> dict[str, Any]:
+            num_shares: float = DEFAULT_NUM_SHARES,
+            reconstruction_threshold: float = DEFAULT_RECONSTRUCTION_THRESHOLD) -> dict[str, Any]:
     """Time one round of Flower's SecAgg+ over ``silos`` float32 vectors of ``params`` values.
 
     Returns a JSON-serialisable dict (see the module docstring); never raises: when flwr is
     missing or the round fails, ``available`` is False and ``reason`` says why in one line.
     ``dropouts`` nodes vanish after the 'share keys' stage (they do not upload their masked
-    vector), so the server has to rebuild their pairwise masks from key shares.
+    vector), so the server has to rebuild their pairwise masks from key shares; if that many
+    cannot drop without stalling the protocol, the round runs without dropouts and ``reason``
+    says so.  ``num_shares`` and ``reconstruction_threshold`` go to ``SecAggPlusWorkflow``
+    unchanged: an int is a count, a float a fraction (``num_shares=1.0`` masks every pair).
     """
     try:
         import flwr  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return _unavailable(f"flwr is not importable here ({_one_line(exc)}); "
-                            "install it in a separate venv: pip install flwr")
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install
+        return _unavailable(f"flwr is not importable here ({_one_line(exc)}){_protobuf_note()}; "
+                            "install it in a separate venv: pip install flwr numpy")
 
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         flwr_logger.setLevel(logging.WARNING)
-        random.seed(seed)      # the workflow shuffles nodes into its neighbour ring with `random`
-        np.random.seed(seed)   # Flower's stochastic rounding draws from numpy's global generator
-        return _measure(silos, params, dropouts, seed, num_shares, reconstruction_threshold)
-    except Exception as exc:  # never raise into the benchmark
-        version = None
         try:
-            version = _dist_version("flwr")
-        except Exception:
-            pass
-        return _unavailable(f"Flower's SecAgg+ could not run: {_one_line(exc)}", version)
+            result = _seeded(silos, params, dropouts, seed, num_shares, reconstruction_threshold)
+        except _InfeasibleDropouts as exc:  # still time the round, without dropouts
+            result = _seeded(silos, params, 0, seed, num_shares, reconstruction_threshold)
+            if result["available"]:
+                result["reason"] = f"{exc}; timed with no dropouts instead"
+        result["dropouts_requested"] = dropouts
+        return result
+    except Exception as exc:  # noqa: BLE001 - never raise into the benchmark
+        return _unavailable(f"Flower's SecAgg+ could not run: {_one_line(exc)}", _installed_version())
     finally:
         flwr_logger.setLevel(old_level)
         random.setstate(py_state)
         np.random.set_state(np_state)
 
+
+def _seeded(silos: int, params: int, dropouts: int, seed: int, num_shares: float,
+            reconstruction_threshold: float) -> dict[str, Any]:
+    random.seed(seed)     # the workflow shuffles nodes into its neighbour ring with `random`
+    np.random.seed(seed)  # Flower's stochastic rounding draws from numpy's global generator
+    return _measure(silos, params, dropouts, seed, num_shares, reconstruction_threshold)
+
+
+def _installed_version() -> str | None:
+    try:
+        return _dist_version("flwr")
+    except Exception:  # noqa: BLE001 - best effort, only decorates a message
+        return None
 
 if __name__ == "__main__":
     import json

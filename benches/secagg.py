@@ -21,6 +21,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ from fcmoe.logs import setup_logging
 from protos import fcmoe_pb2 as pb
 
 MODES = ("none", "masking")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def hidden_size_for(params: int, experts: int, layers: int) -> int:
@@ -118,6 +120,25 @@ def run_mode(mode: str, silos: int, params: int, rounds: int, local_steps: int, 
     }
 
 
+def flower_secaggplus(silos: int, params: int, python: str | None) -> dict:
+    """Flower's SecAgg+ on the same sizes, every pair masked as in our groups and t = 0.6 n.
+
+    Flower pins protobuf < 7, which this project cannot share an environment with, so it runs in
+    the interpreter of its own virtual environment (``make flower-venv``) when one is given.
+    """
+    call = (f"from benches.flower_secaggplus import measure; import json; "
+            f"print(json.dumps(measure({silos}, {params}, num_shares=1.0, reconstruction_threshold=0.6)))")
+    if python is None:
+        from benches.flower_secaggplus import measure
+
+        return measure(silos, params, num_shares=1.0, reconstruction_threshold=0.6)
+    proc = subprocess.run([python, "-c", call], capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"available": False, "reason": f"{python} exited with {proc.returncode}: {tail}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -130,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--no-flower", action="store_true", help="skip timing Flower's SecAgg+")
+    parser.add_argument("--flower-python", help="python of a venv with flwr (make flower-venv: .flwr-venv/bin/python)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args(argv)
     if args.rounds < 3:
@@ -147,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         r["round_ratio_to_none"] = r["median_round_seconds"] / base if base and r["median_round_seconds"] else None
     flower: dict = {"available": False, "reason": "skipped (--no-flower)"}
     if not args.no_flower:
-        from benches.flower_secaggplus import measure
-
-        flower = measure(silos=args.silos, params=args.params, dropouts=0, seed=0)
+        flower = flower_secaggplus(args.silos, args.params, args.flower_python)
         ours = results.get("masking", {}).get("protocol_seconds_sequential")
         if flower.get("available") and ours:
             flower["ratio_to_fcmoe_masking_protocol"] = flower["round_seconds"] / ours

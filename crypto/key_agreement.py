@@ -106,6 +106,7 @@ class KeyAdvert:
     mask_public: bytes
     channel_public: bytes
     signature: bytes
+    secret_digest: bytes = b""  # digest of the run secret this silo holds (empty: none yet)
 
     def signed_bytes(self) -> bytes:
         """Every field but the signature, canonically encoded under ``fcmoe/advert/v1``."""
@@ -117,6 +118,7 @@ class KeyAdvert:
                 _text(self.silo, "silo"),
                 bytes(self.mask_public),
                 bytes(self.channel_public),
+                bytes(self.secret_digest),
             ],
         )
 
@@ -175,12 +177,14 @@ class RoundKeys:
     def channel_public(self) -> bytes:
         return _raw_public(self._channel)
 
-    def advert(self, identity_key_pem: bytes) -> KeyAdvert:
+    def advert(self, identity_key_pem: bytes, secret_digest: bytes = b"") -> KeyAdvert:
         """The signed advert (ECDSA P-256, SHA-256) carrying both public keys."""
-        unsigned = KeyAdvert(self.run_id, self.round, self.silo, self.mask_public, self.channel_public, b"")
+        unsigned = KeyAdvert(self.run_id, self.round, self.silo, self.mask_public, self.channel_public, b"",
+                             secret_digest)
         key = _load_identity_key(identity_key_pem)
         signature = key.sign(unsigned.signed_bytes(), ec.ECDSA(hashes.SHA256()))
-        return KeyAdvert(self.run_id, self.round, self.silo, self.mask_public, self.channel_public, signature)
+        return KeyAdvert(self.run_id, self.round, self.silo, self.mask_public, self.channel_public, signature,
+                         secret_digest)
 
 
 def _is_client_leaf(cert: x509.Certificate) -> bool:
@@ -199,9 +203,11 @@ def _advert_shape_error(advert: KeyAdvert) -> str | None:
         return "silo and run_id must be strings"
     if not isinstance(advert.round, int) or isinstance(advert.round, bool):
         return "round must be an integer"
-    for name in ("mask_public", "channel_public", "signature"):
+    for name in ("mask_public", "channel_public", "signature", "secret_digest"):
         if not isinstance(getattr(advert, name), bytes):
             return f"{name} must be bytes"
+    if len(advert.secret_digest) not in (0, KEY_BYTES):
+        return f"secret_digest is {len(advert.secret_digest)} bytes, expected 0 or {KEY_BYTES}"
     for name in ("mask_public", "channel_public"):
         if len(getattr(advert, name)) != PUBLIC_KEY_BYTES:
             return f"{name} is {len(getattr(advert, name))} bytes, expected {PUBLIC_KEY_BYTES}"

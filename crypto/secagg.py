@@ -8,16 +8,20 @@ the aggregator once ``t`` survivors revealed the mask key of a silo that dropped
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from crypto import shamir
-from crypto.key_agreement import KeyAgreementError, encode_fields, pairwise_secret
+from crypto import keystream, shamir
+from crypto.key_agreement import KeyAdvert, KeyAgreementError, encode_fields, pairwise_secret
 from crypto.shamir import Share
 
 SHARE_TAG = "fcmoe/shares/v1"
+RUN_SECRET_TAG = "fcmoe/run-secret/v1"
+RUN_SECRET_BYTES = 32
 PACKED_SHARES_BYTES = 2 * shamir.SHARE_BYTES  # self-seed share, then mask-key share
 
 
@@ -43,10 +47,30 @@ def share_x(peers: Sequence[str], silo: str) -> int:
     return sorted(peers).index(silo) + 1
 
 
-def share_aad(run_id: str, session: int, sender: str, recipient: str) -> bytes:
-    """Associated data of a sealed share: a share cannot be moved to another pair, round or run."""
-    return encode_fields(SHARE_TAG, [run_id.encode(), session.to_bytes(8, "big"), sender.encode(),
-                                     recipient.encode()])
+def share_aad(run_id: str, session: int, sender: str, recipient: str, tag: str = SHARE_TAG) -> bytes:
+    """Associated data of a sealed message: it cannot be moved to another pair, attempt, run or purpose."""
+    return encode_fields(tag, [run_id.encode(), session.to_bytes(8, "big"), sender.encode(), recipient.encode()])
+
+
+def advert_of(message: Any, run_id: str) -> KeyAdvert:
+    """The :class:`KeyAdvert` carried by a wire message (a ``KeyAdvert`` protobuf) of ``run_id``."""
+    return KeyAdvert(run_id, message.session, message.silo, bytes(message.mask_public),
+                     bytes(message.channel_public), bytes(message.signature), bytes(message.secret_digest))
+
+
+# -- the run secret: what the silos share and the aggregator must not know --------------------------
+# One silo (the dealer) draws it; the others receive it sealed under their pairwise channel keys
+# (:func:`share_aad` with RUN_SECRET_TAG). Keys for silo-only purposes are derived from it.
+
+
+def run_secret_digest(run_id: str, secret: bytes) -> bytes:
+    """What a silo advertises about the run secret it holds: equal digests, equal secrets."""
+    return hashlib.sha256(encode_fields(RUN_SECRET_TAG, [run_id.encode(), secret])).digest()
+
+
+def sketch_key(secret: bytes) -> bytes:
+    """The keyed-sketch secret (crypto/sketch.py) of a run, from its run secret."""
+    return keystream.derive_key(secret, "fcmoe/run-secret/sketch/v1")
 
 
 def pack_shares(seed_share: Share, key_share: Share) -> bytes:

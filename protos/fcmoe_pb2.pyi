@@ -126,7 +126,7 @@ class Task(_message.Message):
     def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ..., upload: _Optional[_Union[UploadInstructions, _Mapping]] = ..., share: _Optional[_Union[ShareInstructions, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskInstructions, _Mapping]] = ...) -> None: ...
 
 class UploadInstructions(_message.Message):
-    __slots__ = ("units", "coefficients", "peers", "groups", "fixed_point_bits", "fixed_point_frac_bits", "shares")
+    __slots__ = ("units", "coefficients", "peers", "groups", "fixed_point_bits", "fixed_point_frac_bits", "shares", "run_secret")
     UNITS_FIELD_NUMBER: _ClassVar[int]
     COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class UploadInstructions(_message.Message):
     FIXED_POINT_BITS_FIELD_NUMBER: _ClassVar[int]
     FIXED_POINT_FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    RUN_SECRET_FIELD_NUMBER: _ClassVar[int]
     units: _containers.RepeatedScalarFieldContainer[str]
     coefficients: _containers.RepeatedScalarFieldContainer[float]
     peers: _containers.RepeatedScalarFieldContainer[str]
@@ -141,33 +142,40 @@ class UploadInstructions(_message.Message):
     fixed_point_bits: int
     fixed_point_frac_bits: int
     shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
-    def __init__(self, units: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., peers: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[int]] = ..., fixed_point_bits: _Optional[int] = ..., fixed_point_frac_bits: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
+    run_secret: SealedShare
+    def __init__(self, units: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., peers: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[int]] = ..., fixed_point_bits: _Optional[int] = ..., fixed_point_frac_bits: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., run_secret: _Optional[_Union[SealedShare, _Mapping]] = ...) -> None: ...
 
 class KeyAdvert(_message.Message):
-    __slots__ = ("silo", "session", "mask_public", "channel_public", "signature", "certificate_pem")
+    __slots__ = ("silo", "session", "mask_public", "channel_public", "signature", "certificate_pem", "secret_digest")
     SILO_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    SECRET_DIGEST_FIELD_NUMBER: _ClassVar[int]
     silo: str
     session: int
     mask_public: bytes
     channel_public: bytes
     signature: bytes
     certificate_pem: bytes
-    def __init__(self, silo: _Optional[str] = ..., session: _Optional[int] = ..., mask_public: _Optional[bytes] = ..., channel_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ...) -> None: ...
+    secret_digest: bytes
+    def __init__(self, silo: _Optional[str] = ..., session: _Optional[int] = ..., mask_public: _Optional[bytes] = ..., channel_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ..., secret_digest: _Optional[bytes] = ...) -> None: ...
 
 class ShareInstructions(_message.Message):
-    __slots__ = ("adverts", "threshold", "min_group_size")
+    __slots__ = ("adverts", "threshold", "min_group_size", "dealer", "secret_recipients")
     ADVERTS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MIN_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEALER_FIELD_NUMBER: _ClassVar[int]
+    SECRET_RECIPIENTS_FIELD_NUMBER: _ClassVar[int]
     adverts: _containers.RepeatedCompositeFieldContainer[KeyAdvert]
     threshold: int
     min_group_size: int
-    def __init__(self, adverts: _Optional[_Iterable[_Union[KeyAdvert, _Mapping]]] = ..., threshold: _Optional[int] = ..., min_group_size: _Optional[int] = ...) -> None: ...
+    dealer: str
+    secret_recipients: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adverts: _Optional[_Iterable[_Union[KeyAdvert, _Mapping]]] = ..., threshold: _Optional[int] = ..., min_group_size: _Optional[int] = ..., dealer: _Optional[str] = ..., secret_recipients: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SealedShare(_message.Message):
     __slots__ = ("sender", "recipient", "ciphertext")
@@ -180,14 +188,16 @@ class SealedShare(_message.Message):
     def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class ShareSubmission(_message.Message):
-    __slots__ = ("run_id", "round", "shares")
+    __slots__ = ("run_id", "round", "shares", "secrets")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
+    secrets: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
 
 class UnmaskInstructions(_message.Message):
     __slots__ = ("survivors", "dropped")

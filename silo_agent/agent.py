@@ -18,7 +18,7 @@ from fcmoe.model.build import num_experts
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.client import AggregatorClient, RpcFailure
-from crypto.secagg import SecAggError
+from crypto.secagg import SecAggError, sketch_key
 from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
 from silo_agent.masked_round import MaskingSession
 from silo_agent.retention import anchor, importance_scale
@@ -102,6 +102,7 @@ class SiloAgent:
         self.pending: PendingUpload | None = None
         self.masked: MaskingSession | None = None  # this attempt's secure-aggregation state (mode masking)
         self.refused_session: int | None = None  # an attempt this silo refused to take part in
+        self.run_secret: bytes | None = None  # mode masking: dealt by a peer through the aggregator, sealed
 
     def join(self) -> None:
         reply = self.client.join(pb.JoinRequest(
@@ -180,7 +181,7 @@ class SiloAgent:
         self.masked = None
         if mode == "masking":
             self.masked = MaskingSession(self.run_id, t.session, self.silo.name, self.silo.pki_dir,
-                                         self.silo.min_group_size)
+                                         self.silo.min_group_size, self.run_secret)
         t0 = time.perf_counter()
         global_units = self._download(task.round - 1, task.round)
         if global_units is None:
@@ -219,11 +220,9 @@ class SiloAgent:
                                 download_seconds=t1 - t0),
             evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(local_eval)),
         )
-        if t.sketch_buckets:
-            if self.sketch_secret is None:
-                raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key (shared by the silos)")
-            report.sketches.extend(codec.encode(
-                sketch_units(deltas, self.sketch_secret, self.run_id, task.round, t.sketch_buckets)))
+        secret = self._sketch_secret(mode) if t.sketch_buckets else None
+        if secret is not None:
+            report.sketches.extend(codec.encode(sketch_units(deltas, secret, self.run_id, task.round, t.sketch_buckets)))
         if self.masked is not None:
             report.advert.CopyFrom(self.masked.advert())
         if self._refused("report", task.round, lambda: self.client.report_round(report)):
@@ -231,6 +230,17 @@ class SiloAgent:
         log_event(log, "report_sent", round=task.round, global_loss=_mean_loss(global_eval),
                   local_loss=_mean_loss(local_eval), reliability=round(rel, 4), train_s=round(result.seconds, 3),
                   max_unit_norm=max(norms.values()))
+
+    def _sketch_secret(self, mode: str) -> bytes | None:
+        """Masking: the key dealt with the run secret (none yet: no sketch, the strategy counts this
+        silo as agreeing). Plaintext: the configured key."""
+        if mode == "masking":
+            if self.run_secret is None:
+                log_event(log, "sketch_skipped", reason="no run secret dealt yet")
+            return sketch_key(self.run_secret) if self.run_secret else None
+        if self.sketch_secret is None:
+            raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key (shared by the silos)")
+        return self.sketch_secret
 
     def _upload(self, task: pb.Task) -> None:
         pending = self.pending
@@ -245,6 +255,7 @@ class SiloAgent:
         if self.masked is not None:
             try:
                 payload = self.masked.masked_payload(task.upload, pending.deltas)
+                self.run_secret = self.masked.run_secret
             except SecAggError as exc:
                 self._refuse_round(task, str(exc))
                 return
@@ -263,11 +274,12 @@ class SiloAgent:
             self._wait_out(task)
             return
         try:
-            shares = self.masked.make_shares(task.share)
+            shares, secrets = self.masked.make_shares(task.share)
+            self.run_secret = self.masked.run_secret  # drawn here if this silo deals a fresh one
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
-        submission = pb.ShareSubmission(run_id=self.run_id, round=task.round, shares=shares)
+        submission = pb.ShareSubmission(run_id=self.run_id, round=task.round, shares=shares, secrets=secrets)
         if not self._refused("shares", task.round, lambda: self.client.submit_shares(submission)):
             log_event(log, "shares_sent", round=task.round, peers=len(shares))
 

@@ -6,6 +6,9 @@ not trusted with them); the silo draws a self-mask seed and Shamir-shares it and
 the reporters, each peer's pair sealed under the pairwise channel key.
 UPLOAD: opens the shares its peers sent it, then sends ``fixed_point(alpha * delta) + masks`` per
 unit, where the pairwise masks run only among the members of the unit's group.
+The run secret (whose derived keys, e.g. the sketch key, the silos share and the aggregator must not
+know) rides along: the dealer named in the SHARE task seals it for every reporter that lacks it, and
+they open it with their shares at UPLOAD.
 UNMASK: for every peer reveals the self-seed share (peer survived) or the mask-key share (peer
 dropped out), never both, and only when every group keeps at least the silo's own minimum size.
 
@@ -34,10 +37,14 @@ from crypto.key_agreement import (
 )
 from crypto.pki import PkiPaths, read_pem
 from crypto.secagg import (
+    RUN_SECRET_BYTES,
+    RUN_SECRET_TAG,
     SecAggError,
+    advert_of,
     mask_label,
     mask_seed,
     pack_shares,
+    run_secret_digest,
     share_aad,
     share_x,
     unpack_shares,
@@ -47,15 +54,11 @@ from fcmoe.timing import timed
 from protos import fcmoe_pb2 as pb
 
 
-def advert_from_message(message: pb.KeyAdvert, run_id: str) -> KeyAdvert:
-    return KeyAdvert(run_id, message.session, message.silo, message.mask_public, message.channel_public,
-                     message.signature)
-
-
 class MaskingSession:
     """Keys, shares and masks of one silo for one attempt of one round."""
 
-    def __init__(self, run_id: str, session: int, silo: str, pki_dir, min_group_size: int):
+    def __init__(self, run_id: str, session: int, silo: str, pki_dir, min_group_size: int,
+                 run_secret: bytes | None = None):
         paths = PkiPaths(pki_dir)
         self.run_id, self.session, self.silo = run_id, session, silo
         self.min_group_size = min_group_size
@@ -63,6 +66,8 @@ class MaskingSession:
         self._cert = read_pem(paths.silo_cert(silo))
         self._identity_key = read_pem(paths.silo_key(silo))
         self._keys = RoundKeys(run_id, session, silo)
+        self.run_secret = run_secret  # the run secret this silo holds (dealt or drawn), if any
+        self._dealer = ""
         self._reporters: dict[str, KeyAdvert] = {}
         self._threshold = 0
         self._self_seed = b""
@@ -74,15 +79,17 @@ class MaskingSession:
 
     @timed
     def advert(self) -> pb.KeyAdvert:
-        signed = self._keys.advert(self._identity_key)
+        digest = run_secret_digest(self.run_id, self.run_secret) if self.run_secret else b""
+        signed = self._keys.advert(self._identity_key, digest)
         return pb.KeyAdvert(silo=self.silo, session=self.session, mask_public=signed.mask_public,
                             channel_public=signed.channel_public, signature=signed.signature,
-                            certificate_pem=self._cert)
+                            certificate_pem=self._cert, secret_digest=digest)
 
     # -- SHARE ---------------------------------------------------------------------------------
     @timed
-    def make_shares(self, instructions: pb.ShareInstructions) -> list[pb.SealedShare]:
-        """Verify every peer's advert, then seal shares of this silo's secrets for each peer."""
+    def make_shares(self, instructions: pb.ShareInstructions) -> tuple[list[pb.SealedShare], list[pb.SealedShare]]:
+        """Verify every peer's advert, then seal shares of this silo's secrets for each peer; the
+        dealer also seals the run secret for the listed recipients. Returns (shares, secrets)."""
         if self._reporters:
             raise SecAggError("shares for this attempt were already made")
         names = [a.silo for a in instructions.adverts]
@@ -90,7 +97,7 @@ class MaskingSession:
             raise SecAggError("adverts must be sorted by silo with no silo twice")
         reporters: dict[str, KeyAdvert] = {}
         for message in instructions.adverts:
-            advert = advert_from_message(message, self.run_id)
+            advert = advert_of(message, self.run_id)
             if advert.silo == self.silo:
                 if (advert.mask_public, advert.channel_public) != (self._keys.mask_public, self._keys.channel_public):
                     raise SecAggError("the relayed advert of this silo is not the one it sent")
@@ -121,7 +128,22 @@ class MaskingSession:
                 continue
             ciphertext = seal(self._channel_key(peer), packed, share_aad(self.run_id, self.session, self.silo, peer))
             out.append(pb.SealedShare(sender=self.silo, recipient=peer, ciphertext=ciphertext))
-        return out
+        return out, self._deal(instructions)
+
+    def _deal(self, instructions: pb.ShareInstructions) -> list[pb.SealedShare]:
+        self._dealer = instructions.dealer
+        if instructions.dealer not in ("", *self._reporters):
+            raise SecAggError(f"dealer {instructions.dealer!r} is not a reporter")
+        if instructions.dealer != self.silo:
+            return []
+        recipients = list(instructions.secret_recipients)
+        if not set(recipients) <= set(self._reporters) - {self.silo} or len(set(recipients)) != len(recipients):
+            raise SecAggError("run-secret recipients must be other reporters, each once")
+        if self.run_secret is None:
+            self.run_secret = os.urandom(RUN_SECRET_BYTES)
+        return [pb.SealedShare(sender=self.silo, recipient=r, ciphertext=seal(
+            self._channel_key(r), self.run_secret, share_aad(self.run_id, self.session, self.silo, r, RUN_SECRET_TAG)))
+            for r in recipients]
 
     def _channel_key(self, peer: str) -> bytes:
         return pairwise_secret(self._keys.channel_private, self._reporters[peer].channel_public,
@@ -141,6 +163,8 @@ class MaskingSession:
         if len(instructions.groups) != len(units) * len(peers) or len(instructions.coefficients) != len(units):
             raise SecAggError("upload instructions: group matrix or coefficients have the wrong size")
         self._open_shares(instructions.shares, peers)
+        if instructions.HasField("run_secret"):
+            self._open_run_secret(instructions.run_secret)
         groups = {u: dict(zip(peers, instructions.groups[i * len(peers):(i + 1) * len(peers)]))
                   for i, u in enumerate(units)}
         self._check_group_sizes(groups, set(peers))
@@ -181,6 +205,18 @@ class MaskingSession:
             if seed_share.x != my_x:
                 raise SecAggError(f"share from {s.sender!r} is for x={seed_share.x}, this silo is x={my_x}")
             self._received[s.sender] = (seed_share, key_share)
+
+    def _open_run_secret(self, sealed: pb.SealedShare) -> None:
+        if not self._dealer or sealed.sender != self._dealer or sealed.recipient != self.silo:
+            raise SecAggError(f"run secret from {sealed.sender!r}, but the dealer is {self._dealer!r}")
+        try:
+            secret = open_sealed(self._channel_key(sealed.sender), bytes(sealed.ciphertext),
+                                 share_aad(self.run_id, self.session, sealed.sender, self.silo, RUN_SECRET_TAG))
+        except ChannelError as exc:
+            raise SecAggError(f"run secret from {sealed.sender!r} does not open: {exc}") from None
+        if len(secret) != RUN_SECRET_BYTES:
+            raise SecAggError(f"run secret is {len(secret)} bytes, expected {RUN_SECRET_BYTES}")
+        self.run_secret = secret
 
     def _check_group_sizes(self, groups: Mapping[str, Mapping[str, int]], present: set[str]) -> None:
         """Every (unit, group) among ``present`` keeps at least this silo's own minimum size."""

@@ -40,12 +40,13 @@ class Federation:
 
 
 def federation(pki_dir, n: int, sizes: dict[str, int], groups=None, min_group_size: int = 2, seed: int = 0,
-               threshold: float = 0.67) -> Federation:
+               threshold: float = 0.67, run_secrets: dict[str, bytes] | None = None) -> Federation:
     rng = np.random.default_rng(seed)
     silos = NAMES[:n]
     settings = SecureAggregationConfig(mode="masking", threshold=threshold)
     agg = MaskedRound(RUN, SESSION, sizes, settings, min_group_size, read_pem(pki_dir / "ca.pem"))
-    sessions = {s: MaskingSession(RUN, SESSION, s, pki_dir, min_group_size) for s in silos}
+    sessions = {s: MaskingSession(RUN, SESSION, s, pki_dir, min_group_size, (run_secrets or {}).get(s))
+                for s in silos}
     deltas = {}
     for s in silos:
         deltas[s] = {}
@@ -65,8 +66,8 @@ def share_phase(f: Federation, sharers=None) -> None:
     f.aggregator.open_sharing(set(f.sessions))
     instructions = wire(f.aggregator.share_instructions())
     for s in sharers if sharers is not None else f.sessions:
-        shares = f.sessions[s].make_shares(instructions)
-        f.aggregator.add_shares(s, wire(pb.ShareSubmission(run_id=RUN, round=1, shares=shares)))
+        shares, secrets = f.sessions[s].make_shares(instructions)
+        f.aggregator.add_shares(s, wire(pb.ShareSubmission(run_id=RUN, round=1, shares=shares, secrets=secrets)))
 
 
 def upload_phase(f: Federation, uploaders) -> None:
@@ -248,3 +249,39 @@ def test_nothing_the_aggregator_holds_before_unmasking_correlates_with_a_delta(p
         for s in NAMES[:3]:
             r = np.corrcoef(signed, f.deltas[s]["L0.E0"].astype(np.float64))[0, 1]
             assert abs(r) < 0.01, (s, r)
+
+
+def test_the_run_secret_is_dealt_to_those_that_lack_it_and_the_aggregator_never_sees_it(pki_dir):
+    f = federation(pki_dir, 4, {"L0.E0": 32})
+    masked_round(f, NAMES[:4], NAMES[:4])
+    assert f.aggregator.dealer == "silo0"  # nobody held one: the first reporter drew it
+    secret = f.sessions["silo0"].run_secret
+    assert secret is not None and all(s.run_secret == secret for s in f.sessions.values())
+    held = [m.SerializeToString() for m in f.aggregator._secrets.values()]
+    held += [a.SerializeToString() for a in f.aggregator._adverts.values()]
+    assert not any(secret in blob for blob in held)
+    # next attempt: silo2 restarted (lost it), the others hold it -> the first holder deals to silo2 only
+    again = federation(pki_dir, 4, {"L0.E0": 32}, run_secrets={s: secret for s in ("silo0", "silo1", "silo3")})
+    share_phase(again)
+    assert again.aggregator.dealer == "silo0" and again.aggregator.share_instructions().secret_recipients == ["silo2"]
+    again.aggregator.open_upload(set(NAMES[:4]), again.plan, CLIP)
+    upload_phase(again, NAMES[:4])
+    assert again.sessions["silo2"].run_secret == secret
+    # everyone holds the same: nothing is dealt
+    same = federation(pki_dir, 3, {"L0.E0": 8}, run_secrets={s: secret for s in NAMES[:3]})
+    share_phase(same)
+    assert same.aggregator.dealer == "" and not same.aggregator._secrets
+
+
+def test_a_run_secret_from_anyone_but_the_dealer_is_refused(pki_dir):
+    f = federation(pki_dir, 3, {"L0.E0": 8})
+    share_phase(f)
+    f.aggregator.open_upload(set(NAMES[:3]), f.plan, CLIP)
+    instructions = wire(f.aggregator.upload_instructions("silo2"))
+    instructions.run_secret.sender = "silo1"  # relabelled by the relay
+    with pytest.raises(SecAggError, match="the dealer is 'silo0'"):
+        f.sessions["silo2"].masked_payload(instructions, f.deltas["silo2"])
+    forged = wire(f.aggregator.upload_instructions("silo2"))
+    forged.run_secret.ciphertext = bytes(len(forged.run_secret.ciphertext))
+    with pytest.raises(SecAggError, match="run secret from 'silo0' does not open"):
+        f.sessions["silo2"].masked_payload(forged, f.deltas["silo2"])

@@ -49,9 +49,7 @@ class FcMoe(Strategy):
         conflicts, agreement_sum = 0, 0.0
         for j, unit in enumerate(units):
             w = weights[:, j]
-            sketches = np.stack([reports[x].sketches[unit] for x in silos])
-            cos, sign = consensus.agreement(sketches, w)
-            score = consensus.agreement_score(cos, sign)
+            score = consensus.scores_with_missing([reports[x].sketches.get(unit) for x in silos], w)
             if s.projection:
                 groups = consensus.partition(score, self.min_group_size, s.conflict_threshold)
                 factors = consensus.phi(score, s.phi_floor)
