@@ -18,6 +18,7 @@ import numpy as np
 
 from aggregator.accumulate import Coefficients, PlaintextAccumulator, UnitSums, merge_small_groups
 from aggregator.checkpoint import save_checkpoint
+from aggregator.ckks_round import CkksKeys, CkksRound
 from aggregator.masked_round import MaskedRound
 from aggregator.metrics import DomainPool, MetricsLog
 from aggregator.rounds import Event, Phase, RoundMachine
@@ -70,12 +71,14 @@ class Coordinator:
         self.plan: RoundPlan | None = None
         self._reports: dict[str, SiloReport] = {}
         self._coefficients: Coefficients | None = None
-        self._accumulator: PlaintextAccumulator | MaskedRound | None = None
+        self._accumulator: PlaintextAccumulator | MaskedRound | CkksRound | None = None
         self.secure = fed.secure_aggregation
-        # mode masking: the aggregator checks key adverts against the CA before relaying them
-        self._ca_pem = read_pem(PkiPaths(config.aggregator.pki_dir).ca_cert) if self.secure.mode == "masking" else b""
-        self._masked: MaskedRound | None = None
+        # secure modes: the aggregator checks key adverts against the CA before relaying them
+        self._ca_pem = read_pem(PkiPaths(config.aggregator.pki_dir).ca_cert) if self.secure.mode != "none" else b""
+        self._secure: MaskedRound | CkksRound | None = None  # this attempt's secure-aggregation state
+        self._ckks_keys = CkksKeys()  # mode ckks: the run's public context and sealed key, once dealt
         self._unmask: pb.UnmaskInstructions | None = None
+        self._decrypt: pb.DecryptInstructions | None = None
         self._round_started = 0.0
         self._bytes_down: dict[str, int] = {}
         self._uploading: set[str] = set()  # silos with an update stream in flight (one each)
@@ -94,10 +97,6 @@ class Coordinator:
     def unit_specs(self) -> dict[str, TensorSpec]:
         return {k: TensorSpec("float32", (n,)) for k, n in self.unit_sizes.items()}
 
-    def update_specs(self) -> dict[str, TensorSpec]:
-        """What an upload carries: float32 deltas, or fixed-point words when masked."""
-        with self._cv:
-            return self._masked.update_specs() if self._masked is not None else self.unit_specs()
 
     # -- RPC entry points ----------------------------------------------------------------------
     def join(self, silo: str, request: pb.JoinRequest) -> pb.JoinReply:
@@ -134,22 +133,29 @@ class Coordinator:
                     prox_mu=plan.prox_mu, clip_norm=local.clip_norm, seed=plan.seed,
                     retention_lambda=plan.retention_lambda, retention_by_importance=plan.retention_by_importance,
                     sketch_buckets=plan.sketch_buckets, secure_mode=self.secure.mode, session=self.machine.session))
-            if view.kind == "SHARE" and self._masked is not None:
-                task.share.CopyFrom(self._masked.share_instructions())
-            if view.kind == "UPLOAD" and self._masked is not None:
-                task.upload.CopyFrom(self._masked.upload_instructions(silo))
+            if view.kind == "SHARE" and self._secure is not None:
+                task.share.CopyFrom(self._secure.share_instructions())
+            if view.kind == "UPLOAD" and self._secure is not None:
+                task.upload.CopyFrom(self._secure.upload_instructions(silo))
             elif view.kind == "UPLOAD" and self._coefficients is not None:
                 alpha = self._coefficients.alpha[silo]
                 task.upload.CopyFrom(pb.UploadInstructions(units=list(self.unit_sizes),
                                                            coefficients=[alpha[u] for u in self.unit_sizes]))
             if view.kind == "UNMASK" and self._unmask is not None:
                 task.unmask.CopyFrom(self._unmask)
+            if view.kind == "DECRYPT" and self._decrypt is not None:
+                task.decrypt.CopyFrom(self._decrypt)
             return task
 
     def global_model(self, silo: str, request: pb.DownloadRequest) -> dict[str, np.ndarray]:
         self._check_run(request.run_id)
         self._check_layout(request.layout_hash)
         with self._cv:
+            if request.encrypted_sums:
+                if (not isinstance(self._secure, CkksRound) or self.machine.phase != Phase.DECRYPTING
+                        or request.round != self.machine.round):
+                    raise ProtocolError("no encrypted sums to decrypt now")
+                return self._secure.encrypted_sums(silo)
             if request.round != self.machine.version:
                 raise ProtocolError(
                     f"model version {request.round} unavailable (current {self.machine.version})")
@@ -172,11 +178,11 @@ class Coordinator:
             raise ProtocolError("report has a non-finite, negative or zero quantity", "INVALID_ARGUMENT")
         with self._cv:
             self.machine.check(Phase.TRAINING, silo, report.round, self.clock())
-            if self._masked is not None:
+            if self._secure is not None:
                 if not report.HasField("advert"):
-                    raise ProtocolError("secure aggregation (masking) needs a key advert in the report",
+                    raise ProtocolError(f"secure aggregation ({self.secure.mode}) needs a key advert in the report",
                                         "INVALID_ARGUMENT")
-                self._masked.check_advert(silo, report.advert)
+                self._secure.check_advert(silo, report.advert)
             elif report.HasField("advert"):
                 raise ProtocolError("no key advert was asked for this round", "INVALID_ARGUMENT")
             buckets = self.plan.sketch_buckets if self.plan else 0
@@ -190,8 +196,8 @@ class Coordinator:
                 raise ProtocolError("no sketches were asked for this round", "INVALID_ARGUMENT")
             self._reports[silo] = SiloReport(report.num_examples, report.reliability,
                                              dict(zip(units, report.routing_share)), sketches)
-            if self._masked is not None:
-                self._masked.keep_advert(silo, report.advert)
+            if self._secure is not None:
+                self._secure.keep_advert(silo, report.advert)
             self.machine.record(Phase.TRAINING, silo, report.round, self.clock())
             self.metrics.record(report.round - 1).global_pool.add(report.evaluation.global_model)
             cur = self.metrics.record(report.round)
@@ -209,19 +215,38 @@ class Coordinator:
             self._cv.notify_all()
         log_event(log, "report_accepted", silo=silo, round=report.round, bytes=report.ByteSize())
 
-    def begin_update(self, silo: str, header: pb.UpdateHeader) -> float:
-        """Admit one update stream per silo (each buffers up to a model's size); returns its deadline.
-        The caller must call :meth:`end_update` when the stream ends, however it ends."""
+    def begin_update(self, silo: str, header: pb.UpdateHeader) -> tuple[float, dict[str, TensorSpec]]:
+        """Admit one update stream per silo (each buffers up to a model's size); returns its deadline
+        and what it may carry. The caller must call :meth:`end_update` when the stream ends."""
         self._check_run(header.run_id)
         self._check_layout(header.layout_hash)
-        if list(header.units) != list(self.unit_sizes):
-            raise ProtocolError("update lists units that differ from the layout", "INVALID_ARGUMENT")
         with self._cv:
-            self.machine.check(Phase.UPLOADING, silo, header.round, self.clock())
+            phase = self._update_phase()
+            self.machine.check(phase, silo, header.round, self.clock())
+            specs = self._update_specs(phase, header)
             if silo in self._uploading:
                 raise ProtocolError(f"silo {silo!r} already has an update in flight", "ALREADY_EXISTS")
             self._uploading.add(silo)
-            return self.machine.deadline
+            return self.machine.deadline, specs
+
+    def _update_phase(self) -> Phase:
+        """Updates are uploads, or in mode ckks the key holder's decrypted sums."""
+        return Phase.DECRYPTING if self.machine.phase == Phase.DECRYPTING else Phase.UPLOADING
+
+    def _update_specs(self, phase: Phase, header: pb.UpdateHeader) -> dict[str, TensorSpec]:
+        secure = self._secure
+        if phase == Phase.DECRYPTING:
+            assert isinstance(secure, CkksRound)
+            specs = secure.decryption_specs()
+        elif isinstance(secure, CkksRound):
+            return secure.update_specs(header)
+        elif isinstance(secure, MaskedRound):
+            specs = secure.update_specs()
+        else:
+            specs = self.unit_specs()
+        if list(header.units) != list(specs):
+            raise ProtocolError("update lists tensors that differ from what this phase expects", "INVALID_ARGUMENT")
+        return specs
 
     def end_update(self, silo: str) -> None:
         with self._cv:
@@ -229,27 +254,37 @@ class Coordinator:
 
     def add_update(self, silo: str, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray],
                    nbytes: int) -> None:
-        """Phase 2: the payload goes into the group sums and nowhere else."""
+        """Phase 2: the payload goes into the group sums and nowhere else (or, mode ckks, the key
+        holder's decrypted sums are kept for aggregation)."""
         with self._cv:
             now = self.clock()  # one reading: a payload is either refused or counted, never both
-            self.machine.check(Phase.UPLOADING, silo, header.round, now)
-            assert self._accumulator is not None
-            self._accumulator.add(silo, payload)
-            self.machine.record(Phase.UPLOADING, silo, header.round, now)
-            self.metrics.record(header.round).per_silo.setdefault(silo, {})["bytes_up"] = nbytes
+            phase = self._update_phase()
+            self.machine.check(phase, silo, header.round, now)
+            if phase == Phase.DECRYPTING:
+                assert isinstance(self._secure, CkksRound)
+                self._secure.add_decryption(silo, payload)
+            else:
+                assert self._accumulator is not None
+                self._accumulator.add(silo, payload)
+            self.machine.record(phase, silo, header.round, now)
+            stats = self.metrics.record(header.round).per_silo.setdefault(silo, {})
+            stats["bytes_up" if phase == Phase.UPLOADING else "decryption_bytes"] = nbytes
+            if self._secure is not None and np.isfinite(header.secure_seconds) and header.secure_seconds >= 0:
+                stats["secure_seconds"] = header.secure_seconds
             self._cv.notify_all()
-        log_event(log, "update_accepted", silo=silo, round=header.round, bytes=nbytes)
+        log_event(log, "update_accepted" if phase == Phase.UPLOADING else "decryption_accepted",
+                  silo=silo, round=header.round, bytes=nbytes)
 
     def add_shares(self, silo: str, submission: pb.ShareSubmission) -> None:
-        """Masking, SHARE phase: sealed shares to relay; the aggregator cannot open them."""
+        """Secure modes, SHARE phase: sealed shares and secrets to relay; the aggregator cannot open them."""
         self._check_run(submission.run_id)
         with self._cv:
             now = self.clock()
             self.machine.check(Phase.SHARING, silo, submission.round, now)
-            assert self._masked is not None
-            self._masked.add_shares(silo, submission)
+            assert self._secure is not None
+            self._secure.add_shares(silo, submission)
             self.machine.record(Phase.SHARING, silo, submission.round, now)
-            self._count_secure(silo, submission.round, submission.ByteSize())
+            self._count_secure_bytes(silo, submission.round, submission.ByteSize())
             self._cv.notify_all()
         log_event(log, "shares_accepted", silo=silo, round=submission.round, shares=len(submission.shares))
 
@@ -259,18 +294,17 @@ class Coordinator:
         with self._cv:
             now = self.clock()
             self.machine.check(Phase.UNMASKING, silo, submission.round, now)
-            assert self._masked is not None
-            self._masked.add_reveal(silo, submission)
+            if not isinstance(self._secure, MaskedRound):
+                raise ProtocolError("no unmasking in this mode")
+            self._secure.add_reveal(silo, submission)
             self.machine.record(Phase.UNMASKING, silo, submission.round, now)
-            self._count_secure(silo, submission.round, submission.ByteSize(), submission.secure_seconds)
+            self._count_secure_bytes(silo, submission.round, submission.ByteSize())
             self._cv.notify_all()
         log_event(log, "unmask_shares_accepted", silo=silo, round=submission.round)
 
-    def _count_secure(self, silo: str, round_: int, nbytes: int, seconds: float = 0.0) -> None:
+    def _count_secure_bytes(self, silo: str, round_: int, nbytes: int) -> None:
         stats = self.metrics.record(round_).per_silo.setdefault(silo, {})
         stats["secure_bytes"] = stats.get("secure_bytes", 0) + nbytes
-        if np.isfinite(seconds) and seconds >= 0:
-            stats["secure_seconds"] = seconds
 
     def add_evaluation(self, silo: str, report: pb.EvalReport) -> None:
         self._check_run(report.run_id)
@@ -289,7 +323,8 @@ class Coordinator:
             event = self.machine.poll(self.clock())
             if event in (Event.ROUND_STARTED, Event.ROUND_RETRY):
                 self._open_round(event)
-            elif event in (Event.REPORTS_CLOSED, Event.SHARES_CLOSED, Event.UPLOADS_CLOSED, Event.UNMASK_CLOSED):
+            elif event in (Event.REPORTS_CLOSED, Event.SHARES_CLOSED, Event.UPLOADS_CLOSED, Event.UNMASK_CLOSED,
+                           Event.DECRYPT_CLOSED):
                 try:
                     self._next_phase(event)
                 except ProtocolError as exc:
@@ -308,11 +343,9 @@ class Coordinator:
     def _open_round(self, event: Event) -> None:
         m = self.machine
         self.plan = self.strategy.configure_round(m.round, self.config.federation.local, self.config.run.seed)
-        self._reports, self._coefficients, self._accumulator, self._unmask = {}, None, None, None
-        self._masked = None
-        if self.secure.mode == "masking":
-            self._masked = MaskedRound(self.run_id, m.session, self.unit_sizes, self.secure,
-                                       self.config.federation.min_group_size, self._ca_pem)
+        self._reports, self._coefficients, self._accumulator = {}, None, None
+        self._unmask, self._decrypt = None, None
+        self._secure = self._new_secure_round()
         self._round_started = self.clock()
         self._bytes_down = {}
         self.metrics.record(m.round - 1).global_pool = DomainPool()  # a retried round reports afresh
@@ -321,38 +354,55 @@ class Coordinator:
         log_event(log, event.value, round=m.round, participants=len(m.participants),
                   deadline_s=round(m.deadline - self.clock(), 1), attempt=m.retries + 1)
 
+    def _new_secure_round(self) -> MaskedRound | CkksRound | None:
+        """Fresh state for this attempt (new keys, seeds and sums); None in mode none."""
+        args = (self.run_id, self.machine.session, self.unit_sizes, self.secure,
+                self.config.federation.min_group_size, self._ca_pem)
+        if self.secure.mode == "masking":
+            return MaskedRound(*args)
+        if self.secure.mode == "ckks":
+            return CkksRound(*args, keys=self._ckks_keys)
+        return None
+
     def _next_phase(self, event: Event) -> None:
         """A collecting phase closed: plan and open the next one, or aggregate the round."""
         m, now, timeout = self.machine, self.clock(), self.secure.phase_timeout_s
-        masked = self._masked
+        secure = self._secure
         if event == Event.REPORTS_CLOSED:
             reports = {s: r for s, r in self._reports.items() if s in m.reported}
             self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports)
             log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
-            if masked is None:
+            if secure is None:
                 self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients, self._clip_norm())
                 m.open_upload(now)
             else:
-                masked.open_sharing(m.reported)
-                m.open_phase(Phase.SHARING, m.reported, masked.threshold, now, timeout)
+                secure.open_sharing(m.reported)
+                minimum = secure.threshold if isinstance(secure, MaskedRound) else m.quorum
+                m.open_phase(Phase.SHARING, m.reported, minimum, now, timeout)
         elif event == Event.SHARES_CLOSED:
-            assert masked is not None and self._coefficients is not None
+            assert secure is not None and self._coefficients is not None
             sharers = m.answered[Phase.SHARING]
-            masked.open_upload(sharers, self._coefficients, self._clip_norm())
-            self._accumulator = masked
-            m.open_phase(Phase.UPLOADING, sharers, max(masked.threshold, m.quorum), now, m.upload_timeout_s)
-        elif event == Event.UPLOADS_CLOSED and masked is not None:
-            self._unmask = masked.unmask_instructions()
-            m.open_phase(Phase.UNMASKING, self._unmask.survivors, masked.threshold, now, timeout)
+            secure.open_upload(sharers, self._coefficients, self._clip_norm(), m.quorum)
+            self._accumulator = secure
+            minimum = max(secure.threshold, m.quorum) if isinstance(secure, MaskedRound) else m.quorum
+            m.open_phase(Phase.UPLOADING, sharers, minimum, now, m.upload_timeout_s)
+        elif event == Event.UPLOADS_CLOSED and isinstance(secure, MaskedRound):
+            self._unmask = secure.unmask_instructions()
+            m.open_phase(Phase.UNMASKING, self._unmask.survivors, secure.threshold, now, timeout)
             log_event(log, "unmask_requested", round=m.round, survivors=len(self._unmask.survivors),
                       dropped=len(self._unmask.dropped))
+        elif event == Event.UPLOADS_CLOSED and isinstance(secure, CkksRound):
+            self._decrypt = secure.decrypt_instructions()
+            m.open_phase(Phase.DECRYPTING, [secure.key_holder], 1, now, timeout)
+            log_event(log, "decryption_requested", round=m.round, key_holder=secure.key_holder,
+                      sums=len(self._decrypt.sums))
         elif event == Event.UPLOADS_CLOSED:
             assert isinstance(self._accumulator, PlaintextAccumulator)
             sums = merge_small_groups(self._accumulator.result(), self.config.federation.min_group_size)
             self._close_round(sums, len(self._accumulator.members))
-        else:  # UNMASK_CLOSED
-            assert masked is not None
-            self._close_round(masked.result(), len(masked.members))
+        else:  # UNMASK_CLOSED or DECRYPT_CLOSED
+            assert secure is not None
+            self._close_round(secure.result(), len(secure.members))
 
     def _clip_norm(self) -> float:
         return self.plan.local.clip_norm if self.plan else 0.0
@@ -389,7 +439,7 @@ class Coordinator:
             "overhead": (elapsed - slowest) / elapsed if elapsed > 0 else 0.0,
             "bytes_up_mean": float(np.mean([s.get("bytes_up", 0) + s["report_bytes"] + s.get("secure_bytes", 0)
                                             for s in rec.per_silo.values()])),
-            "aggregator_secure_seconds": self._masked.seconds if self._masked is not None else 0.0,
+            "aggregator_secure_seconds": self._secure.seconds if self._secure is not None else 0.0,
             "bytes_down_mean": float(np.mean([s["bytes_down"] for s in rec.per_silo.values()])),
             "train_tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
         }

@@ -15,21 +15,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from aggregator.accumulate import Coefficients, GroupSum, UnitSums, clip_bound, regroup
+from aggregator.accumulate import Coefficients, GroupSum, UnitSums, clip_bound
+from aggregator.secure_round import SecureRound, bad_input
 from crypto import shamir
 from crypto.fixed_point import FixedPoint, FixedPointError, plan_fixed_point
-from crypto.key_agreement import NONCE_BYTES, TAG_BYTES, AdvertError, verify_advert
+from crypto.key_agreement import NONCE_BYTES, TAG_BYTES, AdvertError
 from crypto.masking import MaskingError, unmask_sum
-from crypto.secagg import (
-    PACKED_SHARES_BYTES,
-    RUN_SECRET_BYTES,
-    SecAggError,
-    advert_of,
-    mask_label,
-    mask_seed,
-    share_x,
-    threshold_for,
-)
+from crypto.secagg import PACKED_SHARES_BYTES, SecAggError, mask_label, mask_seed, share_x, threshold_for
 from crypto.shamir import Share, ShamirError
 from fcmoe.config import SecureAggregationConfig
 from fcmoe.errors import ProtocolError
@@ -38,98 +30,48 @@ from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
 
 SEALED_SHARE_BYTES = NONCE_BYTES + PACKED_SHARES_BYTES + TAG_BYTES
-SEALED_SECRET_BYTES = NONCE_BYTES + RUN_SECRET_BYTES + TAG_BYTES
 
 
-def _bad(message: str) -> ProtocolError:
-    return ProtocolError(message, "INVALID_ARGUMENT")
-
-
-class MaskedRound:
+class MaskedRound(SecureRound):
     """One attempt of one masked round, driven by the coordinator phase by phase."""
 
     def __init__(self, run_id: str, session: int, unit_sizes: Mapping[str, int], settings: SecureAggregationConfig,
                  min_group_size: int, ca_pem: bytes):
-        self.run_id, self.session = run_id, session
-        self.unit_sizes = dict(unit_sizes)
-        self.settings = settings
-        self.min_group_size = min_group_size
-        self._ca = ca_pem
-        self._adverts: dict[str, pb.KeyAdvert] = {}
-        self.reporters: list[str] = []
+        super().__init__(run_id, session, unit_sizes, settings, min_group_size, ca_pem)
         self.threshold = 0
         self._inbox: dict[str, dict[str, pb.SealedShare]] = {}  # sender -> recipient -> sealed share
-        self.dealer, self._secret_recipients = "", []
-        self._secrets: dict[str, pb.SealedShare] = {}  # recipient -> run secret sealed by the dealer
-        self.peers: list[str] = []
-        self.plan: Coefficients | None = None
         self.fixed: FixedPoint | None = None
         self._clip = 0.0
         self._sums: dict[tuple[str, int], np.ndarray] = {}
-        self._members: set[str] = set()
-        self.seconds = 0.0  # in secure-aggregation work this attempt (fcmoe.timing.timed)
         self._revealed: dict[str, list[pb.RevealedShare]] = {}
 
-    # -- TRAINING: adverts ride on the reports -------------------------------------------------
-    @timed
-    def check_advert(self, silo: str, advert: pb.KeyAdvert) -> None:
-        """Refuse early what peers would refuse anyway: an advert not signed by ``silo`` for this attempt."""
-        if advert.silo != silo or advert.session != self.session:
-            raise _bad(f"key advert is for silo {advert.silo!r} session {advert.session}, "
-                       f"expected {silo!r} session {self.session}")
-        try:
-            verify_advert(advert_of(advert, self.run_id), bytes(advert.certificate_pem), self._ca, self.run_id,
-                          self.session)
-        except AdvertError as exc:
-            raise _bad(str(exc)) from None
-
-    def keep_advert(self, silo: str, advert: pb.KeyAdvert) -> None:
-        self._adverts[silo] = advert
-
     # -- SHARING -------------------------------------------------------------------------------
-    def open_sharing(self, reporters: set[str]) -> None:
-        self.reporters = sorted(reporters)
+    def open_sharing(self, reporters: set[str], force_dealer: bool = False) -> None:
+        super().open_sharing(reporters, force_dealer)
         self.threshold = threshold_for(len(self.reporters), self.settings.threshold)
-        # the run secret: dealt by the first reporter that holds one (or draws it), to those that lack it
-        digests = {s: bytes(self._adverts[s].secret_digest) for s in self.reporters}
-        holders = [s for s in self.reporters if digests[s]]
-        self.dealer = holders[0] if holders else self.reporters[0]
-        self._secret_recipients = [s for s in self.reporters if s != self.dealer
-                                   and (not digests[s] or digests[s] != digests[self.dealer])]
-        if not self._secret_recipients:
-            self.dealer = ""
 
     def share_instructions(self) -> pb.ShareInstructions:
-        return pb.ShareInstructions(adverts=[self._adverts[s] for s in self.reporters], threshold=self.threshold,
-                                    min_group_size=self.min_group_size, dealer=self.dealer,
-                                    secret_recipients=self._secret_recipients)
+        instructions = super().share_instructions()
+        instructions.threshold = self.threshold
+        return instructions
 
     @timed
     def add_shares(self, silo: str, submission: pb.ShareSubmission) -> None:
         expected = set(self.reporters) - {silo}
         recipients = [s.recipient for s in submission.shares]
         if sorted(recipients) != sorted(expected):
-            raise _bad(f"shares must go to each other reporter exactly once ({len(expected)} expected)")
+            raise bad_input(f"shares must go to each other reporter exactly once ({len(expected)} expected)")
         for s in submission.shares:
             if s.sender != silo or len(s.ciphertext) != SEALED_SHARE_BYTES:
-                raise _bad(f"sealed share for {s.recipient!r}: wrong sender or {len(s.ciphertext)} bytes "
-                           f"(expected {SEALED_SHARE_BYTES})")
-        secrets = list(submission.secrets)
-        wanted = self._secret_recipients if silo == self.dealer else []
-        if sorted(s.recipient for s in secrets) != sorted(wanted) or any(
-                s.sender != silo or len(s.ciphertext) != SEALED_SECRET_BYTES for s in secrets):
-            raise _bad(f"run secrets: expected one sealed secret for each of {len(wanted)} recipients from the dealer")
+                raise bad_input(f"sealed share for {s.recipient!r}: wrong sender or {len(s.ciphertext)} bytes "
+                                f"(expected {SEALED_SHARE_BYTES})")
+        self.add_dealt_secrets(silo, submission)
         self._inbox[silo] = {s.recipient: s for s in submission.shares}
-        self._secrets.update({s.recipient: s for s in secrets})
 
     # -- UPLOADING -----------------------------------------------------------------------------
-    def open_upload(self, sharers: set[str], plan: Coefficients, clip_norm: float) -> None:
+    def open_upload(self, sharers: set[str], plan: Coefficients, clip_norm: float, minimum: int = 0) -> None:
         """U2 = the silos whose shares arrived; plan groups and the overflow-free fixed point for them."""
-        self.peers = sorted(sharers)
-        if len(self.peers) < max(self.threshold, self.min_group_size):
-            raise ProtocolError(f"{len(self.peers)} silos sent shares; threshold {self.threshold}, "
-                                f"min_group_size {self.min_group_size}")
-        self.plan = regroup(plan, set(self.peers), self.min_group_size)
+        self.plan_groups(sharers, plan, max(self.threshold, minimum))
         largest = max((abs(a) for alpha in self.plan.alpha.values() for a in alpha.values()), default=0.0)
         try:
             self.fixed = plan_fixed_point(len(self.peers), clip_norm, largest or 1.0, self.settings.fixed_point_bits)
@@ -139,13 +81,12 @@ class MaskedRound:
         self._clip = clip_norm
 
     def upload_instructions(self, silo: str) -> pb.UploadInstructions:
-        assert self.plan is not None and self.fixed is not None
-        units = list(self.unit_sizes)
-        return pb.UploadInstructions(
-            units=units, coefficients=[self.plan.alpha[silo][u] for u in units], peers=self.peers,
-            groups=[self.plan.group[p][u] for u in units for p in self.peers],
-            fixed_point_bits=self.fixed.bits, fixed_point_frac_bits=self.fixed.frac_bits,
-            shares=[self._inbox[p][silo] for p in self.peers if p != silo], run_secret=self._secrets.get(silo))
+        assert self.fixed is not None
+        instructions = super().upload_instructions(silo)
+        instructions.fixed_point_bits = self.fixed.bits
+        instructions.fixed_point_frac_bits = self.fixed.frac_bits
+        instructions.shares.extend(self._inbox[p][silo] for p in self.peers if p != silo)
+        return instructions
 
     def update_specs(self) -> dict[str, TensorSpec]:
         bits = self.settings.fixed_point_bits
@@ -155,12 +96,9 @@ class MaskedRound:
     def add(self, silo: str, payload: Mapping[str, np.ndarray]) -> None:
         """Masked words go into the (unit, group) sums, mod ``2**bits``, and nowhere else."""
         assert self.plan is not None and self.fixed is not None
-        if silo not in self.plan.alpha:
-            raise ProtocolError(f"silo {silo!r} sent no shares this round", "PERMISSION_DENIED")
-        if silo in self._members:
-            raise ProtocolError(f"silo {silo!r} already contributed to this round", "ALREADY_EXISTS")
+        self.check_member(silo)
         if set(payload) != set(self.unit_sizes) or any(v.dtype != self.fixed.dtype for v in payload.values()):
-            raise _bad(f"silo {silo!r}: masked payload units or dtype do not match")
+            raise bad_input(f"silo {silo!r}: masked payload units or dtype do not match")
         for unit, words in payload.items():
             key = (unit, self.plan.group[silo][unit])
             if key not in self._sums:
@@ -168,28 +106,13 @@ class MaskedRound:
             np.add(self._sums[key], words, out=self._sums[key])  # wraps mod 2**bits
         self._members.add(silo)
 
-    @property
-    def members(self) -> frozenset[str]:
-        return frozenset(self._members)
-
     # -- UNMASKING -----------------------------------------------------------------------------
-    def group_members(self, silos: set[str] | frozenset[str]) -> dict[tuple[str, int], list[str]]:
-        assert self.plan is not None
-        out: dict[tuple[str, int], list[str]] = {}
-        for silo in sorted(silos):
-            for unit, group in self.plan.group[silo].items():
-                out.setdefault((unit, group), []).append(silo)
-        return out
-
     def unmask_instructions(self) -> pb.UnmaskInstructions:
         """Survivors and dropouts; refused (nothing revealed) when a group would be too small."""
         survivors = self.members
         if len(survivors) < self.threshold:
             raise ProtocolError(f"{len(survivors)} survivors, threshold {self.threshold}")
-        for (unit, group), silos in self.group_members(survivors).items():
-            if len(silos) < self.min_group_size:
-                raise ProtocolError(f"unit {unit} group {group}: only {len(silos)} survivors, "
-                                    f"min_group_size {self.min_group_size}; not unmasked")
+        self.check_group_sizes()
         return pb.UnmaskInstructions(survivors=sorted(survivors),
                                      dropped=sorted(set(self.peers) - survivors))
 
@@ -198,17 +121,17 @@ class MaskedRound:
         survivors = self.members
         owners = [r.owner for r in submission.shares]
         if sorted(owners) != self.peers:
-            raise _bad("revealed shares must cover every peer of the round exactly once")
+            raise bad_input("revealed shares must cover every peer of the round exactly once")
         x = share_x(self.reporters, silo)
         for r in submission.shares:
             if r.mask_key == (r.owner in survivors):
-                raise _bad(f"share of {r.owner!r}: a survivor's self seed or a dropped silo's mask key, never the other")
+                raise bad_input(f"share of {r.owner!r}: a survivor's self seed or a dropped silo's mask key, never the other")
             try:
                 share = Share.from_bytes(r.share)
             except ShamirError as exc:
-                raise _bad(f"share of {r.owner!r}: {exc}") from None
+                raise bad_input(f"share of {r.owner!r}: {exc}") from None
             if share.x != x:
-                raise _bad(f"share of {r.owner!r} has x={share.x}, {silo!r} holds x={x}")
+                raise bad_input(f"share of {r.owner!r} has x={share.x}, {silo!r} holds x={x}")
         self._revealed[silo] = list(submission.shares)
 
     def _secret(self, owner: str) -> bytes:

@@ -2,8 +2,8 @@
 
 Phases: WAITING (for ``min_silos`` to join) -> TRAINING round r (participants train and *report*:
 importance, sketches, key adverts) -> [SHARING: silos send sealed Shamir shares, mode masking] ->
-UPLOADING (reporters send ``alpha * delta``, masked or not) -> [UNMASKING: survivors reveal shares,
-mode masking] -> next round ... -> EVALUATING (every silo evaluates the final global model) -> DONE.
+UPLOADING (reporters send ``alpha * delta``, masked, encrypted or plain) -> [UNMASKING: survivors
+reveal shares, mode masking | DECRYPTING: the key holder decrypts group sums, mode ckks] -> next round ... -> EVALUATING (every silo evaluates the final global model) -> DONE.
 
 Every collecting phase closes when everyone expected has answered, or at its deadline if at least
 its ``minimum`` did; the machine then sits in PLANNING and the caller decides what comes next
@@ -29,6 +29,7 @@ class Phase(str, Enum):
     SHARING = "sharing"
     UPLOADING = "uploading"
     UNMASKING = "unmasking"
+    DECRYPTING = "decrypting"
     EVALUATING = "evaluating"
     DONE = "done"
 
@@ -39,6 +40,7 @@ class Event(str, Enum):
     SHARES_CLOSED = "shares_closed"
     UPLOADS_CLOSED = "uploads_closed"
     UNMASK_CLOSED = "unmask_closed"
+    DECRYPT_CLOSED = "decrypt_closed"
     ROUND_RETRY = "round_retry"  # a phase missed its minimum: the caller discards the round's partial state
     FINISHED = "finished"
     ABORTED = "aborted"
@@ -50,13 +52,14 @@ COLLECTING = {
     Phase.SHARING: ("shares", "SHARE", Event.SHARES_CLOSED),
     Phase.UPLOADING: ("upload", "UPLOAD", Event.UPLOADS_CLOSED),
     Phase.UNMASKING: ("unmask", "UNMASK", Event.UNMASK_CLOSED),
+    Phase.DECRYPTING: ("decryption", "DECRYPT", Event.DECRYPT_CLOSED),
 }
 ATTEMPT_BITS = 16  # session = round << ATTEMPT_BITS | attempt
 
 
 @dataclass(frozen=True)
 class TaskView:
-    kind: str  # "WAIT" | "TRAIN" | "SHARE" | "UPLOAD" | "UNMASK" | "EVALUATE" | "DONE"
+    kind: str  # "WAIT" | "TRAIN" | "SHARE" | "UPLOAD" | "UNMASK" | "DECRYPT" | "EVALUATE" | "DONE"
     round: int = 0
     deadline: float = 0.0
     message: str = ""

@@ -113,14 +113,14 @@ class FederationService(pb_grpc.FederationServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header")
         header = first.header
-        deadline = self.coordinator.begin_update(silo, header)
+        deadline, specs = self.coordinator.begin_update(silo, header)
         try:
-            assembler = codec.TensorAssembler(self.coordinator.update_specs())
+            assembler = codec.TensorAssembler(specs)
             for message in request_iterator:
                 if message.WhichOneof("part") != "chunk":
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks may follow the header")
                 if self.coordinator.clock() > deadline:
-                    raise _Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {header.round} upload deadline passed")
+                    raise _Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {header.round} deadline passed")
                 assembler.add(message.chunk)
             payload = assembler.finish()
             self.coordinator.add_update(silo, header, payload, assembler.bytes_received)

@@ -16,7 +16,15 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from crypto import keystream, shamir
-from crypto.key_agreement import KeyAdvert, KeyAgreementError, encode_fields, pairwise_secret
+from crypto.key_agreement import (
+    ChannelError,
+    KeyAdvert,
+    KeyAgreementError,
+    encode_fields,
+    open_sealed,
+    pairwise_secret,
+    seal,
+)
 from crypto.shamir import Share
 
 SHARE_TAG = "fcmoe/shares/v1"
@@ -95,3 +103,22 @@ def mask_seed(private_raw: bytes, peer_public: bytes, run_id: str, session: int,
     except ValueError:
         raise SecAggError(f"mask key of {me!r} is not a 32-byte X25519 key") from None
     return pairwise_secret(private, peer_public, run_id, session, me, peer, "mask")
+
+
+def _run_secret_aead_key(secret: bytes, purpose: str) -> bytes:
+    return keystream.derive_key(secret, f"fcmoe/run-secret/{purpose}/v1")
+
+
+def seal_with_run_secret(secret: bytes, run_id: str, purpose: str, data: bytes) -> bytes:
+    """Large silo-only data (e.g. the CKKS key) encrypted once under the run secret, so the
+    aggregator can store and relay it to whoever is dealt the run secret, without reading it."""
+    return seal(_run_secret_aead_key(secret, purpose), data, encode_fields(RUN_SECRET_TAG, [run_id.encode(),
+                                                                                          purpose.encode()]))
+
+
+def open_with_run_secret(secret: bytes, run_id: str, purpose: str, blob: bytes) -> bytes:
+    try:
+        return open_sealed(_run_secret_aead_key(secret, purpose), blob,
+                           encode_fields(RUN_SECRET_TAG, [run_id.encode(), purpose.encode()]))
+    except ChannelError as exc:
+        raise SecAggError(f"{purpose} sealed under the run secret does not open: {exc}") from None

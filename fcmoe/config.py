@@ -165,8 +165,8 @@ class StrategyConfig(_Strict):
 class SecureAggregationConfig(_Strict):
     """How silo updates are hidden from the aggregator; see docs/protocol.md and docs/threat-model.md."""
 
-    mode: Literal["none", "masking"] = Field(
-        "none", description="masking: the aggregator learns only group sums; none: plaintext (debugging, baseline)")
+    mode: Literal["none", "masking", "ckks"] = Field(
+        "none", description="masking or ckks: the aggregator learns only group sums; none: plaintext (debugging, baseline)")
     threshold: float = Field(
         0.6, gt=0.5, le=1,
         description="t = ceil(threshold * n) of the n silos that sent shares must survive to unmask a round")
@@ -191,12 +191,13 @@ class FederationConfig(_Strict):
     def _check(self) -> "FederationConfig":
         if self.quorum is not None and self.quorum > self.min_silos:
             raise ValueError(f"quorum={self.quorum} exceeds min_silos={self.min_silos}")
-        if self.secure_aggregation.mode == "masking":
+        mode = self.secure_aggregation.mode
+        if mode != "none":
             if self.local.clip_norm <= 0:
-                raise ValueError("secure_aggregation.mode 'masking' needs local.clip_norm > 0 "
-                                 "(the fixed-point range is proved from the clip)")
+                raise ValueError(f"secure_aggregation.mode {mode!r} needs local.clip_norm > 0 "
+                                 "(the range of every sum is bounded by the clip)")
             if self.min_group_size < 2:
-                raise ValueError("secure_aggregation.mode 'masking' needs min_group_size >= 2")
+                raise ValueError(f"secure_aggregation.mode {mode!r} needs min_group_size >= 2")
         return self
 
     @property
@@ -225,8 +226,9 @@ class SiloConfig(_Strict):
         description="hex of the 32-byte secret the silos share for keyed sketches (never given to the aggregator)")
     num_silos: int = Field(1, gt=0)
     connect_timeout_s: float = Field(600.0, gt=0)
-    accept_modes: list[Literal["none", "masking"]] = Field(
-        ["masking"], min_length=1, description="secure-aggregation modes this silo takes part in; it refuses others")
+    accept_modes: list[Literal["none", "masking", "ckks"]] = Field(
+        ["masking", "ckks"], min_length=1,
+        description="secure-aggregation modes this silo takes part in; it refuses others (default: the secure ones)")
     min_group_size: int = Field(
         3, ge=2, description="this silo's own floor: it masks with and unmasks for groups of at least this many silos")
 

@@ -44,11 +44,11 @@ class InProcessTransport:
     def get_task(self, run_id: str, wait_s: float = 5.0) -> pb.Task:
         return self._call("GetTask", lambda: self.coordinator.task(self.silo, pb.TaskRequest(run_id=run_id, wait_s=wait_s)))
 
-    def download(self, run_id: str, version: int, layout_hash: str,
-                 expected: Mapping[str, codec.TensorSpec]) -> tuple[dict[str, np.ndarray], int]:
+    def download(self, run_id: str, version: int, layout_hash: str, expected: Mapping[str, codec.TensorSpec],
+                 encrypted_sums: bool = False) -> tuple[dict[str, np.ndarray], int]:
         def fetch() -> tuple[dict[str, np.ndarray], int]:
-            units = self.coordinator.global_model(
-                self.silo, pb.DownloadRequest(run_id=run_id, round=version, layout_hash=layout_hash))
+            units = self.coordinator.global_model(self.silo, pb.DownloadRequest(
+                run_id=run_id, round=version, layout_hash=layout_hash, encrypted_sums=encrypted_sums))
             assembler = codec.TensorAssembler(expected)
             for chunk in codec.encode(units):
                 assembler.add(chunk)
@@ -63,9 +63,9 @@ class InProcessTransport:
 
     def submit(self, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray]) -> pb.SubmitReply:
         def send() -> pb.SubmitReply:
-            self.coordinator.begin_update(self.silo, header)
+            _, specs = self.coordinator.begin_update(self.silo, header)
             try:
-                assembler = codec.TensorAssembler(self.coordinator.update_specs())
+                assembler = codec.TensorAssembler(specs)
                 for chunk in codec.encode(payload):
                     assembler.add(chunk)
                 self.coordinator.add_update(self.silo, header, assembler.finish(), assembler.bytes_received)

@@ -29,6 +29,7 @@ _DTYPES: dict[str, np.dtype] = {
     "float64": np.dtype("<f8"),
     "uint32": np.dtype("<u4"),
     "uint64": np.dtype("<u8"),
+    "uint8": np.dtype("u1"),
     "int64": np.dtype("<i8"),
 }
 

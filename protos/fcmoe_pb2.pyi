@@ -86,7 +86,7 @@ class TrainInstructions(_message.Message):
     def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ..., secure_mode: _Optional[str] = ..., session: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload", "share", "unmask")
+    __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload", "share", "unmask", "decrypt")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Task.Kind]
@@ -97,6 +97,7 @@ class Task(_message.Message):
         UPLOAD: _ClassVar[Task.Kind]
         SHARE: _ClassVar[Task.Kind]
         UNMASK: _ClassVar[Task.Kind]
+        DECRYPT: _ClassVar[Task.Kind]
     KIND_UNSPECIFIED: Task.Kind
     WAIT: Task.Kind
     TRAIN: Task.Kind
@@ -105,6 +106,7 @@ class Task(_message.Message):
     UPLOAD: Task.Kind
     SHARE: Task.Kind
     UNMASK: Task.Kind
+    DECRYPT: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +116,7 @@ class Task(_message.Message):
     UPLOAD_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
     UNMASK_FIELD_NUMBER: _ClassVar[int]
+    DECRYPT_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     round: int
     layout_hash: str
@@ -123,10 +126,11 @@ class Task(_message.Message):
     upload: UploadInstructions
     share: ShareInstructions
     unmask: UnmaskInstructions
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ..., upload: _Optional[_Union[UploadInstructions, _Mapping]] = ..., share: _Optional[_Union[ShareInstructions, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskInstructions, _Mapping]] = ...) -> None: ...
+    decrypt: DecryptInstructions
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ..., upload: _Optional[_Union[UploadInstructions, _Mapping]] = ..., share: _Optional[_Union[ShareInstructions, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskInstructions, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptInstructions, _Mapping]] = ...) -> None: ...
 
 class UploadInstructions(_message.Message):
-    __slots__ = ("units", "coefficients", "peers", "groups", "fixed_point_bits", "fixed_point_frac_bits", "shares", "run_secret")
+    __slots__ = ("units", "coefficients", "peers", "groups", "fixed_point_bits", "fixed_point_frac_bits", "shares", "run_secret", "ckks_secret_context")
     UNITS_FIELD_NUMBER: _ClassVar[int]
     COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +139,7 @@ class UploadInstructions(_message.Message):
     FIXED_POINT_FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
     RUN_SECRET_FIELD_NUMBER: _ClassVar[int]
+    CKKS_SECRET_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     units: _containers.RepeatedScalarFieldContainer[str]
     coefficients: _containers.RepeatedScalarFieldContainer[float]
     peers: _containers.RepeatedScalarFieldContainer[str]
@@ -143,7 +148,8 @@ class UploadInstructions(_message.Message):
     fixed_point_frac_bits: int
     shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
     run_secret: SealedShare
-    def __init__(self, units: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., peers: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[int]] = ..., fixed_point_bits: _Optional[int] = ..., fixed_point_frac_bits: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., run_secret: _Optional[_Union[SealedShare, _Mapping]] = ...) -> None: ...
+    ckks_secret_context: bytes
+    def __init__(self, units: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., peers: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[int]] = ..., fixed_point_bits: _Optional[int] = ..., fixed_point_frac_bits: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., run_secret: _Optional[_Union[SealedShare, _Mapping]] = ..., ckks_secret_context: _Optional[bytes] = ...) -> None: ...
 
 class KeyAdvert(_message.Message):
     __slots__ = ("silo", "session", "mask_public", "channel_public", "signature", "certificate_pem", "secret_digest")
@@ -164,18 +170,20 @@ class KeyAdvert(_message.Message):
     def __init__(self, silo: _Optional[str] = ..., session: _Optional[int] = ..., mask_public: _Optional[bytes] = ..., channel_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ..., secret_digest: _Optional[bytes] = ...) -> None: ...
 
 class ShareInstructions(_message.Message):
-    __slots__ = ("adverts", "threshold", "min_group_size", "dealer", "secret_recipients")
+    __slots__ = ("adverts", "threshold", "min_group_size", "dealer", "secret_recipients", "want_ckks_context")
     ADVERTS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MIN_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEALER_FIELD_NUMBER: _ClassVar[int]
     SECRET_RECIPIENTS_FIELD_NUMBER: _ClassVar[int]
+    WANT_CKKS_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     adverts: _containers.RepeatedCompositeFieldContainer[KeyAdvert]
     threshold: int
     min_group_size: int
     dealer: str
     secret_recipients: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, adverts: _Optional[_Iterable[_Union[KeyAdvert, _Mapping]]] = ..., threshold: _Optional[int] = ..., min_group_size: _Optional[int] = ..., dealer: _Optional[str] = ..., secret_recipients: _Optional[_Iterable[str]] = ...) -> None: ...
+    want_ckks_context: bool
+    def __init__(self, adverts: _Optional[_Iterable[_Union[KeyAdvert, _Mapping]]] = ..., threshold: _Optional[int] = ..., min_group_size: _Optional[int] = ..., dealer: _Optional[str] = ..., secret_recipients: _Optional[_Iterable[str]] = ..., want_ckks_context: _Optional[bool] = ...) -> None: ...
 
 class SealedShare(_message.Message):
     __slots__ = ("sender", "recipient", "ciphertext")
@@ -188,16 +196,20 @@ class SealedShare(_message.Message):
     def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class ShareSubmission(_message.Message):
-    __slots__ = ("run_id", "round", "shares", "secrets")
+    __slots__ = ("run_id", "round", "shares", "secrets", "ckks_public_context", "ckks_secret_context")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
     SECRETS_FIELD_NUMBER: _ClassVar[int]
+    CKKS_PUBLIC_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CKKS_SECRET_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
     secrets: _containers.RepeatedCompositeFieldContainer[SealedShare]
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
+    ckks_public_context: bytes
+    ckks_secret_context: bytes
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., ckks_public_context: _Optional[bytes] = ..., ckks_secret_context: _Optional[bytes] = ...) -> None: ...
 
 class UnmaskInstructions(_message.Message):
     __slots__ = ("survivors", "dropped")
@@ -206,6 +218,26 @@ class UnmaskInstructions(_message.Message):
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EncryptedSum(_message.Message):
+    __slots__ = ("unit", "group", "contributors", "length", "chunk_bytes")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    unit: str
+    group: int
+    contributors: int
+    length: int
+    chunk_bytes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, unit: _Optional[str] = ..., group: _Optional[int] = ..., contributors: _Optional[int] = ..., length: _Optional[int] = ..., chunk_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DecryptInstructions(_message.Message):
+    __slots__ = ("sums",)
+    SUMS_FIELD_NUMBER: _ClassVar[int]
+    sums: _containers.RepeatedCompositeFieldContainer[EncryptedSum]
+    def __init__(self, sums: _Optional[_Iterable[_Union[EncryptedSum, _Mapping]]] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
     __slots__ = ("owner", "mask_key", "share")
@@ -218,26 +250,26 @@ class RevealedShare(_message.Message):
     def __init__(self, owner: _Optional[str] = ..., mask_key: _Optional[bool] = ..., share: _Optional[bytes] = ...) -> None: ...
 
 class UnmaskSubmission(_message.Message):
-    __slots__ = ("run_id", "round", "shares", "secure_seconds")
+    __slots__ = ("run_id", "round", "shares")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
-    SECURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
-    secure_seconds: float
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., secure_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("run_id", "round", "layout_hash")
+    __slots__ = ("run_id", "round", "layout_hash", "encrypted_sums")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTED_SUMS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     layout_hash: str
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ...) -> None: ...
+    encrypted_sums: bool
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., encrypted_sums: _Optional[bool] = ...) -> None: ...
 
 class DomainLoss(_message.Message):
     __slots__ = ("domain", "loss_sum", "tokens")
@@ -304,16 +336,20 @@ class RoundReport(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., num_examples: _Optional[float] = ..., reliability: _Optional[float] = ..., units: _Optional[_Iterable[str]] = ..., routing_share: _Optional[_Iterable[float]] = ..., sketches: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., advert: _Optional[_Union[KeyAdvert, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "layout_hash", "units")
+    __slots__ = ("run_id", "round", "layout_hash", "units", "sizes", "secure_seconds")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    SECURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     layout_hash: str
     units: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ...) -> None: ...
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    secure_seconds: float
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[int]] = ..., secure_seconds: _Optional[float] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "chunk")

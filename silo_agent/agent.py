@@ -20,6 +20,7 @@ from protos import fcmoe_pb2 as pb
 from silo_agent.client import AggregatorClient, RpcFailure
 from crypto.secagg import SecAggError, sketch_key
 from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
+from silo_agent.ckks_round import CkksSession
 from silo_agent.masked_round import MaskingSession
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
@@ -100,9 +101,12 @@ class SiloAgent:
         self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
         self.local_shares: dict[str, float] | None = None
         self.pending: PendingUpload | None = None
-        self.masked: MaskingSession | None = None  # this attempt's secure-aggregation state (mode masking)
+        self.secure: MaskingSession | CkksSession | None = None  # this attempt's secure-aggregation state
         self.refused_session: int | None = None  # an attempt this silo refused to take part in
-        self.run_secret: bytes | None = None  # mode masking: dealt by a peer through the aggregator, sealed
+        # secure modes, kept across rounds: the run secret (dealt by a peer through the aggregator,
+        # sealed) and, mode ckks, the run's CKKS key
+        self.run_secret: bytes | None = None
+        self.ckks_context = None
 
     def join(self) -> None:
         reply = self.client.join(pb.JoinRequest(
@@ -125,6 +129,8 @@ class SiloAgent:
             self._upload(task)
         elif task.kind == pb.Task.UNMASK:
             self._reveal(task)
+        elif task.kind == pb.Task.DECRYPT:
+            self._decrypt(task)
         elif task.kind == pb.Task.EVALUATE:
             self._final_evaluation(task)
         elif task.kind == pb.Task.DONE:
@@ -167,8 +173,8 @@ class SiloAgent:
 
     def _refuse_round(self, task: pb.Task, reason: str) -> None:
         """Stay out of this attempt; the round goes on without this silo."""
-        self.refused_session = self.masked.session if self.masked is not None else task.train.session
-        self.masked, self.pending = None, None
+        self.refused_session = self.secure.session if self.secure is not None else task.train.session
+        self.secure, self.pending = None, None
         log_event(log, "round_refused", level=logging.WARNING, round=task.round, reason=reason)
 
     def _train_and_report(self, task: pb.Task) -> None:
@@ -178,10 +184,9 @@ class SiloAgent:
             self._refuse_round(task, f"secure_aggregation mode {mode!r} is not in this silo's accept_modes "
                                      f"{self.silo.accept_modes}")
             return
-        self.masked = None
-        if mode == "masking":
-            self.masked = MaskingSession(self.run_id, t.session, self.silo.name, self.silo.pki_dir,
-                                         self.silo.min_group_size, self.run_secret)
+        args = (self.run_id, t.session, self.silo.name, self.silo.pki_dir, self.silo.min_group_size, self.run_secret)
+        self.secure = {"masking": lambda: MaskingSession(*args),
+                       "ckks": lambda: CkksSession(*args, context=self.ckks_context)}.get(mode, lambda: None)()
         t0 = time.perf_counter()
         global_units = self._download(task.round - 1, task.round)
         if global_units is None:
@@ -223,8 +228,8 @@ class SiloAgent:
         secret = self._sketch_secret(mode) if t.sketch_buckets else None
         if secret is not None:
             report.sketches.extend(codec.encode(sketch_units(deltas, secret, self.run_id, task.round, t.sketch_buckets)))
-        if self.masked is not None:
-            report.advert.CopyFrom(self.masked.advert())
+        if self.secure is not None:
+            report.advert.CopyFrom(self.secure.advert())
         if self._refused("report", task.round, lambda: self.client.report_round(report)):
             return
         log_event(log, "report_sent", round=task.round, global_loss=_mean_loss(global_eval),
@@ -232,9 +237,9 @@ class SiloAgent:
                   max_unit_norm=max(norms.values()))
 
     def _sketch_secret(self, mode: str) -> bytes | None:
-        """Masking: the key dealt with the run secret (none yet: no sketch, the strategy counts this
-        silo as agreeing). Plaintext: the configured key."""
-        if mode == "masking":
+        """Secure modes: the key dealt with the run secret (none yet: no sketch, the strategy counts
+        this silo as agreeing). Plaintext: the configured key."""
+        if mode != "none":
             if self.run_secret is None:
                 log_event(log, "sketch_skipped", reason="no run secret dealt yet")
             return sketch_key(self.run_secret) if self.run_secret else None
@@ -252,51 +257,90 @@ class SiloAgent:
         coefficients = dict(zip(task.upload.units, task.upload.coefficients))
         if list(coefficients) != list(self.specs):
             raise ConfigError("upload instructions do not match this silo's layout")
-        if self.masked is not None:
-            try:
-                payload = self.masked.masked_payload(task.upload, pending.deltas)
-                self.run_secret = self.masked.run_secret
-            except SecAggError as exc:
-                self._refuse_round(task, str(exc))
-                return
-        else:
-            payload = scaled_payload(pending.deltas, coefficients)
-        replies: list[pb.SubmitReply] = []
-        if self._refused("update", task.round, lambda: replies.append(self.client.submit(
-                pb.UpdateHeader(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
-                                units=list(self.specs)), payload))):
+        secure = self.secure
+        try:
+            if isinstance(secure, MaskingSession):
+                payload = secure.masked_payload(task.upload, pending.deltas)
+            elif isinstance(secure, CkksSession):
+                payload = secure.encrypted_payload(task.upload, pending.deltas)
+                self.ckks_context = secure.context
+            else:
+                payload = scaled_payload(pending.deltas, coefficients)
+        except SecAggError as exc:
+            self._refuse_round(task, str(exc))
             return
-        self.pending = None
-        log_event(log, "update_sent", round=task.round, bytes=replies[0].bytes_received)
+        if secure is not None:
+            self.run_secret = secure.run_secret
+        if self._send_update(task, "update", payload):
+            self.pending = None
+
+    def _send_update(self, task: pb.Task, what: str, payload: dict[str, np.ndarray]) -> bool:
+        """Stream ``payload`` as this silo's update (or decryption) for ``task.round``; False if refused."""
+        header = pb.UpdateHeader(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
+                                 units=list(payload), sizes=[v.nbytes for v in payload.values()],
+                                 secure_seconds=self.secure.seconds if self.secure is not None else 0.0)
+        replies: list[pb.SubmitReply] = []
+        if self._refused(what, task.round, lambda: replies.append(self.client.submit(header, payload))):
+            return False
+        log_event(log, f"{what}_sent", round=task.round, bytes=replies[0].bytes_received)
+        return True
 
     def _share(self, task: pb.Task) -> None:
-        if self.masked is None:
+        secure = self.secure
+        if secure is None:
             self._wait_out(task)
             return
         try:
-            shares, secrets = self.masked.make_shares(task.share)
-            self.run_secret = self.masked.run_secret  # drawn here if this silo deals a fresh one
+            if isinstance(secure, MaskingSession):
+                shares, secrets = secure.make_shares(task.share)
+                submission = pb.ShareSubmission(shares=shares, secrets=secrets)
+            else:
+                submission = secure.make_shares(task.share)
+                self.ckks_context = secure.context  # created here if this silo deals a fresh key
+            self.run_secret = secure.run_secret  # drawn here if this silo deals a fresh one
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
-        submission = pb.ShareSubmission(run_id=self.run_id, round=task.round, shares=shares, secrets=secrets)
+        submission.run_id, submission.round = self.run_id, task.round
         if not self._refused("shares", task.round, lambda: self.client.submit_shares(submission)):
-            log_event(log, "shares_sent", round=task.round, peers=len(shares))
+            log_event(log, "shares_sent", round=task.round, peers=len(submission.shares),
+                      dealt=len(submission.secrets))
 
     def _reveal(self, task: pb.Task) -> None:
-        if self.masked is None:
+        if not isinstance(self.secure, MaskingSession):
             self._wait_out(task)
             return
         try:
-            shares = self.masked.reveal(task.unmask)
+            shares = self.secure.reveal(task.unmask)
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
-        submission = pb.UnmaskSubmission(run_id=self.run_id, round=task.round, shares=shares,
-                                         secure_seconds=self.masked.seconds)
+        submission = pb.UnmaskSubmission(run_id=self.run_id, round=task.round, shares=shares)
         if not self._refused("unmask", task.round, lambda: self.client.submit_unmask(submission)):
             log_event(log, "unmask_sent", round=task.round, survivors=len(task.unmask.survivors),
                       dropped=len(task.unmask.dropped))
+
+    def _decrypt(self, task: pb.Task) -> None:
+        """Mode ckks, this silo holds the key this round: decrypt the group sums it is sent."""
+        secure = self.secure
+        if not isinstance(secure, CkksSession):
+            self._wait_out(task)
+            return
+        try:
+            specs = secure.sum_specs(task.decrypt)
+        except SecAggError as exc:
+            self._refuse_round(task, str(exc))
+            return
+        fetched: list[tuple[dict[str, np.ndarray], int]] = []
+        if self._refused("encrypted_sums", task.round, lambda: fetched.append(self.client.download(
+                self.run_id, task.round, self.layout.hash, specs, encrypted_sums=True))):
+            return
+        try:
+            plain = secure.decrypt(task.decrypt, fetched[0][0])
+        except SecAggError as exc:
+            self._refuse_round(task, str(exc))
+            return
+        self._send_update(task, "decryption", plain)
 
     def _refused(self, what: str, round_: int, send) -> bool:
         """Send; a refusal because the round moved on is logged and survived, anything else raised."""

@@ -100,9 +100,10 @@ class AggregatorClient:
     def report_round(self, report: pb.RoundReport) -> pb.Ack:
         return self._call("SubmitReport", lambda: self.stub.SubmitReport(report, timeout=60))
 
-    def download(self, run_id: str, version: int, layout_hash: str,
-                 expected: Mapping[str, codec.TensorSpec]) -> tuple[dict[str, np.ndarray], int]:
-        request = pb.DownloadRequest(run_id=run_id, round=version, layout_hash=layout_hash)
+    def download(self, run_id: str, version: int, layout_hash: str, expected: Mapping[str, codec.TensorSpec],
+                 encrypted_sums: bool = False) -> tuple[dict[str, np.ndarray], int]:
+        request = pb.DownloadRequest(run_id=run_id, round=version, layout_hash=layout_hash,
+                                     encrypted_sums=encrypted_sums)
 
         def fetch() -> tuple[dict[str, np.ndarray], int]:
             assembler = codec.TensorAssembler(expected)

@@ -31,7 +31,8 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("strategy,mode", [("fedavg", "none"), ("fcmoe", "none"), ("fcmoe", "masking")])
+@pytest.mark.parametrize("strategy,mode", [("fedavg", "none"), ("fcmoe", "none"), ("fcmoe", "masking"),
+                                           ("fedavg", "ckks")])
 def test_simulate_three_silos_two_rounds(tmp_path, strategy, mode):
     data = load_config(SMOKE).model_dump(mode="json")
     out = tmp_path / "run"
@@ -62,8 +63,12 @@ def test_simulate_three_silos_two_rounds(tmp_path, strategy, mode):
     agg_log = (out / "logs" / "aggregator.log").read_text()
     assert agg_log.count("event=round_closed") == 2 and agg_log.count("event=update_accepted") == 6
     assert agg_log.count("event=report_accepted") == 6
-    secure_events = agg_log.count("event=shares_accepted") + agg_log.count("event=unmask_shares_accepted")
-    assert secure_events == (12 if mode == "masking" else 0)
+    secure_events = {e: agg_log.count(f"event={e}") for e in ("shares_accepted", "unmask_shares_accepted",
+                                                               "decryption_accepted")}
+    assert secure_events == {"none": {"shares_accepted": 0, "unmask_shares_accepted": 0, "decryption_accepted": 0},
+                             "masking": {"shares_accepted": 6, "unmask_shares_accepted": 6, "decryption_accepted": 0},
+                             "ckks": {"shares_accepted": 6, "unmask_shares_accepted": 0, "decryption_accepted": 2},
+                             }[mode]
     aggregator_role = (out / "roles" / "aggregator.yaml").read_text()
     assert "sketch_key" not in aggregator_role  # the silos' shared secret never reaches the aggregator
     assert all("sketch_key" in (out / "roles" / f"silo{i}.yaml").read_text() for i in range(3))

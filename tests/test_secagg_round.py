@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import silo_config, smoke_config
 
 from aggregator.server import build_coordinator
@@ -37,23 +38,31 @@ def _run(tmp_path, mode: str, drop_at_upload=frozenset(), silo_configs=None, **f
     return run_in_process(config, silo_configs or default_silos, absent=absent), tasks
 
 
-def test_masked_round_gives_the_plaintext_global_model(tmp_path):
-    plain, _ = _run(tmp_path, "none")
-    masked, tasks = _run(tmp_path, "masking")
-    assert plain.machine.succeeded and masked.machine.succeeded
-    assert all(t.count("SHARE") == 1 and t.count("UNMASK") == 1 for t in tasks.values())
+FINAL_PHASE = {"masking": "UNMASK", "ckks": "DECRYPT"}
+TOLERANCE = {"masking": 1e-5, "ckks": 1e-4}  # fixed-point rounding; CKKS noise and release rounding
+
+
+@pytest.mark.parametrize("mode", ["masking", "ckks"])
+def test_a_secure_round_gives_the_plaintext_global_model(tmp_path, mode):
+    plain, _ = _run(tmp_path, "none", rounds=2)
+    secure, tasks = _run(tmp_path, mode, rounds=2)
+    assert plain.machine.succeeded and secure.machine.succeeded
+    assert all(t.count("SHARE") == 2 for t in tasks.values())
+    assert sum(t.count(FINAL_PHASE[mode]) for t in tasks.values()) == (8 if mode == "masking" else 2)
     for unit, value in plain.global_units.items():
-        np.testing.assert_allclose(masked.global_units[unit], value, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(secure.global_units[unit], value, atol=TOLERANCE[mode], rtol=0)
+    assert secure.metrics.rows()[1]["aggregator_secure_seconds"] > 0
 
 
-def test_a_dropout_after_sharing_completes_with_the_survivors_sum(tmp_path):
+@pytest.mark.parametrize("mode", ["masking", "ckks"])
+def test_a_dropout_after_sharing_completes_with_the_survivors_sum(tmp_path, mode):
     plain, _ = _run(tmp_path, "none", drop_at_upload={"silo3"}, upload_timeout_s=2, quorum=3)
-    masked, tasks = _run(tmp_path, "masking", drop_at_upload={"silo3"}, upload_timeout_s=2, quorum=3)
-    assert masked.machine.succeeded and masked.machine.version == 1
-    assert masked.metrics.rows()[1]["updates"] == 3
-    assert "UNMASK" not in tasks["silo3"] and tasks["silo0"].count("UNMASK") == 1
+    secure, tasks = _run(tmp_path, mode, drop_at_upload={"silo3"}, upload_timeout_s=2, quorum=3)
+    assert secure.machine.succeeded and secure.machine.version == 1
+    assert secure.metrics.rows()[1]["updates"] == 3
+    assert FINAL_PHASE[mode] not in tasks["silo3"]
     for unit, value in plain.global_units.items():
-        np.testing.assert_allclose(masked.global_units[unit], value, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(secure.global_units[unit], value, atol=TOLERANCE[mode], rtol=0)
 
 
 def test_below_threshold_survivors_the_round_aborts_and_nothing_is_applied(tmp_path):
