@@ -35,7 +35,7 @@ from fcmoe.inprocess import run_in_process
 from fcmoe.logs import setup_logging
 from protos import fcmoe_pb2 as pb
 
-MODES = ("none", "masking")
+MODES = ("none", "masking", "ckks")
 ROOT = Path(__file__).resolve().parents[1]
 
 

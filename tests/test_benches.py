@@ -15,9 +15,11 @@ def test_secagg_bench_runs_every_mode_with_a_dropout_round(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(result["modes"]) == {"none", "masking"}
+    assert set(result["modes"]) == {"none", "masking", "ckks"}
     for mode, r in result["modes"].items():
         assert r["completed"] and r["dropout_round"]["updates"] == 3, (mode, r["outcome"])
-        assert r["upload_bytes_per_parameter"] == 4.0  # 32-bit fixed point: as many bytes as float32
+    for mode in ("none", "masking"):  # 32-bit fixed point: as many bytes as float32
+        assert result["modes"][mode]["upload_bytes_per_parameter"] == 4.0
+    assert result["modes"]["ckks"]["upload_bytes_per_parameter"] > 20
     assert result["modes"]["masking"]["aggregator_secure_seconds_median"] > 0
     assert result["flower_secaggplus"]["available"] is False

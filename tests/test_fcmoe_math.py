@@ -110,3 +110,16 @@ def test_retention_anchor_and_importance_scale():
     np.testing.assert_allclose(anchor(g, local, 0.5, scale)["L0.E1"], [0.5, -0.5])
     np.testing.assert_allclose(anchor(g, local, 1.0)["L0.E1"], [2.0, -2.0])  # local-only
     np.testing.assert_allclose(anchor(g, local, 0.0)["L0.E1"], [0.0, 0.0])  # FedAvg
+
+
+def test_a_silo_without_a_sketch_counts_as_agreeing_and_stays_out_of_the_consensus():
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(256)
+    sketches = [base + 0.1 * rng.standard_normal(256) for _ in range(3)] + [-base, None]
+    weights = np.full(5, 0.2)
+    score = consensus.scores_with_missing(sketches, weights)
+    assert score[4] == 1.0
+    full = consensus.agreement_score(*consensus.agreement(np.stack(sketches[:4]), weights[:4]))
+    np.testing.assert_allclose(score[:4], full)
+    assert score[3] < 0 < score[0]
+    assert consensus.scores_with_missing([None, sketches[0], None], np.full(3, 1 / 3)).tolist() == [1.0, 1.0, 1.0]
