@@ -1,0 +1,154 @@
+"""Exact per-sample gradients of an HF MoE (fused experts, routers, LoRA on experts and attention).
+
+Why not Opacus' own grad samplers: they work module by module, with dim 0 of a module's input as the
+batch, while transformers 5 feeds experts a flattened ``[tokens, hidden]`` tensor with routing
+tensors beside it, and calls them with keyword arguments; both its hooks and its functorch modes fail
+there. Opacus' optimizer and accountants only need ``p.grad_sample``, so this module supplies it.
+
+How: ``torch.func.vmap(torch.func.grad(loss))`` over the samples of a batch, each sample a batch of
+one, through ``torch.func.functional_call``. Two things in the stock model stop ``vmap``:
+
+* the eager experts loop over the experts a batch hits (``nonzero``: a data-dependent shape). The
+  model's ``batched_mm`` experts implementation (transformers' own) gathers each token's expert
+  weights instead; it computes the same function, so gradients are the same;
+* PEFT applies LoRA to a fused expert tensor by registering a parametrization during the forward
+  (an in-place ``set_`` that ``grad`` refuses). Here every LoRA layer's effective weight
+  ``W + scaling * delta(A, B)`` is computed inside the transformed function, from the per-sample
+  copies of ``A`` and ``B``, and substituted for the base weight while PEFT's adapters are disabled.
+
+Memory is one gradient per sample and parameter (``B x trainable``): fine for LoRA and tiny models;
+for full experts of large models use smaller physical batches (Opacus' BatchMemoryManager).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from silo_agent.data import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class _LoraLayer:
+    """Where one LoRA adapter's factors and its base weight live, and how they combine."""
+
+    base: str  # name of the base weight in the model's parameters
+    lora_a: str
+    lora_b: str
+    scaling: float
+    num_experts: int  # 0: a plain Linear; else a fused expert tensor (PEFT ParamWrapper)
+    swapped: bool  # ParamWrapper: base stored as (experts, out, in) rather than (experts, in, out)
+
+    def delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """PEFT's delta weight, written out (checked against PEFT's own forward in the tests)."""
+        if not self.num_experts:
+            return (b @ a) * self.scaling
+        a = a.reshape(self.num_experts, -1, a.shape[-1])  # (experts, rank, in)
+        b = b.reshape(b.shape[0], -1, self.num_experts)  # (out, rank, experts)
+        pattern = "o r e, e r i -> e o i" if self.swapped else "o r e, e r i -> e i o"
+        return torch.einsum(pattern, b, a) * self.scaling
+
+
+def _lora_layers(model: nn.Module) -> list[_LoraLayer]:
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    layers = []
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            wrapper = isinstance(module, ParamWrapper)
+            base = module.get_param() if wrapper else module.get_base_layer().weight
+            if getattr(module, "fan_in_fan_out", False):
+                raise NotImplementedError("per-sample gradients for fan_in_fan_out LoRA layers")
+            layers.append(_LoraLayer(
+                base=names[id(base)], lora_a=names[id(module.lora_A[adapter].weight)],
+                lora_b=names[id(module.lora_B[adapter].weight)], scaling=float(module.scaling[adapter]),
+                num_experts=module.num_experts if wrapper and module.num_experts > 1 else 0,
+                swapped=bool(getattr(module, "_did_swap_in_out_features", False))))
+    return layers
+
+
+def _use_batched_experts(model: nn.Module) -> None:
+    """Select transformers' ``batched_mm`` experts (no data-dependent shapes) on every config."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = "batched_mm"
+
+
+def sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of one sample over the positions that count (as in local training)."""
+    targets = labels[:, 1:]
+    losses = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                         targets.reshape(-1).clamp_min(0), reduction="none")
+    mask = (targets != IGNORE_INDEX).reshape(-1)
+    return (losses * mask).sum() / mask.sum().clamp_min(1)
+
+
+class PerSampleGradients:
+    """``grads, losses = PerSampleGradients(model)(batch)``: one gradient per sample and trainable parameter."""
+
+    def __init__(self, model: nn.Module):
+        _use_batched_experts(model)
+        self.model = model
+        self.lora = _lora_layers(model)
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._peft = hasattr(model, "disable_adapter") and bool(self.lora)
+
+    def frozen(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
+
+    @contextmanager
+    def _adapters_off(self) -> Iterator[None]:
+        with self.model.disable_adapter() if self._peft else nullcontext():
+            yield
+
+    def _substituted(self, frozen: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every parameter the forward reads, LoRA folded into its base weight."""
+        out = {**frozen, **params}
+        for layer in self.lora:
+            out[layer.base] = out[layer.base] + layer.delta(params[layer.lora_a], params[layer.lora_b])
+        return out
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        frozen = self.frozen()
+        buffers = dict(self.model.named_buffers())
+
+        _check_right_padded(batch["attention_mask"])
+
+        def loss(params: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor):
+            tensors = {**self._substituted(frozen, params), **buffers}
+            logits = functional_call(self.model, tensors, (), {"input_ids": ids[None]}).logits
+            return sample_loss(logits, labels[None])
+
+        params = {n: p.detach() for n, p in self.trainable.items()}
+        with self._adapters_off():
+            grads, losses = vmap(grad_and_value(loss), in_dims=(None, 0, 0), randomness="different")(
+                params, batch["input_ids"], batch["labels"])
+        return grads, losses
+
+
+    def attach(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Set ``p.grad_sample`` on every trainable parameter, which is all Opacus' ``DPOptimizer``
+        needs to clip per sample, add noise and step; returns the per-sample losses."""
+        grads, losses = self(batch)
+        for name, param in self.trainable.items():
+            param.grad_sample = grads[name]
+        return losses
+
+
+def _check_right_padded(mask: torch.Tensor) -> None:
+    """The attention mask is left out of the transformed forward (building it branches on data):
+    with right padding a causal model's real positions never see the padding, and padded positions
+    carry no label, so every loss and gradient is unchanged. Left padding would change them."""
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("per-sample gradients need right-padded batches (a 0 before a 1 in attention_mask)")
