@@ -306,6 +306,16 @@ class Coordinator:
         stats = self.metrics.record(round_).per_silo.setdefault(silo, {})
         stats["secure_bytes"] = stats.get("secure_bytes", 0) + nbytes
 
+    def decline(self, silo: str, request: pb.DeclineRequest) -> None:
+        """A silo will not train this round (e.g. its privacy budget); the round goes on without it."""
+        self._check_run(request.run_id)
+        reason = request.reason[:500]
+        with self._cv:
+            self.machine.decline(silo, request.round, self.clock())
+            self.metrics.record(request.round).per_silo[silo] = {"declined": reason}
+            self._cv.notify_all()
+        log_event(log, "round_declined", level=logging.WARNING, silo=silo, round=request.round, reason=reason)
+
     def add_evaluation(self, silo: str, report: pb.EvalReport) -> None:
         self._check_run(report.run_id)
         self._check_layout(report.layout_hash)
@@ -429,18 +439,19 @@ class Coordinator:
         self.global_units = new_global
         elapsed = self.clock() - self._round_started
         rec = self.metrics.record(m.round)
-        slowest = max((s["train_seconds"] for s in rec.per_silo.values()), default=0.0)
-        tokens = sum(s["tokens"] for s in rec.per_silo.values())
-        train_s = sum(s["train_seconds"] for s in rec.per_silo.values())
+        trained = [s for s in rec.per_silo.values() if "train_seconds" in s]  # not those that declined
+        slowest = max((s["train_seconds"] for s in trained), default=0.0)
+        tokens = sum(s["tokens"] for s in trained)
+        train_s = sum(s["train_seconds"] for s in trained)
         rec.stats = {**{k: float(v) for k, v in self.strategy.diagnostics.items()},
             "updates": contributors,
             "round_seconds": elapsed,
             "slowest_train_seconds": slowest,
             "overhead": (elapsed - slowest) / elapsed if elapsed > 0 else 0.0,
             "bytes_up_mean": float(np.mean([s.get("bytes_up", 0) + s["report_bytes"] + s.get("secure_bytes", 0)
-                                            for s in rec.per_silo.values()])),
+                                            for s in trained])) if trained else 0.0,
+            "bytes_down_mean": float(np.mean([s["bytes_down"] for s in trained])) if trained else 0.0,
             "aggregator_secure_seconds": self._secure.seconds if self._secure is not None else 0.0,
-            "bytes_down_mean": float(np.mean([s["bytes_down"] for s in rec.per_silo.values()])),
             "train_tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
         }
         m.complete_round(self.clock())

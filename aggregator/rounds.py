@@ -83,6 +83,7 @@ class RoundMachine:
     expected: frozenset[str] = frozenset()  # who must answer the current collecting phase
     minimum: int = 0  # answers needed to close it at its deadline
     answered: dict[Phase, set[str]] = field(default_factory=dict)  # per collecting phase of this round
+    declined: set[str] = field(default_factory=set)  # participants that declined this round (e.g. budget)
     evaluated: set[str] = field(default_factory=set)
     deadline: float = 0.0
     retries: int = 0
@@ -112,7 +113,8 @@ class RoundMachine:
             return TaskView("DONE", self.round, message=self.outcome)
         if silo not in self.joined:
             return TaskView("WAIT", message="join first")
-        if self.phase in COLLECTING and silo in self.expected and silo not in self.answered[self.phase]:
+        if (self.phase in COLLECTING and silo in self.expected and silo not in self.answered[self.phase]
+                and silo not in self.declined):
             return TaskView(COLLECTING[self.phase][1], self.round, self.deadline)
         if self.phase == Phase.EVALUATING and silo in self.participants and silo not in self.evaluated:
             return TaskView("EVALUATE", self.version, self.deadline)
@@ -125,7 +127,7 @@ class RoundMachine:
             raise ProtocolError(f"no {what} for round {round_} is open (phase {self.phase.value}, round {self.round})")
         if silo not in self.expected:
             raise ProtocolError(f"silo {silo!r} is not expected to send {what} in round {round_}", "PERMISSION_DENIED")
-        if silo in self.answered[phase]:
+        if silo in self.answered[phase] or (phase == Phase.TRAINING and silo in self.declined):
             raise ProtocolError(f"silo {silo!r} already sent its {what} for round {round_}", "ALREADY_EXISTS")
         if now > self.deadline:
             raise ProtocolError(f"round {round_} {what} deadline passed", "DEADLINE_EXCEEDED")
@@ -133,6 +135,11 @@ class RoundMachine:
     def record(self, phase: Phase, silo: str, round_: int, now: float) -> None:
         self.check(phase, silo, round_, now)
         self.answered[phase].add(silo)
+
+    def decline(self, silo: str, round_: int, now: float) -> None:
+        """``silo`` will not train this round: the training phase no longer waits for it."""
+        self.check(Phase.TRAINING, silo, round_, now)
+        self.declined.add(silo)
 
     def record_evaluation(self, silo: str, version: int) -> None:
         if self.phase != Phase.EVALUATING or version != self.version or silo not in self.participants:
@@ -151,13 +158,15 @@ class RoundMachine:
                 return self._abort(f"only {len(self.joined)} of {self.min_silos} silos joined in time")
         elif self.phase in COLLECTING:
             got = self.answered[self.phase]
-            if got >= self.expected or (now > self.deadline and len(got) >= self.minimum):
+            over = got | self.declined >= self.expected or now > self.deadline  # nothing more will come
+            if over and len(got) >= self.minimum:
                 event = COLLECTING[self.phase][2]
                 self.phase = Phase.PLANNING
                 return event
-            if now > self.deadline:
+            if over:
+                declined = f", {len(self.declined)} declined" if self.declined else ""
                 return self._retry_or_abort(now, f"{len(got)} of {len(self.expected)} answered in "
-                                                 f"{self.phase.value}, {self.minimum} needed")
+                                                 f"{self.phase.value}{declined}, {self.minimum} needed")
         elif self.phase == Phase.EVALUATING:
             if self.evaluated >= self.participants or now > self.deadline:
                 self.phase = Phase.DONE
@@ -212,6 +221,7 @@ class RoundMachine:
         self.participants = self.expected = frozenset(self.joined)
         self.minimum = self.quorum
         self.answered = {Phase.TRAINING: set()}
+        self.declined = set()
         self.deadline = now + self.round_timeout_s
 
     def _abort(self, reason: str) -> Event:

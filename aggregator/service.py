@@ -107,6 +107,11 @@ class FederationService(pb_grpc.FederationServicer):
         self.coordinator.add_unmask(silo, request)
         return pb.Ack(message="recorded")
 
+    @_rpc("DeclineRound")
+    def DeclineRound(self, silo: str, request: pb.DeclineRequest, context) -> pb.Ack:
+        self.coordinator.decline(silo, request)
+        return pb.Ack(message="recorded")
+
     @_rpc("SubmitUpdate")
     def SubmitUpdate(self, silo: str, request_iterator: Iterator[pb.UpdateMessage], context) -> pb.SubmitReply:
         first = next(request_iterator, None)

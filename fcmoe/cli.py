@@ -1,4 +1,4 @@
-"""The ``fcmoe`` command: certs, aggregator, silo, simulate."""
+"""The ``fcmoe`` command: certs, aggregator, silo, simulate, audit."""
 
 from __future__ import annotations
 
@@ -17,6 +17,15 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--dir", type=Path, required=True, help="folder for ca.pem, aggregator.pem, silo-NAME.pem, keys")
     certs.add_argument("--silos", required=True, help="comma-separated silo names")
     certs.add_argument("--hosts", default="localhost,127.0.0.1,::1", help="aggregator host names / IPs (SANs)")
+
+    audit = sub.add_parser("audit", help="check a silo's privacy ledger (verify) or plot epsilon (report)")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="chain, signatures, epsilon recomputed independently, budget")
+    verify.add_argument("ledger", type=Path)
+    verify.add_argument("--cert", type=Path, required=True, help="the silo's certificate (silo-NAME.pem)")
+    report = audit_sub.add_parser("report", help="PNG of epsilon over rounds, one line per ledger")
+    report.add_argument("ledgers", type=Path, nargs="+")
+    report.add_argument("--out", type=Path, default=Path("epsilon.png"))
 
     for name, text in (("aggregator", "run the aggregator"), ("silo", "run one silo agent"),
                        ("simulate", "run an aggregator and N silos as local processes")):
@@ -39,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
             paths = ensure_pki(args.dir, silos, [h for h in args.hosts.split(",") if h])
             print(f"certificates in {paths.directory.resolve()}")
             return 0
+        if args.command == "audit":
+            from fcmoe.audit import run_report, run_verify
+
+            if args.audit_command == "verify":
+                return run_verify(args.ledger, args.cert)
+            return run_report(args.ledgers, args.out)
         from fcmoe.config import load_config
 
         config = load_config(args.config)

@@ -214,6 +214,28 @@ class AggregatorConfig(_Strict):
     max_workers: int = Field(64, gt=0, description="server threads; each waiting silo holds one during a long-poll")
 
 
+class DpConfig(_Strict):
+    """DP-SGD on this silo's training records, and its privacy budget (docs/privacy-accounting.md)."""
+
+    enabled: bool = False
+    noise_multiplier: float | None = Field(None, gt=0, description="sigma of DP-SGD; or set target_epsilon")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="pick sigma so that the whole run (rounds x local steps) spends this epsilon")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample clip of the gradient (all trainable numbers)")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    epsilon_budget: float = Field(8.0, gt=0, description="the silo refuses any round that would take it past this")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    ledger: Path = Field(Path("privacy-ledger.jsonl"), description="append-only, hash-chained, signed JSON lines")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DpConfig":
+        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("dp.enabled needs exactly one of noise_multiplier and target_epsilon")
+        if self.target_epsilon is not None and self.target_epsilon > self.epsilon_budget:
+            raise ValueError(f"target_epsilon {self.target_epsilon} exceeds epsilon_budget {self.epsilon_budget}")
+        return self
+
+
 class SiloConfig(_Strict):
     name: str = Field(pattern=SILO_NAME_PATTERN)
     aggregator: str = "127.0.0.1:50051"
@@ -231,6 +253,7 @@ class SiloConfig(_Strict):
         description="secure-aggregation modes this silo takes part in; it refuses others (default: the secure ones)")
     min_group_size: int = Field(
         3, ge=2, description="this silo's own floor: it masks with and unmasks for groups of at least this many silos")
+    dp: DpConfig = DpConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "SiloConfig":
@@ -245,6 +268,7 @@ class SimulationConfig(_Strict):
     silos: int = Field(4, gt=0)
     threads_per_silo: int = Field(1, gt=0)
     timeout_s: float = Field(1800.0, gt=0)
+    silo_dp: DpConfig = Field(DpConfig(), description="every simulated silo's DP settings; ledgers under output_dir/ledgers")
 
 
 BENCH_METHODS = ("fedavg", "fedprox", "fedadam", "local", "fcmoe",

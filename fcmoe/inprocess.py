@@ -83,6 +83,9 @@ class InProcessTransport:
         wire = pb.UnmaskSubmission.FromString(submission.SerializeToString())
         return self._call("SubmitUnmask", lambda: (self.coordinator.add_unmask(self.silo, wire), pb.Ack())[1])
 
+    def decline(self, request: pb.DeclineRequest) -> pb.Ack:
+        return self._call("DeclineRound", lambda: (self.coordinator.decline(self.silo, request), pb.Ack())[1])
+
     def report(self, report: pb.EvalReport) -> pb.Ack:
         return self._call("ReportEvaluation", lambda: (self.coordinator.add_evaluation(self.silo, report), pb.Ack())[1])
 

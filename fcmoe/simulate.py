@@ -46,7 +46,8 @@ def role_configs(config: Config, port: int, sketch_key: str | None = None) -> tu
         silo = SiloConfig(name=name, aggregator=f"127.0.0.1:{port}", pki_dir=pki, index=i, num_silos=sim.silos,
                           threads=sim.threads_per_silo, connect_timeout_s=min(sim.timeout_s, 600.0),
                           sketch_key=sketch_key, accept_modes=[config.federation.secure_aggregation.mode],
-                          min_group_size=max(2, config.federation.min_group_size))
+                          min_group_size=max(2, config.federation.min_group_size),
+                          dp=sim.silo_dp.model_copy(update={"ledger": out / "ledgers" / f"{name}.jsonl"}))
         silos.append(config.model_copy(update={"silo": silo, "simulation": None}))
     return agg, silos
 

@@ -74,6 +74,11 @@ class FederationStub:
                 request_serializer=fcmoe__pb2.UnmaskSubmission.SerializeToString,
                 response_deserializer=fcmoe__pb2.Ack.FromString,
                 _registered_method=True)
+        self.DeclineRound = channel.unary_unary(
+                '/fcmoe.v1.Federation/DeclineRound',
+                request_serializer=fcmoe__pb2.DeclineRequest.SerializeToString,
+                response_deserializer=fcmoe__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -127,6 +132,12 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineRound(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +179,11 @@ def add_FederationServicer_to_server(servicer, server):
             'SubmitUnmask': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitUnmask,
                     request_deserializer=fcmoe__pb2.UnmaskSubmission.FromString,
+                    response_serializer=fcmoe__pb2.Ack.SerializeToString,
+            ),
+            'DeclineRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineRound,
+                    request_deserializer=fcmoe__pb2.DeclineRequest.FromString,
                     response_serializer=fcmoe__pb2.Ack.SerializeToString,
             ),
     }
@@ -386,6 +402,33 @@ class Federation:
             target,
             '/fcmoe.v1.Federation/SubmitUnmask',
             fcmoe__pb2.UnmaskSubmission.SerializeToString,
+            fcmoe__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fcmoe.v1.Federation/DeclineRound',
+            fcmoe__pb2.DeclineRequest.SerializeToString,
             fcmoe__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -128,5 +128,8 @@ class AggregatorClient:
     def submit_unmask(self, submission: pb.UnmaskSubmission) -> pb.Ack:
         return self._call("SubmitUnmask", lambda: self.stub.SubmitUnmask(submission, timeout=60))
 
+    def decline(self, request: pb.DeclineRequest) -> pb.Ack:
+        return self._call("DeclineRound", lambda: self.stub.DeclineRound(request, timeout=60))
+
     def report(self, report: pb.EvalReport) -> pb.Ack:
         return self._call("ReportEvaluation", lambda: self.stub.ReportEvaluation(report, timeout=60))

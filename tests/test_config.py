@@ -34,6 +34,11 @@ def test_shipped_configs_validate(path):
         ({"simulation": {"silos": "four"}}, "simulation.silos = 'four': Input should be a valid integer"),
         ({"extra_section": {}}, "extra_section: unknown key (allowed: run, model, data"),
         ([1, 2], "top level must be a mapping"),
+        ({"federation": {"secure_aggregation": {"mode": "masking"}}}, "'masking' needs local.clip_norm > 0"),
+        ({"federation": {"secure_aggregation": {"mode": "shamir"}}},
+         "federation.secure_aggregation.mode = 'shamir': Input should be 'none', 'masking' or 'ckks'"),
+        ({"silo": {"name": "a", "dp": {"enabled": True}}}, "needs exactly one of noise_multiplier and target_epsilon"),
+        ({"silo": {"name": "a", "dp": {"target_epsilon": 9, "epsilon_budget": 8}}}, "exceeds epsilon_budget 8"),
     ],
 )
 def test_errors_name_key_value_and_allowed(data, expected):

@@ -154,6 +154,14 @@ class ExampleBatches:
             index = torch.randint(n, (batch_size,), generator=generator)
         return collate([self._pairs[i] for i in index.tolist()], self._pad_id)
 
+    def poisson(self, rate: float, generator: torch.Generator) -> dict[str, torch.Tensor] | None:
+        """Every example independently with probability ``rate`` (Poisson sampling, which DP-SGD's
+        accounting assumes); None when none was drawn."""
+        if not 0 < rate <= 1:
+            raise DataError(f"sampling rate must be in (0, 1], got {rate}")
+        index = (torch.rand(len(self._pairs), generator=generator) < rate).nonzero().flatten()
+        return collate([self._pairs[i] for i in index.tolist()], self._pad_id) if len(index) else None
+
     def iter_eval(self, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], list[str]]]:
         """Every example exactly once, in order, as ``(batch, domain of each row)``."""
         if batch_size < 1:

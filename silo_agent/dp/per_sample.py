@@ -8,9 +8,11 @@ there. Opacus' optimizer and accountants only need ``p.grad_sample``, so this mo
 How: ``torch.func.vmap(torch.func.grad(loss))`` over the samples of a batch, each sample a batch of
 one, through ``torch.func.functional_call``. Two things in the stock model stop ``vmap``:
 
-* the eager experts loop over the experts a batch hits (``nonzero``: a data-dependent shape). The
-  model's ``batched_mm`` experts implementation (transformers' own) gathers each token's expert
-  weights instead; it computes the same function, so gradients are the same;
+* the eager experts loop over the experts a batch hits (``nonzero``: a data-dependent shape). Here
+  the experts run densely (:func:`dense_experts_forward`, registered with transformers' experts
+  interface): every expert on every token, weighted by zero where the router did not pick it — the
+  same function, hence the same gradients (transformers' ``batched_mm``, which gathers each token's
+  expert weights, is the fallback for layouts the dense form does not cover);
 * PEFT applies LoRA to a fused expert tensor by registering a parametrization during the forward
   (an in-place ``set_`` that ``grad`` refuses). Here every LoRA layer's effective weight
   ``W + scaling * delta(A, B)`` is computed inside the transformed function, from the per-sample
@@ -77,12 +79,46 @@ def _lora_layers(model: nn.Module) -> list[_LoraLayer]:
     return layers
 
 
-def _use_batched_experts(model: nn.Module) -> None:
-    """Select transformers' ``batched_mm`` experts (no data-dependent shapes) on every config."""
+DENSE_EXPERTS = "fcmoe_dense"
+
+
+def dense_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, weighted by the (mostly zero) dense routing weights.
+
+    The same function as the sparse forward — an expert a token was not routed to gets weight 0, so
+    it adds nothing and receives no gradient — with no data-dependent shapes, so ``vmap`` can batch
+    it; plain matmuls instead of per-token weight gathers (``batched_mm``), at the price of
+    num_experts / top_k times the expert FLOPs.
+    """
+    dense = torch.zeros(hidden_states.shape[0], self.num_experts, dtype=top_k_weights.dtype,
+                        device=hidden_states.device).scatter(1, top_k_index, top_k_weights)
+    gate_up = torch.einsum("nh,eoh->neo", hidden_states, self.gate_up_proj)
+    out = torch.einsum("nei,ehi->neh", self._apply_gate(gate_up), self.down_proj)
+    return torch.einsum("neh,ne->nh", out, dense.to(out.dtype)).to(hidden_states.dtype)
+
+
+def _dense_supported(experts: nn.Module) -> bool:
+    return (getattr(experts, "has_gate", False) and not getattr(experts, "has_bias", True)
+            and not getattr(experts, "is_transposed", True) and not getattr(experts, "has_post_expert_norm", True)
+            and not getattr(experts, "_is_expert_parallel", True))
+
+
+def _make_vmap_friendly(model: nn.Module) -> None:
+    """Dense experts where the layout allows, else transformers' ``batched_mm`` (neither has
+    data-dependent shapes), and eager attention, so ``vmap`` batches every op instead of looping."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if DENSE_EXPERTS not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(DENSE_EXPERTS, dense_experts_forward)
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "num_experts")]
+    choice = DENSE_EXPERTS if experts and all(_dense_supported(m) for m in experts) else "batched_mm"
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_experts_implementation"):
-            config._experts_implementation = "batched_mm"
+            config._experts_implementation = choice
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = "eager"  # SDPA on CPU has no batching rule: vmap would loop
 
 
 def sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -98,7 +134,7 @@ class PerSampleGradients:
     """``grads, losses = PerSampleGradients(model)(batch)``: one gradient per sample and trainable parameter."""
 
     def __init__(self, model: nn.Module):
-        _use_batched_experts(model)
+        _make_vmap_friendly(model)
         self.model = model
         self.lora = _lora_layers(model)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}

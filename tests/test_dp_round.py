@@ -1,0 +1,55 @@
+"""DP-SGD silos through the real coordinator: ledgers written and resumed, a silo at its budget declines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import silo_config, smoke_config
+
+from crypto.pki import ensure_pki
+from crypto.signed_log import verify
+from fcmoe.config import parse_config
+from fcmoe.inprocess import run_in_process
+from silo_agent.dp.accounting import epsilon
+
+SILOS = ["silo0", "silo1", "silo2"]
+
+
+def _configs(tmp_path, budgets=(50.0, 50.0, 50.0), rounds=2):
+    config = smoke_config(tmp_path, min_silos=3, quorum=2, rounds=rounds, round_timeout_s=60)
+    pki = ensure_pki(config.aggregator.pki_dir, SILOS)
+    silos = []
+    for i, (name, budget) in enumerate(zip(SILOS, budgets)):
+        data = silo_config(config, name, 0, index=i, num_silos=3).model_dump(mode="json")
+        data["silo"]["dp"] = {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5,
+                              "epsilon_budget": budget, "ledger": str(tmp_path / f"{name}.ledger.jsonl")}
+        silos.append(parse_config(data))
+    return config, silos, pki
+
+
+def test_dp_run_writes_signed_ledgers_whose_epsilon_the_accountant_reproduces(tmp_path):
+    config, silos, pki = _configs(tmp_path)
+    coordinator = run_in_process(config, silos)
+    assert coordinator.machine.succeeded and coordinator.metrics.rows()[-1]["updates"] == 3
+    for name, silo in zip(SILOS, silos):
+        entries = verify(silo.silo.dp.ledger, pki.silo_cert(name).read_bytes())
+        assert [e["round"] for e in entries] == [1, 2]
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        for i, e in enumerate(entries):
+            assert e["epsilon"] == epsilon("rdp", history[: i + 1], 1e-5) > 0
+        assert entries[1]["epsilon"] > entries[0]["epsilon"] and len(entries[0]["released_sha256"]) == 64
+
+
+def test_a_silo_at_its_budget_declines_and_the_run_completes_without_it(tmp_path):
+    # a first run tells what one round costs; silo2's budget then allows exactly one round
+    probe_config, probe_silos, _ = _configs(tmp_path / "probe", rounds=1)
+    run_in_process(probe_config, probe_silos)
+    one_round = json.loads(probe_silos[2].silo.dp.ledger.read_text().splitlines()[0])["epsilon"]
+    config, silos, _ = _configs(tmp_path / "run", budgets=(50.0, 50.0, one_round * 1.01))
+    coordinator = run_in_process(config, silos)
+    rows = coordinator.metrics.rows()
+    assert coordinator.machine.succeeded and [r["updates"] for r in rows[1:]] == [3, 2]
+    assert "privacy budget" in rows[2]["silos"]["silo2"]["declined"]
+    assert len(silos[2].silo.dp.ledger.read_text().splitlines()) == 1  # nothing spent on the declined round
+    assert np.isfinite(rows[-1]["global_loss"])
