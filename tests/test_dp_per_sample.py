@@ -89,3 +89,12 @@ def test_opacus_dp_optimizer_clips_the_supplied_per_sample_gradients():
     optimizer.step()
     for name, p in engine.trainable.items():
         torch.testing.assert_close(before[name] - p.detach(), expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_a_second_engine_on_the_same_model_gives_the_same_gradients():
+    model = tiny("olmoe", "lora", False)
+    data = batch()
+    first, _ = PerSampleGradients(model)(data)
+    second, _ = PerSampleGradients(model)(data)  # e.g. the next round's engine
+    for name, g in first.items():
+        torch.testing.assert_close(second[name], g)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import silo_config, smoke_config
 
 from crypto.pki import ensure_pki
 from crypto.signed_log import verify
+from fcmoe.audit import audit
 from fcmoe.config import parse_config
 from fcmoe.inprocess import run_in_process
 from silo_agent.dp.accounting import epsilon
@@ -39,6 +41,9 @@ def test_dp_run_writes_signed_ledgers_whose_epsilon_the_accountant_reproduces(tm
         for i, e in enumerate(entries):
             assert e["epsilon"] == epsilon("rdp", history[: i + 1], 1e-5) > 0
         assert entries[1]["epsilon"] > entries[0]["epsilon"] and len(entries[0]["released_sha256"]) == 64
+        rows = audit(silo.silo.dp.ledger, pki.silo_cert(name).read_bytes())  # the auditor's independent check
+        assert [r.round for r in rows] == [1, 2] and rows[-1].recomputed_epsilon == pytest.approx(rows[-1].logged_epsilon,
+                                                                                                  rel=1e-6)
 
 
 def test_a_silo_at_its_budget_declines_and_the_run_completes_without_it(tmp_path):

@@ -35,10 +35,12 @@ from torch.func import functional_call, grad_and_value, vmap
 from silo_agent.data import IGNORE_INDEX
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _LoraLayer:
     """Where one LoRA adapter's factors and its base weight live, and how they combine."""
 
+    module: nn.Module  # the PEFT layer (its lora_A / lora_B modules hold the factors)
+    adapter: str
     base: str  # name of the base weight in the model's parameters
     lora_a: str
     lora_b: str
@@ -46,14 +48,18 @@ class _LoraLayer:
     num_experts: int  # 0: a plain Linear; else a fused expert tensor (PEFT ParamWrapper)
     swapped: bool  # ParamWrapper: base stored as (experts, out, in) rather than (experts, in, out)
 
-    def delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """PEFT's delta weight, written out (checked against PEFT's own forward in the tests)."""
+    def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lhs, rhs)`` with PEFT's delta weight ``= scaling * lhs @ rhs``, shaped like the base
+        weight (per expert for fused tensors); written out after PEFT, checked against its forward."""
         if not self.num_experts:
-            return (b @ a) * self.scaling
+            return b, a
         a = a.reshape(self.num_experts, -1, a.shape[-1])  # (experts, rank, in)
-        b = b.reshape(b.shape[0], -1, self.num_experts)  # (out, rank, experts)
-        pattern = "o r e, e r i -> e o i" if self.swapped else "o r e, e r i -> e i o"
-        return torch.einsum(pattern, b, a) * self.scaling
+        b = b.reshape(b.shape[0], -1, self.num_experts).permute(2, 0, 1)  # (experts, out, rank)
+        return (b, a) if self.swapped else (a.transpose(-2, -1), b.transpose(-2, -1))
+
+    def delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        lhs, rhs = self.factors(a, b)
+        return (lhs @ rhs) * self.scaling
 
 
 def _lora_layers(model: nn.Module) -> list[_LoraLayer]:
@@ -72,7 +78,7 @@ def _lora_layers(model: nn.Module) -> list[_LoraLayer]:
             if getattr(module, "fan_in_fan_out", False):
                 raise NotImplementedError("per-sample gradients for fan_in_fan_out LoRA layers")
             layers.append(_LoraLayer(
-                base=names[id(base)], lora_a=names[id(module.lora_A[adapter].weight)],
+                module=module, adapter=adapter, base=names[id(base)], lora_a=names[id(module.lora_A[adapter].weight)],
                 lora_b=names[id(module.lora_B[adapter].weight)], scaling=float(module.scaling[adapter]),
                 num_experts=module.num_experts if wrapper and module.num_experts > 1 else 0,
                 swapped=bool(getattr(module, "_did_swap_in_out_features", False))))
@@ -93,9 +99,23 @@ def dense_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
     """
     dense = torch.zeros(hidden_states.shape[0], self.num_experts, dtype=top_k_weights.dtype,
                         device=hidden_states.device).scatter(1, top_k_index, top_k_weights)
-    gate_up = torch.einsum("nh,eoh->neo", hidden_states, self.gate_up_proj)
-    out = torch.einsum("nei,ehi->neh", self._apply_gate(gate_up), self.down_proj)
-    return torch.einsum("neh,ne->nh", out, dense.to(out.dtype)).to(hidden_states.dtype)
+    gate_up = _expert_linear(self, "gate_up_proj", hidden_states, "nd")
+    out = _expert_linear(self, "down_proj", self._apply_gate(gate_up), "ned")
+    return torch.einsum("neo,ne->no", out, dense.to(out.dtype)).to(hidden_states.dtype)
+
+
+def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, x_dims: str) -> torch.Tensor:
+    """``x @ W[e]^T`` for every expert e (``[N, E, out]``), plus LoRA on ``W`` kept factorised when
+    PEFT's adapters are off (PEFT folds it into ``W`` itself otherwise): per-sample gradients then
+    stay the size of the LoRA factors instead of one expert stack per sample."""
+    y = torch.einsum(f"{x_dims},eod->neo", x, getattr(experts, name))
+    for layer in getattr(experts, "_fcmoe_lora", {}).get(name, ()):
+        if not layer.module.disable_adapters:
+            continue
+        lhs, rhs = layer.factors(layer.module.lora_A[layer.adapter].weight, layer.module.lora_B[layer.adapter].weight)
+        low = torch.einsum(f"{x_dims},erd->ner", x, rhs)
+        y = y + layer.scaling * torch.einsum("ner,eor->neo", low, lhs)
+    return y
 
 
 def _dense_supported(experts: nn.Module) -> bool:
@@ -104,7 +124,7 @@ def _dense_supported(experts: nn.Module) -> bool:
             and not getattr(experts, "_is_expert_parallel", True))
 
 
-def _make_vmap_friendly(model: nn.Module) -> None:
+def _make_vmap_friendly(model: nn.Module) -> str:
     """Dense experts where the layout allows, else transformers' ``batched_mm`` (neither has
     data-dependent shapes), and eager attention, so ``vmap`` batches every op instead of looping."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -119,6 +139,7 @@ def _make_vmap_friendly(model: nn.Module) -> None:
             config._experts_implementation = choice
         if config is not None and hasattr(config, "_attn_implementation"):
             config._attn_implementation = "eager"  # SDPA on CPU has no batching rule: vmap would loop
+    return choice
 
 
 def sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -134,14 +155,24 @@ class PerSampleGradients:
     """``grads, losses = PerSampleGradients(model)(batch)``: one gradient per sample and trainable parameter."""
 
     def __init__(self, model: nn.Module):
-        _make_vmap_friendly(model)
+        dense = _make_vmap_friendly(model) == DENSE_EXPERTS
         self.model = model
         self.lora = _lora_layers(model)
+        # dense experts apply their LoRA factorised (_expert_linear); everything else is folded
+        self.folded = [layer for layer in self.lora if not (dense and layer.num_experts)]
+        registries: dict[int, tuple[nn.Module, dict[str, list[_LoraLayer]]]] = {}
+        for layer in self.lora:
+            if dense and layer.num_experts:
+                experts = layer.module.get_base_layer()
+                _, registry = registries.setdefault(id(experts), (experts, {}))
+                registry.setdefault(layer.module.parameter_name, []).append(layer)
+        for experts, registry in registries.values():  # replaced, never appended: one engine per round
+            experts.__dict__["_fcmoe_lora"] = registry
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # read once: walking the module tree per step costs more than a tiny model's whole step
+        self._frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+        self._buffers = dict(model.named_buffers())
         self._peft = hasattr(model, "disable_adapter") and bool(self.lora)
-
-    def frozen(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
 
     @contextmanager
     def _adapters_off(self) -> Iterator[None]:
@@ -151,13 +182,12 @@ class PerSampleGradients:
     def _substituted(self, frozen: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every parameter the forward reads, LoRA folded into its base weight."""
         out = {**frozen, **params}
-        for layer in self.lora:
+        for layer in self.folded:
             out[layer.base] = out[layer.base] + layer.delta(params[layer.lora_a], params[layer.lora_b])
         return out
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        frozen = self.frozen()
-        buffers = dict(self.model.named_buffers())
+        frozen, buffers = self._frozen, self._buffers
 
         _check_right_padded(batch["attention_mask"])
 
