@@ -105,3 +105,17 @@ def test_report_draws_epsilon_per_silo(tmp_path, pki):
     path = write_ledger(tmp_path / "l.jsonl", pki)
     assert main(["audit", "report", str(path), "--out", str(tmp_path / "eps.png")]) == 0
     assert (tmp_path / "eps.png").stat().st_size > 1000
+
+
+def test_a_restarted_silo_resumes_its_epsilon_from_the_ledger_and_refuses_a_broken_one(tmp_path, pki):
+    path = write_ledger(tmp_path / "l.jsonl", pki)
+    logged = json.loads(lines(path)[-1])["epsilon"]
+    resumed = PrivacyLedger(path, pki.directory, "silo0")  # what a restarted silo reads
+    assert resumed.releases() == [tuple(r) for r in RELEASES]
+    assert PrivacyBudget("rdp", 1e-5, 20.0, resumed.releases()).spent == pytest.approx(logged, rel=1e-12)
+    data = lines(path)
+    path.write_bytes(b"".join(data[:1] + data[2:]))
+    from crypto.signed_log import LedgerError
+
+    with pytest.raises(LedgerError, match="l.jsonl:2"):
+        PrivacyLedger(path, pki.directory, "silo0")
