@@ -116,8 +116,8 @@ class SiloAgent:
         # DP-SGD: the ledger is read (and checked) at start, so epsilon resumes where it was
         dp = self.silo.dp
         self.ledger = PrivacyLedger(dp.ledger, self.silo.pki_dir, self.silo.name) if dp.enabled else None
-        self.budget = PrivacyBudget(dp.accountant, dp.delta, dp.epsilon_budget,
-                                    self.ledger.releases() if self.ledger else ())
+        self.budget = (PrivacyBudget(dp.accountant, dp.delta, dp.epsilon_budget, self.ledger.releases())
+                       if self.ledger is not None else None)
         self.noise_multiplier = dp.noise_multiplier
 
     def join(self) -> None:
@@ -197,8 +197,8 @@ class SiloAgent:
             self._refuse_round(task, f"secure_aggregation mode {mode!r} is not in this silo's accept_modes "
                                      f"{self.silo.accept_modes}")
             return
-        dp_step = self._dp_step(t) if self.ledger is not None else None
-        if dp_step is not None:
+        dp_step = self._dp_step(t) if self.budget is not None else None
+        if dp_step is not None and self.budget is not None:
             release = (dp_step.noise_multiplier, dp_step.sample_rate, t.local_steps)
             after = self.budget.after(release)
             if after > self.budget.budget:
@@ -206,8 +206,12 @@ class SiloAgent:
                                     f"to {after:.4g} > epsilon_budget {self.budget.budget:g} (delta {self.budget.delta:g})")
                 return
         args = (self.run_id, t.session, self.silo.name, self.silo.pki_dir, self.silo.min_group_size, self.run_secret)
-        self.secure = {"masking": lambda: MaskingSession(*args),
-                       "ckks": lambda: CkksSession(*args, context=self.ckks_context)}.get(mode, lambda: None)()
+        if mode == "masking":
+            self.secure = MaskingSession(*args)
+        elif mode == "ckks":
+            self.secure = CkksSession(*args, context=self.ckks_context)
+        else:
+            self.secure = None
         t0 = time.perf_counter()
         global_units = self._download(task.round - 1, task.round)
         if global_units is None:
@@ -279,7 +283,7 @@ class SiloAgent:
 
     def _record_release(self, task: pb.Task, release: tuple[float, float, int], deltas: dict[str, np.ndarray]) -> None:
         """Ledger first: the entry is on disk before anything computed from this training leaves."""
-        assert self.ledger is not None
+        assert self.ledger is not None and self.budget is not None
         dp = self.silo.dp
         epsilon = self.budget.record(release)
         self.ledger.record_training(run_id=self.run_id, round_=task.round, session=task.train.session,

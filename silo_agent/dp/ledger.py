@@ -42,9 +42,6 @@ class PrivacyLedger:
     def releases(self) -> list[Release]:
         return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.log.entries if e["kind"] == DP_SGD]
 
-    def recorded(self, run_id: str, round_: int) -> bool:
-        return any(e["run_id"] == run_id and e["round"] == round_ for e in self.log.entries if e["kind"] == DP_SGD)
-
     def record_training(self, *, run_id: str, round_: int, session: int, release: Release, max_grad_norm: float,
                         delta: float, accountant: str, epsilon: float, budget: float,
                         units: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fcmoe.errors import ConfigError
 from silo_agent.data import IGNORE_INDEX
 
 
@@ -76,7 +77,7 @@ def _lora_layers(model: nn.Module) -> list[_LoraLayer]:
             wrapper = isinstance(module, ParamWrapper)
             base = module.get_param() if wrapper else module.get_base_layer().weight
             if getattr(module, "fan_in_fan_out", False):
-                raise NotImplementedError("per-sample gradients for fan_in_fan_out LoRA layers")
+                raise ConfigError("DP-SGD does not support LoRA layers with fan_in_fan_out (GPT-2 style Conv1D)")
             layers.append(_LoraLayer(
                 module=module, adapter=adapter, base=names[id(base)], lora_a=names[id(module.lora_A[adapter].weight)],
                 lora_b=names[id(module.lora_B[adapter].weight)], scaling=float(module.scaling[adapter]),
