@@ -194,7 +194,8 @@ class PerSampleGradients:
 
         def loss(params: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor):
             tensors = {**self._substituted(frozen, params), **buffers}
-            logits = functional_call(self.model, tensors, (), {"input_ids": ids[None]}).logits
+            # every tensor is passed by name, so tied weights need no untying walk over the module tree
+            logits = functional_call(self.model, tensors, (), {"input_ids": ids[None]}, tie_weights=False).logits
             return sample_loss(logits, labels[None])
 
         params = {n: p.detach() for n, p in self.trainable.items()}
