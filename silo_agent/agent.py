@@ -22,10 +22,8 @@ from silo_agent.client import AggregatorClient, RpcFailure
 from crypto.secagg import SecAggError, sketch_key
 from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
 from silo_agent.ckks_round import CkksSession
-from silo_agent.dp.accounting import PrivacyBudget, noise_for_target
 from silo_agent.dp.importance import norm_shares
-from silo_agent.dp.ledger import PrivacyLedger
-from silo_agent.dp.training import DpStep, train_privately
+from silo_agent.dp.trainer import DpTrainer
 from silo_agent.masked_round import MaskingSession
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
@@ -113,12 +111,7 @@ class SiloAgent:
         self.run_secret: bytes | None = None
         self.ckks_context = None
         self.total_rounds = 0
-        # DP-SGD: the ledger is read (and checked) at start, so epsilon resumes where it was
-        dp = self.silo.dp
-        self.ledger = PrivacyLedger(dp.ledger, self.silo.pki_dir, self.silo.name) if dp.enabled else None
-        self.budget = (PrivacyBudget(dp.accountant, dp.delta, dp.epsilon_budget, self.ledger.releases())
-                       if self.ledger is not None else None)
-        self.noise_multiplier = dp.noise_multiplier
+        self.dp = DpTrainer(self.silo.dp, self.silo.pki_dir, self.silo.name) if self.silo.dp.enabled else None
 
     def join(self) -> None:
         reply = self.client.join(pb.JoinRequest(
@@ -197,13 +190,11 @@ class SiloAgent:
             self._refuse_round(task, f"secure_aggregation mode {mode!r} is not in this silo's accept_modes "
                                      f"{self.silo.accept_modes}")
             return
-        dp_step = self._dp_step(t) if self.budget is not None else None
-        if dp_step is not None and self.budget is not None:
-            release = (dp_step.noise_multiplier, dp_step.sample_rate, t.local_steps)
-            after = self.budget.after(release)
-            if after > self.budget.budget:
-                self._decline(task, f"privacy budget: this round would take epsilon from {self.budget.spent:.4g} "
-                                    f"to {after:.4g} > epsilon_budget {self.budget.budget:g} (delta {self.budget.delta:g})")
+        privacy = None
+        if self.dp is not None:
+            privacy = self.dp.plan(t.batch_size, t.local_steps, self.data.num_train, self.total_rounds)
+            if isinstance(privacy, str):
+                self._decline(task, privacy)
                 return
         args = (self.run_id, t.session, self.silo.name, self.silo.pki_dir, self.silo.min_group_size, self.run_secret)
         if mode == "masking":
@@ -228,8 +219,8 @@ class SiloAgent:
         plan = LocalPlan(local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=max(1, t.grad_accum),
                          learning_rate=t.learning_rate, weight_decay=t.weight_decay, prox_mu=t.prox_mu,
                          seed=t.seed * 7919 + self.silo.index)
-        if dp_step is not None:
-            result = train_privately(self.model, self.data.train, plan, dp_step, self.device)
+        if self.dp is not None and privacy is not None:
+            result = self.dp.train(self.model, self.data.train, plan, privacy, self.device)
         else:
             self.meter.reset()
             with self.meter.attached(self.model):
@@ -241,9 +232,9 @@ class SiloAgent:
         # What this round taught the silo; the retained residual (start - global) stays here.
         deltas, norms = clip_units(unit_deltas(self.local_units, start_units), t.clip_norm)
         # Under DP the released importance is post-processing of the privatised delta (dp/importance.py)
-        self.local_shares = norm_shares(deltas) if dp_step is not None else self.meter.shares(self.layout)
-        if dp_step is not None:
-            self._record_release(task, release, deltas)
+        self.local_shares = norm_shares(deltas) if privacy is not None else self.meter.shares(self.layout)
+        if self.dp is not None and privacy is not None:
+            self.dp.record(self.run_id, task.round, t.session, privacy, deltas)
             result = replace(result, loss_first=math.nan, loss_last=math.nan)  # training losses stay here
         self.pending = PendingUpload(task.round, deltas)
         rel = reliability(global_eval, local_eval)
@@ -267,30 +258,6 @@ class SiloAgent:
         log_event(log, "report_sent", round=task.round, global_loss=_mean_loss(global_eval),
                   local_loss=_mean_loss(local_eval), reliability=round(rel, 4), train_s=round(result.seconds, 3),
                   max_unit_norm=max(norms.values()))
-
-    def _dp_step(self, t: pb.TrainInstructions) -> DpStep:
-        """This round's DP-SGD parameters: Poisson rate from the batch size; sigma configured, or the
-        smallest that spends ``target_epsilon`` over the whole run (rounds x local steps)."""
-        dp = self.silo.dp
-        rate = min(1.0, t.batch_size / self.data.num_train)
-        if self.noise_multiplier is None:
-            assert dp.target_epsilon is not None
-            self.noise_multiplier = noise_for_target(dp.target_epsilon, dp.delta, rate,
-                                                     max(1, self.total_rounds) * t.local_steps, dp.accountant)
-            log_event(log, "dp_noise_chosen", noise_multiplier=round(self.noise_multiplier, 4),
-                      target_epsilon=dp.target_epsilon, sample_rate=round(rate, 6))
-        return DpStep(self.noise_multiplier, dp.max_grad_norm, rate)
-
-    def _record_release(self, task: pb.Task, release: tuple[float, float, int], deltas: dict[str, np.ndarray]) -> None:
-        """Ledger first: the entry is on disk before anything computed from this training leaves."""
-        assert self.ledger is not None and self.budget is not None
-        dp = self.silo.dp
-        epsilon = self.budget.record(release)
-        self.ledger.record_training(run_id=self.run_id, round_=task.round, session=task.train.session,
-                                    release=release, max_grad_norm=dp.max_grad_norm, delta=dp.delta,
-                                    accountant=dp.accountant, epsilon=epsilon, budget=dp.epsilon_budget, units=deltas)
-        log_event(log, "privacy_spent", round=task.round, epsilon=round(epsilon, 6), budget=dp.epsilon_budget,
-                  noise_multiplier=release[0], sample_rate=round(release[1], 6), steps=release[2])
 
     def _decline(self, task: pb.Task, reason: str) -> None:
         self.refused_session = task.train.session
