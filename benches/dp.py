@@ -2,9 +2,10 @@
 
     python -m benches.dp --json
 
-Non-private: the silo's normal step (eager experts, loss.backward, AdamW). Private: exact per-sample
-gradients (vmap over samples, transformers' batched_mm experts, LoRA folded in), Opacus' DPOptimizer
-clipping and noising, AdamW. Each variant runs in its own process, so peak memory (the process's
+Non-private: the silo's normal step (eager experts, loss.backward, AdamW). Private: the silo's DP
+step — ghost clipping for full experts (per-sample norms from token Grams, one reweighted backward),
+exact per-sample gradients (vmap over samples, dense experts, LoRA factorised) for LoRA — with
+Opacus' optimizer adding noise, AdamW. Each variant runs in its own process, so peak memory (the process's
 peak resident set on CPU, ``torch.cuda.max_memory_allocated`` on a GPU) belongs to it alone; the
 ratio of the two is printed with the step-time ratio. Prints, last, one JSON object.
 """
@@ -35,11 +36,11 @@ def model_spec(mode: str) -> dict:
 def child(variant: str, mode: str, batch_size: int, steps: int, device: str) -> dict:
     """Time ``steps`` steps of one variant (after two warm-up steps) in this process."""
     import torch
-    from opacus.optimizers import DPOptimizer
 
     from fcmoe.config import ModelConfig
     from fcmoe.model import build_model
-    from silo_agent.dp.per_sample import PerSampleGradients
+    from silo_agent.dp.ghost import GhostClipping
+    from silo_agent.dp.training import DpStep, private_step_parts
     from silo_agent.training import token_losses
 
     torch.manual_seed(0)
@@ -57,13 +58,11 @@ def child(variant: str, mode: str, batch_size: int, steps: int, device: str) -> 
             (losses.sum() / mask.sum()).backward()
             optimizer.step()
     else:
-        engine = PerSampleGradients(model)
-        optimizer = DPOptimizer(torch.optim.AdamW(params, lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
-                                expected_batch_size=batch_size)
+        engine, optimizer = private_step_parts(model, DpStep(1.0, 1.0, 0.5), batch_size, 1e-3)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            engine.attach(batch)
+            engine.clipped_backward(batch) if isinstance(engine, GhostClipping) else engine.attach(batch)
             optimizer.step()
 
     def sync() -> None:

@@ -98,3 +98,36 @@ def test_a_second_engine_on_the_same_model_gives_the_same_gradients():
     second, _ = PerSampleGradients(model)(data)  # e.g. the next round's engine
     for name, g in first.items():
         torch.testing.assert_close(second[name], g)
+
+
+GHOST_CASES = [(family, mode) for family in ("mixtral", "qwen2_moe", "olmoe") for mode in ("full", "lora")]
+
+
+@pytest.mark.parametrize("family,mode", GHOST_CASES)
+def test_ghost_clipping_gives_the_per_sample_norms_and_the_clipped_sum(family, mode):
+    from silo_agent.dp.ghost import GhostClipping, supports
+
+    model = tiny(family, mode, False)
+    assert supports(model)
+    data = batch()
+    grads, _ = PerSampleGradients(model)(data)
+    norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values()))
+    ghost = GhostClipping(model, max_grad_norm=0.05)
+    _, ghost_norms = ghost.norms(data)
+    torch.testing.assert_close(ghost_norms.float(), norms, rtol=1e-5, atol=0)
+    model.zero_grad()
+    ghost.clipped_backward(data)
+    factor = (0.05 / (norms + 1e-6)).clamp(max=1.0)
+    for name, p in ghost.trainable.items():
+        expected = torch.einsum("b,b...->...", factor, grads[name])
+        assert float((p.grad - expected).norm() / expected.norm()) < 1e-5, name
+
+
+def test_attention_lora_goes_through_per_sample_gradients():
+    from silo_agent.dp.ghost import supports
+    from silo_agent.dp.training import DpStep, private_step_parts
+
+    model = tiny("mixtral", "lora", True)
+    assert not supports(model)
+    engine, optimizer = private_step_parts(model, DpStep(1.0, 1.0, 0.1), 8, 1e-3)
+    assert isinstance(engine, PerSampleGradients) and type(optimizer) is DPOptimizer

@@ -63,7 +63,7 @@ class _LoraLayer:
         return (lhs @ rhs) * self.scaling
 
 
-def _lora_layers(model: nn.Module) -> list[_LoraLayer]:
+def lora_layers(model: nn.Module) -> list[_LoraLayer]:
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
@@ -101,7 +101,11 @@ def dense_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
     dense = torch.zeros(hidden_states.shape[0], self.num_experts, dtype=top_k_weights.dtype,
                         device=hidden_states.device).scatter(1, top_k_index, top_k_weights)
     gate_up = _expert_linear(self, "gate_up_proj", hidden_states, "nd")
-    out = _expert_linear(self, "down_proj", self._apply_gate(gate_up), "ned")
+    gated = self._apply_gate(gate_up)
+    out = _expert_linear(self, "down_proj", gated, "ned")
+    capture = self.__dict__.get("_fcmoe_capture")
+    if capture is not None:  # ghost clipping (silo_agent/dp/ghost.py): inputs and outputs of both matmuls
+        capture.append((hidden_states, gate_up, gated, out))
     return torch.einsum("neo,ne->no", out, dense.to(out.dtype)).to(hidden_states.dtype)
 
 
@@ -115,8 +119,24 @@ def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, x_dims: str) 
             continue
         lhs, rhs = layer.factors(layer.module.lora_A[layer.adapter].weight, layer.module.lora_B[layer.adapter].weight)
         low = torch.einsum(f"{x_dims},erd->ner", x, rhs)
-        y = y + layer.scaling * torch.einsum("ner,eor->neo", low, lhs)
+        lora = layer.scaling * torch.einsum("ner,eor->neo", low, lhs)
+        capture = experts.__dict__.get("_fcmoe_lora_capture")
+        if capture is not None:  # ghost clipping: both factor maps' inputs and outputs
+            capture.append((x, low, lora, layer.scaling))
+        y = y + lora
     return y
+
+
+def register_factorised_lora(layers: list[_LoraLayer]) -> None:
+    """Tell each dense experts module which LoRA adapters to apply factorised (``_expert_linear``);
+    replaced, never appended to, so a new engine per round does not apply an adapter twice."""
+    registries: dict[int, tuple[nn.Module, dict[str, list[_LoraLayer]]]] = {}
+    for layer in layers:
+        experts = layer.module.get_base_layer()
+        _, registry = registries.setdefault(id(experts), (experts, {}))
+        registry.setdefault(layer.module.parameter_name, []).append(layer)
+    for experts, registry in registries.values():
+        experts.__dict__["_fcmoe_lora"] = registry
 
 
 def _dense_supported(experts: nn.Module) -> bool:
@@ -143,13 +163,18 @@ def _make_vmap_friendly(model: nn.Module) -> str:
     return choice
 
 
-def sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of one sample over the positions that count (as in local training)."""
+def sample_loss_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean next-token loss over the positions that count (as in local training)."""
     targets = labels[:, 1:]
     losses = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                         targets.reshape(-1).clamp_min(0), reduction="none")
-    mask = (targets != IGNORE_INDEX).reshape(-1)
-    return (losses * mask).sum() / mask.sum().clamp_min(1)
+                                         targets.reshape(-1).clamp_min(0), reduction="none").view_as(targets)
+    mask = targets != IGNORE_INDEX
+    return (losses * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of a batch of one sample."""
+    return sample_loss_rows(logits, labels)[0]
 
 
 class PerSampleGradients:
@@ -158,17 +183,11 @@ class PerSampleGradients:
     def __init__(self, model: nn.Module):
         dense = _make_vmap_friendly(model) == DENSE_EXPERTS
         self.model = model
-        self.lora = _lora_layers(model)
+        self.lora = lora_layers(model)
         # dense experts apply their LoRA factorised (_expert_linear); everything else is folded
         self.folded = [layer for layer in self.lora if not (dense and layer.num_experts)]
-        registries: dict[int, tuple[nn.Module, dict[str, list[_LoraLayer]]]] = {}
-        for layer in self.lora:
-            if dense and layer.num_experts:
-                experts = layer.module.get_base_layer()
-                _, registry = registries.setdefault(id(experts), (experts, {}))
-                registry.setdefault(layer.module.parameter_name, []).append(layer)
-        for experts, registry in registries.values():  # replaced, never appended: one engine per round
-            experts.__dict__["_fcmoe_lora"] = registry
+        if dense:
+            register_factorised_lora([layer for layer in self.lora if layer.num_experts])
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # read once: walking the module tree per step costs more than a tiny model's whole step
         self._frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}

@@ -1,10 +1,12 @@
 """DP-SGD local training: Poisson-sampled batches, exact per-sample gradients, Opacus' DPOptimizer.
 
 The mechanism only; the budget and the ledger are decided and written by the agent around it.
-Per-sample gradients come from :class:`~silo_agent.dp.per_sample.PerSampleGradients`; Opacus'
-``DPOptimizer`` clips each sample's whole gradient to ``max_grad_norm``, sums, adds Gaussian noise of
-standard deviation ``noise_multiplier * max_grad_norm`` and divides by the expected batch size, then
-AdamW steps. A step whose Poisson draw is empty still adds noise (a zero gradient is clipped and
+Each sample's whole gradient is clipped to ``max_grad_norm``: with full expert tensors (and routers)
+by ghost clipping (:mod:`silo_agent.dp.ghost`: per-sample norms from token Grams, one reweighted
+backward, then Opacus' ``DPOptimizerFastGradientClipping``); otherwise from exact per-sample
+gradients (:class:`~silo_agent.dp.per_sample.PerSampleGradients`) clipped by Opacus' ``DPOptimizer``.
+Either way the clipped sum gets Gaussian noise of standard deviation ``noise_multiplier *
+max_grad_norm`` and is divided by the expected batch size, then AdamW steps. A step whose Poisson draw is empty still adds noise (a zero gradient is clipped and
 noised like any other), as the accounting assumes.
 """
 
@@ -15,11 +17,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
 from fcmoe.errors import ConfigError
 from silo_agent.data import ExampleBatches
+from silo_agent.dp import ghost
 from silo_agent.dp.per_sample import PerSampleGradients
 from silo_agent.training import LocalPlan, TrainResult
 
@@ -31,16 +34,26 @@ class DpStep:
     sample_rate: float  # expected batch size / training examples
 
 
+def private_step_parts(model: nn.Module, step: DpStep, expected_batch_size: int, learning_rate: float,
+                       weight_decay: float = 0.0) -> tuple[ghost.GhostClipping | PerSampleGradients, DPOptimizer]:
+    """Ghost clipping where every trainable tensor allows it, per-sample gradients otherwise."""
+    engine: ghost.GhostClipping | PerSampleGradients
+    if ghost.supports(model):
+        engine, kind = ghost.GhostClipping(model, step.max_grad_norm), DPOptimizerFastGradientClipping
+    else:
+        engine, kind = PerSampleGradients(model), DPOptimizer
+    adamw = torch.optim.AdamW(list(engine.trainable.values()), lr=learning_rate, weight_decay=weight_decay)
+    return engine, kind(adamw, noise_multiplier=step.noise_multiplier, max_grad_norm=step.max_grad_norm,
+                        expected_batch_size=expected_batch_size)
+
+
 def train_privately(model: nn.Module, data: ExampleBatches, plan: LocalPlan, step: DpStep,
                     device: torch.device) -> TrainResult:
     if plan.prox_mu > 0:
         raise ConfigError("FedProx's proximal term is not supported with DP-SGD (use fedavg, fedadam or fcmoe)")
-    engine = PerSampleGradients(model)
+    engine, optimizer = private_step_parts(model, step, max(1, round(step.sample_rate * len(data))),
+                                           plan.learning_rate, plan.weight_decay)
     params = list(engine.trainable.values())
-    expected = max(1, round(step.sample_rate * len(data)))
-    optimizer = DPOptimizer(torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay),
-                            noise_multiplier=step.noise_multiplier, max_grad_norm=step.max_grad_norm,
-                            expected_batch_size=expected)
     generator = torch.Generator().manual_seed(plan.seed)
     model.train()
     tokens, first, last = 0, math.nan, math.nan
@@ -50,11 +63,15 @@ def train_privately(model: nn.Module, data: ExampleBatches, plan: LocalPlan, ste
         batch = data.poisson(step.sample_rate, generator)
         if batch is None:
             for p in params:
-                p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
+                if isinstance(engine, ghost.GhostClipping):
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
             loss = math.nan
         else:
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = float(engine.attach(batch).mean())
+            losses = engine.clipped_backward(batch) if isinstance(engine, ghost.GhostClipping) else engine.attach(batch)
+            loss = float(losses.mean())
             tokens += int((batch["labels"][:, 1:] >= 0).sum())
         optimizer.step()
         first = loss if index == 0 else first
