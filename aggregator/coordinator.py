@@ -64,6 +64,7 @@ class Coordinator:
             max_retries=fed.max_round_retries,
             created_at=clock(),
             upload_timeout_s=fed.upload_timeout_s,
+            lease_s=fed.silo_lease_s,
         )
         self._check_report_fits()
         self.global_units = {k: np.asarray(v, dtype=np.float32) for k, v in initial_global.items()}
@@ -110,7 +111,7 @@ class Coordinator:
         if allowed is not None and silo not in allowed:
             raise ProtocolError(f"silo {silo!r} is not in aggregator.allowed_silos", "PERMISSION_DENIED")
         with self._cv:
-            self.machine.join(silo)
+            self.machine.join(silo, self.clock())
             self._cv.notify_all()
         log_event(log, "silo_joined", silo=silo, examples=request.num_train_examples)
         return pb.JoinReply(run_id=self.run_id, silo_name=silo, total_rounds=self.config.federation.rounds)
@@ -119,6 +120,7 @@ class Coordinator:
         self._check_run(request.run_id)
         wait_until = self.clock() + max(0.0, min(request.wait_s, 30.0))
         with self._cv:
+            self.machine.seen(silo, self.clock())
             view = self.machine.task(silo)
             while view.kind == "WAIT" and self.clock() < wait_until:
                 self._cv.wait(timeout=max(0.0, wait_until - self.clock()))

@@ -75,10 +75,12 @@ class RoundMachine:
     max_retries: int
     created_at: float
     upload_timeout_s: float = 300.0
+    lease_s: float = float("inf")  # a joined silo not heard from for longer is left out of new rounds
     phase: Phase = Phase.WAITING
     round: int = 0  # current (or last) round, 1-based
     version: int = 0  # completed rounds = version of the global model
     joined: set[str] = field(default_factory=set)
+    last_seen: dict[str, float] = field(default_factory=dict)
     participants: frozenset[str] = frozenset()
     expected: frozenset[str] = frozenset()  # who must answer the current collecting phase
     minimum: int = 0  # answers needed to close it at its deadline
@@ -103,10 +105,20 @@ class RoundMachine:
         return self.round << ATTEMPT_BITS | (self.retries & ((1 << ATTEMPT_BITS) - 1))
 
     # -- silo actions -------------------------------------------------------------------------
-    def join(self, silo: str) -> None:
+    def join(self, silo: str, now: float | None = None) -> None:
         if self.phase == Phase.DONE:
             raise ProtocolError("the run is over", "FAILED_PRECONDITION")
         self.joined.add(silo)
+        self.seen(silo, self.created_at if now is None else now)
+
+    def seen(self, silo: str, now: float) -> None:
+        """``silo`` is alive (it asked for a task or sent something)."""
+        if silo in self.joined:
+            self.last_seen[silo] = max(now, self.last_seen.get(silo, now))
+
+    def live(self, now: float) -> frozenset[str]:
+        """Joined silos heard from within the lease: who a new round or the final evaluation waits for."""
+        return frozenset(s for s in self.joined if now - self.last_seen.get(s, now) <= self.lease_s)
 
     def task(self, silo: str) -> TaskView:
         if self.phase == Phase.DONE:
@@ -151,7 +163,7 @@ class RoundMachine:
     # -- time ---------------------------------------------------------------------------------
     def poll(self, now: float) -> Event | None:
         if self.phase == Phase.WAITING:
-            if len(self.joined) >= self.min_silos:
+            if len(self.live(now)) >= self.min_silos:
                 self._start_round(self.version + 1, now)
                 return Event.ROUND_STARTED
             if now > self.created_at + self.join_timeout_s:
@@ -209,7 +221,7 @@ class RoundMachine:
         self.retries = 0
         if self.version >= self.total_rounds:
             self.phase = Phase.EVALUATING
-            self.participants = frozenset(self.joined)
+            self.participants = self.live(now)
             self.evaluated = set()
             self.deadline = now + self.round_timeout_s
         else:
@@ -218,7 +230,7 @@ class RoundMachine:
     def _start_round(self, round_: int, now: float) -> None:
         self.phase = Phase.TRAINING
         self.round = round_
-        self.participants = self.expected = frozenset(self.joined)
+        self.participants = self.expected = self.live(now)
         self.minimum = self.quorum
         self.answered = {Phase.TRAINING: set()}
         self.declined = set()

@@ -183,6 +183,9 @@ class FederationConfig(_Strict):
     max_round_retries: int = Field(2, ge=0)
     upload_timeout_s: float = Field(300.0, gt=0, description="phase 2: time to upload after coefficients")
     min_group_size: int = Field(3, gt=0, description="smallest group whose sum the aggregator may see")
+    silo_lease_s: float = Field(
+        120.0, gt=0, description="a joined silo not heard from for this long is left out of new rounds "
+        "(silos long-poll at least every 35 s while idle)")
     local: LocalTrainingConfig = LocalTrainingConfig()
     strategy: StrategyConfig = StrategyConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()

@@ -169,3 +169,22 @@ def test_secure_phases_in_order_and_each_attempt_has_its_own_session():
     assert m.version == 0 and m.round == 1 and m.session != first
     with pytest.raises(ProtocolError, match="open unmasking in phase training"):
         m.open_phase(Phase.UNMASKING, "ab", 2, 14, 5)
+
+
+def test_a_silo_not_heard_from_within_the_lease_is_left_out_of_new_rounds_until_it_is_back():
+    m = machine(lease_s=15, max_retries=0)
+    for s in "abc":
+        m.join(s, 0)
+    assert m.poll(0) == Event.ROUND_STARTED and m.participants == frozenset("abc")
+    m.seen("a", 9), m.seen("b", 9)  # c died after joining
+    for s in "ab":
+        m.record(Phase.TRAINING, s, 1, 9)
+    assert m.poll(11) == Event.REPORTS_CLOSED  # deadline, quorum 2
+    m.open_upload(11)
+    for s in "ab":
+        m.record(Phase.UPLOADING, s, 1, 12)
+    m.poll(20)
+    m.complete_round(20)
+    assert m.participants == frozenset("ab")  # round 2 does not wait for c
+    m.seen("c", 21)
+    assert m.live(21) == frozenset("abc")
