@@ -74,9 +74,12 @@ def _wait_for_port(path: Path, aggregator: subprocess.Popen, timeout_s: float) -
     raise RunError(f"aggregator did not listen within {timeout_s:.0f} s")
 
 
-def _completed_rounds(out: Path) -> int:
+def _completed_rounds(out: Path, since: float) -> int:
+    """Rounds this run completed (a ``latest`` left by an earlier run in the same folder does not count)."""
     latest = out / "checkpoints" / "latest"
     try:
+        if latest.stat().st_mtime < since:
+            return 0
         return int(latest.read_text().strip().split("-")[-1])
     except (OSError, ValueError):
         return 0
@@ -97,6 +100,7 @@ def simulate(config: Config, progress: bool = True) -> int:
     ensure_pki(out / "certs", silo_names(sim.silos))
     agg_config, _ = role_configs(config, 0)
     dump_config(agg_config, roles / "aggregator.yaml")
+    started = time.time()  # for the progress bar: checkpoints older than this are another run's
     procs: list[subprocess.Popen] = []
     bar = None
     try:
@@ -123,11 +127,11 @@ def simulate(config: Config, progress: bool = True) -> int:
                 raise RunError(f"silo{dead[0]} exited with status {procs[1 + dead[0]].returncode}; "
                                   f"see {logs / f'silo{dead[0]}.log'}")
             if bar is not None:
-                bar.n = _completed_rounds(out)
+                bar.n = _completed_rounds(out, started)
                 bar.refresh()
             time.sleep(0.5)
         if bar is not None:
-            bar.n = _completed_rounds(out)
+            bar.n = _completed_rounds(out, started)
             bar.close()
             bar = None
         silo_codes = []
