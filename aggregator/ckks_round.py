@@ -23,6 +23,7 @@ from aggregator.accumulate import Coefficients, GroupSum, UnitSums, clip_bound
 from aggregator.secure_round import SecureRound, bad_input
 from crypto import ckks
 from crypto.ckks import CkksError
+from crypto.secagg import ciphertext_name, sum_chunk_name, sum_name
 from fcmoe.config import SecureAggregationConfig
 from fcmoe.errors import ProtocolError
 from fcmoe.timing import timed
@@ -43,7 +44,7 @@ class CkksKeys:
 
 
 def chunk_names(unit: str, size: int) -> list[str]:
-    return [f"{unit}#{i}" for i in range(-(-size // PARAMS.slots))]
+    return [ciphertext_name(unit, i) for i in range(-(-size // PARAMS.slots))]
 
 
 class CkksRound(SecureRound):
@@ -138,11 +139,11 @@ class CkksRound(SecureRound):
     def encrypted_sums(self, silo: str) -> dict[str, np.ndarray]:
         if silo != self.key_holder:
             raise ProtocolError(f"silo {silo!r} is not this round's key holder", "PERMISSION_DENIED")
-        return {f"{unit}/{group}#{i}": np.frombuffer(c, dtype=np.uint8)
+        return {sum_chunk_name(unit, group, i): np.frombuffer(c, dtype=np.uint8)
                 for (unit, group), chunks in sorted(self._sums.items()) for i, c in enumerate(chunks)}
 
     def decryption_specs(self) -> dict[str, TensorSpec]:
-        return {f"{unit}/{group}": TensorSpec("float32", (self.unit_sizes[unit],))
+        return {sum_name(unit, group): TensorSpec("float32", (self.unit_sizes[unit],))
                 for unit, group in sorted(self._sums)}
 
     def add_decryption(self, silo: str, payload: Mapping[str, np.ndarray]) -> None:
@@ -155,7 +156,7 @@ class CkksRound(SecureRound):
         assert self.plan is not None
         out: dict[str, dict[int, GroupSum]] = {u: {} for u in self.unit_sizes}
         for (unit, group), silos in self.group_members(self.members).items():
-            vector = self._decrypted.get(f"{unit}/{group}")
+            vector = self._decrypted.get(sum_name(unit, group))
             if vector is None or not np.all(np.isfinite(vector)):
                 raise ProtocolError(f"unit {unit} group {group}: no finite decrypted sum")
             bound = sum(clip_bound(self.plan.alpha[s][unit], self._clip) for s in silos)

@@ -39,7 +39,6 @@ def child(variant: str, mode: str, batch_size: int, steps: int, device: str) -> 
 
     from fcmoe.config import ModelConfig
     from fcmoe.model import build_model
-    from silo_agent.dp.ghost import GhostClipping
     from silo_agent.dp.training import DpStep, private_step_parts
     from silo_agent.training import token_losses
 
@@ -62,7 +61,7 @@ def child(variant: str, mode: str, batch_size: int, steps: int, device: str) -> 
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            engine.clipped_backward(batch) if isinstance(engine, GhostClipping) else engine.attach(batch)
+            engine.clip(batch)
             optimizer.step()
 
     def sync() -> None:

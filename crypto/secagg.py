@@ -122,3 +122,19 @@ def open_with_run_secret(secret: bytes, run_id: str, purpose: str, blob: bytes) 
                            encode_fields(RUN_SECRET_TAG, [run_id.encode(), purpose.encode()]))
     except ChannelError as exc:
         raise SecAggError(f"{purpose} sealed under the run secret does not open: {exc}") from None
+
+
+# -- mode ckks: names of the tensors that carry ciphertexts and decrypted sums ----------------------
+def ciphertext_name(unit: str, chunk: int) -> str:
+    """One ciphertext chunk of a unit's update (uploads)."""
+    return f"{unit}#{chunk}"
+
+
+def sum_name(unit: str, group: int) -> str:
+    """A decrypted (unit, group) sum (the key holder's answer)."""
+    return f"{unit}/{group}"
+
+
+def sum_chunk_name(unit: str, group: int, chunk: int) -> str:
+    """One ciphertext chunk of an encrypted (unit, group) sum (sent to the key holder)."""
+    return ciphertext_name(sum_name(unit, group), chunk)

@@ -18,7 +18,14 @@ import tenseal as ts
 
 from crypto import ckks
 from crypto.ckks import CkksError
-from crypto.secagg import SecAggError, open_with_run_secret, seal_with_run_secret
+from crypto.secagg import (
+    SecAggError,
+    ciphertext_name,
+    open_with_run_secret,
+    seal_with_run_secret,
+    sum_chunk_name,
+    sum_name,
+)
 from fcmoe.timing import timed
 from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
@@ -68,7 +75,7 @@ class CkksSession(SecureSession):
         out = {}
         for unit in units:
             for i, chunk in enumerate(ckks.encrypt(self.context, deltas[unit])):
-                out[f"{unit}#{i}"] = np.frombuffer(chunk, dtype=np.uint8)
+                out[ciphertext_name(unit, i)] = np.frombuffer(chunk, dtype=np.uint8)
         return out
 
     def sum_specs(self, instructions: pb.DecryptInstructions) -> dict[str, TensorSpec]:
@@ -80,7 +87,7 @@ class CkksSession(SecureSession):
             for i, size in enumerate(s.chunk_bytes):
                 if not 0 < size <= PARAMS.max_ciphertext_bytes:
                     raise SecAggError(f"encrypted sum of unit {s.unit!r}: chunk of {size} bytes")
-                specs[f"{s.unit}/{s.group}#{i}"] = TensorSpec("uint8", (int(size),))
+                specs[sum_chunk_name(s.unit, s.group, i)] = TensorSpec("uint8", (int(size),))
         return specs
 
     @timed
@@ -95,10 +102,10 @@ class CkksSession(SecureSession):
             if s.contributors > members:
                 raise SecAggError(f"sum of unit {s.unit} group {s.group} claims {s.contributors} contributors; "
                                   f"the group has {members}")
-            chunks = [sums[f"{s.unit}/{s.group}#{i}"].tobytes() for i in range(len(s.chunk_bytes))]
+            chunks = [sums[sum_chunk_name(s.unit, s.group, i)].tobytes() for i in range(len(s.chunk_bytes))]
             try:
                 plain = ckks.decrypt_sum(self.context, chunks, s.length, s.contributors, self.min_group_size)
             except CkksError as exc:
                 raise SecAggError(f"sum of unit {s.unit} group {s.group}: {exc}") from None
-            out[f"{s.unit}/{s.group}"] = plain.astype(np.float32)
+            out[sum_name(s.unit, s.group)] = plain.astype(np.float32)
         return out

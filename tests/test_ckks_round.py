@@ -12,7 +12,6 @@ from crypto.pki import ensure_pki, read_pem
 from crypto.secagg import SecAggError
 from fcmoe.config import SecureAggregationConfig
 from fcmoe.errors import ProtocolError
-from protos import fcmoe_pb2 as pb
 from silo_agent.ckks_round import CkksSession
 
 RUN, SESSION, CLIP = "run7", 1 << 16, 1.0

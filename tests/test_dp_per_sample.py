@@ -85,7 +85,7 @@ def test_opacus_dp_optimizer_clips_the_supplied_per_sample_gradients():
     expected = {n: torch.einsum("b,b...->...", factor, g) / 6 for n, g in grads.items()}
     before = {n: p.detach().clone() for n, p in engine.trainable.items()}
     optimizer.zero_grad()
-    engine.attach(data)
+    engine.clip(data)
     optimizer.step()
     for name, p in engine.trainable.items():
         torch.testing.assert_close(before[name] - p.detach(), expected[name], rtol=1e-4, atol=1e-7)
@@ -116,7 +116,7 @@ def test_ghost_clipping_gives_the_per_sample_norms_and_the_clipped_sum(family, m
     _, ghost_norms = ghost.norms(data)
     torch.testing.assert_close(ghost_norms.float(), norms, rtol=1e-5, atol=0)
     model.zero_grad()
-    ghost.clipped_backward(data)
+    ghost.clip(data)
     factor = (0.05 / (norms + 1e-6)).clamp(max=1.0)
     for name, p in ghost.trainable.items():
         expected = torch.einsum("b,b...->...", factor, grads[name])

@@ -7,10 +7,8 @@ import os
 import random
 import subprocess
 import sys
-import threading
 
 import grpc
-import pytest
 from conftest import ROOT, silo_config, smoke_config
 
 from crypto.pki import ensure_pki

@@ -27,7 +27,7 @@ from torch import nn
 from fcmoe.model.build import ROUTER_SUFFIX
 from silo_agent.dp.per_sample import (
     DENSE_EXPERTS,
-    _make_vmap_friendly,
+    make_vmap_friendly,
     lora_layers,
     register_factorised_lora,
     sample_loss_rows,
@@ -81,7 +81,7 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 
 class GhostClipping:
     def __init__(self, model: nn.Module, max_grad_norm: float):
-        if _make_vmap_friendly(model) != DENSE_EXPERTS or not supports(model):
+        if make_vmap_friendly(model) != DENSE_EXPERTS or not supports(model):
             raise ValueError("ghost clipping needs dense experts and only expert stacks and routers trainable")
         self.model, self.max_grad_norm = model, max_grad_norm
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -141,9 +141,15 @@ class GhostClipping:
                 sq += g_gram.sum((1, 2))
         return losses, sq.clamp_min(0).sqrt()
 
-    def clipped_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``p.grad`` = sum over samples of each sample's gradient clipped to ``max_grad_norm``."""
+    def clip(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``p.grad`` = sum over samples of each sample's gradient clipped to ``max_grad_norm`` (what
+        Opacus' ``DPOptimizerFastGradientClipping`` noises); returns the per-sample losses."""
         losses, norms = self.norms(batch)
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0).to(losses.dtype)
         (factors.detach() * losses).sum().backward()
         return losses.detach()
+
+    def clip_nothing(self) -> None:
+        """An empty Poisson draw: a zero clipped sum, so the step still adds noise."""
+        for p in self.trainable.values():
+            p.grad = torch.zeros_like(p)

@@ -145,7 +145,7 @@ def _dense_supported(experts: nn.Module) -> bool:
             and not getattr(experts, "_is_expert_parallel", True))
 
 
-def _make_vmap_friendly(model: nn.Module) -> str:
+def make_vmap_friendly(model: nn.Module) -> str:
     """Dense experts where the layout allows, else transformers' ``batched_mm`` (neither has
     data-dependent shapes), and eager attention, so ``vmap`` batches every op instead of looping."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -181,7 +181,7 @@ class PerSampleGradients:
     """``grads, losses = PerSampleGradients(model)(batch)``: one gradient per sample and trainable parameter."""
 
     def __init__(self, model: nn.Module):
-        dense = _make_vmap_friendly(model) == DENSE_EXPERTS
+        dense = make_vmap_friendly(model) == DENSE_EXPERTS
         self.model = model
         self.lora = lora_layers(model)
         # dense experts apply their LoRA factorised (_expert_linear); everything else is folded
@@ -224,13 +224,18 @@ class PerSampleGradients:
         return grads, losses
 
 
-    def attach(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def clip(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Set ``p.grad_sample`` on every trainable parameter, which is all Opacus' ``DPOptimizer``
         needs to clip per sample, add noise and step; returns the per-sample losses."""
         grads, losses = self(batch)
         for name, param in self.trainable.items():
             param.grad_sample = grads[name]
         return losses
+
+    def clip_nothing(self) -> None:
+        """An empty Poisson draw: one zero gradient, so the step still adds noise."""
+        for p in self.trainable.values():
+            p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
 
 
 def _check_right_padded(mask: torch.Tensor) -> None:

@@ -53,7 +53,6 @@ def train_privately(model: nn.Module, data: ExampleBatches, plan: LocalPlan, ste
         raise ConfigError("FedProx's proximal term is not supported with DP-SGD (use fedavg, fedadam or fcmoe)")
     engine, optimizer = private_step_parts(model, step, max(1, round(step.sample_rate * len(data))),
                                            plan.learning_rate, plan.weight_decay)
-    params = list(engine.trainable.values())
     generator = torch.Generator().manual_seed(plan.seed)
     model.train()
     tokens, first, last = 0, math.nan, math.nan
@@ -62,16 +61,11 @@ def train_privately(model: nn.Module, data: ExampleBatches, plan: LocalPlan, ste
         optimizer.zero_grad(set_to_none=True)
         batch = data.poisson(step.sample_rate, generator)
         if batch is None:
-            for p in params:
-                if isinstance(engine, ghost.GhostClipping):
-                    p.grad = torch.zeros_like(p)
-                else:
-                    p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
+            engine.clip_nothing()
             loss = math.nan
         else:
             batch = {k: v.to(device) for k, v in batch.items()}
-            losses = engine.clipped_backward(batch) if isinstance(engine, ghost.GhostClipping) else engine.attach(batch)
-            loss = float(losses.mean())
+            loss = float(engine.clip(batch).mean())
             tokens += int((batch["labels"][:, 1:] >= 0).sum())
         optimizer.step()
         first = loss if index == 0 else first
