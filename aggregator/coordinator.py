@@ -12,12 +12,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from aggregator.accumulate import Coefficients, PlaintextAccumulator, UnitSums, merge_small_groups
-from aggregator.checkpoint import save_checkpoint
+from aggregator.checkpoint import (ResumePoint, RunRecord, save_checkpoint, save_ckks_keys, write_run_record)
 from aggregator.ckks_round import CkksKeys, CkksRound
 from aggregator.masked_round import MaskedRound
 from aggregator.metrics import DomainPool, MetricsLog
@@ -34,6 +35,15 @@ from protos.codec import TensorSpec
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class UpdateStream:
+    """One silo's update being received; kept when its link breaks, so it can resume where it stopped."""
+
+    key: tuple  # (session, phase, payload digest, units, sizes): a resume must match all of them
+    assembler: codec.TensorAssembler
+    deadline: float = 0.0
+
+
 class Coordinator:
     def __init__(
         self,
@@ -45,6 +55,7 @@ class Coordinator:
         strategy: Strategy,
         output_dir: Path,
         clock: Callable[[], float] = time.time,
+        resume: ResumePoint | None = None,
     ):
         fed = config.federation
         self.config = config
@@ -54,7 +65,7 @@ class Coordinator:
         self.strategy = strategy
         self.output_dir = output_dir
         self.clock = clock
-        self.run_id = uuid.uuid4().hex[:12]
+        self.checkpoints = output_dir / "checkpoints"
         self.machine = RoundMachine(
             total_rounds=fed.rounds,
             min_silos=fed.min_silos,
@@ -83,7 +94,32 @@ class Coordinator:
         self._round_started = 0.0
         self._bytes_down: dict[str, int] = {}
         self._uploading: set[str] = set()  # silos with an update stream in flight (one each)
+        self._interrupted: dict[str, UpdateStream] = {}  # cut streams of the open phase, for a resume
         self._cv = threading.Condition()
+        if resume is None:
+            self.run_id = uuid.uuid4().hex[:12]
+            self._record = RunRecord(self.run_id, layout_hash, base_fingerprint, strategy.name)
+            write_run_record(self.checkpoints, self._record)
+            self._checkpoint()  # round 0: a crash before the first round closes resumes this run too
+        else:
+            self._resume(resume)
+
+    def _resume(self, point: ResumePoint) -> None:
+        """Go on with the run from its last completed round; the interrupted one is redone afresh."""
+        self.run_id, self._record = point.record.run_id, point.record
+        saved = point.checkpoint
+        if set(saved.global_units) != set(self.unit_sizes):
+            raise ConfigError(f"checkpoint round-{saved.version:04d} does not hold this layout's units")
+        self.global_units = {k: np.asarray(v, dtype=np.float32) for k, v in saved.global_units.items()}
+        try:
+            self.strategy.load_state_arrays(saved.strategy_state)
+        except ValueError as exc:
+            raise ConfigError(f"checkpoint round-{saved.version:04d}: {exc}") from None
+        self.metrics.restore(saved.state.get("metrics", []))
+        self.machine.resume(saved.version, point.first_attempt)
+        if point.ckks_keys is not None:
+            self._ckks_keys.restore(*point.ckks_keys)
+        log_event(log, "run_resumed", run_id=self.run_id, version=saved.version, next_attempt=point.first_attempt)
 
     def _check_report_fits(self) -> None:
         """A round report (all sketches) is one message: refuse a configuration it cannot fit in."""
@@ -117,7 +153,9 @@ class Coordinator:
         return pb.JoinReply(run_id=self.run_id, silo_name=silo, total_rounds=self.config.federation.rounds)
 
     def task(self, silo: str, request: pb.TaskRequest) -> pb.Task:
-        self._check_run(request.run_id)
+        if request.run_id != self.run_id:  # a silo of an earlier run (this aggregator started a new one)
+            return pb.Task(kind=pb.Task.JOIN, layout_hash=self.layout_hash,
+                           message=f"run {request.run_id[:32]!r} is not this aggregator's run: join again")
         wait_until = self.clock() + max(0.0, min(request.wait_s, 30.0))
         with self._cv:
             self.machine.seen(silo, self.clock())
@@ -219,9 +257,9 @@ class Coordinator:
             self._cv.notify_all()
         log_event(log, "report_accepted", silo=silo, round=report.round, bytes=report.ByteSize())
 
-    def begin_update(self, silo: str, header: pb.UpdateHeader) -> tuple[float, dict[str, TensorSpec]]:
-        """Admit one update stream per silo (each buffers up to a model's size); returns its deadline
-        and what it may carry. The caller must call :meth:`end_update` when the stream ends."""
+    def begin_update(self, silo: str, header: pb.UpdateHeader) -> UpdateStream:
+        """Admit one update stream per silo (each buffers up to a model's size), fresh or resuming an
+        interrupted one of the same payload. The caller must call :meth:`end_update` when it ends."""
         self._check_run(header.run_id)
         self._check_layout(header.layout_hash)
         with self._cv:
@@ -230,8 +268,41 @@ class Coordinator:
             specs = self._update_specs(phase, header)
             if silo in self._uploading:
                 raise ProtocolError(f"silo {silo!r} already has an update in flight", "ALREADY_EXISTS")
+            key = self._stream_key(phase, header)
+            kept = self._interrupted.pop(silo, None)
+            if header.resume_chunks:
+                held = kept.assembler.chunks_received if kept is not None and kept.key == key else 0
+                if held != header.resume_chunks:
+                    raise ProtocolError(f"cannot resume at chunk {header.resume_chunks}: {held} chunks of this "
+                                        "payload are held; send it from the start")
+                stream = kept
+                log_event(log, "update_resumed", silo=silo, round=header.round, chunk=held)
+            else:
+                stream = UpdateStream(key, codec.TensorAssembler(specs))
             self._uploading.add(silo)
-            return self.machine.deadline, specs
+            stream.deadline = self.machine.deadline
+            return stream
+
+    def _stream_key(self, phase: Phase, header: pb.UpdateHeader) -> tuple:
+        return (self.machine.session, phase, bytes(header.payload_sha256), tuple(header.units), tuple(header.sizes))
+
+    def interrupted_update(self, silo: str, stream: UpdateStream) -> None:
+        """The link broke mid-stream: keep what arrived, while the phase is open, for a resumed stream."""
+        session, phase, payload = stream.key[:3]
+        with self._cv:
+            if payload and self.machine.phase == phase and self.machine.session == session:
+                self._interrupted[silo] = stream
+        log_event(log, "update_interrupted", level=logging.WARNING, silo=silo, chunks=stream.assembler.chunks_received)
+
+    def upload_status(self, silo: str, header: pb.UpdateHeader) -> pb.UploadProgress:
+        """How much of ``header``'s payload an interrupted stream left here (nothing: start over)."""
+        self._check_run(header.run_id)
+        self._check_layout(header.layout_hash)
+        with self._cv:
+            kept = self._interrupted.get(silo)
+            if kept is None or kept.key != self._stream_key(self._update_phase(), header):
+                return pb.UploadProgress()
+            return pb.UploadProgress(chunks=kept.assembler.chunks_received, bytes=kept.assembler.bytes_received)
 
     def _update_phase(self) -> Phase:
         """Updates are uploads, or in mode ckks the key holder's decrypted sums."""
@@ -343,11 +414,19 @@ class Coordinator:
                     self._next_phase(event)
                 except ProtocolError as exc:
                     self._fail(str(exc))
+            elif event == Event.EVALUATION_STARTED:
+                self._open_evaluation()
             elif event in (Event.FINISHED, Event.ABORTED):
                 self._finish(event)
             if event is not None:
                 self._cv.notify_all()
             return event
+
+    def wait_for_activity(self, timeout_s: float) -> None:
+        """Sleep until a silo's message (or ``timeout_s`` for deadlines): a phase closes as soon as its
+        last answer arrives, not at the next tick."""
+        with self._cv:
+            self._cv.wait(timeout=timeout_s)
 
     @property
     def done(self) -> bool:
@@ -358,6 +437,7 @@ class Coordinator:
         m = self.machine
         self.plan = self.strategy.configure_round(m.round, self.config.federation.local, self.config.run.seed)
         self._reports, self._coefficients, self._accumulator = {}, None, None
+        self._interrupted = {}
         self._unmask, self._decrypt = None, None
         self._secure = self._new_secure_round()
         self._round_started = self.clock()
@@ -365,8 +445,16 @@ class Coordinator:
         self.metrics.record(m.round - 1).global_pool = DomainPool()  # a retried round reports afresh
         current = self.metrics.record(m.round)
         current.local_pool, current.per_silo = DomainPool(), {}
+        # on disk before any task of this attempt goes out: a restart never reuses its session
+        self._record.round, self._record.attempt = m.round, m.attempt
+        write_run_record(self.checkpoints, self._record)
         log_event(log, event.value, round=m.round, participants=len(m.participants),
-                  deadline_s=round(m.deadline - self.clock(), 1), attempt=m.retries + 1)
+                  deadline_s=round(m.deadline - self.clock(), 1), attempt=m.attempt + 1)
+
+    def _open_evaluation(self) -> None:
+        m = self.machine
+        self.metrics.record(m.version).global_pool = DomainPool()  # every silo evaluates afresh
+        log_event(log, Event.EVALUATION_STARTED.value, version=m.version, silos=len(m.participants))
 
     def _new_secure_round(self) -> MaskedRound | CkksRound | None:
         """Fresh state for this attempt (new keys, seeds and sums); None in mode none."""
@@ -382,6 +470,7 @@ class Coordinator:
         """A collecting phase closed: plan and open the next one, or aggregate the round."""
         m, now, timeout = self.machine, self.clock(), self.secure.phase_timeout_s
         secure = self._secure
+        self._interrupted = {}  # what a closed phase left unfinished is never resumed
         if event == Event.REPORTS_CLOSED:
             reports = {s: r for s, r in self._reports.items() if s in m.reported}
             self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports)
@@ -395,6 +484,9 @@ class Coordinator:
                 m.open_phase(Phase.SHARING, m.reported, minimum, now, timeout)
         elif event == Event.SHARES_CLOSED:
             assert secure is not None and self._coefficients is not None
+            if isinstance(secure, CkksRound) and self._ckks_keys.public_bytes and not self._ckks_keys.saved:
+                save_ckks_keys(self.checkpoints, self._ckks_keys.public_bytes, self._ckks_keys.sealed_secret)
+                self._ckks_keys.saved = True  # before anything is encrypted under it
             sharers = m.answered[Phase.SHARING]
             secure.open_upload(sharers, self._coefficients, self._clip_norm(), m.quorum)
             self._accumulator = secure
@@ -466,9 +558,11 @@ class Coordinator:
         if m.phase == Phase.TRAINING:
             self._open_round(Event.ROUND_STARTED)
         else:
-            log_event(log, "final_evaluation_started", version=m.version, silos=len(m.participants))
+            self._open_evaluation()
 
     def _finish(self, event: Event) -> None:
+        self._record.finished, self._record.outcome = event == Event.FINISHED, self.machine.outcome
+        write_run_record(self.checkpoints, self._record)  # an aborted run can be resumed, a finished one not
         self.metrics.write()
         if self.metrics.records:
             self.metrics.plot()
@@ -478,9 +572,10 @@ class Coordinator:
 
     def _checkpoint(self) -> None:
         state = {"run_id": self.run_id, "version": self.machine.version, "layout_hash": self.layout_hash,
-                 "strategy": self.strategy.name, "base_fingerprint": self.base_fingerprint}
-        save_checkpoint(self.output_dir / "checkpoints", self.machine.version, self.global_units,
-                        self.strategy.state_arrays(), state)
+                 "strategy": self.strategy.name, "base_fingerprint": self.base_fingerprint,
+                 "metrics": self.metrics.state()}
+        save_checkpoint(self.checkpoints, self.machine.version, self.global_units, self.strategy.state_arrays(),
+                        state)
 
     def _check_run(self, run_id: str) -> None:
         if run_id != self.run_id:

@@ -12,7 +12,7 @@ import csv
 import io
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fcmoe.fileio import write_atomic
@@ -68,6 +68,18 @@ class MetricsLog:
 
     def rows(self) -> list[dict[str, object]]:
         return [self.records[r].row() for r in sorted(self.records)]
+
+    def state(self) -> list[dict[str, object]]:
+        """Everything recorded so far, raw (pooled sums, not means), for a checkpoint."""
+        return [asdict(self.records[r]) for r in sorted(self.records)]
+
+    def restore(self, state: Iterable[Mapping[str, object]]) -> None:
+        """Back to what :meth:`state` saved (a resumed run goes on with the same records)."""
+        self.records = {}
+        for raw in state:
+            rec = RoundRecord(int(raw["round"]), DomainPool(**raw["global_pool"]), DomainPool(**raw["local_pool"]),
+                              dict(raw["stats"]), {s: dict(v) for s, v in raw["per_silo"].items()})
+            self.records[rec.round] = rec
 
     def write(self) -> None:
         rows = self.rows()

@@ -42,6 +42,7 @@ class Event(str, Enum):
     UNMASK_CLOSED = "unmask_closed"
     DECRYPT_CLOSED = "decrypt_closed"
     ROUND_RETRY = "round_retry"  # a phase missed its minimum: the caller discards the round's partial state
+    EVALUATION_STARTED = "final_evaluation_started"  # resumed after the last round: only the evaluation is left
     FINISHED = "finished"
     ABORTED = "aborted"
 
@@ -55,11 +56,12 @@ COLLECTING = {
     Phase.DECRYPTING: ("decryption", "DECRYPT", Event.DECRYPT_CLOSED),
 }
 ATTEMPT_BITS = 16  # session = round << ATTEMPT_BITS | attempt
+MAX_ATTEMPTS = 1 << ATTEMPT_BITS
 
 
 @dataclass(frozen=True)
 class TaskView:
-    kind: str  # "WAIT" | "TRAIN" | "SHARE" | "UPLOAD" | "UNMASK" | "DECRYPT" | "EVALUATE" | "DONE"
+    kind: str  # "JOIN" | "WAIT" | "TRAIN" | "SHARE" | "UPLOAD" | "UNMASK" | "DECRYPT" | "EVALUATE" | "DONE"
     round: int = 0
     deadline: float = 0.0
     message: str = ""
@@ -89,6 +91,7 @@ class RoundMachine:
     evaluated: set[str] = field(default_factory=set)
     deadline: float = 0.0
     retries: int = 0
+    first_attempt: int = 0  # attempts of this round begun before a restart (sessions never repeat)
     outcome: str = ""
 
     @property
@@ -100,9 +103,24 @@ class RoundMachine:
         return self.answered.get(Phase.UPLOADING, set())
 
     @property
+    def attempt(self) -> int:
+        """This round's attempt number, counted across restarts of the aggregator."""
+        return self.first_attempt + self.retries
+
+    @property
     def session(self) -> int:
-        """Binds keys, shares and masks to one attempt of one round (a retried round gets fresh ones)."""
-        return self.round << ATTEMPT_BITS | (self.retries & ((1 << ATTEMPT_BITS) - 1))
+        """Binds keys, shares and masks to one attempt of one round (a retried or resumed round gets fresh ones)."""
+        if self.attempt >= MAX_ATTEMPTS:
+            raise ProtocolError(f"round {self.round}: {self.attempt} attempts, the session space is spent")
+        return self.round << ATTEMPT_BITS | self.attempt
+
+    def resume(self, version: int, first_attempt: int) -> None:
+        """Restarted from the checkpoint of ``version``: the next round (or the final evaluation) starts
+        once enough silos have joined again; its attempts continue after ``first_attempt - 1``."""
+        if self.phase != Phase.WAITING:
+            raise ProtocolError(f"resume in phase {self.phase.value}")
+        self.version = self.round = version
+        self.first_attempt = first_attempt
 
     # -- silo actions -------------------------------------------------------------------------
     def join(self, silo: str, now: float | None = None) -> None:
@@ -123,8 +141,8 @@ class RoundMachine:
     def task(self, silo: str) -> TaskView:
         if self.phase == Phase.DONE:
             return TaskView("DONE", self.round, message=self.outcome)
-        if silo not in self.joined:
-            return TaskView("WAIT", message="join first")
+        if silo not in self.joined:  # e.g. the aggregator restarted since this silo joined
+            return TaskView("JOIN", message="join first")
         if (self.phase in COLLECTING and silo in self.expected and silo not in self.answered[self.phase]
                 and silo not in self.declined):
             return TaskView(COLLECTING[self.phase][1], self.round, self.deadline)
@@ -164,6 +182,9 @@ class RoundMachine:
     def poll(self, now: float) -> Event | None:
         if self.phase == Phase.WAITING:
             if len(self.live(now)) >= self.min_silos:
+                if self.version >= self.total_rounds:
+                    self._start_evaluation(now)
+                    return Event.EVALUATION_STARTED
                 self._start_round(self.version + 1, now)
                 return Event.ROUND_STARTED
             if now > self.created_at + self.join_timeout_s:
@@ -218,14 +239,17 @@ class RoundMachine:
         if self.phase != Phase.PLANNING:
             raise ProtocolError(f"complete_round in phase {self.phase.value}")
         self.version = self.round
-        self.retries = 0
+        self.retries = self.first_attempt = 0
         if self.version >= self.total_rounds:
-            self.phase = Phase.EVALUATING
-            self.participants = self.live(now)
-            self.evaluated = set()
-            self.deadline = now + self.round_timeout_s
+            self._start_evaluation(now)
         else:
             self._start_round(self.version + 1, now)
+
+    def _start_evaluation(self, now: float) -> None:
+        self.phase = Phase.EVALUATING
+        self.participants = self.live(now)
+        self.evaluated = set()
+        self.deadline = now + self.round_timeout_s
 
     def _start_round(self, round_: int, now: float) -> None:
         self.phase = Phase.TRAINING

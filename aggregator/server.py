@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from aggregator.checkpoint import archive_previous, resume_point
 from aggregator.coordinator import Coordinator
 from aggregator.metrics import final_table
 from aggregator.service import FederationService
@@ -48,12 +49,23 @@ def initial_state(config: Config) -> tuple[ExpertLayout, str, dict]:
 
 
 def build_coordinator(config: Config) -> Coordinator:
-    """The run's coordinator, from the config alone (the model defines layout and initial global)."""
+    """The run's coordinator, from the config alone (the model defines layout and initial global).
+
+    With ``aggregator.resume`` (the default) an unfinished run in ``run.output_dir`` goes on from its
+    last completed round, so a crashed aggregator is restarted with the same command; otherwise an
+    earlier run's checkpoints there are moved aside and a new run starts."""
     layout, fingerprint, initial = initial_state(config)
     output_dir = config.run.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    return Coordinator(config, layout.hash, fingerprint, layout.unit_sizes(), initial,
-                       build_strategy(config.federation.strategy, config.federation.min_group_size), output_dir)
+    strategy = build_strategy(config.federation.strategy, config.federation.min_group_size)
+    checkpoints = output_dir / "checkpoints"
+    point = resume_point(checkpoints, layout.hash, fingerprint, strategy.name) if config.aggregator.resume else None
+    if point is None:
+        archived = archive_previous(checkpoints)
+        if archived is not None:
+            log_event(log, "previous_run_archived", checkpoints=str(archived))
+    return Coordinator(config, layout.hash, fingerprint, layout.unit_sizes(), initial, strategy, output_dir,
+                       resume=point)
 
 
 def start_aggregator(config: Config) -> RunningAggregator:
@@ -92,7 +104,7 @@ def drive(coordinator: Coordinator, stop: threading.Event | None = None, tick_s:
             if bar is not None:
                 bar.n = coordinator.machine.version
                 bar.refresh()
-            time.sleep(tick_s)
+            coordinator.wait_for_activity(tick_s)
     finally:
         if bar is not None:
             bar.close()

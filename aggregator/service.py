@@ -118,20 +118,28 @@ class FederationService(pb_grpc.FederationServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header")
         header = first.header
-        deadline, specs = self.coordinator.begin_update(silo, header)
+        stream = self.coordinator.begin_update(silo, header)
+        assembler = stream.assembler
         try:
-            assembler = codec.TensorAssembler(specs)
             for message in request_iterator:
                 if message.WhichOneof("part") != "chunk":
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks may follow the header")
-                if self.coordinator.clock() > deadline:
+                if self.coordinator.clock() > stream.deadline:
                     raise _Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {header.round} deadline passed")
                 assembler.add(message.chunk)
             payload = assembler.finish()
             self.coordinator.add_update(silo, header, payload, assembler.bytes_received)
+        except grpc.RpcError:  # the link broke mid-stream: what arrived is kept for a resumed stream
+            self.coordinator.interrupted_update(silo, stream)
+            raise _Refused(grpc.StatusCode.CANCELLED,
+                           f"update stream cut after {assembler.chunks_received} chunks") from None
         finally:
             self.coordinator.end_update(silo)
         return pb.SubmitReply(accepted=True, message="accepted", bytes_received=assembler.bytes_received)
+
+    @_rpc("UploadStatus")
+    def UploadStatus(self, silo: str, request: pb.UpdateHeader, context) -> pb.UploadProgress:
+        return self.coordinator.upload_status(silo, request)
 
     def DownloadGlobal(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
         # A generator: refusals must happen before the first chunk, so it is not wrapped by _rpc.

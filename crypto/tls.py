@@ -143,8 +143,8 @@ def _classify(details: str) -> str:
     low = reason.lower()
     if "socket closed" in low or "connection reset" in low or "broken pipe" in low:
         return (
-            f"server closed the connection during TLS setup{where}: it likely refused our client "
-            "certificate (other CA, expired or missing); see the aggregator log for the reason"
+            f"connection closed{where}: during TLS setup the server likely refused our client certificate "
+            "(other CA, expired or missing; see the aggregator log), later a cut link or a restart"
         )
     ssl = _SSL_REASON_RE.search(reason)
     if "handshake failed" in low:

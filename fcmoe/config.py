@@ -215,6 +215,9 @@ class AggregatorConfig(_Strict):
     allowed_silos: list[str] | None = None
     port_file: Path | None = None
     max_workers: int = Field(64, gt=0, description="server threads; each waiting silo holds one during a long-poll")
+    resume: bool = Field(
+        True, description="restart from run.output_dir's last completed round when it holds an unfinished run of "
+        "this model and strategy (same run id; silos rejoin on their own); false starts a new run")
 
 
 class DpConfig(_Strict):
@@ -251,12 +254,19 @@ class SiloConfig(_Strict):
         description="hex of the 32-byte secret the silos share for keyed sketches (never given to the aggregator)")
     num_silos: int = Field(1, gt=0)
     connect_timeout_s: float = Field(600.0, gt=0)
+    upload_chunk_bytes: int = Field(
+        1024 * 1024, ge=4096, le=4 * 1024 * 1024,
+        description="bytes per update chunk; a cut upload resumes after the last chunk the aggregator holds")
     accept_modes: list[Literal["none", "masking", "ckks"]] = Field(
         ["masking", "ckks"], min_length=1,
         description="secure-aggregation modes this silo takes part in; it refuses others (default: the secure ones)")
     min_group_size: int = Field(
         3, ge=2, description="this silo's own floor: it masks with and unmasks for groups of at least this many silos")
     dp: DpConfig = DpConfig()
+    world_size: int = Field(
+        1, ge=1,
+        description="processes that share each round's local training (torch.distributed: gloo on CPU, NCCL with "
+                    "one GPU per process on CUDA); the update equals one process's")
 
     @model_validator(mode="after")
     def _check(self) -> "SiloConfig":
@@ -264,6 +274,12 @@ class SiloConfig(_Strict):
             raise ValueError(f"index={self.index} must be below num_silos={self.num_silos}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device {self.device!r}: allowed 'cpu', 'cuda' or 'cuda:N'")
+        if self.world_size > 1 and self.dp.enabled:
+            raise ValueError(f"world_size={self.world_size} with dp.enabled: DP-SGD trains in one process "
+                             "(set world_size: 1 or dp.enabled: false)")
+        if self.world_size > 1 and self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} with world_size={self.world_size}: use 'cuda' (process r takes "
+                             "visible GPU r; pick GPUs with CUDA_VISIBLE_DEVICES)")
         return self
 
 

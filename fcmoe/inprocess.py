@@ -61,12 +61,12 @@ class InProcessTransport:
         wire = pb.RoundReport.FromString(report.SerializeToString())
         return self._call("SubmitReport", lambda: (self.coordinator.add_report(self.silo, wire), pb.Ack())[1])
 
-    def submit(self, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray]) -> pb.SubmitReply:
+    def submit(self, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray],
+               chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> pb.SubmitReply:
         def send() -> pb.SubmitReply:
-            _, specs = self.coordinator.begin_update(self.silo, header)
+            assembler = self.coordinator.begin_update(self.silo, header).assembler
             try:
-                assembler = codec.TensorAssembler(specs)
-                for chunk in codec.encode(payload):
+                for chunk in codec.encode(payload, chunk_bytes):
                     assembler.add(chunk)
                 self.coordinator.add_update(self.silo, header, assembler.finish(), assembler.bytes_received)
             finally:
@@ -101,7 +101,9 @@ def run_in_process(aggregator_config: Config, silo_configs: list[Config],
     models), each doing whatever task the coordinator has for it. ``absent(silo, task)`` returning
     True makes that silo unreachable for that task (it does nothing), to study dropouts.
     """
-    coordinator = build_coordinator(aggregator_config)
+    # its silos are new objects every time: always a new run (an earlier one's checkpoints are moved aside)
+    fresh = aggregator_config.aggregator.model_copy(update={"resume": False})
+    coordinator = build_coordinator(aggregator_config.model_copy(update={"aggregator": fresh}))
     agents = []
     for config in silo_configs:
         assert config.silo is not None

@@ -38,7 +38,8 @@ def role_configs(config: Config, port: int, sketch_key: str | None = None) -> tu
     pki = out / "certs"
     agg = config.model_copy(update={
         "aggregator": AggregatorConfig(**{**config.aggregator.model_dump(), "port": port, "pki_dir": pki,
-                                          "port_file": out / "aggregator.port"}),
+                                          "port_file": out / "aggregator.port",
+                                          "resume": False}),  # one launch, one run: silos start afresh too
         "simulation": None,
     })
     silos = []

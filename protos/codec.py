@@ -78,6 +78,17 @@ def encode(
             )
 
 
+def payload_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """SHA-256 naming a whole payload (names, dtypes, shapes, bytes): an interrupted upload resumes
+    only into the same payload."""
+    h = hashlib.sha256()
+    for name, array in tensors.items():
+        dtype = dtype_name(array)
+        h.update(f"{name}\0{dtype}\0{list(array.shape)}\0".encode())
+        h.update(np.ascontiguousarray(array, dtype=_DTYPES[dtype]).tobytes())
+    return h.digest()
+
+
 class TensorAssembler:
     """Rebuilds tensors from chunks, refusing anything that deviates from the expected specs.
 
@@ -93,6 +104,7 @@ class TensorAssembler:
         self._buffer: bytearray | None = None
         self._digest = b""
         self.bytes_received = 0
+        self.chunks_received = 0  # accepted so far: where an interrupted stream resumes
 
     def add(self, chunk: pb.TensorChunk) -> None:
         if len(chunk.data) > MAX_CHUNK_BYTES:
@@ -102,6 +114,7 @@ class TensorAssembler:
             if self._current is None:  # an empty tensor completes on its first chunk
                 if chunk.data or chunk.offset:
                     raise CodecError(f"tensor {chunk.name!r}: data for an empty tensor")
+                self.chunks_received += 1
                 return
         assert self._buffer is not None
         if chunk.offset != len(self._buffer):
@@ -112,9 +125,10 @@ class TensorAssembler:
         if chunk.total_bytes != spec.nbytes or len(self._buffer) + len(chunk.data) > spec.nbytes:
             raise CodecError(f"tensor {chunk.name!r}: more bytes than its shape {spec.shape} allows")
         self._buffer += chunk.data
-        self.bytes_received += len(chunk.data)
         if len(self._buffer) == spec.nbytes:
             self._close()
+        self.bytes_received += len(chunk.data)
+        self.chunks_received += 1
 
     def _start(self, chunk: pb.TensorChunk) -> None:
         if self._current is not None:

@@ -98,6 +98,7 @@ class Task(_message.Message):
         SHARE: _ClassVar[Task.Kind]
         UNMASK: _ClassVar[Task.Kind]
         DECRYPT: _ClassVar[Task.Kind]
+        JOIN: _ClassVar[Task.Kind]
     KIND_UNSPECIFIED: Task.Kind
     WAIT: Task.Kind
     TRAIN: Task.Kind
@@ -107,6 +108,7 @@ class Task(_message.Message):
     SHARE: Task.Kind
     UNMASK: Task.Kind
     DECRYPT: Task.Kind
+    JOIN: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -336,20 +338,32 @@ class RoundReport(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., num_examples: _Optional[float] = ..., reliability: _Optional[float] = ..., units: _Optional[_Iterable[str]] = ..., routing_share: _Optional[_Iterable[float]] = ..., sketches: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., advert: _Optional[_Union[KeyAdvert, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "layout_hash", "units", "sizes", "secure_seconds")
+    __slots__ = ("run_id", "round", "layout_hash", "units", "sizes", "secure_seconds", "payload_sha256", "resume_chunks")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
     SECURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RESUME_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     layout_hash: str
     units: _containers.RepeatedScalarFieldContainer[str]
     sizes: _containers.RepeatedScalarFieldContainer[int]
     secure_seconds: float
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[int]] = ..., secure_seconds: _Optional[float] = ...) -> None: ...
+    payload_sha256: bytes
+    resume_chunks: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[int]] = ..., secure_seconds: _Optional[float] = ..., payload_sha256: _Optional[bytes] = ..., resume_chunks: _Optional[int] = ...) -> None: ...
+
+class UploadProgress(_message.Message):
+    __slots__ = ("chunks", "bytes")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    chunks: int
+    bytes: int
+    def __init__(self, chunks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "chunk")

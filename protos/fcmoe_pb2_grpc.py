@@ -59,6 +59,11 @@ class FederationStub:
                 request_serializer=fcmoe__pb2.UpdateMessage.SerializeToString,
                 response_deserializer=fcmoe__pb2.SubmitReply.FromString,
                 _registered_method=True)
+        self.UploadStatus = channel.unary_unary(
+                '/fcmoe.v1.Federation/UploadStatus',
+                request_serializer=fcmoe__pb2.UpdateHeader.SerializeToString,
+                response_deserializer=fcmoe__pb2.UploadProgress.FromString,
+                _registered_method=True)
         self.ReportEvaluation = channel.unary_unary(
                 '/fcmoe.v1.Federation/ReportEvaluation',
                 request_serializer=fcmoe__pb2.EvalReport.SerializeToString,
@@ -114,6 +119,13 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadStatus(self, request, context):
+        """after a cut stream: where to resume
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportEvaluation(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -165,6 +177,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.SubmitUpdate,
                     request_deserializer=fcmoe__pb2.UpdateMessage.FromString,
                     response_serializer=fcmoe__pb2.SubmitReply.SerializeToString,
+            ),
+            'UploadStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadStatus,
+                    request_deserializer=fcmoe__pb2.UpdateHeader.FromString,
+                    response_serializer=fcmoe__pb2.UploadProgress.SerializeToString,
             ),
             'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEvaluation,
@@ -322,6 +339,33 @@ class Federation:
             '/fcmoe.v1.Federation/SubmitUpdate',
             fcmoe__pb2.UpdateMessage.SerializeToString,
             fcmoe__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fcmoe.v1.Federation/UploadStatus',
+            fcmoe__pb2.UpdateHeader.SerializeToString,
+            fcmoe__pb2.UploadProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,13 +22,14 @@ from silo_agent.client import AggregatorClient, RpcFailure
 from crypto.secagg import SecAggError, sketch_key
 from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
 from silo_agent.ckks_round import CkksSession
+from silo_agent.distributed import check_world_size, train_distributed
 from silo_agent.dp.importance import norm_shares
 from silo_agent.dp.trainer import DpTrainer
 from silo_agent.masked_round import MaskingSession
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
 from silo_agent.training import LocalPlan, evaluate, train_locally
-from silo_agent.update import clip_units, scaled_payload, unit_deltas
+from silo_agent.update import clip_units, scaled_payload, unit_deltas, units_digest
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,19 @@ class PendingUpload:
     deltas: dict[str, np.ndarray]
 
 
+@dataclass
+class TrainedRound:
+    """One round's training outcome, kept so that a redone attempt of the same round from the same
+    global model (a dropout, an aggregator restart) resends it instead of training again: under DP a
+    second training would be a second release of the same round."""
+
+    run_id: str
+    round: int
+    global_digest: str
+    deltas: dict[str, np.ndarray]
+    report: pb.RoundReport  # without this attempt's key advert
+
+
 class SiloAgent:
     def __init__(self, config: Config, progress: bool = False, transport=None):
         if config.silo is None:
@@ -91,6 +105,7 @@ class SiloAgent:
         self.device = torch.device(self.silo.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"silo.device = {self.silo.device!r}: CUDA is not available on this machine")
+        check_world_size(self.silo)
         self.model = build_model(config.model, self.device, seed=config.run.seed)
         self.layout = ExpertLayout.from_model(self.model, num_experts(self.model.config))
         self.meter = RoutingMeter(num_experts(self.model.config))
@@ -104,6 +119,7 @@ class SiloAgent:
         self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
         self.local_shares: dict[str, float] | None = None
         self.pending: PendingUpload | None = None
+        self.trained: TrainedRound | None = None
         self.secure: MaskingSession | CkksSession | None = None  # this attempt's secure-aggregation state
         self.refused_session: int | None = None  # an attempt this silo refused to take part in
         # secure modes, kept across rounds: the run secret (dealt by a peer through the aggregator,
@@ -114,17 +130,28 @@ class SiloAgent:
         self.dp = DpTrainer(self.silo.dp, self.silo.pki_dir, self.silo.name) if self.silo.dp.enabled else None
 
     def join(self) -> None:
+        """Join the aggregator's run; again whenever it asks (it restarted): a resumed run keeps this
+        silo's run state (run secret, CKKS key, last training), a new run starts from nothing."""
         reply = self.client.join(pb.JoinRequest(
             layout_hash=self.layout.hash, base_fingerprint=base_fingerprint(self.model),
             num_train_examples=self.data.num_train, agent_version="0.1.0"))
+        again = bool(self.run_id)
+        if again and reply.run_id != self.run_id:
+            self._forget_run()
         self.run_id = reply.run_id
         self.total_rounds = reply.total_rounds
-        log_event(log, "joined", silo=reply.silo_name, run_id=reply.run_id, rounds=reply.total_rounds,
-                  layout=self.layout.hash[:12], train_examples=self.data.num_train)
+        log_event(log, "rejoined" if again else "joined", silo=reply.silo_name, run_id=reply.run_id,
+                  rounds=reply.total_rounds, layout=self.layout.hash[:12], train_examples=self.data.num_train)
+
+    def _forget_run(self) -> None:
+        self.local_units = self.local_shares = self.pending = self.trained = self.secure = None
+        self.refused_session = self.run_secret = self.ckks_context = None
 
     def handle(self, task: pb.Task) -> int | None:
         """Do one task; returns the exit status once the run is over, else None."""
-        if task.kind == pb.Task.TRAIN:
+        if task.kind == pb.Task.JOIN:
+            self.join()
+        elif task.kind == pb.Task.TRAIN:
             if task.train.session == self.refused_session and task.train.session:
                 self._wait_out(task)
             else:
@@ -190,12 +217,25 @@ class SiloAgent:
             self._refuse_round(task, f"secure_aggregation mode {mode!r} is not in this silo's accept_modes "
                                      f"{self.silo.accept_modes}")
             return
-        privacy = None
-        if self.dp is not None:
-            privacy = self.dp.plan(t.batch_size, t.local_steps, self.data.num_train, self.total_rounds)
-            if isinstance(privacy, str):
-                self._decline(task, privacy)
+        t0 = time.perf_counter()
+        global_units = self._download(task.round - 1, task.round)
+        if global_units is None:
+            return
+        global_digest, _ = units_digest(global_units)
+        trained = self.trained
+        if trained is not None and (trained.run_id, trained.round, trained.global_digest) == (
+                self.run_id, task.round, global_digest):
+            log_event(log, "training_reused", round=task.round, session=t.session,
+                      reason="a redone attempt of a round already trained from this global model")
+        elif self.dp is not None and self.dp.ledger.released(self.run_id, task.round):
+            self._decline(task, f"round {task.round} of run {self.run_id} is already in the privacy ledger and "
+                                "its update did not survive a restart; releasing it again would count twice")
+            return
+        else:
+            trained = self._train(task, global_units, global_digest, time.perf_counter() - t0)
+            if trained is None:
                 return
+            self.trained = trained
         args = (self.run_id, t.session, self.silo.name, self.silo.pki_dir, self.silo.min_group_size, self.run_secret)
         if mode == "masking":
             self.secure = MaskingSession(*args)
@@ -203,10 +243,25 @@ class SiloAgent:
             self.secure = CkksSession(*args, context=self.ckks_context)
         else:
             self.secure = None
-        t0 = time.perf_counter()
-        global_units = self._download(task.round - 1, task.round)
-        if global_units is None:
-            return
+        self.pending = PendingUpload(task.round, trained.deltas)
+        report = pb.RoundReport()
+        report.CopyFrom(trained.report)
+        if self.secure is not None:
+            report.advert.CopyFrom(self.secure.advert())
+        if not self._refused("report", task.round, lambda: self.client.report_round(report)):
+            log_event(log, "report_sent", round=task.round, session=t.session, reliability=round(report.reliability, 4))
+
+    def _train(self, task: pb.Task, global_units: dict[str, np.ndarray], global_digest: str,
+               download_seconds: float) -> TrainedRound | None:
+        """Evaluate the global model, train from it (under DP when configured: the ledger records the
+        release first), evaluate the result; the round's report without key advert. None: declined."""
+        t = task.train
+        privacy = None
+        if self.dp is not None:
+            privacy = self.dp.plan(t.batch_size, t.local_steps, self.data.num_train, self.total_rounds)
+            if isinstance(privacy, str):
+                self._decline(task, privacy)
+                return None
         self._load(global_units)
         t1 = time.perf_counter()
         global_eval = self._evaluate()
@@ -223,8 +278,12 @@ class SiloAgent:
             result = self.dp.train(self.model, self.data.train, plan, privacy, self.device)
         else:
             self.meter.reset()
-            with self.meter.attached(self.model):
-                result = train_locally(self.model, self.data.train, plan, self.device, self.progress, self.meter)
+            if self.silo.world_size > 1:
+                result = train_distributed(self.model, self.config.model, self.data.train, plan, self.silo.world_size,
+                                           self.device, self.progress, self.meter)
+            else:
+                with self.meter.attached(self.model):
+                    result = train_locally(self.model, self.data.train, plan, self.device, self.progress, self.meter)
         t2 = time.perf_counter()
         local_eval = self._evaluate()
         eval_seconds += time.perf_counter() - t2
@@ -236,7 +295,6 @@ class SiloAgent:
         if self.dp is not None and privacy is not None:
             self.dp.record(self.run_id, task.round, t.session, privacy, deltas)
             result = replace(result, loss_first=math.nan, loss_last=math.nan)  # training losses stay here
-        self.pending = PendingUpload(task.round, deltas)
         rel = reliability(global_eval, local_eval)
         report = pb.RoundReport(
             run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
@@ -245,19 +303,15 @@ class SiloAgent:
             stats=pb.TrainStats(steps=result.steps, tokens=result.tokens, train_seconds=result.seconds,
                                 train_loss_first=result.loss_first, train_loss_last=result.loss_last,
                                 num_examples=self.data.num_train, eval_seconds=eval_seconds,
-                                download_seconds=t1 - t0),
+                                download_seconds=download_seconds),
             evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(local_eval)),
         )
-        secret = self._sketch_secret(mode) if t.sketch_buckets else None
+        secret = self._sketch_secret(t.secure_mode or "none") if t.sketch_buckets else None
         if secret is not None:
             report.sketches.extend(codec.encode(sketch_units(deltas, secret, self.run_id, task.round, t.sketch_buckets)))
-        if self.secure is not None:
-            report.advert.CopyFrom(self.secure.advert())
-        if self._refused("report", task.round, lambda: self.client.report_round(report)):
-            return
-        log_event(log, "report_sent", round=task.round, global_loss=_mean_loss(global_eval),
-                  local_loss=_mean_loss(local_eval), reliability=round(rel, 4), train_s=round(result.seconds, 3),
-                  max_unit_norm=max(norms.values()))
+        log_event(log, "trained", round=task.round, global_loss=_mean_loss(global_eval), local_loss=_mean_loss(local_eval),
+                  reliability=round(rel, 4), train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()))
+        return TrainedRound(self.run_id, task.round, global_digest, deltas, report)
 
     def _decline(self, task: pb.Task, reason: str) -> None:
         self.refused_session = task.train.session
@@ -309,7 +363,8 @@ class SiloAgent:
                                  units=list(payload), sizes=[v.nbytes for v in payload.values()],
                                  secure_seconds=self.secure.seconds if self.secure is not None else 0.0)
         replies: list[pb.SubmitReply] = []
-        if self._refused(what, task.round, lambda: replies.append(self.client.submit(header, payload))):
+        if self._refused(what, task.round, lambda: replies.append(
+                self.client.submit(header, payload, self.silo.upload_chunk_bytes))):
             return False
         log_event(log, f"{what}_sent", round=task.round, bytes=replies[0].bytes_received)
         return True

@@ -7,6 +7,7 @@ with a one-line reason.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -115,12 +116,30 @@ class AggregatorClient:
 
     def submit(self, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray],
                chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> pb.SubmitReply:
-        def messages() -> Iterator[pb.UpdateMessage]:
-            yield pb.UpdateMessage(header=header)
-            for chunk in codec.encode(payload, chunk_bytes):
-                yield pb.UpdateMessage(chunk=chunk)
+        """Stream an update; after a cut link, resume after the chunks the aggregator kept (UploadStatus)."""
+        first = pb.UpdateHeader()
+        first.CopyFrom(header)
+        first.payload_sha256 = codec.payload_digest(payload)
+        tries = 0
 
-        return self._call("SubmitUpdate", lambda: self.stub.SubmitUpdate(messages(), timeout=self.rpc_timeout_s))
+        def send() -> pb.SubmitReply:
+            nonlocal tries
+            tries += 1
+            resume = self.stub.UploadStatus(first, timeout=60).chunks if tries > 1 else 0
+            if resume:
+                log_event(log, "upload_resumed", round=header.round, chunk=resume)
+            head = pb.UpdateHeader()
+            head.CopyFrom(first)
+            head.resume_chunks = resume
+
+            def messages() -> Iterator[pb.UpdateMessage]:
+                yield pb.UpdateMessage(header=head)
+                for chunk in itertools.islice(codec.encode(payload, chunk_bytes), resume, None):
+                    yield pb.UpdateMessage(chunk=chunk)
+
+            return self.stub.SubmitUpdate(messages(), timeout=self.rpc_timeout_s)
+
+        return self._call("SubmitUpdate", send)
 
     def submit_shares(self, submission: pb.ShareSubmission) -> pb.Ack:
         return self._call("SubmitShares", lambda: self.stub.SubmitShares(submission, timeout=60))

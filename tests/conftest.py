@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,47 @@ def aggregator_factory() -> Iterator:
     yield start
     for agg in started:
         agg.close()
+
+
+class TaskDriver:
+    """Real silo agents driven one task at a time, so that a test knows the aggregator's phase: a
+    phase cannot move on while the silos it waits for hold their task."""
+
+    def __init__(self, agents: list):
+        from silo_agent.agent import SiloAgent
+
+        self.agents: list[SiloAgent] = agents
+        self.done: set[str] = set()
+
+    def handle(self, agent, task) -> None:
+        if agent.handle(task) is not None:
+            self.done.add(agent.silo.name)
+
+    def run_until(self, kind: int, round_: int, answered: int = 0, timeout_s: float = 240) -> None:
+        """Handle tasks until every silo holds a ``kind`` task of ``round_``; then let ``answered``
+        of them do theirs. The aggregator is then in that phase, and stays there."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            polled = [(a, a.client.get_task(a.run_id, wait_s=0.5)) for a in self.agents]
+            hits = [(a, t) for a, t in polled if t.kind == kind and t.round == round_]
+            if len(hits) == len(self.agents):
+                for agent, task in hits[:answered]:
+                    self.handle(agent, task)
+                return
+            for agent, task in polled:
+                if (agent, task) not in hits:
+                    self.handle(agent, task)
+        raise AssertionError(f"not every silo got task kind {kind} of round {round_} within {timeout_s} s")
+
+    def finish(self, serving: Callable[[], bool] = lambda: True, timeout_s: float = 240) -> None:
+        """Handle tasks until every silo is told the run is over (or the aggregator stops serving)."""
+        end = time.monotonic() + timeout_s
+        while len(self.done) < len(self.agents) and serving():
+            assert time.monotonic() < end, "the run did not finish"
+            for agent in self.agents:
+                if agent.silo.name not in self.done and serving():
+                    self.handle(agent, agent.client.get_task(agent.run_id, wait_s=0.5))
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.client.close()

@@ -135,9 +135,9 @@ def test_every_rpc_refuses_malformed_messages_while_honest_silos_finish(tmp_path
                 key = f"{rpc}:{_check(err, rpc)}"
                 codes[key] = codes.get(key, 0) + 1
                 continue
-            # the only answers a non-participant may get: a task telling it to wait, or an empty stream
+            # the only answers a non-participant may get: a task telling it to (re)join or wait, or an empty stream
             if rpc == "GetTask":
-                assert pb.Task.FromString(reply).kind in (pb.Task.WAIT, pb.Task.DONE), n
+                assert pb.Task.FromString(reply).kind in (pb.Task.JOIN, pb.Task.WAIT, pb.Task.DONE), n
             else:
                 assert rpc == "DownloadGlobal" and reply == [], (n, rpc)
             codes[f"{rpc}:OK"] = codes.get(f"{rpc}:OK", 0) + 1

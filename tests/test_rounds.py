@@ -36,7 +36,7 @@ def run_round(m, now, silos="abc"):
 def test_waits_for_min_silos_then_runs_all_rounds_and_final_evaluation():
     m = machine()
     m.join("a"), m.join("b")
-    assert m.poll(1) is None and m.task("a").kind == "WAIT"
+    assert m.poll(1) is None and m.task("a").kind == "WAIT" and m.task("stranger").kind == "JOIN"
     m.join("c")
     assert m.poll(2) == Event.ROUND_STARTED and m.task("a").kind == "TRAIN" and m.round == 1
     m.record(Phase.TRAINING, "a", 1, 3)
@@ -188,3 +188,30 @@ def test_a_silo_not_heard_from_within_the_lease_is_left_out_of_new_rounds_until_
     assert m.participants == frozenset("ab")  # round 2 does not wait for c
     m.seen("c", 21)
     assert m.live(21) == frozenset("abc")
+
+
+def test_a_resumed_round_continues_its_attempt_count_so_no_session_repeats():
+    m = machine(max_retries=1)
+    m.resume(version=1, first_attempt=3)  # attempts 0..2 of round 2 went out before the restart
+    assert m.task("a").kind == "JOIN"
+    for s in "abc":
+        m.join(s)
+    assert m.poll(0) == Event.ROUND_STARTED and m.round == 2 and m.session == 2 << 16 | 3
+    assert m.poll(11) == Event.ROUND_RETRY and m.session == 2 << 16 | 4  # retries count on from there
+    run_round(m, 12)
+    assert m.version == 2 and m.first_attempt == 0 and m.phase == Phase.EVALUATING
+
+
+def test_resumed_after_the_last_round_only_the_final_evaluation_is_left():
+    m = machine(total_rounds=2)
+    m.resume(version=2, first_attempt=0)
+    for s in "abc":
+        m.join(s)
+    assert m.poll(0) == Event.EVALUATION_STARTED and m.phase == Phase.EVALUATING
+    assert m.task("a").kind == "EVALUATE" and m.task("a").round == 2
+
+
+def test_resume_only_before_anything_started():
+    m = started()
+    with pytest.raises(ProtocolError, match="resume in phase training"):
+        m.resume(version=1, first_attempt=0)

@@ -8,7 +8,6 @@ the chain and signatures against the silo's certificate and recomputes epsilon i
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,18 +18,9 @@ import numpy as np
 from crypto.pki import PkiPaths, read_pem
 from crypto.signed_log import SignedLog
 from silo_agent.dp.accounting import PRV_EPS_ERROR, RDP_ORDERS, Release
+from silo_agent.update import units_digest
 
 DP_SGD = "dp_sgd"
-
-
-def digest(units: Mapping[str, np.ndarray]) -> tuple[str, int]:
-    """SHA-256 and size of the released vectors, in unit order."""
-    h, size = hashlib.sha256(), 0
-    for unit in units:
-        raw = np.ascontiguousarray(units[unit], dtype="<f4").tobytes()
-        h.update(unit.encode() + b"\0" + raw)
-        size += len(raw)
-    return h.hexdigest(), size
 
 
 class PrivacyLedger:
@@ -39,13 +29,17 @@ class PrivacyLedger:
         self.silo = silo
         self.log = SignedLog(path, read_pem(paths.silo_key(silo)), read_pem(paths.silo_cert(silo)))
 
+    def released(self, run_id: str, round_: int) -> bool:
+        """Whether this round of this run was already recorded: a redo must not release it again."""
+        return any(e["kind"] == DP_SGD and e["run_id"] == run_id and e["round"] == round_ for e in self.log.entries)
+
     def releases(self) -> list[Release]:
         return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.log.entries if e["kind"] == DP_SGD]
 
     def record_training(self, *, run_id: str, round_: int, session: int, release: Release, max_grad_norm: float,
                         delta: float, accountant: str, epsilon: float, budget: float,
                         units: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        sha, size = digest(units)
+        sha, size = units_digest(units)
         sigma, rate, steps = release
         return self.log.append({
             "kind": DP_SGD, "silo": self.silo, "run_id": run_id, "round": round_, "session": session,

@@ -1,0 +1,62 @@
+"""What the aggregator keeps on disk to resume a run: pure file logic, no network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aggregator.checkpoint import (RunRecord, archive_previous, resume_point, save_checkpoint, write_run_record)
+from fcmoe.errors import ConfigError
+
+
+def _save(root, version, value=0.0):
+    save_checkpoint(root, version, {"u": np.full(4, value, np.float32)}, {"m/u": np.ones(4, np.float32)},
+                    {"version": version, "metrics": [{"round": version}]})
+
+
+def test_resume_point_reads_the_latest_checkpoint_and_counts_attempts_on(tmp_path):
+    root = tmp_path / "checkpoints"
+    write_run_record(root, RunRecord("r1", "lay", "fp", "fedadam", round=3, attempt=1))
+    for v in range(3):
+        _save(root, v, float(v))
+    point = resume_point(root, "lay", "fp", "fedadam")
+    assert point is not None and point.record.run_id == "r1" and point.checkpoint.version == 2
+    np.testing.assert_array_equal(point.checkpoint.global_units["u"], np.full(4, 2.0))
+    assert point.checkpoint.strategy_state.keys() == {"m/u"} and point.checkpoint.state["metrics"] == [{"round": 2}]
+    assert point.first_attempt == 2  # attempts 0 and 1 of round 3 may have gone out
+    write_run_record(root, RunRecord("r1", "lay", "fp", "fedadam", round=2, attempt=5))
+    assert resume_point(root, "lay", "fp", "fedadam").first_attempt == 0  # round 3 never started
+
+
+def test_a_finished_run_is_not_resumed_and_another_model_is_refused(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert resume_point(root, "lay", "fp", "fedavg") is None  # nothing there
+    write_run_record(root, RunRecord("r1", "lay", "fp", "fedavg"))
+    _save(root, 0)
+    with pytest.raises(ConfigError, match="unfinished run r1 with another model layout, strategy"):
+        resume_point(root, "other", "fp", "fedadam")
+    write_run_record(root, RunRecord("r1", "lay", "fp", "fedavg", finished=True))
+    assert resume_point(root, "other", "fp", "fedadam") is None
+
+
+def test_an_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    root = tmp_path / "checkpoints"
+    write_run_record(root, RunRecord("r1", "lay", "fp", "fedavg"))
+    (root / "run.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable run record"):
+        resume_point(root, "lay", "fp", "fedavg")
+    write_run_record(root, RunRecord("r1", "lay", "fp", "fedavg"))
+    with pytest.raises(ConfigError, match="latest checkpoint unreadable"):
+        resume_point(root, "lay", "fp", "fedavg")
+
+
+def test_old_checkpoints_are_pruned_around_the_newest_and_a_new_run_archives_the_old_one(tmp_path):
+    root = tmp_path / "checkpoints"
+    write_run_record(root, RunRecord("old", "lay", "fp", "fedavg", finished=True))
+    for v in range(6):
+        _save(root, v)
+    assert sorted(p.name for p in root.glob("round-*")) == ["round-0003", "round-0004", "round-0005"]
+    archived = archive_previous(root)
+    assert archived == tmp_path / "checkpoints.old" and (archived / "round-0005").is_dir() and not root.exists()
+    _save(root, 0)  # the new run's first checkpoint survives: nothing newer is left to outrank it
+    assert (root / "latest").read_text().strip() == "round-0000" and (root / "round-0000").is_dir()

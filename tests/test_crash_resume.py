@@ -1,0 +1,223 @@
+"""The aggregator killed with SIGKILL in every phase and restarted with the same command.
+
+The aggregator runs as a real process (``fcmoe aggregator``) serving mutual TLS on a fixed port; the
+silos are real agents over real gRPC, driven here task by task so that the kill lands in a known
+phase: a phase cannot move on while the silos it waits for hold their task. Each restart must go on
+from the last completed round with fresh sessions, the silos rejoin on their own (the aggregator
+answers their next poll with JOIN), and the run must end with the global model an uninterrupted run
+computes; under DP no ledger may record a round twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, TaskDriver, silo_config, smoke_config
+from safetensors.numpy import load_file
+
+from crypto.pki import ensure_pki
+from fcmoe.audit import audit
+from fcmoe.config import Config, dump_config, parse_config
+from fcmoe.inprocess import run_in_process
+from protos import fcmoe_pb2 as pb
+from silo_agent.agent import SiloAgent
+
+K = pb.Task.Kind
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AggregatorProcess:
+    """``fcmoe aggregator CONFIG`` as its own process group; killed, restarted, always cleaned up."""
+
+    def __init__(self, config: Config, tmp_path: Path):
+        self.path = tmp_path / "aggregator.yaml"
+        dump_config(config, self.path)
+        self.port_file = config.aggregator.port_file
+        self.log = tmp_path / "aggregator.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.port_file.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "aggregator", str(self.path),
+                                          "--no-progress"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.starts += 1
+        end = time.monotonic() + 120
+        while not (self.port_file.exists() and self.port_file.read_text().strip()):
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            assert time.monotonic() < end, "aggregator did not listen"
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, "the aggregator died before its kill"
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def aggregator_process(tmp_path):
+    started: list[AggregatorProcess] = []
+
+    def make(config: Config) -> AggregatorProcess:
+        started.append(AggregatorProcess(config, tmp_path))
+        return started[-1]
+
+    yield make
+    for agg in started:
+        agg.close()
+
+
+def _configs(tmp_path: Path, silos: int, dp: bool) -> tuple[Config, list[Config]]:
+    names = [f"silo{i}" for i in range(silos)]
+    ensure_pki(tmp_path / "certs", names)
+    base = smoke_config(tmp_path, {"name": "fedadam", "server_lr": 0.05}, rounds=3, min_silos=silos,
+                        round_timeout_s=300, upload_timeout_s=300, min_group_size=3,
+                        secure_aggregation={"mode": "masking", "phase_timeout_s": 300})
+    data = base.model_dump(mode="json")
+    data["aggregator"].update({"port": _free_port(), "port_file": str(tmp_path / "aggregator.port")})
+    aggregator = parse_config(data)
+    silo_configs = []
+    for i, name in enumerate(names):
+        silo = silo_config(aggregator, name, aggregator.aggregator.port, i, silos).model_dump(mode="json")
+        silo["silo"]["connect_timeout_s"] = 120  # outlives an aggregator restart
+        if dp:
+            silo["silo"]["dp"] = {"enabled": True, "noise_multiplier": 1.0, "epsilon_budget": 100.0,
+                                  "ledger": str(tmp_path / "ledgers" / f"{name}.jsonl")}
+        silo_configs.append(parse_config(silo))
+    return aggregator, silo_configs
+
+
+class Federation(TaskDriver):
+    """The silos of these tests, driven task by task against the aggregator process."""
+
+    def __init__(self, silo_configs: list[Config], aggregator: AggregatorProcess):
+        super().__init__([SiloAgent(c) for c in silo_configs])
+        self.aggregator = aggregator
+        self.sessions: dict[int, set[int]] = {}  # TRAIN session -> the aggregator starts that handed it out
+
+    def handle(self, agent: SiloAgent, task: pb.Task) -> None:
+        if task.kind == K.TRAIN:
+            self.sessions.setdefault(task.train.session, set()).add(self.aggregator.starts)
+        super().handle(agent, task)
+
+    def finish(self, timeout_s: float = 240) -> None:
+        super().finish(lambda: self.aggregator.proc.poll() is None, timeout_s)
+        assert self.aggregator.proc.wait(timeout=60) == 0, self.aggregator.log.read_text()[-3000:]
+
+
+def _events(log: Path, name: str) -> list[dict[str, str]]:
+    """The aggregator's one-line ``event=NAME k=v ...`` records of one kind (values unquoted as logged)."""
+    out = []
+    for line in log.read_text().splitlines():
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if fields.get("event") == name:
+            out.append(fields)
+    return out
+
+
+def _final_global(output_dir: Path) -> dict[str, np.ndarray]:
+    latest = (output_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(output_dir / "checkpoints" / latest / "global.safetensors"))
+
+
+def test_killed_in_every_phase_the_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, aggregator_process):
+    aggregator, silos = _configs(tmp_path, 3, dp=False)
+    agg = aggregator_process(aggregator)
+    fed = Federation(silos, agg)
+    try:
+        agg.start()
+        fed.agents[0].join()  # WAITING: one of three has joined
+        agg.kill()
+        agg.start()
+        fed.run_until(K.TRAIN, 1, answered=1)  # TRAINING, one report in
+        agg.kill()
+        agg.start()
+        fed.run_until(K.SHARE, 1)  # SHARING, nothing in
+        agg.kill()
+        agg.start()
+        fed.run_until(K.UPLOAD, 1, answered=2)  # UPLOADING, two masked updates in
+        agg.kill()
+        agg.start()
+        fed.run_until(K.UNMASK, 2, answered=1)  # UNMASKING of round 2, one reveal in
+        agg.kill()
+        agg.start()
+        fed.run_until(K.EVALUATE, 3, answered=1)  # final EVALUATING, one evaluation in
+        agg.kill()
+        agg.start()
+        fed.finish()
+    finally:
+        fed.close()
+
+    out = aggregator.run.output_dir
+    resumed = _events(agg.log, "run_resumed")
+    assert [e["version"] for e in resumed] == ["0", "0", "0", "0", "1", "3"]
+    assert all(len(starts) == 1 for starts in fed.sessions.values()), "a restart reused a session (keys, masks)"
+    assert {s >> 16 for s in fed.sessions} == {1, 2, 3}
+    record = json.loads((out / "checkpoints" / "run.json").read_text())
+    assert record["finished"] and record["run_id"] == resumed[0]["run_id"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["updates"] == 3 for r in rows[1:])
+    assert rows[-1]["global_loss"] is not None  # the final evaluation was redone and pooled once
+
+    # the same federation without a crash, in process: the same global model
+    reference = run_in_process(aggregator.model_copy(update={"run": aggregator.run.model_copy(
+        update={"output_dir": tmp_path / "reference"})}), silos)
+    assert reference.machine.succeeded
+    crashed = _final_global(out)
+    for unit, value in reference.global_units.items():
+        np.testing.assert_allclose(crashed[unit], value, atol=1e-5, rtol=0)
+
+
+def test_under_dp_a_redone_round_is_never_released_twice(tmp_path, aggregator_process):
+    """Killed after uploads (every silo has released round 1) and again in round 2; one silo also
+    restarts: it declines the round its ledger already holds instead of training it again."""
+    aggregator, silos = _configs(tmp_path, 4, dp=True)
+    aggregator = aggregator.model_copy(update={"federation": aggregator.federation.model_copy(
+        update={"rounds": 2, "quorum": 3})})
+    agg = aggregator_process(aggregator)
+    fed = Federation(silos, agg)
+    try:
+        agg.start()
+        fed.run_until(K.UPLOAD, 1, answered=1)
+        agg.kill()
+        fed.agents[3].client.close()
+        fed.agents[3] = SiloAgent(silos[3])  # silo3 restarted too: its round-1 update is gone
+        agg.start()
+        fed.run_until(K.TRAIN, 2, answered=2)
+        agg.kill()
+        agg.start()
+        fed.finish()
+    finally:
+        fed.close()
+
+    out = aggregator.run.output_dir
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["updates"] == 3 and "declined" in rows[1]["silos"]["silo3"]
+    assert rows[2]["updates"] == 4
+    for config in silos:
+        name = config.silo.name
+        rows = audit(config.silo.dp.ledger, (tmp_path / "certs" / f"silo-{name}.pem").read_bytes())  # verifies
+        assert [r.round for r in rows] == [1, 2], name
