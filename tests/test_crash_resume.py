@@ -89,12 +89,12 @@ def aggregator_process(tmp_path):
         agg.close()
 
 
-def _configs(tmp_path: Path, silos: int, dp: bool) -> tuple[Config, list[Config]]:
+def _configs(tmp_path: Path, silos: int, dp: bool, mode: str = "masking") -> tuple[Config, list[Config]]:
     names = [f"silo{i}" for i in range(silos)]
     ensure_pki(tmp_path / "certs", names)
     base = smoke_config(tmp_path, {"name": "fedadam", "server_lr": 0.05}, rounds=3, min_silos=silos,
                         round_timeout_s=300, upload_timeout_s=300, min_group_size=3,
-                        secure_aggregation={"mode": "masking", "phase_timeout_s": 300})
+                        secure_aggregation={"mode": mode, "phase_timeout_s": 300})
     data = base.model_dump(mode="json")
     data["aggregator"].update({"port": _free_port(), "port_file": str(tmp_path / "aggregator.port")})
     aggregator = parse_config(data)
@@ -116,10 +116,13 @@ class Federation(TaskDriver):
         super().__init__([SiloAgent(c) for c in silo_configs])
         self.aggregator = aggregator
         self.sessions: dict[int, set[int]] = {}  # TRAIN session -> the aggregator starts that handed it out
+        self.ckks_key_requests: set[int] = set()  # aggregator starts that asked a silo for the CKKS key
 
     def handle(self, agent: SiloAgent, task: pb.Task) -> None:
         if task.kind == K.TRAIN:
             self.sessions.setdefault(task.train.session, set()).add(self.aggregator.starts)
+        if task.kind == K.SHARE and task.share.want_ckks_context:
+            self.ckks_key_requests.add(self.aggregator.starts)
         super().handle(agent, task)
 
     def finish(self, timeout_s: float = 240) -> None:
@@ -188,6 +191,39 @@ def test_killed_in_every_phase_the_run_resumes_and_ends_as_an_uninterrupted_one(
     crashed = _final_global(out)
     for unit, value in reference.global_units.items():
         np.testing.assert_allclose(crashed[unit], value, atol=1e-5, rtol=0)
+
+
+def test_ckks_killed_while_the_key_holder_decrypts_resumes_with_the_run_key(tmp_path, aggregator_process):
+    """The CKKS key is dealt in round 1; killed in round 2's DECRYPT phase, the aggregator reloads the
+    run's public context and sealed key from disk, so the silos' key still matches."""
+    aggregator, silos = _configs(tmp_path, 3, dp=False, mode="ckks")
+    aggregator = aggregator.model_copy(update={"federation": aggregator.federation.model_copy(update={"rounds": 2})})
+    agg = aggregator_process(aggregator)
+    fed = Federation(silos, agg)
+    try:
+        agg.start()
+        # the key holder alone gets DECRYPT: wait for it with the others idle
+        end = time.monotonic() + 240
+        while True:
+            polled = [(a, a.client.get_task(a.run_id, wait_s=0.5)) for a in fed.agents]
+            if any(t.kind == K.DECRYPT and t.round == 2 for _, t in polled):
+                break
+            assert time.monotonic() < end, "no DECRYPT task of round 2"
+            for agent, task in polled:
+                fed.handle(agent, task)
+        agg.kill()
+        agg.start()
+        fed.finish()
+    finally:
+        fed.close()
+    out = aggregator.run.output_dir
+    assert [e["version"] for e in _events(agg.log, "run_resumed")] == ["1"]
+    assert fed.ckks_key_requests == {1}  # dealt once; the restarted aggregator read it from disk
+    reference = run_in_process(aggregator.model_copy(update={"run": aggregator.run.model_copy(
+        update={"output_dir": tmp_path / "reference"})}), silos)
+    crashed = _final_global(out)
+    for unit, value in reference.global_units.items():
+        np.testing.assert_allclose(crashed[unit], value, atol=1e-4, rtol=0)
 
 
 def test_under_dp_a_redone_round_is_never_released_twice(tmp_path, aggregator_process):
