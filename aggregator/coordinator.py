@@ -99,8 +99,8 @@ class Coordinator:
         if resume is None:
             self.run_id = uuid.uuid4().hex[:12]
             self._record = RunRecord(self.run_id, layout_hash, base_fingerprint, strategy.name)
+            self._checkpoint()  # round 0 first: a run record always has a checkpoint to resume from
             write_run_record(self.checkpoints, self._record)
-            self._checkpoint()  # round 0: a crash before the first round closes resumes this run too
         else:
             self._resume(resume)
 
