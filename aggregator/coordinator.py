@@ -192,7 +192,7 @@ class Coordinator:
         self._check_layout(request.layout_hash)
         with self._cv:
             if silo not in self.machine.joined:
-                raise ProtocolError(f"silo {silo!r} has not joined this run", "PERMISSION_DENIED")
+                raise ProtocolError(f"silo {silo!r} has not joined this run (join first)", "FAILED_PRECONDITION")
             if request.encrypted_sums:
                 if (not isinstance(self._secure, CkksRound) or self.machine.phase != Phase.DECRYPTING
                         or request.round != self.machine.round):
