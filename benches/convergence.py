@@ -37,7 +37,7 @@ METHOD_STRATEGY = {
 }
 
 
-def run_configs(base: dict, setting: dict, method: str, seed: int, out_dir: str):
+def run_configs(base: dict, setting: dict, method: str, seed: int, out_dir: str, threads: int = 1):
     """The aggregator's and silos' configs of one run."""
     from fcmoe.config import parse_config
 
@@ -46,8 +46,11 @@ def run_configs(base: dict, setting: dict, method: str, seed: int, out_dir: str)
     data.pop("simulation", None)
     data["run"].update({"seed": seed, "output_dir": out_dir})
     data["model"].setdefault("builtin", {})["seed"] = seed
-    data["data"]["builtin"].update({"seed": seed, "partition": setting["partition"], "alpha": setting["alpha"],
-                                    "domains": setting["domains"]})
+    if setting.get("shakespeare"):
+        data["data"].update({"builtin": None, "shakespeare": {**setting["shakespeare"], "seed": seed}})
+    else:
+        data["data"]["builtin"].update({"seed": seed, "partition": setting["partition"], "alpha": setting["alpha"],
+                                        "domains": setting["domains"]})
     strategy = {**data["federation"].get("strategy", {}), **METHOD_STRATEGY[method]}
     if method == "fedadam":
         strategy["server_lr"] = base["benchmark"]["fedadam_server_lr"]
@@ -56,7 +59,7 @@ def run_configs(base: dict, setting: dict, method: str, seed: int, out_dir: str)
     key = bytes(range(32)).hex()
     silos = []
     for i in range(setting["silos"]):
-        silo = {**data, "silo": {"name": f"silo{i}", "index": i, "num_silos": setting["silos"], "threads": 1,
+        silo = {**data, "silo": {"name": f"silo{i}", "index": i, "num_silos": setting["silos"], "threads": threads,
                                  "sketch_key": key, "accept_modes": ["none"]}}
         silos.append(parse_config(silo))
     return aggregator, silos
@@ -69,18 +72,27 @@ def one_run(job: tuple[dict, dict, str, int]) -> dict:
     from fcmoe.inprocess import run_in_process
     from fcmoe.logs import setup_logging
 
-    torch.set_num_threads(1)
+    threads = max(1, (os.cpu_count() or 1) // base["benchmark"]["workers"])  # the cores, shared by the workers
+    torch.set_num_threads(threads)
     setup_logging("bench", "ERROR")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fcmoe-conv-") as tmp:
-        aggregator, silos = run_configs(base, setting, method, seed, tmp)
+        aggregator, silos = run_configs(base, setting, method, seed, tmp, threads)
         coordinator = run_in_process(aggregator, silos)
         rows = coordinator.metrics.rows()
         ok = coordinator.machine.succeeded
+    last_local = next((r for r in reversed(rows) if r.get("local_loss") is not None), {})
     return {"setting": setting["name"], "method": method, "seed": seed, "ok": ok,
             "seconds": time.perf_counter() - start,
             "global": [r["global_loss"] for r in rows],
-            "local": [r["local_loss"] for r in rows]}
+            "local": [r["local_loss"] for r in rows],
+            # per domain = per silo where each silo holds one domain (the conflict suite, Shakespeare genres)
+            "global_by_domain": _by_domain(rows[-1] if rows else {}, "global_loss/"),
+            "local_by_domain": _by_domain(last_local, "local_loss/")}
+
+
+def _by_domain(row: dict, prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and v is not None}
 
 
 def rounds_to(curve: list[float], target: float) -> int | None:
@@ -109,6 +121,10 @@ def summarise(runs: list[dict], methods: list[str], settings: list[str]) -> dict
                 "final_personalised_loss": _mean(finals_l),
                 "rounds_to_fedavg_final": _mean(reached) if len(reached) == len(reach) and reach else None,
                 "rounds_to_fedavg_final_per_seed": reach,
+                "seconds_per_run": _mean([by[(method, s)]["seconds"] for s in seeds if (method, s) in by]),
+                **{f"final_{name}_loss_by_domain": _domain_means([by[(method, s)][f"{kind}_by_domain"]
+                                                                 for s in seeds if (method, s) in by])
+                   for kind, name in (("global", "global"), ("local", "personalised"))},
                 "global_curve": [_mean([by[(method, s)]["global"][r] for s in seeds if (method, s) in by])
                                  for r in range(len(next(iter(by.values()))["global"]))],
                 "personalised_curve": [_mean([by[(method, s)]["local"][r] for s in seeds if (method, s) in by])
@@ -166,9 +182,31 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _domain_means(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Loss and perplexity per domain, averaged over seeds (perplexity = exp of the mean loss)."""
+    out = {}
+    for domain in sorted({d for x in per_seed for d in x}):
+        loss = _mean([x.get(domain) for x in per_seed])
+        if loss is not None:
+            out[domain] = {"loss": loss, "perplexity": math.exp(loss)}
+    return out
+
+
 def _mean(xs: list) -> float | None:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else None
+
+
+def prepare_model(config) -> None:
+    """A pretrained benchmark's model, upcycled once into ``model.path`` (later runs reuse it)."""
+    recipe, path = config.benchmark.upcycle, config.model.path
+    if recipe is None or config.model.source != "local" or path is None or (path / "config.json").exists():
+        return
+    from fcmoe.model.upcycle import run_upcycle
+
+    started = time.perf_counter()
+    run_upcycle(None, path, recipe.origin, recipe.experts, recipe.top_k, recipe.layers, recipe.seed)
+    print(f"model prepared in {time.perf_counter() - started:.0f} s: {path}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.benchmark is None:
         print(f"fcmoe: error: {args.config}: no benchmark section", file=sys.stderr)
         return 2
+    prepare_model(config)
     base = config.model_dump(mode="json")
     methods = args.methods.split(",") if args.methods else list(config.benchmark.methods)
     if "fedavg" not in methods:

@@ -346,13 +346,25 @@ BENCH_METHODS = ("fedavg", "fedprox", "fedadam", "local", "fcmoe",
 
 
 class BenchmarkSetting(_Strict):
-    """One data setting of the convergence benchmark (built-in domains)."""
+    """One data setting of the convergence benchmark: built-in domains, or Shakespeare silos."""
 
     name: str
     silos: int = Field(4, gt=1)
     partition: Literal["domain", "dirichlet"] = "domain"
     alpha: float = Field(0.5, gt=0)
     domains: list[str] = ["shift_up", "shift_down", "copy", "reverse"]
+    shakespeare: ShakespeareDataConfig | None = Field(
+        None, description="this setting's Shakespeare silos instead of the built-in domains (its seed follows the run's)")
+
+
+class UpcycleRecipe(_Strict):
+    """How a benchmark makes ``model.path`` when it does not exist yet (``fcmoe upcycle --from ...``)."""
+
+    origin: Literal["smollm2"] = "smollm2"
+    experts: int = Field(4, ge=2)
+    top_k: int = Field(2, ge=1)
+    layers: str | None = Field(None, description="as fcmoe upcycle --layers; default every layer")
+    seed: int = 0
 
 
 class BenchmarkConfig(_Strict):
@@ -362,6 +374,7 @@ class BenchmarkConfig(_Strict):
     settings: list[BenchmarkSetting] = [BenchmarkSetting(name="conflict")]
     fedadam_server_lr: float = Field(0.03, gt=0, description="FedAdam's own server step (FedAvg's is 1)")
     workers: int = Field(2, gt=0)
+    upcycle: UpcycleRecipe | None = None
 
 
 class Config(_Strict):

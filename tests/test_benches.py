@@ -23,3 +23,31 @@ def test_secagg_bench_runs_every_mode_with_a_dropout_round(tmp_path):
     assert result["modes"]["ckks"]["upload_bytes_per_parameter"] > 20
     assert result["modes"]["masking"]["aggregator_secure_seconds_median"] > 0
     assert result["flower_secaggplus"]["available"] is False
+
+
+def test_convergence_bench_on_shakespeare_silos_reports_per_silo_losses(tmp_path):
+    """The bench's contract on a Shakespeare setting, with a tiny built-in model (the SmolLM2 figures
+    come from configs/bench_shakespeare.yaml, far too slow for the suite)."""
+    from fcmoe.config import dump_config, load_config, parse_config
+
+    data = load_config(ROOT / "configs" / "bench_shakespeare.yaml").model_dump(mode="json")
+    data["model"] = load_config(ROOT / "configs" / "smoke.yaml").model_dump(mode="json")["model"]
+    data["run"]["output_dir"] = str(tmp_path / "run")
+    data["federation"].update({"rounds": 1, "local": {"local_steps": 1, "batch_size": 4, "clip_norm": 0.0}})
+    data["benchmark"].update({"upcycle": None, "methods": ["fedavg", "fcmoe"]})
+    data["benchmark"]["settings"][0]["shakespeare"].update({"examples_per_silo": 16})
+    data["data"]["max_length"] = 24
+    config = tmp_path / "bench.yaml"
+    dump_config(parse_config(data), config)
+    proc = subprocess.run([sys.executable, "-m", "benches.convergence", "--config", str(config), "--seeds", "1",
+                           "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = result["results"]["shakespeare-genre"]
+    assert set(res) == {"fedavg", "fcmoe"} and result["all_runs_completed"]
+    for method in res.values():
+        for kind in ("global", "personalised"):
+            by_silo = method[f"final_{kind}_loss_by_domain"]
+            assert set(by_silo) == {"comedy", "history", "tragedy", "poem"}
+            assert all(v["perplexity"] > 1 for v in by_silo.values())
+        assert method["seconds_per_run"] > 0
