@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from fcmoe.errors import ConfigError
@@ -88,7 +89,7 @@ def load_latest(root: Path) -> Checkpoint:
         strategy_file = folder / "strategy.safetensors"
         strategy_state = load_file(str(strategy_file)) if strategy_file.exists() else {}
         return Checkpoint(int(state["version"]), global_units, strategy_state, state)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ConfigError(f"cannot resume from {root}: latest checkpoint unreadable ({exc})") from None
 
 

@@ -266,8 +266,8 @@ class Coordinator:
             phase = self._update_phase()
             self.machine.check(phase, silo, header.round, self.clock())
             specs = self._update_specs(phase, header)
-            if silo in self._uploading:
-                raise ProtocolError(f"silo {silo!r} already has an update in flight", "ALREADY_EXISTS")
+            if silo in self._uploading:  # e.g. its link broke and this end has not noticed yet: retry shortly
+                raise ProtocolError(f"silo {silo!r} still has an update stream open", "UNAVAILABLE")
             key = self._stream_key(phase, header)
             kept = self._interrupted.pop(silo, None)
             if header.resume_chunks:
@@ -299,6 +299,8 @@ class Coordinator:
         self._check_run(header.run_id)
         self._check_layout(header.layout_hash)
         with self._cv:
+            if silo not in self.machine.joined:
+                raise ProtocolError(f"silo {silo!r} has not joined this run (join first)")
             kept = self._interrupted.get(silo)
             if kept is None or kept.key != self._stream_key(self._update_phase(), header):
                 return pb.UploadProgress()

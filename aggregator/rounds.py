@@ -42,7 +42,7 @@ class Event(str, Enum):
     UNMASK_CLOSED = "unmask_closed"
     DECRYPT_CLOSED = "decrypt_closed"
     ROUND_RETRY = "round_retry"  # a phase missed its minimum: the caller discards the round's partial state
-    EVALUATION_STARTED = "final_evaluation_started"  # resumed after the last round: only the evaluation is left
+    EVALUATION_STARTED = "final_evaluation_started"  # from WAITING only when resumed after the last round
     FINISHED = "finished"
     ABORTED = "aborted"
 
@@ -155,6 +155,8 @@ class RoundMachine:
         what = COLLECTING[phase][0]
         if self.phase != phase or round_ != self.round:
             raise ProtocolError(f"no {what} for round {round_} is open (phase {self.phase.value}, round {self.round})")
+        if silo not in self.joined:  # e.g. the aggregator restarted while this silo was training
+            raise ProtocolError(f"silo {silo!r} has not joined this run (join first)")
         if silo not in self.expected:
             raise ProtocolError(f"silo {silo!r} is not expected to send {what} in round {round_}", "PERMISSION_DENIED")
         if silo in self.answered[phase] or (phase == Phase.TRAINING and silo in self.declined):
@@ -215,7 +217,7 @@ class RoundMachine:
 
     def _retry_or_abort(self, now: float, reason: str) -> Event:
         if self.retries >= self.max_retries:
-            return self._abort(f"round {self.round}: {reason}, after {self.retries + 1} attempts")
+            return self._abort(f"round {self.round}: {reason}, after {self.attempt + 1} attempts")
         self.retries += 1
         self._start_round(self.round, now)
         return Event.ROUND_RETRY

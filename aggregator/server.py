@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
+    # ping idle connections: a link that died without a FIN (half-open) is closed within ~30 s, so a
+    # cut upload is kept for its resume instead of holding a worker until the phase deadline
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
 ]
 
 

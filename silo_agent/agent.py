@@ -29,7 +29,7 @@ from silo_agent.masked_round import MaskingSession
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
 from silo_agent.training import LocalPlan, evaluate, train_locally
-from silo_agent.update import clip_units, scaled_payload, unit_deltas, units_digest
+from silo_agent.update import clip_units, scaled_payload, unit_deltas
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,18 @@ class TrainedRound:
     global model (a dropout, an aggregator restart) resends it instead of training again: under DP a
     second training would be a second release of the same round."""
 
-    run_id: str
-    round: int
-    global_digest: str
+    key: tuple[str, int, bytes, bytes]  # run, round, global model digest, training instructions
     deltas: dict[str, np.ndarray]
     report: pb.RoundReport  # without this attempt's key advert
+
+
+def training_key(run_id: str, task: pb.Task, global_units: dict[str, np.ndarray]) -> tuple[str, int, bytes, bytes]:
+    """What makes two attempts the same training: run, round, global model and instructions (the
+    attempt's session aside) — an operator who changed the settings before a restart gets a new one."""
+    instructions = pb.TrainInstructions()
+    instructions.CopyFrom(task.train)
+    instructions.session = 0
+    return run_id, task.round, codec.payload_digest(global_units), instructions.SerializeToString(deterministic=True)
 
 
 class SiloAgent:
@@ -225,10 +232,9 @@ class SiloAgent:
         global_units = self._download(task.round - 1, task.round)
         if global_units is None:
             return
-        global_digest, _ = units_digest(global_units)
+        key = training_key(self.run_id, task, global_units)
         trained = self.trained
-        if trained is not None and (trained.run_id, trained.round, trained.global_digest) == (
-                self.run_id, task.round, global_digest):
+        if trained is not None and trained.key == key:
             log_event(log, "training_reused", round=task.round, session=t.session,
                       reason="a redone attempt of a round already trained from this global model")
         elif self.dp is not None and self.dp.ledger.released(self.run_id, task.round):
@@ -236,7 +242,7 @@ class SiloAgent:
                                 "its update did not survive a restart; releasing it again would count twice")
             return
         else:
-            trained = self._train(task, global_units, global_digest, time.perf_counter() - t0)
+            trained = self._train(task, global_units, key, time.perf_counter() - t0)
             if trained is None:
                 return
             self.trained = trained
@@ -255,7 +261,7 @@ class SiloAgent:
         if not self._refused("report", task.round, lambda: self.client.report_round(report)):
             log_event(log, "report_sent", round=task.round, session=t.session, reliability=round(report.reliability, 4))
 
-    def _train(self, task: pb.Task, global_units: dict[str, np.ndarray], global_digest: str,
+    def _train(self, task: pb.Task, global_units: dict[str, np.ndarray], key: tuple[str, int, bytes, bytes],
                download_seconds: float) -> TrainedRound | None:
         """Evaluate the global model, train from it (under DP when configured: the ledger records the
         release first), evaluate the result; the round's report without key advert. None: declined."""
@@ -315,7 +321,7 @@ class SiloAgent:
             report.sketches.extend(codec.encode(sketch_units(deltas, secret, self.run_id, task.round, t.sketch_buckets)))
         log_event(log, "trained", round=task.round, global_loss=_mean_loss(global_eval), local_loss=_mean_loss(local_eval),
                   reliability=round(rel, 4), train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()))
-        return TrainedRound(self.run_id, task.round, global_digest, deltas, report)
+        return TrainedRound(key, deltas, report)
 
     def _decline(self, task: pb.Task, reason: str) -> None:
         self.refused_session = task.train.session

@@ -68,7 +68,8 @@ def check_world_size(silo: SiloConfig) -> None:
 
 @dataclass(frozen=True)
 class _RankJob:
-    """Everything a rank needs, handed over by spawn (no network input is ever in here)."""
+    """Everything a rank needs, handed over by spawn: pickled between this silo's own processes only (the
+    plan's numbers came from the aggregator as protobuf fields; no bytes from the network are unpickled)."""
 
     model: ModelConfig
     data: ExampleBatches

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -26,13 +25,3 @@ def clip_units(deltas: Mapping[str, np.ndarray], clip_norm: float) -> tuple[dict
 def scaled_payload(deltas: Mapping[str, np.ndarray], coefficients: Mapping[str, float]) -> dict[str, np.ndarray]:
     """``alpha_u * delta_u`` per unit: the aggregator divides group sums by the sum of the alphas."""
     return {k: (coefficients[k] * d).astype(np.float32) for k, d in deltas.items()}
-
-
-def units_digest(units: Mapping[str, np.ndarray]) -> tuple[str, int]:
-    """SHA-256 and size of unit vectors as float32, in unit order: names what was released or received."""
-    h, size = hashlib.sha256(), 0
-    for unit in units:
-        raw = np.ascontiguousarray(units[unit], dtype="<f4").tobytes()
-        h.update(unit.encode() + b"\0" + raw)
-        size += len(raw)
-    return h.hexdigest(), size

@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import sys
 import time
 from pathlib import Path
@@ -257,27 +256,34 @@ def test_under_dp_a_redone_round_is_never_released_twice(tmp_path, aggregator_pr
 
 
 def test_silos_left_to_themselves_ride_out_a_kill_mid_round(tmp_path, aggregator_process):
-    """No test driver: each silo runs its own loop (``SiloAgent.run``), the aggregator is killed while
+    """No test driver: each silo is its own ``fcmoe silo`` process, the aggregator is killed while
     updates are arriving and restarted; every silo finishes the run on its own with status 0."""
     aggregator, silos = _configs(tmp_path, 3, dp=False)
     aggregator = aggregator.model_copy(update={"federation": aggregator.federation.model_copy(update={"rounds": 2})})
     agg = aggregator_process(aggregator)
     agg.start()
-    agents = [SiloAgent(c) for c in silos]
-    statuses: dict[str, int] = {}
-    threads = [threading.Thread(target=lambda a=a: statuses.__setitem__(a.silo.name, a.run()), daemon=True)
-               for a in agents]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + 240
-    while not _events(agg.log, "update_accepted"):
-        assert time.monotonic() < end and agg.proc.poll() is None, "no update arrived"
-        time.sleep(0.02)
-    agg.kill()
-    agg.start()
-    for t in threads:
-        t.join(timeout=240)
-    assert statuses == {c.silo.name: 0 for c in silos}
+    procs = []
+    try:
+        for config in silos:
+            path = tmp_path / f"{config.silo.name}.yaml"
+            dump_config(config, path)
+            with open(tmp_path / f"{config.silo.name}.log", "ab") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "silo", str(path), "--no-progress"],
+                                              cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        end = time.monotonic() + 240
+        while not _events(agg.log, "update_accepted"):
+            assert time.monotonic() < end and agg.proc.poll() is None, "no update arrived"
+            time.sleep(0.02)
+        agg.kill()
+        agg.start()
+        statuses = [proc.wait(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    assert statuses == [0, 0, 0], [(tmp_path / f"{c.silo.name}.log").read_text()[-2000:] for c in silos]
     assert agg.proc.wait(timeout=60) == 0
     rows = [json.loads(line) for line in (aggregator.run.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["updates"] == 3 for r in rows[1:])

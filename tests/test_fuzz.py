@@ -20,7 +20,7 @@ MESSAGES = 10_000
 SERVICE = "/fcmoe.v1.Federation/"
 UNARY = {"Join": pb.JoinRequest, "GetTask": pb.TaskRequest, "SubmitReport": pb.RoundReport,
          "ReportEvaluation": pb.EvalReport, "SubmitShares": pb.ShareSubmission, "SubmitUnmask": pb.UnmaskSubmission,
-         "DeclineRound": pb.DeclineRequest}
+         "DeclineRound": pb.DeclineRequest, "UploadStatus": pb.UpdateHeader}
 # what gRPC itself answers when bytes do not parse as the request type (before any handler runs)
 GRPC_PARSE_FAILURE = "Exception deserializing request"
 
@@ -56,6 +56,9 @@ def _message(rng: random.Random, kind: type, run_id: str, layout: str, units: li
     if kind is pb.UnmaskSubmission:
         return pb.UnmaskSubmission(run_id=rid, round=rnd, shares=[
             pb.RevealedShare(owner=rng.choice(["silo0", "silo9"]), mask_key=rng.random() < 0.5, share=os.urandom(68))])
+    if kind is pb.UpdateHeader:
+        return pb.UpdateHeader(run_id=rid, round=rnd, layout_hash=lay, units=rng.sample(units, rng.randint(0, len(units))),
+                               payload_sha256=os.urandom(rng.choice([0, 32])), resume_chunks=rng.choice([0, 1, 2**40]))
     return pb.DeclineRequest(run_id=rid, round=rnd, reason="r" * rng.randint(0, 2000))
 
 
@@ -75,7 +78,9 @@ def _mutated(rng: random.Random, raw: bytes) -> bytes:
 
 def _update_stream(rng: random.Random, run_id: str, layout: str, units: list[str]) -> list[bytes]:
     header = pb.UpdateMessage(header=pb.UpdateHeader(run_id=run_id, round=rng.choice([1, 2, 9]), layout_hash=layout,
-                                                     units=units, sizes=[rng.randint(0, 10**9)]))
+                                                     units=units, sizes=[rng.randint(0, 10**9)],
+                                                     payload_sha256=os.urandom(rng.choice([0, 32])),
+                                                     resume_chunks=rng.choice([0, 0, 3])))
     chunk = pb.UpdateMessage(chunk=pb.TensorChunk(name=rng.choice(units), dtype=rng.choice(["float32", "uint8", "x"]),
                                                   shape=[rng.randint(-5, 10**6)], total_bytes=rng.randint(0, 10**7),
                                                   sha256=os.urandom(rng.choice([0, 32])), offset=rng.randint(0, 99),

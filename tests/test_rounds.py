@@ -215,3 +215,16 @@ def test_resume_only_before_anything_started():
     m = started()
     with pytest.raises(ProtocolError, match="resume in phase training"):
         m.resume(version=1, first_attempt=0)
+
+
+def test_a_silo_the_machine_does_not_know_is_told_to_join_not_refused_for_good():
+    """After a restart a silo may still be training: its report is a precondition failure (join
+    first, then resend), not a permission refusal that would stop it."""
+    m = machine(min_silos=2)
+    m.resume(version=0, first_attempt=1)
+    for s in "ab":
+        m.join(s)
+    assert m.poll(0) == Event.ROUND_STARTED
+    with pytest.raises(ProtocolError, match="has not joined this run") as exc:
+        m.record(Phase.TRAINING, "c", 1, 0)
+    assert exc.value.status == "FAILED_PRECONDITION"

@@ -8,6 +8,7 @@ the chain and signatures against the silo's certificate and recomputes epsilon i
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,9 +19,18 @@ import numpy as np
 from crypto.pki import PkiPaths, read_pem
 from crypto.signed_log import SignedLog
 from silo_agent.dp.accounting import PRV_EPS_ERROR, RDP_ORDERS, Release
-from silo_agent.update import units_digest
 
 DP_SGD = "dp_sgd"
+
+
+def units_digest(units: Mapping[str, np.ndarray]) -> tuple[str, int]:
+    """SHA-256 and size of the released vectors as float32, in unit order (the ledger's recorded format)."""
+    h, size = hashlib.sha256(), 0
+    for unit in units:
+        raw = np.ascontiguousarray(units[unit], dtype="<f4").tobytes()
+        h.update(unit.encode() + b"\0" + raw)
+        size += len(raw)
+    return h.hexdigest(), size
 
 
 class PrivacyLedger:
