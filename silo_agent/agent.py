@@ -79,12 +79,6 @@ def reliability(global_eval: dict[str, tuple[float, int]], local_eval: dict[str,
 
 
 @dataclass
-class PendingUpload:
-    round: int
-    deltas: dict[str, np.ndarray]
-
-
-@dataclass
 class TrainedRound:
     """One round's training outcome, kept so that a redone attempt of the same round from the same
     global model (a dropout, an aggregator restart) resends it instead of training again: under DP a
@@ -93,6 +87,10 @@ class TrainedRound:
     key: tuple[str, int, bytes, bytes]  # run, round, global model digest, training instructions
     deltas: dict[str, np.ndarray]
     report: pb.RoundReport  # without this attempt's key advert
+
+    @property
+    def round(self) -> int:
+        return self.key[1]
 
 
 def training_key(run_id: str, task: pb.Task, global_units: dict[str, np.ndarray]) -> tuple[str, int, bytes, bytes]:
@@ -129,7 +127,7 @@ class SiloAgent:
         self.run_id = ""
         self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
         self.local_shares: dict[str, float] | None = None
-        self.pending: PendingUpload | None = None
+        self.pending: TrainedRound | None = None  # trained and reported, not uploaded yet
         self.trained: TrainedRound | None = None
         self.secure: MaskingSession | CkksSession | None = None  # this attempt's secure-aggregation state
         self.refused_session: int | None = None  # an attempt this silo refused to take part in
@@ -253,7 +251,7 @@ class SiloAgent:
             self.secure = CkksSession(*args, context=self.ckks_context)
         else:
             self.secure = None
-        self.pending = PendingUpload(task.round, trained.deltas)
+        self.pending = trained
         report = pb.RoundReport()
         report.CopyFrom(trained.report)
         if self.secure is not None:

@@ -70,6 +70,11 @@ class AggregatorProcess:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
 
+    def restart(self) -> None:
+        """SIGKILL, then the same command again."""
+        self.kill()
+        self.start()
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -140,6 +145,10 @@ def _events(log: Path, name: str) -> list[dict[str, str]]:
     return out
 
 
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _assert_same_as_uninterrupted(aggregator: Config, silos: list[Config], tmp_path: Path, atol: float) -> None:
     """The same federation without a crash, in process, ends with the same global model."""
     reference = run_in_process(aggregator.model_copy(update={"run": aggregator.run.model_copy(
@@ -159,23 +168,17 @@ def test_killed_in_every_phase_the_run_resumes_and_ends_as_an_uninterrupted_one(
     try:
         agg.start()
         fed.agents[0].join()  # WAITING: one of three has joined
-        agg.kill()
-        agg.start()
+        agg.restart()
         fed.run_until(K.TRAIN, 1, answered=1)  # TRAINING, one report in
-        agg.kill()
-        agg.start()
+        agg.restart()
         fed.run_until(K.SHARE, 1)  # SHARING, nothing in
-        agg.kill()
-        agg.start()
+        agg.restart()
         fed.run_until(K.UPLOAD, 1, answered=2)  # UPLOADING, two masked updates in
-        agg.kill()
-        agg.start()
+        agg.restart()
         fed.run_until(K.UNMASK, 2, answered=1)  # UNMASKING of round 2, one reveal in
-        agg.kill()
-        agg.start()
+        agg.restart()
         fed.run_until(K.EVALUATE, 3, answered=1)  # final EVALUATING, one evaluation in
-        agg.kill()
-        agg.start()
+        agg.restart()
         fed.finish()
     finally:
         fed.close()
@@ -187,7 +190,7 @@ def test_killed_in_every_phase_the_run_resumes_and_ends_as_an_uninterrupted_one(
     assert {s >> 16 for s in fed.sessions} == {1, 2, 3}
     record = json.loads((out / "checkpoints" / "run.json").read_text())
     assert record["finished"] and record["run_id"] == resumed[0]["run_id"]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["updates"] == 3 for r in rows[1:])
     assert rows[-1]["global_loss"] is not None  # the final evaluation was redone and pooled once
 
@@ -212,8 +215,7 @@ def test_ckks_killed_while_the_key_holder_decrypts_resumes_with_the_run_key(tmp_
             assert time.monotonic() < end, "no DECRYPT task of round 2"
             for agent, task in polled:
                 fed.handle(agent, task)
-        agg.kill()
-        agg.start()
+        agg.restart()
         fed.finish()
     finally:
         fed.close()
@@ -238,14 +240,13 @@ def test_under_dp_a_redone_round_is_never_released_twice(tmp_path, aggregator_pr
         fed.agents[3] = SiloAgent(silos[3])  # silo3 restarted too: its round-1 update is gone
         agg.start()
         fed.run_until(K.TRAIN, 2, answered=2)
-        agg.kill()
-        agg.start()
+        agg.restart()
         fed.finish()
     finally:
         fed.close()
 
     out = aggregator.run.output_dir
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["updates"] == 3 and "declined" in rows[1]["silos"]["silo3"]
     assert rows[2]["updates"] == 4
@@ -275,8 +276,7 @@ def test_silos_left_to_themselves_ride_out_a_kill_mid_round(tmp_path, aggregator
         while not _events(agg.log, "update_accepted"):
             assert time.monotonic() < end and agg.proc.poll() is None, "no update arrived"
             time.sleep(0.02)
-        agg.kill()
-        agg.start()
+        agg.restart()
         statuses = [proc.wait(timeout=240) for proc in procs]
     finally:
         for proc in procs:
@@ -285,5 +285,5 @@ def test_silos_left_to_themselves_ride_out_a_kill_mid_round(tmp_path, aggregator
                 proc.wait(timeout=30)
     assert statuses == [0, 0, 0], [(tmp_path / f"{c.silo.name}.log").read_text()[-2000:] for c in silos]
     assert agg.proc.wait(timeout=60) == 0
-    rows = [json.loads(line) for line in (aggregator.run.output_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(aggregator.run.output_dir)
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["updates"] == 3 for r in rows[1:])
