@@ -3,7 +3,8 @@
 Inputs for one unit u over the n silos that reported: importance components, and keyed sketches
 ``Y [n, k]`` of their clipped deltas. Formulas (docs/algorithm.md has the derivation and references):
 
-    s_i,u  = n_i * share_i,u ** gamma * rel_i            importance (each factor switchable)
+    r_i    = clip(rel_i / saturation, floor, 1)         reliability weight (rel_i: relative held-out gain)
+    s_i,u  = n_i * share_i,u ** gamma * r_i              importance (each factor switchable)
     w_i,u  = s_i,u / sum_j s_j,u
     C_-i   = sum_{j != i} w_j y_j                       leave-one-out consensus sketch
     c_i    = cos(y_i, C_-i)                             direction agreement        in [-1, 1]
@@ -31,6 +32,15 @@ def importance(num_examples: np.ndarray, reliability: np.ndarray, routing_share:
     if use_reliability:
         s = s * np.asarray(reliability, dtype=np.float64)[:, None]
     return s
+
+
+def reliability_weight(reliability: np.ndarray, floor: float, saturation: float) -> np.ndarray:
+    """A round's relative held-out improvement as a weight factor: ``clip(rel / saturation, floor, 1)``.
+
+    Saturating on purpose: reliability screens out rounds that did not help the silo's own held-out
+    data (diverged, corrupted, poisoned); it does not rank healthy silos by how fast their task is
+    learned, which would tilt the global model towards the easiest domains (docs/algorithm.md)."""
+    return np.clip(np.asarray(reliability, dtype=np.float64) / saturation, floor, 1.0)
 
 
 def normalise(scores: np.ndarray) -> np.ndarray:

@@ -106,7 +106,7 @@ def summarise(runs: list[dict], methods: list[str], settings: list[str]) -> dict
         seeds = sorted({s for _, s in by})
         res = {}
         for method in methods:
-            finals_g, finals_l, reach = [], [], []
+            finals_g, finals_l, reach, reach_l = [], [], [], []
             for seed in seeds:
                 run, ref = by.get((method, seed)), by.get(("fedavg", seed))
                 if run is None:
@@ -115,12 +115,14 @@ def summarise(runs: list[dict], methods: list[str], settings: list[str]) -> dict
                 finals_l.append(run["local"][-1])
                 if ref is not None:
                     reach.append(rounds_to(run["global"], ref["global"][-1]))
-            reached = [r for r in reach if r is not None]
+                    reach_l.append(rounds_to(run["local"], ref["local"][-1]))
             res[method] = {
                 "final_global_loss": _mean(finals_g),
                 "final_personalised_loss": _mean(finals_l),
-                "rounds_to_fedavg_final": _mean(reached) if len(reached) == len(reach) and reach else None,
+                "rounds_to_fedavg_final": _mean_if_all(reach),
                 "rounds_to_fedavg_final_per_seed": reach,
+                # the same count for the personalised models (not a target: what retention buys, in rounds)
+                "rounds_to_fedavg_final_personalised": _mean_if_all(reach_l),
                 "seconds_per_run": _mean([by[(method, s)]["seconds"] for s in seeds if (method, s) in by]),
                 **{f"final_{name}_loss_by_domain": _domain_means([by[(method, s)][f"{kind}_by_domain"]
                                                                  for s in seeds if (method, s) in by])
@@ -190,6 +192,11 @@ def _domain_means(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float
         if loss is not None:
             out[domain] = {"loss": loss, "perplexity": math.exp(loss)}
     return out
+
+
+def _mean_if_all(xs: list) -> float | None:
+    """Mean of per-seed round counts, or None when any seed never got there (or there are none)."""
+    return _mean(xs) if xs and all(x is not None for x in xs) else None
 
 
 def _mean(xs: list) -> float | None:

@@ -188,10 +188,11 @@ class FcMoeConfig(_Strict):
     importance: bool = True
     projection: bool = True
     retention: bool = True
-    retention_lambda: float = Field(1.0, ge=0, le=1)
+    retention_lambda: float = Field(0.0, ge=0, le=1)  # weight-space re-anchoring; see docs/algorithm.md
     sketch_buckets: int = Field(256, ge=2, le=1 << 20)
     routing_power: float = Field(1.0, ge=0)
     reliability_floor: float = Field(0.05, gt=0, le=1)
+    reliability_saturation: float = Field(0.01, gt=0, le=1)  # relative held-out gain that counts fully
     phi_floor: float = Field(0.1, ge=0, le=1)
     conflict_threshold: float = Field(0.0, ge=-1, le=1)
 

@@ -56,7 +56,7 @@ class TaskRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TrainInstructions(_message.Message):
-    __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed", "retention_lambda", "retention_by_importance", "sketch_buckets", "secure_mode", "session")
+    __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed", "retention_lambda", "retention_by_importance", "sketch_buckets", "secure_mode", "session", "personal_adapter")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class TrainInstructions(_message.Message):
     SKETCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     SECURE_MODE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     batch_size: int
     grad_accum: int
@@ -83,7 +84,8 @@ class TrainInstructions(_message.Message):
     sketch_buckets: int
     secure_mode: str
     session: int
-    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ..., secure_mode: _Optional[str] = ..., session: _Optional[int] = ...) -> None: ...
+    personal_adapter: bool
+    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ..., secure_mode: _Optional[str] = ..., session: _Optional[int] = ..., personal_adapter: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload", "share", "unmask", "decrypt")

@@ -26,6 +26,7 @@ from silo_agent.distributed import check_world_size, train_distributed
 from silo_agent.dp.importance import norm_shares
 from silo_agent.dp.trainer import DpTrainer
 from silo_agent.masked_round import MaskingSession
+from silo_agent.personal import PersonalAdapter
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
 from silo_agent.training import LocalPlan, evaluate, train_locally
@@ -127,6 +128,7 @@ class SiloAgent:
         self.run_id = ""
         self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
         self.local_shares: dict[str, float] | None = None
+        self.adapter: PersonalAdapter | None = None  # retention: this silo's personal adapter, never uploaded
         self.pending: TrainedRound | None = None  # trained and reported, not uploaded yet
         self.trained: TrainedRound | None = None
         self.secure: MaskingSession | CkksSession | None = None  # this attempt's secure-aggregation state
@@ -153,7 +155,7 @@ class SiloAgent:
                   rounds=reply.total_rounds, layout=self.layout.hash[:12], train_examples=self.data.num_train)
 
     def _forget_run(self) -> None:
-        self.local_units = self.local_shares = self.pending = self.trained = self.secure = None
+        self.local_units = self.local_shares = self.adapter = self.pending = self.trained = self.secure = None
         self.refused_session = self.run_secret = self.ckks_context = None
 
     def handle(self, task: pb.Task) -> int | None:
@@ -206,8 +208,21 @@ class SiloAgent:
     def _load(self, units: dict[str, np.ndarray]) -> None:
         load_trainable_state(self.model, self.layout.merge(units))
 
-    def _evaluate(self) -> dict[str, tuple[float, int]]:
-        return evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size)
+    def _evaluate(self, adapter: PersonalAdapter | None = None) -> dict[str, tuple[float, int]]:
+        return evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size, adapter)
+
+    def _personal_adapter(self, t: pb.TrainInstructions, round_: int) -> PersonalAdapter | None:
+        """The adapter to train this round, created on first use. Not under DP (it would learn from the
+        private data outside the ledger) nor with several ranks (it lives in one process)."""
+        if not t.personal_adapter:
+            return None
+        if self.dp is not None or self.silo.world_size > 1:
+            log_event(log, "personal_adapter_skipped", round=round_,
+                      reason="dp" if self.dp is not None else "world_size > 1")
+            return None
+        if self.adapter is None:
+            self.adapter = PersonalAdapter.for_model(self.model, t.learning_rate, t.weight_decay)
+        return self.adapter
 
     def _wait_out(self, task: pb.Task) -> None:
         """Nothing to do for this task (refused, or restarted mid-round): wait for the phase to move on."""
@@ -279,6 +294,7 @@ class SiloAgent:
             scale = importance_scale(self.local_shares) if t.retention_by_importance and self.local_shares else None
             start_units = anchor(global_units, self.local_units, t.retention_lambda, scale)
             self._load(start_units)
+        adapter = self._personal_adapter(t, task.round)
         plan = LocalPlan(local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=max(1, t.grad_accum),
                          learning_rate=t.learning_rate, weight_decay=t.weight_decay, prox_mu=t.prox_mu,
                          seed=t.seed * 7919 + self.silo.index)
@@ -291,9 +307,11 @@ class SiloAgent:
                                            self.device, self.progress, self.meter)
             else:
                 with self.meter.attached(self.model):
-                    result = train_locally(self.model, self.data.train, plan, self.device, self.progress, self.meter)
+                    result = train_locally(self.model, self.data.train, plan, self.device, self.progress, self.meter,
+                                           adapter)
         t2 = time.perf_counter()
-        local_eval = self._evaluate()
+        local_eval = self._evaluate()  # the model trained for the federation: its reliability
+        personal_eval = self._evaluate(adapter) if adapter is not None else local_eval
         eval_seconds += time.perf_counter() - t2
         self.local_units = self.layout.split(trainable_state(self.model))
         # What this round taught the silo; the retained residual (start - global) stays here.
@@ -312,12 +330,12 @@ class SiloAgent:
                                 train_loss_first=result.loss_first, train_loss_last=result.loss_last,
                                 num_examples=self.data.num_train, eval_seconds=eval_seconds,
                                 download_seconds=download_seconds),
-            evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(local_eval)),
+            evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(personal_eval)),
         )
         secret = self._sketch_secret(t.secure_mode or "none") if t.sketch_buckets else None
         if secret is not None:
             report.sketches.extend(codec.encode(sketch_units(deltas, secret, self.run_id, task.round, t.sketch_buckets)))
-        log_event(log, "trained", round=task.round, global_loss=_mean_loss(global_eval), local_loss=_mean_loss(local_eval),
+        log_event(log, "trained", round=task.round, global_loss=_mean_loss(global_eval), local_loss=_mean_loss(personal_eval),
                   reliability=round(rel, 4), train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()))
         return TrainedRound(key, deltas, report)
 

@@ -1,4 +1,8 @@
-"""Local knowledge retention: re-anchor what local training learned onto every new global model.
+"""Weight-space re-anchoring: start the next round from the global model plus this silo's residual.
+
+The ``local`` strategy's mechanism (lambda = 1: each silo keeps training its own model) and FC-MoE's
+opt-in ``retention_lambda``; FC-MoE's retention proper is the personal adapter (personal.py), because
+silos that start from their own models hand the global updates taken elsewhere (docs/algorithm.md).
 
     residual_u     = local_u - global_u                 (what the new global did not absorb)
     start_u        = global_u + lambda * s_hat_u * residual_u

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
+from silo_agent.personal import PersonalAdapter
 from silo_agent.routing import RoutingMeter
 
 
@@ -35,7 +37,10 @@ class TrainResult:
 
 def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token next-token loss ``[B, T-1]`` and the mask of positions that count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logit_losses(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+
+
+def logit_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     labels = batch["labels"][:, 1:]
     logits = logits[:, :-1].float()
     losses = nn.functional.cross_entropy(
@@ -46,7 +51,16 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torc
 
 
 def train_locally(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torch.device,
-                  progress: bool = False, meter: RoutingMeter | None = None) -> TrainResult:
+                  progress: bool = False, meter: RoutingMeter | None = None,
+                  adapter: PersonalAdapter | None = None) -> TrainResult:
+    """AdamW on the model's loss; with ``adapter``, every step also trains the silo's personal adapter
+    on the same batch (detached: the model's gradients are those it would have without it)."""
+    with adapter.attach(model) if adapter is not None else nullcontext():
+        return _train(model, data, plan, device, progress, meter, adapter)
+
+
+def _train(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torch.device, progress: bool,
+           meter: RoutingMeter | None, adapter: PersonalAdapter | None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.prox_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
@@ -66,14 +80,20 @@ def train_locally(model: nn.Module, data: ExampleBatches, plan: LocalPlan, devic
             batch = {k: v.to(device) for k, v in data.sample(plan.batch_size, generator).items()}
             if meter is not None:
                 meter.mask = batch["attention_mask"].reshape(-1).bool()
-            losses, mask = token_losses(model, batch)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            losses, mask = logit_losses(logits, batch)
             loss = losses.sum() / mask.sum().clamp_min(1)
             if anchor is not None:
                 loss = loss + 0.5 * plan.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            if adapter is not None:  # a separate graph: its loss reaches the adapter only
+                personal, _ = logit_losses(adapter.personalise(logits), batch)
+                (personal.sum() / mask.sum().clamp_min(1) / plan.grad_accum).backward()
             (loss / plan.grad_accum).backward()
             step_loss += loss.item() / plan.grad_accum
             tokens += int(mask.sum())
         optimizer.step()
+        if adapter is not None:
+            adapter.step()
         first = step_loss if step == 0 else first
         last = step_loss
     if device.type == "cuda":
@@ -82,13 +102,22 @@ def train_locally(model: nn.Module, data: ExampleBatches, plan: LocalPlan, devic
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ExampleBatches, device: torch.device, batch_size: int) -> dict[str, tuple[float, int]]:
-    """Summed token loss and token count per domain on the held-out split."""
+def evaluate(model: nn.Module, data: ExampleBatches, device: torch.device, batch_size: int,
+             adapter: PersonalAdapter | None = None) -> dict[str, tuple[float, int]]:
+    """Summed token loss and token count per domain on the held-out split (of the personalised model
+    when ``adapter`` is given)."""
+    with adapter.attach(model) if adapter is not None else nullcontext():
+        return _evaluate(model, data, device, batch_size, adapter)
+
+
+def _evaluate(model: nn.Module, data: ExampleBatches, device: torch.device, batch_size: int,
+              adapter: PersonalAdapter | None) -> dict[str, tuple[float, int]]:
     model.eval()
     out: dict[str, tuple[float, int]] = {}
     for batch, domains in data.iter_eval(batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
-        losses, mask = token_losses(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, mask = logit_losses(adapter.personalise(logits) if adapter is not None else logits, batch)
         for row, domain in enumerate(domains):
             loss_sum, count = out.get(domain, (0.0, 0))
             out[domain] = (loss_sum + float(losses[row].sum()), count + int(mask[row].sum()))

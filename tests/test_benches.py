@@ -51,3 +51,25 @@ def test_convergence_bench_on_shakespeare_silos_reports_per_silo_losses(tmp_path
             assert set(by_silo) == {"comedy", "history", "tragedy", "poem"}
             assert all(v["perplexity"] > 1 for v in by_silo.values())
         assert method["seconds_per_run"] > 0
+
+
+def test_convergence_summary_counts_rounds_to_fedavgs_final_losses():
+    """Hand-built curves: rounds to FedAvg's final global and personalised loss, and the targets."""
+    from benches.convergence import check_targets, summarise
+
+    def run(method, seed, global_, local):
+        return {"setting": "s", "method": method, "seed": seed, "ok": True, "seconds": 1.0, "global": global_,
+                "local": local, "global_by_domain": {}, "local_by_domain": {}}
+
+    runs = [run("fedavg", 0, [5.0, 4.0, 3.0], [None, 3.0, 2.0]),
+            run("fcmoe", 0, [5.0, 2.9, 2.5], [None, 1.9, 1.5]),
+            run("fedavg", 1, [5.0, 4.0, 3.2], [None, 3.0, 2.2]),
+            run("fcmoe", 1, [5.0, 3.5, 3.1], [None, 2.5, 2.0])]
+    res = summarise(runs, ["fedavg", "fcmoe"], ["s"])["s"]
+    assert res["fcmoe"]["rounds_to_fedavg_final_per_seed"] == [1, 2]
+    assert res["fcmoe"]["rounds_to_fedavg_final"] == 1.5 and res["fedavg"]["rounds_to_fedavg_final"] == 2
+    assert res["fcmoe"]["rounds_to_fedavg_final_personalised"] == 1.5  # rounds 1 and 2
+    assert res["fcmoe"]["final_personalised_loss"] == 1.75 and res["fedavg"]["final_personalised_loss"] == 2.1
+    targets = check_targets({"s": res})["s"]
+    assert targets["global_le_fedavg"] and targets["personalised_10pct_below_fedavg"]
+    assert targets["rounds_ratio"] == 0.75 and not targets["rounds_ratio_le_0.7"]

@@ -96,8 +96,11 @@ def test_fcmoe_coefficients_end_to_end_on_reports():
     flat = ablated.coefficients(1, ["L0.E0", "L0.shared"], reports)
     assert [v["L0.E0"] for v in flat.alpha.values()] == pytest.approx([1 / 6] * 6)
     assert {g["L0.E0"] for g in flat.group.values()} == {0}
-    no_retention = FcMoe(FcMoeConfig(retention=False), min_group_size=2)
-    assert no_retention.configure_round(1, LocalTrainingConfig(), 0).retention_lambda == 0.0
+    no_retention = FcMoe(FcMoeConfig(retention=False, retention_lambda=1.0), min_group_size=2)
+    off = no_retention.configure_round(1, LocalTrainingConfig(), 0)
+    assert off.retention_lambda == 0.0 and not off.personal_adapter
+    on = s.configure_round(1, LocalTrainingConfig(), 0)
+    assert on.personal_adapter and on.retention_lambda == 0.0  # weight-space re-anchoring is opt-in
     assert s.configure_round(1, LocalTrainingConfig(), 0).sketch_buckets == 256
 
 
@@ -123,3 +126,10 @@ def test_a_silo_without_a_sketch_counts_as_agreeing_and_stays_out_of_the_consens
     np.testing.assert_allclose(score[:4], full)
     assert score[3] < 0 < score[0]
     assert consensus.scores_with_missing([None, sketches[0], None], np.full(3, 1 / 3)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_reliability_weight_screens_out_unhelpful_rounds_without_ranking_healthy_ones():
+    rel = np.array([-0.2, 0.0, 0.004, 0.01, 0.15, 0.6])
+    np.testing.assert_allclose(consensus.reliability_weight(rel, 0.05, 0.01), [0.05, 0.05, 0.4, 1.0, 1.0, 1.0])
+    # saturation 1 is the unsaturated relative gain, floored
+    np.testing.assert_allclose(consensus.reliability_weight(rel, 0.05, 1.0), [0.05, 0.05, 0.05, 0.05, 0.15, 0.6])

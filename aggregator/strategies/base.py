@@ -31,6 +31,7 @@ class RoundPlan:
     seed: int = 0
     retention_lambda: float = 0.0
     retention_by_importance: bool = False
+    personal_adapter: bool = False
     sketch_buckets: int = 0
 
 

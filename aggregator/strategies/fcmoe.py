@@ -3,9 +3,10 @@
 Per expert unit: importance weights from routing share, sample count and reliability; agreement of
 each silo's keyed sketch with the leave-one-out consensus (cosine and sign); consensus and conflict
 groups; coefficients alpha = w * phi(agreement). On the exact group sums, a conflict sum that opposes
-the consensus sum is projected onto its normal plane before the two are combined. Silos re-anchor
-their residual onto each new global (retention, silo side). Each mechanism can be switched off for
-ablations; with all three off this is FedAvg with keyed sketches computed and ignored.
+the consensus sum is projected onto its normal plane before the two are combined. Silos keep a
+personal adapter that learns their residual over the global model (retention, silo side,
+silo_agent/personal.py). Each mechanism can be switched off for ablations; with all three off this is
+FedAvg with keyed sketches computed and ignored.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ class FcMoe(Strategy):
         s = self.settings
         return replace(super().configure_round(round_, local, seed),
                        retention_lambda=s.retention_lambda if s.retention else 0.0,
-                       retention_by_importance=s.importance, sketch_buckets=s.sketch_buckets)
+                       retention_by_importance=s.importance, personal_adapter=s.retention,
+                       sketch_buckets=s.sketch_buckets)
 
     def coefficients(self, round_: int, units: list[str], reports: Mapping[str, SiloReport]) -> Coefficients:
         s = self.settings
         silos = sorted(reports)
         n = np.array([reports[x].num_examples for x in silos])
-        rel = np.array([max(s.reliability_floor, min(1.0, reports[x].reliability)) for x in silos])
+        rel = consensus.reliability_weight([reports[x].reliability for x in silos], s.reliability_floor,
+                                           s.reliability_saturation)
         share = np.array([[reports[x].routing_share[u] for u in units] for x in silos])
         weights = consensus.normalise(consensus.importance(
             n, rel, share, use_routing=s.importance, use_reliability=s.importance, routing_power=s.routing_power))

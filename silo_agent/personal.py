@@ -1,0 +1,79 @@
+"""Local knowledge retention as a personal adapter the silo keeps across rounds.
+
+The silo's personalised model is the federated model plus a residual it learns on its own data:
+
+    h              = input of the model's output layer W (its final hidden state)
+    personal logits = W (h + A h) = logits + W A h          A: hidden x hidden, zero at the start
+
+``A`` is trained at every local step on the silo's batch, on *detached* ``h`` and ``logits`` with
+``W`` held fixed, so it learns what the federated model does not say about this silo's data (the
+residual) and never changes the gradient of the model's own loss: the update the silo uploads is
+exactly the one it would upload without the adapter, and the global model is unaffected. ``A`` and
+its optimizer state stay on the silo, are never uploaded, and re-anchor onto every new global model
+by construction (they act on whatever hidden state the new model computes). The design follows
+FedRoD's personalised head on generic features (Chen & Chao, ICLR 2022), placed in hidden space so
+that it costs hidden² parameters, not hidden × vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from fcmoe.errors import LayoutError
+
+
+def output_layer(model: nn.Module) -> nn.Linear:
+    """The model's output layer (``lm_head``), which the adapter decodes through."""
+    layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(layer, nn.Linear):
+        raise LayoutError(f"personal adapter needs a linear output layer, model has {type(layer).__name__}")
+    return layer
+
+
+class PersonalAdapter(nn.Module):
+    """``A`` and its AdamW state; ``attach`` a model, then ``personalise`` its logits."""
+
+    def __init__(self, hidden_size: int, learning_rate: float, weight_decay: float = 0.0):
+        super().__init__()
+        self.residual = nn.Linear(hidden_size, hidden_size, bias=False)
+        nn.init.zeros_(self.residual.weight)
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        self._hidden: torch.Tensor | None = None
+        self._weight: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, learning_rate: float, weight_decay: float = 0.0) -> "PersonalAdapter":
+        layer = output_layer(model)
+        adapter = cls(layer.in_features, learning_rate, weight_decay)
+        return adapter.to(layer.weight.device)
+
+    @contextmanager
+    def attach(self, model: nn.Module) -> Iterator["PersonalAdapter"]:
+        """Capture the output layer's input on every forward while the context is open."""
+        layer = output_layer(model)
+
+        def capture(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            self._hidden, self._weight = inputs[0].detach(), layer.weight.detach()
+
+        handle = layer.register_forward_pre_hook(capture)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            self._hidden = self._weight = None
+
+    def personalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Personal logits for the forward pass just run; gradients reach ``A`` only."""
+        if self._hidden is None or self._weight is None:
+            raise LayoutError("personal adapter used outside attach() or before a forward pass")
+        hidden = self._hidden.to(self.residual.weight.dtype)
+        correction = nn.functional.linear(self.residual(hidden), self._weight.to(hidden.dtype))
+        return logits.detach() + correction.to(logits.dtype)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
