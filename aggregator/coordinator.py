@@ -172,7 +172,8 @@ class Coordinator:
                     learning_rate=local.learning_rate, weight_decay=local.weight_decay,
                     prox_mu=plan.prox_mu, clip_norm=local.clip_norm, seed=plan.seed,
                     retention_lambda=plan.retention_lambda, retention_by_importance=plan.retention_by_importance,
-                    personal_adapter=plan.personal_adapter, sketch_buckets=plan.sketch_buckets, secure_mode=self.secure.mode, session=self.machine.session))
+                    personal_adapter=plan.personal_adapter, sketch_buckets=plan.sketch_buckets,
+                    secure_mode=self.secure.mode, session=self.machine.session))
             if view.kind == "SHARE" and self._secure is not None:
                 task.share.CopyFrom(self._secure.share_instructions())
             if view.kind == "UPLOAD" and self._secure is not None:

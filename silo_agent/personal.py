@@ -18,7 +18,7 @@ that it costs hidden² parameters, not hidden × vocabulary.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -77,3 +77,8 @@ class PersonalAdapter(nn.Module):
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def attached(adapter: PersonalAdapter | None, model: nn.Module) -> AbstractContextManager:
+    """``adapter.attach(model)``, or nothing to do without an adapter."""
+    return adapter.attach(model) if adapter is not None else nullcontext()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
-from silo_agent.personal import PersonalAdapter
+from silo_agent.personal import PersonalAdapter, attached
 from silo_agent.routing import RoutingMeter
 
 
@@ -37,7 +36,11 @@ class TrainResult:
 
 def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token next-token loss ``[B, T-1]`` and the mask of positions that count."""
-    return logit_losses(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+    return logit_losses(forward_logits(model, batch), batch)
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def logit_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +58,7 @@ def train_locally(model: nn.Module, data: ExampleBatches, plan: LocalPlan, devic
                   adapter: PersonalAdapter | None = None) -> TrainResult:
     """AdamW on the model's loss; with ``adapter``, every step also trains the silo's personal adapter
     on the same batch (detached: the model's gradients are those it would have without it)."""
-    with adapter.attach(model) if adapter is not None else nullcontext():
+    with attached(adapter, model):
         return _train(model, data, plan, device, progress, meter, adapter)
 
 
@@ -80,7 +83,7 @@ def _train(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torc
             batch = {k: v.to(device) for k, v in data.sample(plan.batch_size, generator).items()}
             if meter is not None:
                 meter.mask = batch["attention_mask"].reshape(-1).bool()
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = forward_logits(model, batch)
             losses, mask = logit_losses(logits, batch)
             loss = losses.sum() / mask.sum().clamp_min(1)
             if anchor is not None:
@@ -106,7 +109,7 @@ def evaluate(model: nn.Module, data: ExampleBatches, device: torch.device, batch
              adapter: PersonalAdapter | None = None) -> dict[str, tuple[float, int]]:
     """Summed token loss and token count per domain on the held-out split (of the personalised model
     when ``adapter`` is given)."""
-    with adapter.attach(model) if adapter is not None else nullcontext():
+    with attached(adapter, model):
         return _evaluate(model, data, device, batch_size, adapter)
 
 
@@ -116,7 +119,7 @@ def _evaluate(model: nn.Module, data: ExampleBatches, device: torch.device, batc
     out: dict[str, tuple[float, int]] = {}
     for batch, domains in data.iter_eval(batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = forward_logits(model, batch)
         losses, mask = logit_losses(adapter.personalise(logits) if adapter is not None else logits, batch)
         for row, domain in enumerate(domains):
             loss_sum, count = out.get(domain, (0.0, 0))
