@@ -311,7 +311,11 @@ class SiloAgent:
                                            adapter)
         t2 = time.perf_counter()
         local_eval = self._evaluate()  # the model trained for the federation: its reliability
-        personal_eval = self._evaluate(adapter) if adapter is not None else local_eval
+        personal_eval = local_eval  # the personalised model is the trained one unless the adapter earns its place
+        if adapter is not None:
+            log_event(log, "personal_adapter", round=task.round, used=adapter.helps, gain=round(adapter.gain, 5))
+            if adapter.helps:
+                personal_eval = self._evaluate(adapter)
         eval_seconds += time.perf_counter() - t2
         self.local_units = self.layout.split(trainable_state(self.model))
         # What this round taught the silo; the retained residual (start - global) stays here.

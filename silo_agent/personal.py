@@ -13,6 +13,14 @@ its optimizer state stay on the silo, are never uploaded, and re-anchor onto eve
 by construction (they act on whatever hidden state the new model computes). The design follows
 FedRoD's personalised head on generic features (Chen & Chao, ICLR 2022), placed in hidden space so
 that it costs hidden² parameters, not hidden × vocabulary.
+
+An adapter can also hurt: on a pretrained model with a wide hidden state and few local steps it may
+learn noise faster than signal. So the silo keeps a *prequential* score of it (Dawid 1984; with the
+fading factor of Gama et al. 2013): at every local step, before either learns from the batch, the
+adapter's loss on it is compared with the model's. The personalised model is the model plus the
+adapter only while that faded gain is positive; otherwise it is the model itself. The score uses the
+batches training draws anyway, so it costs no data and no extra forward pass, and the held-out split
+stays untouched for reporting.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ import torch
 from torch import nn
 
 from fcmoe.errors import LayoutError
+
+PREQUENTIAL_FADING = 0.9
+"""Weight of the score so far at each new batch: about the last ten batches count, so an adapter that
+starts badly and then learns is switched on once it does (and off again if it drifts)."""
 
 
 def output_layer(model: nn.Module) -> nn.Linear:
@@ -44,6 +56,16 @@ class PersonalAdapter(nn.Module):
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
         self._hidden: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
+        self.gain = 0.0  # faded mean of (model loss - personal loss) per token on batches not yet learnt from
+
+    @property
+    def helps(self) -> bool:
+        """Whether the personalised model should include the adapter (its prequential gain is positive)."""
+        return self.gain > 0.0
+
+    def score(self, model_loss: float, personal_loss: float) -> None:
+        """One batch's mean token losses, taken before the model or the adapter stepped on it."""
+        self.gain = PREQUENTIAL_FADING * self.gain + (1.0 - PREQUENTIAL_FADING) * (model_loss - personal_loss)
 
     @classmethod
     def for_model(cls, model: nn.Module, learning_rate: float, weight_decay: float = 0.0) -> "PersonalAdapter":

@@ -85,12 +85,15 @@ def _train(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torc
                 meter.mask = batch["attention_mask"].reshape(-1).bool()
             logits = forward_logits(model, batch)
             losses, mask = logit_losses(logits, batch)
-            loss = losses.sum() / mask.sum().clamp_min(1)
+            tokens_here = mask.sum().clamp_min(1)
+            loss = token_loss = losses.sum() / tokens_here
             if anchor is not None:
                 loss = loss + 0.5 * plan.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             if adapter is not None:  # a separate graph: its loss reaches the adapter only
                 personal, _ = logit_losses(adapter.personalise(logits), batch)
-                (personal.sum() / mask.sum().clamp_min(1) / plan.grad_accum).backward()
+                personal_loss = personal.sum() / tokens_here
+                adapter.score(token_loss.item(), personal_loss.item())
+                (personal_loss / plan.grad_accum).backward()
             (loss / plan.grad_accum).backward()
             step_loss += loss.item() / plan.grad_accum
             tokens += int(mask.sum())

@@ -61,6 +61,7 @@ def test_the_adapter_learns_the_silos_residual_and_reapplies_it_to_a_new_global(
         train_locally(model, data.train, PLAN, CPU, adapter=adapter)
     federated, personal = _mean(evaluate(model, data.eval, CPU, 8)), _mean(evaluate(model, data.eval, CPU, 8, adapter))
     assert personal < federated
+    assert adapter.helps and adapter.gain > 0  # its prequential score says so too, without the held-out split
     # A new global model: the adapter acts on its hidden state, through its output layer.
     with torch.no_grad():
         for p in model.parameters():
@@ -76,6 +77,28 @@ def test_the_adapter_learns_the_silos_residual_and_reapplies_it_to_a_new_global(
     torch.testing.assert_close(correction, expected)
     assert all(p.grad is None for p in model.parameters())  # its loss reaches the adapter only
     assert adapter.residual.weight.grad is not None
+
+
+def test_an_adapter_that_hurts_is_scored_as_such(tmp_path):
+    """A learning rate far too high: the adapter makes held-out loss worse, and its prequential score,
+    taken on training batches before it learns from them, turns it off (the silo then reports the
+    trained model itself as its personalised model)."""
+    model, data = _silo(tmp_path)
+    adapter = PersonalAdapter.for_model(model, 1.0)
+    for _ in range(2):
+        train_locally(model, data.train, PLAN, CPU, adapter=adapter)
+    assert _mean(evaluate(model, data.eval, CPU, 8, adapter)) > _mean(evaluate(model, data.eval, CPU, 8))
+    assert not adapter.helps and adapter.gain < 0
+
+
+def test_prequential_score_fades_old_batches():
+    adapter = PersonalAdapter(4, 0.01)
+    assert not adapter.helps  # a fresh adapter is the identity: nothing to gain yet
+    adapter.score(model_loss=3.0, personal_loss=2.0)
+    assert adapter.gain == pytest.approx(0.1) and adapter.helps
+    for _ in range(30):  # it started well, then got worse: recent batches decide
+        adapter.score(model_loss=3.0, personal_loss=3.5)
+    assert adapter.gain == pytest.approx(0.1 * 0.9**30 - 0.5 * (1 - 0.9**30)) and not adapter.helps
 
 
 def test_adapter_misuse_is_a_one_line_error(tmp_path):
