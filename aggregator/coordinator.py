@@ -56,6 +56,7 @@ class Coordinator:
         output_dir: Path,
         clock: Callable[[], float] = time.time,
         resume: ResumePoint | None = None,
+        run_id: str | None = None,
     ):
         fed = config.federation
         self.config = config
@@ -97,7 +98,7 @@ class Coordinator:
         self._interrupted: dict[str, UpdateStream] = {}  # cut streams of the open phase, for a resume
         self._cv = threading.Condition()
         if resume is None:
-            self.run_id = uuid.uuid4().hex[:12]
+            self.run_id = run_id or uuid.uuid4().hex[:12]
             self._record = RunRecord(self.run_id, layout_hash, base_fingerprint, strategy.name)
             self._checkpoint()  # round 0 first: a run record always has a checkpoint to resume from
             write_run_record(self.checkpoints, self._record)

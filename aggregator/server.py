@@ -52,12 +52,13 @@ def initial_state(config: Config) -> tuple[ExpertLayout, str, dict]:
     return layout, base_fingerprint(model), layout.split(trainable_state(model))
 
 
-def build_coordinator(config: Config) -> Coordinator:
+def build_coordinator(config: Config, run_id: str | None = None) -> Coordinator:
     """The run's coordinator, from the config alone (the model defines layout and initial global).
 
     With ``aggregator.resume`` (the default) an unfinished run in ``run.output_dir`` goes on from its
     last completed round, so a crashed aggregator is restarted with the same command; otherwise an
-    earlier run's checkpoints there are moved aside and a new run starts."""
+    earlier run's checkpoints there are moved aside and a new run starts, under ``run_id`` when given
+    (benchmarks, for reproducible sketch keys) and a random id otherwise."""
     layout, fingerprint, initial = initial_state(config)
     output_dir = config.run.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def build_coordinator(config: Config) -> Coordinator:
         if archived is not None:
             log_event(log, "previous_run_archived", checkpoints=str(archived))
     return Coordinator(config, layout.hash, fingerprint, layout.unit_sizes(), initial, strategy, output_dir,
-                       resume=point)
+                       resume=point, run_id=run_id)
 
 
 def start_aggregator(config: Config) -> RunningAggregator:

@@ -78,7 +78,8 @@ def one_run(job: tuple[dict, dict, str, int]) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fcmoe-conv-") as tmp:
         aggregator, silos = run_configs(base, setting, method, seed, tmp, threads)
-        coordinator = run_in_process(aggregator, silos)
+        # one run id per seed: repeatable runs, and FC-MoE's variants of a seed share their sketch keys
+        coordinator = run_in_process(aggregator, silos, run_id=f"bench-seed{seed}")
         rows = coordinator.metrics.rows()
         ok = coordinator.machine.succeeded
     last_local = next((r for r in reversed(rows) if r.get("local_loss") is not None), {})

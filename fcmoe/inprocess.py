@@ -94,16 +94,17 @@ class InProcessTransport:
 
 
 def run_in_process(aggregator_config: Config, silo_configs: list[Config],
-                   absent: Callable[[str, pb.Task], bool] | None = None) -> Coordinator:
+                   absent: Callable[[str, pb.Task], bool] | None = None, run_id: str | None = None) -> Coordinator:
     """Run a whole federation in this process and thread; returns the finished coordinator.
 
     Silos take turns (deterministic, and safe: PEFT's parameter wrappers are not thread-safe across
     models), each doing whatever task the coordinator has for it. ``absent(silo, task)`` returning
-    True makes that silo unreachable for that task (it does nothing), to study dropouts.
+    True makes that silo unreachable for that task (it does nothing), to study dropouts. A fixed
+    ``run_id`` fixes FC-MoE's sketch keys too (they are bound to it), so that a run is repeatable.
     """
     # its silos are new objects every time: always a new run (an earlier one's checkpoints are moved aside)
     fresh = aggregator_config.aggregator.model_copy(update={"resume": False})
-    coordinator = build_coordinator(aggregator_config.model_copy(update={"aggregator": fresh}))
+    coordinator = build_coordinator(aggregator_config.model_copy(update={"aggregator": fresh}), run_id)
     agents = []
     for config in silo_configs:
         assert config.silo is not None

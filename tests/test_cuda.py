@@ -6,8 +6,6 @@ Skipped where no GPU is visible (the CI machines have none); run on a GPU host w
 differences are the order of floating-point sums in the kernels.
 """
 
-import uuid
-
 import numpy as np
 import pytest
 import torch
@@ -84,12 +82,10 @@ def test_dp_per_sample_gradients_and_ghost_clipping_on_cuda_match_cpu(family, mo
     torch.testing.assert_close(gpu_norms.cpu().float(), cpu_norms.float(), rtol=1e-4, atol=0)
 
 
-def test_an_fcmoe_round_with_cuda_silos_gives_the_cpu_global_model(tmp_path, monkeypatch):
+def test_an_fcmoe_round_with_cuda_silos_gives_the_cpu_global_model(tmp_path):
     """Three silos training on the GPU, the aggregator on the CPU (as deployed): the global model after
     two FC-MoE rounds is the one CPU silos produce. Both runs get the same run id, to which the sketch
     keys are bound."""
-    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=7))
-
     def run(device: str):
         config = smoke_config(tmp_path / device, min_silos=3, rounds=2, min_group_size=1, strategy={"name": "fcmoe"})
         silos = []
@@ -97,7 +93,7 @@ def test_an_fcmoe_round_with_cuda_silos_gives_the_cpu_global_model(tmp_path, mon
             data = silo_config(config, f"silo{i}", 0, index=i, num_silos=3).model_dump(mode="json")
             data["silo"].update({"sketch_key": "ab" * 32, "device": device})
             silos.append(parse_config(data))
-        coordinator = run_in_process(config, silos)
+        coordinator = run_in_process(config, silos, run_id="cuda-vs-cpu")
         assert coordinator.machine.succeeded and coordinator.machine.version == 2
         return coordinator
 

@@ -38,11 +38,14 @@ def test_local_only_keeps_the_global_model(tmp_path):
 
 
 def test_in_process_is_deterministic(tmp_path):
-    """Same seeds, same result (FC-MoE's sketch keys are bound to the random run id, so FedAvg here)."""
-    a = run_in_process(*_configs(tmp_path / "a", {"name": "fedavg"}))
-    b = run_in_process(*_configs(tmp_path / "b", {"name": "fedavg"}))
+    """Same seeds and run id, same result: FC-MoE's sketch keys are bound to the run id, which is
+    random unless given (benches.convergence gives one per seed)."""
+    a = run_in_process(*_configs(tmp_path / "a", {"name": "fcmoe"}), run_id="bench-seed0")
+    b = run_in_process(*_configs(tmp_path / "b", {"name": "fcmoe"}), run_id="bench-seed0")
+    assert a.run_id == b.run_id == "bench-seed0"
     for unit, vec in a.global_units.items():
         np.testing.assert_array_equal(vec, b.global_units[unit])
+    assert run_in_process(*_configs(tmp_path / "c", {"name": "fcmoe"})).run_id != "bench-seed0"
 
 
 def test_sketches_that_cannot_fit_a_report_are_refused_at_start(tmp_path):
