@@ -156,7 +156,9 @@ def archive_previous(root: Path) -> Path | None:
     except ConfigError:
         record = None
     label = record.run_id if record is not None else f"{int(root.stat().st_mtime)}"
-    target = root.with_name(f"{root.name}.{label}")
-    shutil.rmtree(target, ignore_errors=True)
+    target, copies = root.with_name(f"{root.name}.{label}"), 0
+    while target.exists():  # an earlier archive under the same label is kept, never replaced
+        copies += 1
+        target = root.with_name(f"{root.name}.{label}.{copies}")
     os.replace(root, target)
     return target

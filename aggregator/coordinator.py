@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
 
 log = logging.getLogger(__name__)
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a given run id: it becomes part of key labels and folder names
 
 
 @dataclass
@@ -97,6 +99,8 @@ class Coordinator:
         self._uploading: set[str] = set()  # silos with an update stream in flight (one each)
         self._interrupted: dict[str, UpdateStream] = {}  # cut streams of the open phase, for a resume
         self._cv = threading.Condition()
+        if run_id is not None and not RUN_ID.fullmatch(run_id):
+            raise ConfigError(f"run id {run_id[:80]!r}: 1 to 64 letters, digits, '_' or '-'")
         if resume is None:
             self.run_id = run_id or uuid.uuid4().hex[:12]
             self._record = RunRecord(self.run_id, layout_hash, base_fingerprint, strategy.name)

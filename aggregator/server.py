@@ -19,6 +19,7 @@ from aggregator.strategies import build_strategy
 from crypto.pki import PkiPaths
 from crypto.tls import handshake_failures_logged, server_credentials
 from fcmoe.config import Config
+from fcmoe.errors import ConfigError
 from fcmoe.fileio import write_atomic
 from fcmoe.logs import log_event
 from fcmoe.model import ExpertLayout, base_fingerprint, build_model, trainable_state
@@ -52,19 +53,23 @@ def initial_state(config: Config) -> tuple[ExpertLayout, str, dict]:
     return layout, base_fingerprint(model), layout.split(trainable_state(model))
 
 
-def build_coordinator(config: Config, run_id: str | None = None) -> Coordinator:
+def build_coordinator(config: Config, *, run_id: str | None = None) -> Coordinator:
     """The run's coordinator, from the config alone (the model defines layout and initial global).
 
     With ``aggregator.resume`` (the default) an unfinished run in ``run.output_dir`` goes on from its
     last completed round, so a crashed aggregator is restarted with the same command; otherwise an
-    earlier run's checkpoints there are moved aside and a new run starts, under ``run_id`` when given
-    (benchmarks, for reproducible sketch keys) and a random id otherwise."""
+    earlier run's checkpoints there are moved aside and a new run starts, under a random id, or under
+    ``run_id`` (benchmarks, for repeatable sketch keys: masks, shares and silos' records are keyed by
+    the run id too, so one id must never name two runs that share silos or an output folder)."""
     layout, fingerprint, initial = initial_state(config)
     output_dir = config.run.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     strategy = build_strategy(config.federation.strategy, config.federation.min_group_size)
     checkpoints = output_dir / "checkpoints"
     point = resume_point(checkpoints, layout.hash, fingerprint, strategy.name) if config.aggregator.resume else None
+    if point is not None and run_id is not None:
+        raise ConfigError(f"run id {run_id!r} given for a new run, but {checkpoints} holds unfinished run "
+                          f"{point.record.run_id}; set aggregator.resume: false")
     if point is None:
         archived = archive_previous(checkpoints)
         if archived is not None:

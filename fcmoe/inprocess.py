@@ -94,7 +94,7 @@ class InProcessTransport:
 
 
 def run_in_process(aggregator_config: Config, silo_configs: list[Config],
-                   absent: Callable[[str, pb.Task], bool] | None = None, run_id: str | None = None) -> Coordinator:
+                   absent: Callable[[str, pb.Task], bool] | None = None, *, run_id: str | None = None) -> Coordinator:
     """Run a whole federation in this process and thread; returns the finished coordinator.
 
     Silos take turns (deterministic, and safe: PEFT's parameter wrappers are not thread-safe across
@@ -104,7 +104,7 @@ def run_in_process(aggregator_config: Config, silo_configs: list[Config],
     """
     # its silos are new objects every time: always a new run (an earlier one's checkpoints are moved aside)
     fresh = aggregator_config.aggregator.model_copy(update={"resume": False})
-    coordinator = build_coordinator(aggregator_config.model_copy(update={"aggregator": fresh}), run_id)
+    coordinator = build_coordinator(aggregator_config.model_copy(update={"aggregator": fresh}), run_id=run_id)
     agents = []
     for config in silo_configs:
         assert config.silo is not None

@@ -16,8 +16,8 @@ that it costs hidden² parameters, not hidden × vocabulary.
 
 An adapter can also hurt: on a pretrained model with a wide hidden state and few local steps it may
 learn noise faster than signal. So the silo keeps a *prequential* score of it (Dawid 1984; with the
-fading factor of Gama et al. 2013): at every local step, before either learns from the batch, the
-adapter's loss on it is compared with the model's. The personalised model is the model plus the
+fading factor of Gama et al. 2013): at every local step, before either learns from its batches, the
+adapter's loss on them is compared with the model's. The personalised model is the model plus the
 adapter only while that faded gain is positive; otherwise it is the model itself. The score uses the
 batches training draws anyway, so it costs no data and no extra forward pass, and the held-out split
 stays untouched for reporting.
@@ -34,7 +34,7 @@ from torch import nn
 from fcmoe.errors import LayoutError
 
 PREQUENTIAL_FADING = 0.9
-"""Weight of the score so far at each new batch: about the last ten batches count, so an adapter that
+"""Weight of the score so far at each new local step: about the last ten steps count, so an adapter that
 starts badly and then learns is switched on once it does (and off again if it drifts)."""
 
 
@@ -56,7 +56,7 @@ class PersonalAdapter(nn.Module):
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
         self._hidden: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
-        self.gain = 0.0  # faded mean of (model loss - personal loss) per token on batches not yet learnt from
+        self.gain = 0.0  # faded mean over local steps of (model loss - personal loss) per token, before learning
 
     @property
     def helps(self) -> bool:
@@ -64,7 +64,8 @@ class PersonalAdapter(nn.Module):
         return self.gain > 0.0
 
     def score(self, model_loss: float, personal_loss: float) -> None:
-        """One batch's mean token losses, taken before the model or the adapter stepped on it."""
+        """One local step's mean token losses (over its micro-batches), taken before the model or the
+        adapter stepped on them."""
         self.gain = PREQUENTIAL_FADING * self.gain + (1.0 - PREQUENTIAL_FADING) * (model_loss - personal_loss)
 
     @classmethod

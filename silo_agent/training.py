@@ -79,26 +79,27 @@ def _train(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torc
     for step in steps:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
+        scored = torch.zeros(3, device=device)  # the step's summed token losses (model, personal) and tokens
         for _ in range(plan.grad_accum):
             batch = {k: v.to(device) for k, v in data.sample(plan.batch_size, generator).items()}
             if meter is not None:
                 meter.mask = batch["attention_mask"].reshape(-1).bool()
             logits = forward_logits(model, batch)
             losses, mask = logit_losses(logits, batch)
-            tokens_here = mask.sum().clamp_min(1)
-            loss = token_loss = losses.sum() / tokens_here
-            if anchor is not None:
-                loss = loss + 0.5 * plan.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            loss = losses.sum() / mask.sum().clamp_min(1)
             if adapter is not None:  # a separate graph: its loss reaches the adapter only
                 personal, _ = logit_losses(adapter.personalise(logits), batch)
-                personal_loss = personal.sum() / tokens_here
-                adapter.score(token_loss.item(), personal_loss.item())
-                (personal_loss / plan.grad_accum).backward()
+                (personal.sum() / mask.sum().clamp_min(1) / plan.grad_accum).backward()
+                scored += torch.stack([losses.sum(), personal.sum(), mask.sum()]).detach()
+            if anchor is not None:
+                loss = loss + 0.5 * plan.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             (loss / plan.grad_accum).backward()
             step_loss += loss.item() / plan.grad_accum
             tokens += int(mask.sum())
         optimizer.step()
-        if adapter is not None:
+        if adapter is not None:  # scored on the step's batches before either stepped on them
+            model_sum, personal_sum, count = scored.tolist()
+            adapter.score(model_sum / max(count, 1.0), personal_sum / max(count, 1.0))
             adapter.step()
         first = step_loss if step == 0 else first
         last = step_loss

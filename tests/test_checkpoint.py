@@ -60,3 +60,14 @@ def test_old_checkpoints_are_pruned_around_the_newest_and_a_new_run_archives_the
     assert archived == tmp_path / "checkpoints.old" and (archived / "round-0005").is_dir() and not root.exists()
     _save(root, 0)  # the new run's first checkpoint survives: nothing newer is left to outrank it
     assert (root / "latest").read_text().strip() == "round-0000" and (root / "round-0000").is_dir()
+
+
+def test_an_archive_under_the_same_label_is_kept(tmp_path):
+    """Two runs with one id (a benchmark's fixed run id) in one folder: both archives survive."""
+    root = tmp_path / "checkpoints"
+    for attempt in range(2):
+        write_run_record(root, RunRecord("same", "lay", "fp", "fedavg", finished=True))
+        _save(root, attempt)
+        archive_previous(root)
+    assert (tmp_path / "checkpoints.same" / "round-0000").is_dir()
+    assert (tmp_path / "checkpoints.same.1" / "round-0001").is_dir()

@@ -12,6 +12,7 @@ import torch
 from conftest import silo_config, smoke_config
 from test_dp_per_sample import GHOST_CASES, batch, tiny
 
+from aggregator.server import initial_state
 from fcmoe.config import parse_config
 from fcmoe.inprocess import run_in_process
 from fcmoe.model import build_model
@@ -25,7 +26,17 @@ from silo_agent.training import LocalPlan, evaluate, train_locally
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
-PLAN = LocalPlan(local_steps=8, batch_size=8, learning_rate=0.01, seed=3)
+PLAN = LocalPlan(local_steps=8, batch_size=8, grad_accum=2, learning_rate=0.01, prox_mu=0.01, seed=3)
+
+
+def _close_updates(after: dict, reference: dict, start: dict, rel: float = 1e-2) -> None:
+    """Each tensor's change from ``start`` agrees with the reference's to ``rel`` of its size: AdamW
+    divides by the gradient's running size, so summation-order noise on a near-zero gradient can move
+    single entries by up to the learning rate; the update as a whole must still agree."""
+    for name, ref in reference.items():
+        moved = np.asarray(ref, np.float64) - np.asarray(start[name], np.float64)
+        diff = np.asarray(after[name], np.float64) - np.asarray(ref, np.float64)
+        assert np.linalg.norm(diff) <= rel * max(np.linalg.norm(moved), 1e-8), name
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +45,10 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _mean(evaluation: dict[str, tuple[float, int]]) -> float:
+    return sum(loss for loss, _ in evaluation.values()) / sum(n for _, n in evaluation.values())
 
 
 def _silo(tmp_path, dtype: str = "float32"):
@@ -47,24 +62,25 @@ def _train(config, device: torch.device):
     model = build_model(config.model, "cpu", seed=0).to(device)  # LoRA's init draws from the CPU generator
     data = load_data(config)
     adapter = PersonalAdapter.for_model(model, 0.01)
+    start = {k: v.cpu().numpy() for k, v in trainable_state(model).items()}
     result = train_locally(model, data.train, PLAN, device, adapter=adapter)
     personal = evaluate(model, data.eval, device, 8, adapter)
-    return model, adapter, result, personal
+    state = {k: v.cpu().numpy() for k, v in trainable_state(model).items()}
+    state["adapter"] = adapter.residual.weight.detach().float().cpu().numpy()
+    start["adapter"] = np.zeros_like(state["adapter"])
+    return state, start, adapter.gain, result, personal
 
 
 def test_local_training_with_the_adapter_on_cuda_matches_cpu(tmp_path):
     config = _silo(tmp_path)
-    cpu_model, cpu_adapter, cpu_result, cpu_eval = _train(config, CPU)
-    gpu_model, gpu_adapter, gpu_result, gpu_eval = _train(config, GPU)
+    cpu_state, start, cpu_gain, cpu_result, cpu_eval = _train(config, CPU)
+    gpu_state, _, gpu_gain, gpu_result, gpu_eval = _train(config, GPU)
     assert gpu_result.tokens == cpu_result.tokens
-    assert gpu_result.loss_last == pytest.approx(cpu_result.loss_last, rel=1e-4)
-    gpu_state = trainable_state(gpu_model)
-    for name, value in trainable_state(cpu_model).items():
-        torch.testing.assert_close(gpu_state[name].cpu(), value, rtol=1e-3, atol=1e-4, msg=name)
-    torch.testing.assert_close(gpu_adapter.residual.weight.cpu(), cpu_adapter.residual.weight, rtol=1e-3, atol=1e-4)
-    assert gpu_adapter.gain == pytest.approx(cpu_adapter.gain, rel=1e-3, abs=1e-5)
+    assert gpu_result.loss_last == pytest.approx(cpu_result.loss_last, rel=1e-3)
+    _close_updates(gpu_state, cpu_state, start)
+    assert gpu_gain == pytest.approx(cpu_gain, rel=1e-2, abs=1e-4)
     for domain, (loss, count) in cpu_eval.items():
-        assert gpu_eval[domain][1] == count and gpu_eval[domain][0] == pytest.approx(loss, rel=1e-4)
+        assert gpu_eval[domain][1] == count and gpu_eval[domain][0] == pytest.approx(loss, rel=1e-3)
 
 
 @pytest.mark.parametrize("family,mode", GHOST_CASES)
@@ -98,8 +114,12 @@ def test_an_fcmoe_round_with_cuda_silos_gives_the_cpu_global_model(tmp_path):
         return coordinator
 
     cpu, gpu = run("cpu"), run("cuda")
-    for unit, vec in cpu.global_units.items():
-        np.testing.assert_allclose(gpu.global_units[unit], vec, rtol=1e-3, atol=1e-4, err_msg=unit)
+    _, _, start = initial_state(cpu.config)
+    _close_updates(gpu.global_units, cpu.global_units, start)
+    cpu_rows, gpu_rows = cpu.metrics.rows(), gpu.metrics.rows()
+    for key in ("global_loss", "local_loss"):  # round 0 has no local loss
+        losses = [[r[key] for r in rows if r.get(key) is not None] for rows in (cpu_rows, gpu_rows)]
+        assert len(losses[0]) >= 2 and losses[1] == pytest.approx(losses[0], rel=1e-3)
 
 
 def test_bfloat16_training_on_cuda_learns(tmp_path):
@@ -107,8 +127,10 @@ def test_bfloat16_training_on_cuda_learns(tmp_path):
     model = build_model(config.model, "cpu", seed=0).to(GPU)
     assert next(model.parameters()).dtype == torch.bfloat16
     data = load_data(config)
+    adapter = PersonalAdapter.for_model(model, 0.01)  # float32, on a bfloat16 model's features
     before = evaluate(model, data.eval, GPU, 8)
-    train_locally(model, data.train, LocalPlan(local_steps=20, batch_size=8, learning_rate=0.01, seed=0), GPU)
+    train_locally(model, data.train, LocalPlan(local_steps=20, batch_size=8, learning_rate=0.01, seed=0), GPU,
+                  adapter=adapter)
     after = evaluate(model, data.eval, GPU, 8)
-    mean = lambda e: sum(loss for loss, _ in e.values()) / sum(n for _, n in e.values())  # noqa: E731
-    assert mean(after) < mean(before) - 0.1
+    assert np.isfinite(adapter.gain) and np.isfinite(_mean(evaluate(model, data.eval, GPU, 8, adapter)))
+    assert _mean(after) < _mean(before) - 0.1

@@ -45,7 +45,37 @@ def test_in_process_is_deterministic(tmp_path):
     assert a.run_id == b.run_id == "bench-seed0"
     for unit, vec in a.global_units.items():
         np.testing.assert_array_equal(vec, b.global_units[unit])
-    assert run_in_process(*_configs(tmp_path / "c", {"name": "fcmoe"})).run_id != "bench-seed0"
+
+
+def test_silos_report_the_personal_adapter_only_while_it_helps(tmp_path, monkeypatch):
+    """One run id, three runs: no adapter, an adapter scored as hurting, one scored as helping. The
+    adapter never changes the federated model, so the first two report the same personalised losses
+    (the trained model's) and the third reports others."""
+    from silo_agent.personal import PersonalAdapter
+
+    def personalised(name: str, strategy: dict, helps: bool | None) -> list[float]:
+        if helps is not None:
+            monkeypatch.setattr(PersonalAdapter, "helps", property(lambda self: helps))
+        rows = run_in_process(*_configs(tmp_path / name, strategy), run_id="gate").metrics.rows()
+        return [r["local_loss"] for r in rows[1:]]
+
+    without = personalised("without", {"name": "fcmoe", "fcmoe": {"retention": False}}, None)
+    assert personalised("hurting", {"name": "fcmoe"}, False) == without
+    assert personalised("helping", {"name": "fcmoe"}, True) != without
+
+
+def test_a_given_run_id_is_checked_and_never_resumes_another_run(tmp_path):
+    import pytest
+
+    from aggregator.server import build_coordinator
+    from fcmoe.errors import ConfigError
+
+    config, silos = _configs(tmp_path, {"name": "fedavg"})
+    with pytest.raises(ConfigError, match="1 to 64 letters"):
+        run_in_process(config, silos, run_id="a|b")
+    build_coordinator(config)  # an unfinished run in run.output_dir, resumable
+    with pytest.raises(ConfigError, match="holds unfinished run"):
+        build_coordinator(config, run_id="fixed")
 
 
 def test_sketches_that_cannot_fit_a_report_are_refused_at_start(tmp_path):
