@@ -14,10 +14,9 @@ processes itself. The update is the one a single process would make on the whole
   counts, so a plain DDP average of per-rank means would not be);
 - the optimiser (AdamW on every rank, same gradients) keeps the replicas identical.
 
-Rank 0 hands back the trained state, the training figures and the summed routing counts through
-files in a private temporary folder (safetensors + JSON), and the agent loads them. A failing rank
-stops the others at once (its exit is seen by the parent, which terminates the rest) and surfaces
-as one :class:`RunError` line; the process group's timeout bounds any collective left waiting.
+Rank 0 hands back the trained state and the training figures through files in a private temporary
+folder (safetensors + JSON), and the agent loads them. A failing rank stops the others at once (its
+exit is seen by the parent, which terminates the rest) and surfaces as one :class:`RunError` line; the process group's timeout bounds any collective left waiting.
 DP-SGD stays single-process: the config refuses ``world_size > 1`` with ``dp.enabled``.
 """
 
@@ -29,7 +28,7 @@ import math
 import socket
 import tempfile
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -45,16 +44,14 @@ from fcmoe.config import ModelConfig, SiloConfig
 from fcmoe.errors import ConfigError, RunError
 from fcmoe.logs import log_event, setup_logging
 from fcmoe.model import build_model, load_trainable_state, trainable_state
-from fcmoe.model.build import num_experts
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
-from silo_agent.routing import RoutingMeter
 from silo_agent.training import LocalPlan, TrainResult, token_losses, train_locally
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this means a rank is stuck: fail, do not hang
 _GRACE_S = 5.0  # after one rank fails, how long the others get to exit before they are killed
-_START, _TRAINED, _ROUTING, _RESULT = "start.safetensors", "trained.safetensors", "routing.safetensors", "result.json"
+_START, _TRAINED, _RESULT = "start.safetensors", "trained.safetensors", "result.json"
 
 
 def check_world_size(silo: SiloConfig) -> None:
@@ -81,23 +78,21 @@ class _RankJob:
     threads: int
     timeout_s: float
     progress: bool
-    metered: bool
     log_level: str
 
 
 def train_distributed(model: nn.Module, model_config: ModelConfig, data: ExampleBatches, plan: LocalPlan,
                       world_size: int, device: torch.device, progress: bool = False,
-                      meter: RoutingMeter | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> TrainResult:
+                      timeout_s: float = DEFAULT_TIMEOUT_S) -> TrainResult:
     """Train ``model`` in place as :func:`silo_agent.training.train_locally` would, over ``world_size``
-    processes; ``meter`` (if given) receives the routing counts of every rank's tokens.
+    processes.
 
     A batch smaller than ``world_size`` leaves a process without rows: that round trains in this
     process instead (same update), rather than stopping the silo over the aggregator's batch size."""
     if plan.batch_size < world_size:
         log_event(log, "training_in_one_process", level=logging.WARNING,
                   reason=f"batch_size={plan.batch_size} is below world_size={world_size}")
-        with meter.attached(model) if meter is not None else nullcontext():
-            return train_locally(model, data, plan, device, progress, meter)
+        return train_locally(model, data, plan, device, progress)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fcmoe-ranks-") as tmp:
         folder = Path(tmp)
@@ -105,12 +100,10 @@ def train_distributed(model: nn.Module, model_config: ModelConfig, data: Example
         job = _RankJob(model=model_config, data=data, plan=plan, world_size=world_size, cuda=device.type == "cuda",
                        init_method=f"tcp://127.0.0.1:{_free_port()}", folder=tmp,
                        threads=max(1, torch.get_num_threads() // world_size), timeout_s=timeout_s,
-                       progress=progress, metered=meter is not None,
+                       progress=progress,
                        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
         _launch(job)
         load_trainable_state(model, load_file(str(folder / _TRAINED)))
-        if meter is not None:
-            _fill_meter(meter, load_file(str(folder / _ROUTING)))
         figures = json.loads((folder / _RESULT).read_text())
     seconds = time.perf_counter() - start
     log_event(log, "distributed_training_done", world_size=world_size, backend=_backend(job.cuda),
@@ -205,7 +198,6 @@ def _train_rank(rank: int, job: _RankJob, device: torch.device) -> None:
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
     generator = torch.Generator().manual_seed(plan.seed)  # the same whole batches on every rank
     torch.manual_seed(plan.seed)
-    meter = RoutingMeter(num_experts(model.config)) if job.metered else None
     model.train()
     steps = range(plan.local_steps)
     if job.progress and rank == 0:
@@ -214,36 +206,29 @@ def _train_rank(rank: int, job: _RankJob, device: torch.device) -> None:
         steps = tqdm(steps, desc=f"local steps ({world} processes)", unit="step", leave=False)
     tokens, first, last = 0, math.nan, math.nan
     start = time.perf_counter()
-    with ExitStack() as stack:
-        if meter is not None:
-            stack.enter_context(meter.attached(model))
-        for step in steps:
-            optimizer.zero_grad(set_to_none=True)
-            token_loss = torch.zeros((), dtype=torch.float64, device=device)  # this rank's part of the step loss
-            prox_loss = 0.0
-            for micro in range(plan.grad_accum):
-                whole = job.data.sample(plan.batch_size, generator)
-                count = scored_tokens(whole)
-                batch = {k: v.to(device) for k, v in shard_rows(whole, rank, world).items()}
-                if meter is not None:
-                    meter.mask = batch["attention_mask"].reshape(-1).bool()
-                # DDP all-reduces on the last micro-batch only; earlier ones accumulate locally
-                with replica.no_sync() if micro < plan.grad_accum - 1 else nullcontext():
-                    part, prox = _backward(replica, batch, count, world, plan, params, anchor)
-                token_loss += part / plan.grad_accum
-                prox_loss += prox / plan.grad_accum
-                tokens += count
-            optimizer.step()
-            dist.all_reduce(token_loss)
-            last = float(token_loss) + prox_loss
-            first = last if step == 0 else first
+    for step in steps:
+        optimizer.zero_grad(set_to_none=True)
+        token_loss = torch.zeros((), dtype=torch.float64, device=device)  # this rank's part of the step loss
+        prox_loss = 0.0
+        for micro in range(plan.grad_accum):
+            whole = job.data.sample(plan.batch_size, generator)
+            count = scored_tokens(whole)
+            batch = {k: v.to(device) for k, v in shard_rows(whole, rank, world).items()}
+            # DDP all-reduces on the last micro-batch only; earlier ones accumulate locally
+            with replica.no_sync() if micro < plan.grad_accum - 1 else nullcontext():
+                part, prox = _backward(replica, batch, count, world, plan, params, anchor)
+            token_loss += part / plan.grad_accum
+            prox_loss += prox / plan.grad_accum
+            tokens += count
+        optimizer.step()
+        dist.all_reduce(token_loss)
+        last = float(token_loss) + prox_loss
+        first = last if step == 0 else first
     if job.cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    routing = _summed_routing(meter, device) if meter is not None else None
     if rank == 0:
-        _write_outputs(Path(job.folder), model, routing,
-                       TrainResult(plan.local_steps, tokens, seconds, first, last))
+        _write_outputs(Path(job.folder), model, TrainResult(plan.local_steps, tokens, seconds, first, last))
 
 
 def _backward(replica: nn.Module, batch: dict[str, torch.Tensor], count: int, world: int, plan: LocalPlan,
@@ -262,29 +247,6 @@ def _backward(replica: nn.Module, batch: dict[str, torch.Tensor], count: int, wo
     return part.detach().double(), prox
 
 
-def _summed_routing(meter: RoutingMeter, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every rank's routing mass and token counts, summed (each rank saw different tokens)."""
-    layers = sorted(meter.mass)
-    if not layers:
-        return {}
-    mass = torch.stack([meter.mass[layer].to(device) for layer in layers])
-    counts = torch.tensor([meter.tokens[layer] for layer in layers], dtype=torch.float64, device=device)
-    dist.all_reduce(mass)
-    dist.all_reduce(counts)
-    return {"layers": torch.tensor(layers, dtype=torch.int64), "mass": mass.cpu(), "tokens": counts.cpu()}
-
-
-def _fill_meter(meter: RoutingMeter, routing: dict[str, torch.Tensor]) -> None:
-    if not routing:
-        return
-    for i, layer in enumerate(routing["layers"].tolist()):
-        meter.mass[layer] = meter.mass.get(layer, 0) + routing["mass"][i]
-        meter.tokens[layer] = meter.tokens.get(layer, 0.0) + float(routing["tokens"][i])
-
-
-def _write_outputs(folder: Path, model: nn.Module, routing: dict[str, torch.Tensor] | None,
-                   result: TrainResult) -> None:
+def _write_outputs(folder: Path, model: nn.Module, result: TrainResult) -> None:
     save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()}, str(folder / _TRAINED))
-    if routing is not None:
-        save_file(routing, str(folder / _ROUTING))
     (folder / _RESULT).write_text(json.dumps(asdict(result)))

@@ -2,8 +2,13 @@
 
 A forward pre-hook on every fused ``*Experts`` module sees the router's exact ``top_k_index`` and
 ``top_k_weights`` (transformers >= 5), so the meter sums, per (layer, expert), the gate weight that
-the silo's real (non-padding) training tokens put on the expert. Divided by the token count this is
-the expert's routing share in that layer (the shares of a layer sum to one).
+the silo's real (non-padding) tokens put on the expert. Divided by the token count this is the
+expert's routing share in that layer (the shares of a layer sum to one).
+
+The agent meters the evaluation of each round's global model on the silo's held-out split: the
+share then says how this silo's data uses the experts of the model being aggregated. Metering local
+training instead measured the silo's own drifting router, which aggregation does not keep; on the
+conflict benchmark that cost FC-MoE's global model 2 % (docs/algorithm.md).
 """
 
 from __future__ import annotations

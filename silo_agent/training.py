@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -54,16 +55,15 @@ def logit_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[
 
 
 def train_locally(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torch.device,
-                  progress: bool = False, meter: RoutingMeter | None = None,
-                  adapter: PersonalAdapter | None = None) -> TrainResult:
+                  progress: bool = False, adapter: PersonalAdapter | None = None) -> TrainResult:
     """AdamW on the model's loss; with ``adapter``, every step also trains the silo's personal adapter
     on the same batch (detached: the model's gradients are those it would have without it)."""
     with attached(adapter, model):
-        return _train(model, data, plan, device, progress, meter, adapter)
+        return _train(model, data, plan, device, progress, adapter)
 
 
 def _train(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torch.device, progress: bool,
-           meter: RoutingMeter | None, adapter: PersonalAdapter | None) -> TrainResult:
+           adapter: PersonalAdapter | None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.prox_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
@@ -82,8 +82,6 @@ def _train(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torc
         scored = torch.zeros(3, device=device)  # the step's summed token losses (model, personal) and tokens
         for _ in range(plan.grad_accum):
             batch = {k: v.to(device) for k, v in data.sample(plan.batch_size, generator).items()}
-            if meter is not None:
-                meter.mask = batch["attention_mask"].reshape(-1).bool()
             logits = forward_logits(model, batch)
             losses, mask = logit_losses(logits, batch)
             loss = losses.sum() / mask.sum().clamp_min(1)
@@ -110,19 +108,21 @@ def _train(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torc
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ExampleBatches, device: torch.device, batch_size: int,
-             adapter: PersonalAdapter | None = None) -> dict[str, tuple[float, int]]:
+             adapter: PersonalAdapter | None = None, meter: RoutingMeter | None = None) -> dict[str, tuple[float, int]]:
     """Summed token loss and token count per domain on the held-out split (of the personalised model
-    when ``adapter`` is given)."""
-    with attached(adapter, model):
-        return _evaluate(model, data, device, batch_size, adapter)
+    when ``adapter`` is given); ``meter`` (if given) counts the routing of the split's tokens."""
+    with attached(adapter, model), meter.attached(model) if meter is not None else nullcontext():
+        return _evaluate(model, data, device, batch_size, adapter, meter)
 
 
 def _evaluate(model: nn.Module, data: ExampleBatches, device: torch.device, batch_size: int,
-              adapter: PersonalAdapter | None) -> dict[str, tuple[float, int]]:
+              adapter: PersonalAdapter | None, meter: RoutingMeter | None) -> dict[str, tuple[float, int]]:
     model.eval()
     out: dict[str, tuple[float, int]] = {}
     for batch, domains in data.iter_eval(batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
+        if meter is not None:
+            meter.mask = batch["attention_mask"].reshape(-1).bool()
         logits = forward_logits(model, batch)
         losses, mask = logit_losses(adapter.personalise(logits) if adapter is not None else logits, batch)
         for row, domain in enumerate(domains):

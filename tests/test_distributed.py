@@ -18,11 +18,9 @@ from conftest import silo_config, smoke_config
 from fcmoe.config import ModelConfig, SiloConfig, parse_config
 from fcmoe.errors import ConfigError, RunError
 from fcmoe.inprocess import run_in_process
-from fcmoe.model import ExpertLayout, build_model, load_trainable_state, trainable_state
-from fcmoe.model.build import num_experts
+from fcmoe.model import build_model, load_trainable_state, trainable_state
 from silo_agent.data import ByteTokenizer, Example, ExampleBatches, build_silo_dataset
 from silo_agent.distributed import check_world_size, scored_tokens, shard_rows, train_distributed
-from silo_agent.routing import RoutingMeter
 from silo_agent.training import LocalPlan, train_locally
 
 TOLERANCE = 1e-5  # max abs difference of any trained number
@@ -48,13 +46,11 @@ def _train(model_config: ModelConfig, start: dict[str, torch.Tensor], data: Exam
            world_size: int):
     model = build_model(model_config)
     load_trainable_state(model, start)
-    meter = RoutingMeter(num_experts(model.config))
     if world_size == 1:
-        with meter.attached(model):
-            result = train_locally(model, data, plan, CPU, meter=meter)
+        result = train_locally(model, data, plan, CPU)
     else:
-        result = train_distributed(model, model_config, data, plan, world_size, CPU, meter=meter)
-    return trainable_state(model), result, meter.shares(ExpertLayout.from_model(model, num_experts(model.config)))
+        result = train_distributed(model, model_config, data, plan, world_size, CPU)
+    return trainable_state(model), result
 
 
 def test_two_processes_give_the_one_process_update_with_accumulation_prox_and_full_experts():
@@ -65,8 +61,8 @@ def test_two_processes_give_the_one_process_update_with_accumulation_prox_and_fu
     first = data.sample(plan.batch_size, torch.Generator().manual_seed(plan.seed))
     assert scored_tokens(shard_rows(first, 0, 2)) != scored_tokens(shard_rows(first, 1, 2))
     start = _start_state(model_config)
-    one, one_result, one_shares = _train(model_config, start, data, plan, 1)
-    two, two_result, two_shares = _train(model_config, start, data, plan, 2)
+    one, one_result = _train(model_config, start, data, plan, 1)
+    two, two_result = _train(model_config, start, data, plan, 2)
     assert set(one) == set(two)
     gap = max(float((one[k] - two[k]).abs().max()) for k in one)
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
@@ -74,7 +70,6 @@ def test_two_processes_give_the_one_process_update_with_accumulation_prox_and_fu
     assert (two_result.steps, two_result.tokens) == (one_result.steps, one_result.tokens)
     assert two_result.loss_first == pytest.approx(one_result.loss_first, abs=1e-5)
     assert two_result.loss_last == pytest.approx(one_result.loss_last, abs=1e-5)
-    assert max(abs(one_shares[u] - two_shares[u]) for u in one_shares) < 1e-6  # routing counts of both ranks
 
 
 def test_agent_with_world_size_2_sends_the_same_update(tmp_path):
@@ -130,7 +125,7 @@ def test_world_size_settings_are_checked():
 def test_a_batch_smaller_than_world_size_trains_in_one_process():
     model_config = ModelConfig.model_validate({"builtin": TINY})
     start, data, plan = _start_state(model_config), _data(), LocalPlan(local_steps=2, batch_size=1)
-    one, one_result, one_shares = _train(model_config, start, data, plan, 1)
-    two, two_result, two_shares = _train(model_config, start, data, plan, 2)  # no process started
-    assert all(torch.equal(one[k], two[k]) for k in one) and one_shares == two_shares
+    one, one_result = _train(model_config, start, data, plan, 1)
+    two, two_result = _train(model_config, start, data, plan, 2)  # no process started
+    assert all(torch.equal(one[k], two[k]) for k in one)
     assert (two_result.tokens, two_result.loss_last) == (one_result.tokens, one_result.loss_last)

@@ -7,8 +7,8 @@ from fcmoe.config import parse_config
 from fcmoe.inprocess import run_in_process
 
 
-def _configs(tmp_path, strategy):
-    config = smoke_config(tmp_path, min_silos=3, rounds=2, min_group_size=1, strategy=strategy)
+def _configs(tmp_path, strategy, **federation):
+    config = smoke_config(tmp_path, min_silos=3, rounds=2, min_group_size=1, strategy=strategy, **federation)
     key = "ab" * 32
     silos = []
     for i in range(3):
@@ -117,3 +117,28 @@ def test_model_and_tokenizer_from_a_local_checkpoint_directory(tmp_path):
     coord = run_in_process(swap(config), [swap(s) for s in silos])
     rows = coord.metrics.rows()
     assert coord.machine.succeeded and rows[-1]["global_loss"] < rows[0]["global_loss"]
+
+
+def test_routing_shares_are_measured_under_the_global_model(tmp_path, monkeypatch):
+    """A silo's routing share says how its held-out data uses the experts of the model being
+    aggregated, so it cannot depend on how the silo trains that round: the first round's shares
+    (same initial model) are the same at two learning rates, although the updates differ."""
+    from aggregator.strategies.fcmoe import FcMoe
+
+    seen: list[dict[str, list[float]]] = []
+    coefficients = FcMoe.coefficients
+
+    def spy(self, round_, units, reports):
+        if round_ == 1:
+            seen.append({x: list(r.routing_share.values()) for x, r in reports.items()})
+        return coefficients(self, round_, units, reports)
+
+    monkeypatch.setattr(FcMoe, "coefficients", spy)
+    finals = []
+    for lr in (0.01, 0.05):  # the aggregator's instructions set the silos' learning rate
+        local = {"local_steps": 4, "batch_size": 8, "learning_rate": lr, "clip_norm": 5.0}
+        config, silos = _configs(tmp_path / str(lr), {"name": "fcmoe"}, local=local)
+        finals.append(run_in_process(config, silos, run_id="routing").global_units)
+    assert seen[0] == seen[1]
+    assert any(len(set(np.round(v, 6))) > 2 for v in seen[0].values())  # real, uneven expert shares
+    assert any(not np.array_equal(finals[0][u], finals[1][u]) for u in finals[0])
