@@ -302,7 +302,7 @@ class SiloAgent:
         # Routing share is measured here, under the global model: how this silo's data uses each expert
         # of the model being aggregated (the router that local training drifts to is not kept).
         self.meter.reset()
-        global_eval = self._evaluate(meter=self.meter)
+        global_eval = self._evaluate(meter=self.meter if privacy is None else None)
         eval_seconds = time.perf_counter() - t1
         start_units = global_units
         if t.retention_lambda > 0 and self.local_units is not None:

@@ -16,7 +16,8 @@ processes itself. The update is the one a single process would make on the whole
 
 Rank 0 hands back the trained state and the training figures through files in a private temporary
 folder (safetensors + JSON), and the agent loads them. A failing rank stops the others at once (its
-exit is seen by the parent, which terminates the rest) and surfaces as one :class:`RunError` line; the process group's timeout bounds any collective left waiting.
+exit is seen by the parent, which terminates the rest) and surfaces as one :class:`RunError` line;
+the process group's timeout bounds any collective left waiting.
 DP-SGD stays single-process: the config refuses ``world_size > 1`` with ``dp.enabled``.
 """
 
