@@ -1,8 +1,9 @@
 """Importance under DP, from DP-protected quantities only (DESIGN §5): free post-processing.
 
 A silo's routing share is measured on its held-out split, which DP-SGD does not protect, and under
-DP importance must come from what the ledger covers. So under DP-SGD the silo instead releases, per expert unit, the share of its layer's update norm that
-the unit's *privatised* delta carries — a function of the DP-SGD output, so it costs nothing more.
+DP importance must come from what the ledger covers. So under DP-SGD the silo instead releases, per
+expert unit, the share of its layer's update norm that the unit's *privatised* delta carries — a
+function of the DP-SGD output, so it costs nothing more.
 Shared units count as fully used (1.0), as with routing shares.
 """
 
