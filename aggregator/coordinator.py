@@ -95,6 +95,7 @@ class Coordinator:
         self._unmask: pb.UnmaskInstructions | None = None
         self._decrypt: pb.DecryptInstructions | None = None
         self._round_started = 0.0
+        self._plan_seconds = 0.0
         self._bytes_down: dict[str, int] = {}
         self._uploading: set[str] = set()  # silos with an update stream in flight (one each)
         self._interrupted: dict[str, UpdateStream] = {}  # cut streams of the open phase, for a resume
@@ -445,6 +446,7 @@ class Coordinator:
         m = self.machine
         self.plan = self.strategy.configure_round(m.round, self.config.federation.local, self.config.run.seed)
         self._reports, self._coefficients, self._accumulator = {}, None, None
+        self._plan_seconds = 0.0
         self._interrupted = {}
         self._unmask, self._decrypt = None, None
         self._secure = self._new_secure_round()
@@ -481,7 +483,9 @@ class Coordinator:
         self._interrupted = {}  # what a closed phase left unfinished is never resumed
         if event == Event.REPORTS_CLOSED:
             reports = {s: r for s, r in self._reports.items() if s in m.reported}
+            started = time.perf_counter()
             self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports)
+            self._plan_seconds = time.perf_counter() - started
             log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
             if secure is None:
                 self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients, self._clip_norm())
@@ -534,7 +538,9 @@ class Coordinator:
     def _close_round(self, sums: UnitSums, contributors: int) -> None:
         m = self.machine
         try:
+            started = time.perf_counter()
             new_global = self.strategy.aggregate(m.round, self.global_units, sums)
+            aggregate_seconds = time.perf_counter() - started
             bad = next((u for u, v in new_global.items() if not np.all(np.isfinite(v))), None)
             if bad is not None:
                 raise ProtocolError(f"aggregate of unit {bad} is not finite")
@@ -556,6 +562,10 @@ class Coordinator:
                                             for s in trained])) if trained else 0.0,
             "bytes_down_mean": float(np.mean([s["bytes_down"] for s in trained])) if trained else 0.0,
             "aggregator_secure_seconds": self._secure.seconds if self._secure is not None else 0.0,
+            # the strategy's maths: planning (FC-MoE: importance, sketch consensus, groups) and
+            # aggregation (FC-MoE: projection and combination of group sums, the server step)
+            "plan_seconds": self._plan_seconds,
+            "aggregate_seconds": aggregate_seconds,
             "train_tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
         }
         m.complete_round(self.clock())

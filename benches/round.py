@@ -7,7 +7,9 @@ tokens/s, and the framework's overhead = (round time - slowest silo's pure train
 time. Round time runs from the round opening to its aggregate being applied, so it includes every
 silo's download, evaluation of the received global and of its own model, upload and the
 aggregation; the evaluation share is reported separately because it is work the operator asked
-for, not protocol cost.
+for, not protocol cost. The strategy's share is its maths alone: planning the coefficients (FC-MoE:
+importance, consensus on the keyed sketches, groups) and aggregating the sums (FC-MoE: projection
+and combination of the group sums, then the server step).
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ from fcmoe.simulate import simulate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(silos: int, rounds: int, config_path: Path, local_steps: int | None, out_dir: Path) -> dict:
+def run(silos: int, rounds: int, config_path: Path, local_steps: int | None, out_dir: Path,
+        strategy: str | None = None) -> dict:
     data = load_config(config_path).model_dump(mode="json")
     data["run"]["output_dir"] = str(out_dir)
+    if strategy:
+        data["federation"]["strategy"]["name"] = strategy
     data["federation"].update({"rounds": rounds, "min_silos": silos})
     if local_steps:
         data["federation"]["local"]["local_steps"] = local_steps
-    data["simulation"] = {**data.get("simulation", {}), "silos": silos}
+    data["simulation"] = {**(data.get("simulation") or {}), "silos": silos}
     config = parse_config(data)
     start = time.perf_counter()
     code = simulate(config, progress=False)
@@ -55,6 +60,8 @@ def run(silos: int, rounds: int, config_path: Path, local_steps: int | None, out
             "slowest_train_seconds": slowest,
             "overhead": r["overhead"],
             "overhead_excluding_eval": max(0.0, r["round_seconds"] - slowest - evals) / r["round_seconds"],
+            "strategy_seconds": r["plan_seconds"] + r["aggregate_seconds"],
+            "strategy_share": (r["plan_seconds"] + r["aggregate_seconds"]) / r["round_seconds"],
             "bytes_up_per_silo": r["bytes_up_mean"],
             "bytes_down_per_silo": r["bytes_down_mean"],
             "train_tokens_per_s": r["train_tokens_per_s"],
@@ -71,6 +78,7 @@ def run(silos: int, rounds: int, config_path: Path, local_steps: int | None, out
         "median_round_seconds": med("round_seconds"),
         "median_overhead": med("overhead"),
         "median_overhead_excluding_eval": med("overhead_excluding_eval"),
+        "median_strategy_share": med("strategy_share"),
         "median_train_tokens_per_s": med("train_tokens_per_s"),
         "total_wall_seconds": wall,
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
@@ -84,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=None)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--strategy", help="override the config's strategy (e.g. fcmoe)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result line")
     args = parser.parse_args(argv)
     setup_logging("bench", "WARNING")
     with tempfile.TemporaryDirectory(prefix="fcmoe-bench-") as tmp:
-        result = run(args.silos, args.rounds, args.config, args.local_steps, Path(tmp) / "run")
+        result = run(args.silos, args.rounds, args.config, args.local_steps, Path(tmp) / "run", args.strategy)
     if not args.json:
         for p in result["per_round"]:
             print(f"round {p['round']}: {p['round_seconds']:.2f}s, overhead {p['overhead']:.1%}", file=sys.stderr)

@@ -25,6 +25,7 @@ def test_fcmoe_round_trip_with_sketches_groups_and_retention(tmp_path):
     rows = coord.metrics.rows()
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[2]["updates"] == 3 and "mean_agreement" in rows[2] and -1 <= rows[2]["mean_agreement"] <= 1
+    assert 0 < rows[2]["plan_seconds"] < rows[2]["round_seconds"] and 0 < rows[2]["aggregate_seconds"]
     assert rows[-1]["global_loss"] < rows[0]["global_loss"] and rows[2]["local_loss"] < rows[1]["local_loss"]
     assert all(s["report_bytes"] > 8 * 256 * 4 for s in rows[1]["silos"].values())  # 8 expert units x 256 buckets
 
