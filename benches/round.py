@@ -52,6 +52,7 @@ def run(silos: int, rounds: int, config_path: Path, local_steps: int | None, out
         if "round_seconds" not in r:
             continue
         s = r["silos"].values()
+        strategy_seconds = r["plan_seconds"] + r["aggregate_seconds"]
         slowest = max(x["train_seconds"] for x in s)
         evals = max(x.get("eval_seconds", 0.0) for x in s)
         per_round.append({
@@ -60,8 +61,8 @@ def run(silos: int, rounds: int, config_path: Path, local_steps: int | None, out
             "slowest_train_seconds": slowest,
             "overhead": r["overhead"],
             "overhead_excluding_eval": max(0.0, r["round_seconds"] - slowest - evals) / r["round_seconds"],
-            "strategy_seconds": r["plan_seconds"] + r["aggregate_seconds"],
-            "strategy_share": (r["plan_seconds"] + r["aggregate_seconds"]) / r["round_seconds"],
+            "strategy_seconds": strategy_seconds,
+            "strategy_share": strategy_seconds / r["round_seconds"],
             "bytes_up_per_silo": r["bytes_up_mean"],
             "bytes_down_per_silo": r["bytes_down_mean"],
             "train_tokens_per_s": r["train_tokens_per_s"],

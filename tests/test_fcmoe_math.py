@@ -55,7 +55,7 @@ def test_sketched_cosines_of_million_dim_pairs_at_1024_buckets():
             b = (rho * a + np.sqrt(1 - rho**2) * rng.standard_normal(size)).astype(np.float32)
             # two silos' deltas of the same unit: the same (run, round, unit) key
             ya, yb = (sketch_units({f"rho{rho}": x}, SECRET, "cosine", p, buckets)[f"rho{rho}"] for x in (a, b))
-            estimate = float(ya @ yb) / float(np.linalg.norm(ya) * np.linalg.norm(yb))
+            estimate = consensus.agreement(np.stack([ya, yb]), np.full(2, 0.5))[0][0]  # the aggregator's cosine
             truth = float(a @ b) / float(np.linalg.norm(a) * np.linalg.norm(b))
             errors.setdefault(rho, []).append(estimate - truth)
     every = np.abs(np.concatenate(list(errors.values())))
