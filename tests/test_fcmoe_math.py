@@ -50,11 +50,12 @@ def test_sketched_cosines_of_million_dim_pairs_at_1024_buckets():
     size, buckets, pairs = 1_000_000, 1024, 10
     errors: dict[float, list[float]] = {}
     for rho in (-0.5, 0.0, 0.3, 0.6, 0.9):
+        unit = f"rho{rho}"
         for p in range(pairs):
             a = rng.standard_normal(size).astype(np.float32)
             b = (rho * a + np.sqrt(1 - rho**2) * rng.standard_normal(size)).astype(np.float32)
             # two silos' deltas of the same unit: the same (run, round, unit) key
-            ya, yb = (sketch_units({f"rho{rho}": x}, SECRET, "cosine", p, buckets)[f"rho{rho}"] for x in (a, b))
+            ya, yb = (sketch_units({unit: x}, SECRET, "cosine", p, buckets)[unit] for x in (a, b))
             estimate = consensus.agreement(np.stack([ya, yb]), np.full(2, 0.5))[0][0]  # the aggregator's cosine
             truth = float(a @ b) / float(np.linalg.norm(a) * np.linalg.norm(b))
             errors.setdefault(rho, []).append(estimate - truth)
