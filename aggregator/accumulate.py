@@ -78,6 +78,24 @@ def regroup(plan: Coefficients, silos: set[str] | frozenset[str], min_group_size
     return Coefficients(alpha, group)
 
 
+def floor_coefficients(plan: Coefficients, min_weight_ratio: float) -> Coefficients:
+    """Every coefficient raised to at least ``min_weight_ratio`` of the largest in its (unit, group).
+
+    A masked or encrypted sum reveals only the sum, but a sum in which the other members weigh
+    (almost) nothing is one silo's vector; silos refuse such plans (crypto/secagg.py
+    ``weight_policy_violation``), so the honest aggregator never makes one. Strategies normalise by
+    the group's total weight, which travels with each sum, so a floored plan stays consistent."""
+    alpha = {s: dict(a) for s, a in plan.alpha.items()}
+    units = next(iter(plan.group.values()), {}).keys()
+    for unit in units:
+        largest: dict[int, float] = {}
+        for s, g in plan.group.items():
+            largest[g[unit]] = max(largest.get(g[unit], 0.0), alpha[s][unit])
+        for s, g in plan.group.items():
+            alpha[s][unit] = max(alpha[s][unit], min_weight_ratio * largest[g[unit]])
+    return Coefficients(alpha, plan.group)
+
+
 def clip_bound(alpha: float, clip_norm: float) -> float:
     """Largest norm ``alpha * delta`` may have when every delta was clipped to ``clip_norm``."""
     return abs(alpha) * clip_norm * (1 + 1e-3) + 1e-6

@@ -2,9 +2,12 @@
 
 Silos encrypt each clipped unit delta under the run's CKKS key (TenSEAL; crypto/ckks.py). The
 aggregator holds the *public* context only: it multiplies every ciphertext by the silo's plaintext
-coefficient alpha and adds it into the (unit, group) sum, keeping nothing per silo. One surviving
-silo, the key holder of the round, then decrypts the group sums (and only sums that claim at least
-its own ``min_group_size`` contributors) and sends back the plaintext sums.
+coefficient alpha and adds it into the (unit, group) sum, keeping per silo only its signed digest.
+Every upload carries, per unit, the silo's signature over the digest of its chunks for this run,
+attempt, unit and group; the aggregator checks it against its CA on arrival and hands the key holder
+each sum with its contributors' signatures. One surviving silo, the key holder of the round, then
+decrypts the group sums (only those signed by at least its own ``min_group_size`` contributors; see
+silo_agent/ckks_round.py) and sends back the plaintext sums, flooded with noise (crypto/ckks.py).
 
 The CKKS key is the silos' common secret: one silo (the dealer) creates it, sends the aggregator the
 public context and the secret context sealed under the run secret (which the aggregator does not
@@ -13,7 +16,7 @@ have), and the aggregator relays that sealed blob to every silo that is dealt th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +35,7 @@ from protos.codec import TensorSpec
 
 PARAMS = ckks.DEFAULT_PARAMS
 MAX_SEALED_CONTEXT_BYTES = 4 * 1024 * 1024
-DECRYPTION_ERROR = 1e-3  # allowance per coordinate on the clip bound check (CKKS error is ~1e-6)
+DECRYPTION_ERROR = 1e-3  # allowance per coordinate on the clip bound check (flooding noise is ~1e-5)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class CkksRound(SecureRound):
         self.keys = keys
         self._clip = 0.0
         self._sums: dict[tuple[str, int], list[bytes]] = {}
+        self._signed: dict[tuple[str, int], list[pb.SignedContribution]] = {}  # its contributors' signatures
         self.key_holder = ""
         self._decrypted: dict[str, np.ndarray] = {}
 
@@ -117,31 +121,53 @@ class CkksRound(SecureRound):
         return {n: TensorSpec("uint8", (int(size),)) for n, size in zip(names, header.sizes)}
 
     @timed
-    def add(self, silo: str, payload: Mapping[str, np.ndarray]) -> None:
-        """alpha * ciphertext goes into the (unit, group) sum and nowhere else."""
+    def add(self, silo: str, payload: Mapping[str, np.ndarray],
+            contributions: Sequence[pb.SignedContribution] = ()) -> None:
+        """alpha * ciphertext goes into the (unit, group) sum and nowhere else, with the silo's signature.
+
+        ``contributions`` (from the update header) holds, per unit in order, the silo's signature over
+        the digest of that unit's chunks for this run, attempt, unit and the group the plan gives it;
+        the key holder decrypts a sum only with enough of them, so a missing or bad one is refused
+        here, before anything is added.
+        """
         assert self.plan is not None and self.keys.public is not None
         self.check_member(silo)
+        units = list(self.unit_sizes)
+        if len(contributions) != len(units):
+            raise bad_input(f"silo {silo!r}: {len(contributions)} signed contributions, expected one per unit "
+                            f"({len(units)})")
         scaled: dict[tuple[str, int], list[bytes]] = {}
+        signed: dict[tuple[str, int], pb.SignedContribution] = {}
         try:
-            for unit, size in self.unit_sizes.items():
+            for (unit, size), contribution in zip(self.unit_sizes.items(), contributions):
                 chunks = [payload[n].tobytes() for n in chunk_names(unit, size)]
-                scaled[(unit, self.plan.group[silo][unit])] = ckks.scale(self.keys.public, chunks,
-                                                                         self.plan.alpha[silo][unit])
+                group = self.plan.group[silo][unit]
+                if contribution.silo != silo or bytes(contribution.digest) != ckks.chunks_digest(chunks):
+                    raise CkksError(f"unit {unit}: the signed contribution is not this silo's digest of its chunks")
+                ckks.verify_contribution(silo, bytes(contribution.digest), bytes(contribution.signature),
+                                         bytes(contribution.certificate_pem), self._ca, self.run_id, self.session,
+                                         unit, group)
+                scaled[(unit, group)] = ckks.scale(self.keys.public, chunks, self.plan.alpha[silo][unit])
+                signed[(unit, group)] = contribution
             for key, value in scaled.items():  # all or nothing: a bad chunk adds nothing
                 self._sums[key] = ckks.add(self.keys.public, self._sums[key], value) if key in self._sums else value
         except (CkksError, KeyError) as exc:
             raise bad_input(f"silo {silo!r}: encrypted update refused: {exc}") from None
+        for key, contribution in signed.items():
+            self._signed.setdefault(key, []).append(contribution)
         self._members.add(silo)
 
     # -- DECRYPTING ----------------------------------------------------------------------------
     def decrypt_instructions(self) -> pb.DecryptInstructions:
-        """The sums for the key holder (the first survivor); refused when a group is too small."""
+        """The sums for the key holder (the first survivor), each with its contributors' signed
+        digests, without which the key holder refuses it; refused here when a group is too small."""
         self.check_group_sizes()
         self.key_holder = min(self.members)
         groups = self.group_members(self.members)
         return pb.DecryptInstructions(sums=[
             pb.EncryptedSum(unit=unit, group=group, contributors=len(groups[(unit, group)]),
-                            length=self.unit_sizes[unit], chunk_bytes=[len(c) for c in chunks])
+                            length=self.unit_sizes[unit], chunk_bytes=[len(c) for c in chunks],
+                            signed_contributions=sorted(self._signed[(unit, group)], key=lambda c: c.silo))
             for (unit, group), chunks in sorted(self._sums.items())])
 
     def encrypted_sums(self, silo: str) -> dict[str, np.ndarray]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from crypto import sketch
+
 CONSENSUS, CONFLICT = 0, 1
 
 
@@ -52,34 +54,17 @@ def normalise(scores: np.ndarray) -> np.ndarray:
 
 
 def agreement(sketches: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Leave-one-out cosine ``c [n]`` and magnitude-weighted sign agreement ``a [n]`` for one unit."""
+    """Leave-one-out cosine ``c [n]`` and magnitude-weighted sign agreement ``a [n]`` for one unit, as
+    each silo computes it for itself against the unmasked sketch sum (crypto/sketch.py)."""
     y = np.asarray(sketches, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     total = (w[:, None] * y).sum(axis=0)
-    loo = total[None, :] - w[:, None] * y
-    dot = (y * loo).sum(axis=1)
-    norms = np.linalg.norm(y, axis=1) * np.linalg.norm(loo, axis=1)
-    cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
-    mag = np.abs(y)
-    match = (np.sign(y) == np.sign(loo)) & (loo != 0)
-    denom = mag.sum(axis=1)
-    sign = np.where(denom > 0, (mag * match).sum(axis=1) / np.where(denom > 0, denom, 1.0), 0.5)
-    return cos, sign
+    pairs = [sketch.agreement(y[i], total - w[i] * y[i]) for i in range(len(y))]
+    return np.array([c for c, _ in pairs]), np.array([a for _, a in pairs])
 
 
 def agreement_score(cos: np.ndarray, sign: np.ndarray) -> np.ndarray:
-    return (np.asarray(cos) + 2.0 * np.asarray(sign) - 1.0) / 2.0
-
-
-def scores_with_missing(sketches: list[np.ndarray | None], weights: np.ndarray) -> np.ndarray:
-    """Agreement score per silo; a silo without a sketch (no sketch key yet: the first masked
-    round, or it just joined) counts as agreeing (1), and is left out of the others' consensus."""
-    score = np.ones(len(sketches))
-    have = [i for i, y in enumerate(sketches) if y is not None]
-    if len(have) >= 2:
-        cos, sign = agreement(np.stack([sketches[i] for i in have]), np.asarray(weights)[have])
-        score[have] = agreement_score(cos, sign)
-    return score
+    return np.asarray(sketch.agreement_score(cos, sign))
 
 
 def partition(scores: np.ndarray, min_group_size: int, threshold: float = 0.0) -> np.ndarray:

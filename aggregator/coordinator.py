@@ -27,14 +27,16 @@ from aggregator.rounds import Event, Phase, RoundMachine
 from aggregator.strategies import RoundPlan, SiloReport, Strategy
 from crypto.pki import PkiPaths, read_pem
 from fcmoe.config import Config
-from fcmoe.errors import CodecError, ConfigError, ProtocolError
+from fcmoe.errors import ConfigError, ProtocolError
 from fcmoe.logs import log_event
+from fcmoe.model import UnitKey
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
 
 log = logging.getLogger(__name__)
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a given run id: it becomes part of key labels and folder names
+MEDIAN_EXAMPLES_FACTOR = 10.0  # without aggregator.max_examples: refuse a report over this times the median
 
 
 @dataclass
@@ -94,6 +96,10 @@ class Coordinator:
         self._ckks_keys = CkksKeys()  # mode ckks: the run's public context and sealed key, once dealt
         self._unmask: pb.UnmaskInstructions | None = None
         self._decrypt: pb.DecryptInstructions | None = None
+        self._check: pb.CheckInstructions | None = None  # masking: the consistency check of the open stage
+        self._sketch_plan: Coefficients | None = None  # FC-MoE: the weights of the sketch sums
+        self._sketch_sums: dict[str, np.ndarray] | None = None  # their unmasked sums, sent back to every silo
+        self._agreement: dict[str, dict[str, float]] = {}  # silo -> unit -> its own agreement score
         self._round_started = 0.0
         self._plan_seconds = 0.0
         self._bytes_down: dict[str, int] = {}
@@ -128,12 +134,13 @@ class Coordinator:
         log_event(log, "run_resumed", run_id=self.run_id, version=saved.version, next_attempt=point.first_attempt)
 
     def _check_report_fits(self) -> None:
-        """A round report (all sketches) is one message: refuse a configuration it cannot fit in."""
+        """The sketch sums of all units go back to every silo in one task: refuse a configuration they
+        cannot fit in."""
         buckets = self.strategy.configure_round(1, self.config.federation.local, 0).sketch_buckets
         size = len(self.unit_sizes) * (4 * buckets + 160) + 64 * 1024
         if buckets and size > codec.MAX_MESSAGE_BYTES:
             raise ConfigError(
-                f"federation.strategy.fcmoe.sketch_buckets = {buckets}: reports of {len(self.unit_sizes)} units "
+                f"federation.strategy.fcmoe.sketch_buckets = {buckets}: the sketch sums of {len(self.unit_sizes)} units "
                 f"would take ~{size} bytes, over the {codec.MAX_MESSAGE_BYTES}-byte message limit; use fewer buckets")
 
     # -- specs ---------------------------------------------------------------------------------
@@ -152,9 +159,23 @@ class Coordinator:
         allowed = self.config.aggregator.allowed_silos
         if allowed is not None and silo not in allowed:
             raise ProtocolError(f"silo {silo!r} is not in aggregator.allowed_silos", "PERMISSION_DENIED")
+        if request.silo_name and request.silo_name != silo:  # identity is the certificate's, never a field
+            log_event(log, "silo_name_mismatch_refused", level=logging.WARNING, silo=silo,
+                      configured=request.silo_name[:64])
+            raise ProtocolError(f"configured silo name {request.silo_name[:64]!r} differs from the certificate's "
+                                f"common name {silo!r}", "PERMISSION_DENIED")
         with self._cv:
-            self.machine.join(silo, self.clock())
+            replaced = self.machine.instances.get(silo, "")
+            try:
+                self.machine.join(silo, self.clock(), request.instance[:64])
+            except ProtocolError as exc:
+                if exc.status == "ALREADY_EXISTS":
+                    log_event(log, "duplicate_silo_refused", level=logging.WARNING, silo=silo, reason=str(exc))
+                raise
             self._cv.notify_all()
+        if replaced and replaced != request.instance[:64]:
+            log_event(log, "silo_process_replaced", level=logging.WARNING, silo=silo,
+                      reason="the earlier process fell silent; its tasks are refused from now on")
         log_event(log, "silo_joined", silo=silo, examples=request.num_train_examples)
         return pb.JoinReply(run_id=self.run_id, silo_name=silo, total_rounds=self.config.federation.rounds)
 
@@ -164,11 +185,16 @@ class Coordinator:
                            message=f"run {request.run_id[:32]!r} is not this aggregator's run: join again")
         wait_until = self.clock() + max(0.0, min(request.wait_s, 30.0))
         with self._cv:
+            if self.machine.stale_instance(silo, request.instance[:64]):  # replaced by a later Join
+                log_event(log, "stale_silo_process_refused", level=logging.WARNING, silo=silo)
+                raise ProtocolError(f"another process joined as {silo!r} since this one did: this one must stop",
+                                    "FAILED_PRECONDITION")
             self.machine.seen(silo, self.clock())
             view = self.machine.task(silo)
             while view.kind == "WAIT" and self.clock() < wait_until:
                 self._cv.wait(timeout=max(0.0, wait_until - self.clock()))
                 view = self.machine.task(silo)
+            self.machine.seen(silo, self.clock())  # live at both ends of the long-poll (duplicate-join window)
             task = pb.Task(kind=pb.Task.Kind.Value(view.kind), round=view.round, layout_hash=self.layout_hash,
                            deadline_unix=view.deadline, message=view.message)
             if view.kind == "TRAIN" and self.plan is not None:
@@ -182,17 +208,29 @@ class Coordinator:
                     secure_mode=self.secure.mode, session=self.machine.session))
             if view.kind == "SHARE" and self._secure is not None:
                 task.share.CopyFrom(self._secure.share_instructions())
-            if view.kind == "UPLOAD" and self._secure is not None:
-                task.upload.CopyFrom(self._secure.upload_instructions(silo))
-            elif view.kind == "UPLOAD" and self._coefficients is not None:
-                alpha = self._coefficients.alpha[silo]
-                task.upload.CopyFrom(pb.UploadInstructions(units=list(self.unit_sizes),
-                                                           coefficients=[alpha[u] for u in self.unit_sizes]))
+            if view.kind in ("UPLOAD", "SKETCH"):
+                task.upload.CopyFrom(self._upload_instructions(silo))
+            if view.kind == "CHECK" and self._check is not None:
+                task.check.CopyFrom(self._check)
+            if view.kind == "AGREE" and self._sketch_sums is not None:
+                task.agree.sketch_sums.extend(codec.encode(self._sketch_sums))
             if view.kind == "UNMASK" and self._unmask is not None:
                 task.unmask.CopyFrom(self._unmask)
             if view.kind == "DECRYPT" and self._decrypt is not None:
                 task.decrypt.CopyFrom(self._decrypt)
             return task
+
+    def _upload_instructions(self, silo: str) -> pb.UploadInstructions:
+        """What ``silo`` multiplies by and, in secure modes, with whom it masks, in this stage."""
+        if self._secure is not None:
+            return self._secure.upload_instructions(silo)
+        plan = self._sketch_plan if self.machine.phase == Phase.SKETCHING else self._coefficients
+        assert plan is not None
+        units = list(self.unit_sizes)
+        sketching = self.machine.phase == Phase.SKETCHING
+        return pb.UploadInstructions(units=units, coefficients=[plan.alpha[silo][u] for u in units],
+                                     stage="sketch" if sketching else "update",
+                                     sketch_buckets=self.plan.sketch_buckets if sketching and self.plan else 0)
 
     def global_model(self, silo: str, request: pb.DownloadRequest) -> dict[str, np.ndarray]:
         self._check_run(request.run_id)
@@ -222,9 +260,14 @@ class Coordinator:
         units = list(self.unit_sizes)
         if list(report.units) != units or len(report.routing_share) != len(units):
             raise ProtocolError("report units or routing shares do not match the layout", "INVALID_ARGUMENT")
-        numbers = [report.num_examples, report.reliability, *report.routing_share]
-        if not all(np.isfinite(numbers)) or report.num_examples <= 0 or min(report.routing_share) < 0:
-            raise ProtocolError("report has a non-finite, negative or zero quantity", "INVALID_ARGUMENT")
+        refusal = report_refusal(report.num_examples, report.reliability, dict(zip(units, report.routing_share)),
+                                 self.config.aggregator.max_examples)
+        if refusal:
+            log_event(log, "report_refused", level=logging.WARNING, silo=silo, round=report.round, reason=refusal)
+            raise ProtocolError(f"report refused: {refusal}", "INVALID_ARGUMENT")
+        if len(report.sketches):
+            raise ProtocolError("sketches never travel in a report (they are summed in the sketch stage)",
+                                "INVALID_ARGUMENT")
         with self._cv:
             self.machine.check(Phase.TRAINING, silo, report.round, self.clock())
             if self._secure is not None:
@@ -234,17 +277,8 @@ class Coordinator:
                 self._secure.check_advert(silo, report.advert)
             elif report.HasField("advert"):
                 raise ProtocolError("no key advert was asked for this round", "INVALID_ARGUMENT")
-            buckets = self.plan.sketch_buckets if self.plan else 0
-            sketches = {}
-            if buckets and len(report.sketches):  # none: the silo has no sketch key yet (mode masking)
-                specs = {u: TensorSpec("float32", (buckets,)) for u in units}
-                sketches = codec.decode(report.sketches, specs)
-                if not all(np.all(np.isfinite(v)) for v in sketches.values()):
-                    raise CodecError("sketch contains NaN or infinity")
-            elif len(report.sketches):
-                raise ProtocolError("no sketches were asked for this round", "INVALID_ARGUMENT")
             self._reports[silo] = SiloReport(report.num_examples, report.reliability,
-                                             dict(zip(units, report.routing_share)), sketches)
+                                             dict(zip(units, report.routing_share)))
             if self._secure is not None:
                 self._secure.keep_advert(silo, report.advert)
             self.machine.record(Phase.TRAINING, silo, report.round, self.clock())
@@ -314,11 +348,16 @@ class Coordinator:
             return pb.UploadProgress(chunks=kept.assembler.chunks_received, bytes=kept.assembler.bytes_received)
 
     def _update_phase(self) -> Phase:
-        """Updates are uploads, or in mode ckks the key holder's decrypted sums."""
-        return Phase.DECRYPTING if self.machine.phase == Phase.DECRYPTING else Phase.UPLOADING
+        """Streams carry uploads, sketches (FC-MoE's sketch stage) or, mode ckks, the key holder's sums."""
+        phase = self.machine.phase
+        return phase if phase in (Phase.DECRYPTING, Phase.SKETCHING) else Phase.UPLOADING
 
     def _update_specs(self, phase: Phase, header: pb.UpdateHeader) -> dict[str, TensorSpec]:
         secure = self._secure
+        expected = {Phase.SKETCHING: ("sketch",), Phase.UPLOADING: ("update", "")}.get(phase, ("",))
+        if header.stage not in expected:
+            raise ProtocolError(f"a {header.stage or 'unnamed'!r} stream while the aggregator is {phase.value}",
+                                "INVALID_ARGUMENT")
         if phase == Phase.DECRYPTING:
             assert isinstance(secure, CkksRound)
             specs = secure.decryption_specs()
@@ -326,6 +365,8 @@ class Coordinator:
             return secure.update_specs(header)
         elif isinstance(secure, MaskedRound):
             specs = secure.update_specs()
+        elif phase == Phase.SKETCHING:
+            specs = self._sketch_specs()
         else:
             specs = self.unit_specs()
         if list(header.units) != list(specs):
@@ -349,15 +390,19 @@ class Coordinator:
                 self._secure.add_decryption(silo, payload)
             else:
                 assert self._accumulator is not None
-                self._accumulator.add(silo, payload)
+                if isinstance(self._accumulator, CkksRound):  # the silo's signed digests ride in the header
+                    self._accumulator.add(silo, payload, header.contributions)
+                else:
+                    self._accumulator.add(silo, payload)
             self.machine.record(phase, silo, header.round, now)
             stats = self.metrics.record(header.round).per_silo.setdefault(silo, {})
-            stats["bytes_up" if phase == Phase.UPLOADING else "decryption_bytes"] = nbytes
+            what = {Phase.UPLOADING: "bytes_up", Phase.SKETCHING: "sketch_bytes"}.get(phase, "decryption_bytes")
+            stats[what] = nbytes
             if self._secure is not None and np.isfinite(header.secure_seconds) and header.secure_seconds >= 0:
                 stats["secure_seconds"] = header.secure_seconds
             self._cv.notify_all()
-        log_event(log, "update_accepted" if phase == Phase.UPLOADING else "decryption_accepted",
-                  silo=silo, round=header.round, bytes=nbytes)
+        what = {Phase.UPLOADING: "update", Phase.SKETCHING: "sketch"}.get(phase, "decryption")
+        log_event(log, f"{what}_accepted", silo=silo, round=header.round, bytes=nbytes)
 
     def add_shares(self, silo: str, submission: pb.ShareSubmission) -> None:
         """Secure modes, SHARE phase: sealed shares and secrets to relay; the aggregator cannot open them."""
@@ -385,6 +430,37 @@ class Coordinator:
             self._count_secure_bytes(silo, submission.round, submission.ByteSize())
             self._cv.notify_all()
         log_event(log, "unmask_shares_accepted", silo=silo, round=submission.round)
+
+    def add_check(self, silo: str, submission: pb.CheckSubmission) -> None:
+        """Masking, CHECK phase: a survivor's signature over the stage's view and survivor list."""
+        self._check_run(submission.run_id)
+        with self._cv:
+            now = self.clock()
+            self.machine.check(Phase.CHECKING, silo, submission.round, now)
+            if not isinstance(self._secure, MaskedRound):
+                raise ProtocolError("no consistency check in this mode")
+            self._secure.add_check(silo, submission)
+            self.machine.record(Phase.CHECKING, silo, submission.round, now)
+            self._count_secure_bytes(silo, submission.round, submission.ByteSize())
+            self._cv.notify_all()
+        log_event(log, "consistency_signature_accepted", silo=silo, round=submission.round)
+
+    def add_agreement(self, silo: str, submission: pb.AgreementSubmission) -> None:
+        """AGREE phase: a silo's own agreement score per unit, against the unmasked sketch sums."""
+        self._check_run(submission.run_id)
+        units = list(self.unit_sizes)
+        scores = list(submission.agreement)
+        if list(submission.units) != units or len(scores) != len(units):
+            raise ProtocolError("agreement units do not match the layout", "INVALID_ARGUMENT")
+        if not all(np.isfinite(scores)) or min(scores) < -1 or max(scores) > 1:
+            raise ProtocolError("agreement scores must lie in [-1, 1]", "INVALID_ARGUMENT")
+        with self._cv:
+            now = self.clock()
+            self.machine.check(Phase.AGREEING, silo, submission.round, now)
+            self._agreement[silo] = dict(zip(units, scores))
+            self.machine.record(Phase.AGREEING, silo, submission.round, now)
+            self._cv.notify_all()
+        log_event(log, "agreement_accepted", silo=silo, round=submission.round)
 
     def _count_secure_bytes(self, silo: str, round_: int, nbytes: int) -> None:
         stats = self.metrics.record(round_).per_silo.setdefault(silo, {})
@@ -417,8 +493,8 @@ class Coordinator:
             event = self.machine.poll(self.clock())
             if event in (Event.ROUND_STARTED, Event.ROUND_RETRY):
                 self._open_round(event)
-            elif event in (Event.REPORTS_CLOSED, Event.SHARES_CLOSED, Event.UPLOADS_CLOSED, Event.UNMASK_CLOSED,
-                           Event.DECRYPT_CLOSED):
+            elif event in (Event.REPORTS_CLOSED, Event.SHARES_CLOSED, Event.SKETCHES_CLOSED, Event.CHECK_CLOSED,
+                           Event.AGREEMENT_CLOSED, Event.UPLOADS_CLOSED, Event.UNMASK_CLOSED, Event.DECRYPT_CLOSED):
                 try:
                     self._next_phase(event)
                 except ProtocolError as exc:
@@ -446,6 +522,7 @@ class Coordinator:
         m = self.machine
         self.plan = self.strategy.configure_round(m.round, self.config.federation.local, self.config.run.seed)
         self._reports, self._coefficients, self._accumulator = {}, None, None
+        self._sketch_plan, self._sketch_sums, self._agreement, self._check = None, None, {}, None
         self._plan_seconds = 0.0
         self._interrupted = {}
         self._unmask, self._decrypt = None, None
@@ -477,38 +554,45 @@ class Coordinator:
         return None
 
     def _next_phase(self, event: Event) -> None:
-        """A collecting phase closed: plan and open the next one, or aggregate the round."""
+        """A collecting phase closed: plan and open the next one, or aggregate the round.
+
+        Reports -> [shares] -> [sketches -> (check -> unmask) -> agreement] -> uploads ->
+        [check -> unmask | decrypt] -> aggregate: the bracketed steps run in secure modes, and the
+        sketch stage when the strategy asks for sketches (FC-MoE) and the mode can sum them (not ckks)."""
         m, now, timeout = self.machine, self.clock(), self.secure.phase_timeout_s
         secure = self._secure
         self._interrupted = {}  # what a closed phase left unfinished is never resumed
         if event == Event.REPORTS_CLOSED:
-            reports = {s: r for s, r in self._reports.items() if s in m.reported}
-            started = time.perf_counter()
-            self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports)
-            self._plan_seconds = time.perf_counter() - started
-            log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
-            if secure is None:
-                self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients, self._clip_norm())
-                m.open_upload(now)
-            else:
-                secure.open_sharing(m.reported)
+            self._refuse_outlying_reports()
+            if secure is not None:
+                secure.open_sharing(set(self._reports))
                 minimum = secure.threshold if isinstance(secure, MaskedRound) else m.quorum
-                m.open_phase(Phase.SHARING, m.reported, minimum, now, timeout)
+                m.open_phase(Phase.SHARING, set(self._reports), minimum, now, timeout)
+            else:
+                self._open_sketches_or_uploads(set(self._reports))
         elif event == Event.SHARES_CLOSED:
-            assert secure is not None and self._coefficients is not None
+            assert secure is not None
             if isinstance(secure, CkksRound) and self._ckks_keys.public_bytes and not self._ckks_keys.saved:
                 save_ckks_keys(self.checkpoints, self._ckks_keys.public_bytes, self._ckks_keys.sealed_secret)
                 self._ckks_keys.saved = True  # before anything is encrypted under it
-            sharers = m.answered[Phase.SHARING]
-            secure.open_upload(sharers, self._coefficients, self._clip_norm(), m.quorum)
-            self._accumulator = secure
-            minimum = max(secure.threshold, m.quorum) if isinstance(secure, MaskedRound) else m.quorum
-            m.open_phase(Phase.UPLOADING, sharers, minimum, now, m.upload_timeout_s)
-        elif event == Event.UPLOADS_CLOSED and isinstance(secure, MaskedRound):
+            self._open_sketches_or_uploads(m.answered[Phase.SHARING])
+        elif event == Event.SKETCHES_CLOSED and isinstance(secure, MaskedRound):
+            self._open_check()
+        elif event == Event.SKETCHES_CLOSED:
+            assert isinstance(self._accumulator, PlaintextAccumulator)
+            self._open_agreement(self._accumulator.result(), self._accumulator.members)
+        elif event == Event.CHECK_CLOSED:
+            assert isinstance(secure, MaskedRound)
             self._unmask = secure.unmask_instructions()
-            m.open_phase(Phase.UNMASKING, self._unmask.survivors, secure.threshold, now, timeout)
-            log_event(log, "unmask_requested", round=m.round, survivors=len(self._unmask.survivors),
-                      dropped=len(self._unmask.dropped))
+            m.open_phase(Phase.UNMASKING, secure.signers, secure.threshold, now, timeout)
+            log_event(log, "unmask_requested", round=m.round, stage=secure.stage, survivors=len(self._unmask.survivors),
+                      dropped=len(self._unmask.dropped), signatures=len(self._unmask.signatures))
+        elif event == Event.UNMASK_CLOSED and isinstance(secure, MaskedRound) and secure.stage == "sketch":
+            self._open_agreement(secure.result(), secure.members)
+        elif event == Event.AGREEMENT_CLOSED:
+            self._open_uploads(m.answered[Phase.AGREEING])
+        elif event == Event.UPLOADS_CLOSED and isinstance(secure, MaskedRound):
+            self._open_check()
         elif event == Event.UPLOADS_CLOSED and isinstance(secure, CkksRound):
             self._decrypt = secure.decrypt_instructions()
             m.open_phase(Phase.DECRYPTING, [secure.key_holder], 1, now, timeout)
@@ -518,9 +602,80 @@ class Coordinator:
             assert isinstance(self._accumulator, PlaintextAccumulator)
             sums = merge_small_groups(self._accumulator.result(), self.config.federation.min_group_size)
             self._close_round(sums, len(self._accumulator.members))
-        else:  # UNMASK_CLOSED or DECRYPT_CLOSED
+        else:  # the update stage's UNMASK_CLOSED, or DECRYPT_CLOSED
             assert secure is not None
             self._close_round(secure.result(), len(secure.members))
+
+    def _refuse_outlying_reports(self) -> None:
+        """Without an operator's cap, a report claiming over 10x the round's median sample count would
+        take (nearly) all the weight: it is left out of the round, with one log line."""
+        if self.config.aggregator.max_examples is not None or len(self._reports) < 3:
+            return
+        cap = MEDIAN_EXAMPLES_FACTOR * float(np.median([r.num_examples for r in self._reports.values()]))
+        for silo, report in sorted(self._reports.items()):
+            if report.num_examples > cap:
+                del self._reports[silo]
+                log_event(log, "report_refused", level=logging.WARNING, silo=silo, round=self.machine.round,
+                          reason=f"num_examples {report.num_examples:g} is over {MEDIAN_EXAMPLES_FACTOR:g}x the "
+                                 f"round's median ({cap:g}); set aggregator.max_examples to allow it")
+
+    def _open_sketches_or_uploads(self, silos: set[str]) -> None:
+        """FC-MoE sums importance-weighted sketches first (not in mode ckks, which cannot sum them
+        unseen by the key holder); every other strategy goes straight to uploads."""
+        m = self.machine
+        reports = {s: r for s, r in self._reports.items() if s in silos}
+        if not (self.plan and self.plan.sketch_buckets) or isinstance(self._secure, CkksRound):
+            self._open_uploads(silos)
+            return
+        self._sketch_plan = self.strategy.sketch_weights(m.round, list(self.unit_sizes), reports)
+        if isinstance(self._secure, MaskedRound):
+            self._secure.open_stage("sketch", set(reports), self._sketch_plan, self._clip_norm(), m.quorum,
+                                    self.plan.sketch_buckets)
+            self._accumulator = self._secure
+            minimum = max(self._secure.threshold, m.quorum)
+        else:
+            self._accumulator = PlaintextAccumulator(self._sketch_specs_sizes(), self._sketch_plan, self._clip_norm())
+            minimum = m.quorum
+        m.open_phase(Phase.SKETCHING, set(reports), minimum, self.clock(), m.upload_timeout_s)
+
+    def _sketch_specs_sizes(self) -> dict[str, int]:
+        return {u: self.plan.sketch_buckets if self.plan else 0 for u in self.unit_sizes}
+
+    def _sketch_specs(self) -> dict[str, TensorSpec]:
+        return {u: TensorSpec("float32", (n,)) for u, n in self._sketch_specs_sizes().items()}
+
+    def _open_check(self) -> None:
+        secure, m = self._secure, self.machine
+        assert isinstance(secure, MaskedRound)
+        self._check = secure.check_instructions()
+        m.open_phase(Phase.CHECKING, self._check.survivors, secure.threshold, self.clock(), self.secure.phase_timeout_s)
+        log_event(log, "consistency_check_requested", round=m.round, stage=secure.stage,
+                  survivors=len(self._check.survivors), dropped=len(self._check.dropped))
+
+    def _open_agreement(self, sums, contributors) -> None:
+        """Send every contributor the sketch sums; each answers with its own agreement scores."""
+        self._sketch_sums = {u: groups[0].vector for u, groups in sums.items() if 0 in groups}
+        m = self.machine
+        m.open_phase(Phase.AGREEING, contributors, max(m.quorum, getattr(self._secure, "threshold", 0)),
+                     self.clock(), self.secure.phase_timeout_s)
+        log_event(log, "sketch_sums_sent", round=m.round, silos=len(contributors))
+
+    def _open_uploads(self, silos: set[str]) -> None:
+        m, secure = self.machine, self._secure
+        reports = {s: r for s, r in self._reports.items() if s in silos}
+        started = time.perf_counter()
+        self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports,
+                                                        self._agreement or None)
+        self._plan_seconds = time.perf_counter() - started
+        log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
+        if secure is None:
+            self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients, self._clip_norm())
+            m.open_phase(Phase.UPLOADING, set(reports), m.quorum, self.clock(), m.upload_timeout_s)
+            return
+        secure.open_upload(set(reports), self._coefficients, self._clip_norm(), m.quorum)
+        self._accumulator = secure
+        minimum = max(secure.threshold, m.quorum) if isinstance(secure, MaskedRound) else m.quorum
+        m.open_phase(Phase.UPLOADING, secure.peers, minimum, self.clock(), m.upload_timeout_s)
 
     def _clip_norm(self) -> float:
         return self.plan.local.clip_norm if self.plan else 0.0
@@ -617,3 +772,32 @@ def _check_evaluation(evaluation: pb.Evaluation) -> None:
             if not 0 < len(e.domain) <= MAX_DOMAIN_NAME or e.tokens <= 0 or not np.isfinite(e.loss_sum) or e.loss_sum < 0:
                 raise ProtocolError(f"evaluation.{name}: bad entry for domain {e.domain[:MAX_DOMAIN_NAME]!r}",
                                     "INVALID_ARGUMENT")
+
+
+SHARE_TOLERANCE = 1e-3
+
+
+def report_refusal(num_examples: float, reliability: float, routing_share: Mapping[str, float],
+                   max_examples: float | None) -> str | None:
+    """Why a report cannot be weighed, or None: every number a silo reports steers its weight, so each
+    is held to what an honest silo can report. Routing shares are fractions of a layer's routing mass:
+    each in [0, 1] and at most 1 per layer (below 1 where a family's top-k gate weights are not
+    renormalised, 0 where nothing was metered, e.g. under DP)."""
+    numbers = [num_examples, reliability, *routing_share.values()]
+    if not all(np.isfinite(numbers)):
+        return "a non-finite number"
+    if num_examples <= 0 or (max_examples is not None and num_examples > max_examples):
+        return f"num_examples {num_examples:g} outside (0, {max_examples if max_examples is not None else 'inf'}]"
+    if not 0 <= reliability <= 1:
+        return f"reliability {reliability:g} outside [0, 1]"
+    per_layer: dict[int, float] = {}
+    for unit, share in routing_share.items():
+        if not 0 <= share <= 1:
+            return f"routing share {share:g} of unit {unit} outside [0, 1]"
+        key = UnitKey.parse(unit)
+        if key.is_expert:
+            per_layer[key.layer] = per_layer.get(key.layer, 0.0) + share
+    layer, total = max(per_layer.items(), key=lambda kv: kv[1], default=(0, 0.0))
+    if total > 1 + SHARE_TOLERANCE:
+        return f"routing shares of layer {layer} sum to {total:.4g}, over 1"
+    return None

@@ -1,9 +1,12 @@
 """The round state machine: who may do what, when. Pure logic; time is passed in, no I/O.
 
 Phases: WAITING (for ``min_silos`` to join) -> TRAINING round r (participants train and *report*:
-importance, sketches, key adverts) -> [SHARING: silos send sealed Shamir shares, mode masking] ->
-UPLOADING (reporters send ``alpha * delta``, masked, encrypted or plain) -> [UNMASKING: survivors
-reveal shares, mode masking | DECRYPTING: the key holder decrypts group sums, mode ckks] -> next round ... -> EVALUATING (every silo evaluates the final global model) -> DONE.
+importance, key adverts) -> [SHARING: silos send sealed Shamir shares, secure modes] -> [SKETCHING:
+FC-MoE's weighted keyed sketches, masked or plain -> (CHECKING -> UNMASKING, mode masking) ->
+AGREEING: each silo scores itself against the sketch sums] -> UPLOADING (``alpha * delta``, masked,
+encrypted or plain) -> [CHECKING: survivors sign the round view and survivor list -> UNMASKING:
+survivors reveal shares, mode masking | DECRYPTING: the key holder decrypts group sums, mode ckks] ->
+next round ... -> EVALUATING (every silo evaluates the final global model) -> DONE.
 
 Every collecting phase closes when everyone expected has answered, or at its deadline if at least
 its ``minimum`` did; the machine then sits in PLANNING and the caller decides what comes next
@@ -27,6 +30,9 @@ class Phase(str, Enum):
     TRAINING = "training"
     PLANNING = "planning"  # a collecting phase closed; the caller plans the next step
     SHARING = "sharing"
+    SKETCHING = "sketching"
+    CHECKING = "checking"
+    AGREEING = "agreeing"
     UPLOADING = "uploading"
     UNMASKING = "unmasking"
     DECRYPTING = "decrypting"
@@ -38,6 +44,9 @@ class Event(str, Enum):
     ROUND_STARTED = "round_started"
     REPORTS_CLOSED = "reports_closed"  # the caller plans coefficients, then opens the next phase
     SHARES_CLOSED = "shares_closed"
+    SKETCHES_CLOSED = "sketches_closed"
+    CHECK_CLOSED = "check_closed"
+    AGREEMENT_CLOSED = "agreement_closed"
     UPLOADS_CLOSED = "uploads_closed"
     UNMASK_CLOSED = "unmask_closed"
     DECRYPT_CLOSED = "decrypt_closed"
@@ -51,17 +60,24 @@ class Event(str, Enum):
 COLLECTING = {
     Phase.TRAINING: ("report", "TRAIN", Event.REPORTS_CLOSED),
     Phase.SHARING: ("shares", "SHARE", Event.SHARES_CLOSED),
+    Phase.SKETCHING: ("sketch", "SKETCH", Event.SKETCHES_CLOSED),
+    Phase.CHECKING: ("consistency signature", "CHECK", Event.CHECK_CLOSED),
+    Phase.AGREEING: ("agreement", "AGREE", Event.AGREEMENT_CLOSED),
     Phase.UPLOADING: ("upload", "UPLOAD", Event.UPLOADS_CLOSED),
     Phase.UNMASKING: ("unmask", "UNMASK", Event.UNMASK_CLOSED),
     Phase.DECRYPTING: ("decryption", "DECRYPT", Event.DECRYPT_CLOSED),
 }
 ATTEMPT_BITS = 16  # session = round << ATTEMPT_BITS | attempt
+# A silo process heard from this recently is live: a second process joining under its name is refused.
+# Idle silos long-poll every 5 s and are marked seen at both ends of a poll, so 3 polls' worth; capped
+# by the lease, so a crashed silo's restart is let in no later than it would be left out of rounds.
+DUPLICATE_WINDOW_S = 15.0
 MAX_ATTEMPTS = 1 << ATTEMPT_BITS
 
 
 @dataclass(frozen=True)
 class TaskView:
-    kind: str  # "JOIN" | "WAIT" | "TRAIN" | "SHARE" | "UPLOAD" | "UNMASK" | "DECRYPT" | "EVALUATE" | "DONE"
+    kind: str  # "JOIN" | "WAIT" | "EVALUATE" | "DONE" or the task of a collecting phase (COLLECTING)
     round: int = 0
     deadline: float = 0.0
     message: str = ""
@@ -83,6 +99,7 @@ class RoundMachine:
     version: int = 0  # completed rounds = version of the global model
     joined: set[str] = field(default_factory=set)
     last_seen: dict[str, float] = field(default_factory=dict)
+    instances: dict[str, str] = field(default_factory=dict)  # silo -> the process id of its accepted Join
     participants: frozenset[str] = frozenset()
     expected: frozenset[str] = frozenset()  # who must answer the current collecting phase
     minimum: int = 0  # answers needed to close it at its deadline
@@ -122,12 +139,33 @@ class RoundMachine:
         self.version = self.round = version
         self.first_attempt = first_attempt
 
+    @property
+    def duplicate_window_s(self) -> float:
+        return min(DUPLICATE_WINDOW_S, self.lease_s)
+
     # -- silo actions -------------------------------------------------------------------------
-    def join(self, silo: str, now: float | None = None) -> None:
+    def join(self, silo: str, now: float | None = None, instance: str = "") -> None:
+        """``silo`` joins from process ``instance`` (empty: a client that does not say; not checked).
+        Refused (ALREADY_EXISTS) while another process of that name is live: the first keeps its place."""
         if self.phase == Phase.DONE:
             raise ProtocolError("the run is over", "FAILED_PRECONDITION")
+        at = self.created_at if now is None else now
+        held = self.instances.get(silo, "")
+        if instance and held and held != instance and silo in self.joined:
+            silent = at - self.last_seen.get(silo, at)
+            if silent <= self.duplicate_window_s:
+                raise ProtocolError(
+                    f"silo {silo!r} is already joined from another live process (heard from {silent:.1f} s ago); "
+                    f"a restarted silo is let in after {self.duplicate_window_s:g} s of silence", "ALREADY_EXISTS")
+        if instance:
+            self.instances[silo] = instance
         self.joined.add(silo)
-        self.seen(silo, self.created_at if now is None else now)
+        self.seen(silo, at)
+
+    def stale_instance(self, silo: str, instance: str) -> bool:
+        """Whether ``instance`` is a process of ``silo`` that another process has replaced since."""
+        held = self.instances.get(silo, "")
+        return bool(instance and held and instance != held)
 
     def seen(self, silo: str, now: float) -> None:
         """``silo`` is alive (it asked for a task or sent something)."""

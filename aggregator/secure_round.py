@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from aggregator.accumulate import Coefficients, regroup
+from aggregator.accumulate import Coefficients, floor_coefficients, regroup
 from crypto.key_agreement import NONCE_BYTES, TAG_BYTES, AdvertError, verify_advert
 from crypto.secagg import RUN_SECRET_BYTES, advert_of
 from fcmoe.config import SecureAggregationConfig
@@ -92,18 +92,22 @@ class SecureRound:
 
     # -- UPLOADING -----------------------------------------------------------------------------
     def plan_groups(self, sharers: set[str], plan: Coefficients, minimum: int) -> None:
-        """Those who answered SHARE upload; groups left below ``min_group_size`` by the others merge."""
+        """Those still in the round upload; groups left below ``min_group_size`` by the others merge,
+        and every coefficient is floored to ``min_weight_ratio`` of its group's largest, so that the
+        silos' weight policy (crypto/secagg.py) never refuses an honest plan."""
         self.peers = sorted(sharers)
         if len(self.peers) < max(minimum, self.min_group_size):
-            raise ProtocolError(f"{len(self.peers)} silos answered the share phase; need {minimum}, "
+            raise ProtocolError(f"{len(self.peers)} silos are left in the round; need {minimum}, "
                                 f"min_group_size {self.min_group_size}")
-        self.plan = regroup(plan, set(self.peers), self.min_group_size)
+        self.plan = floor_coefficients(regroup(plan, set(self.peers), self.min_group_size),
+                                       self.settings.min_weight_ratio)
 
     def upload_instructions(self, silo: str) -> pb.UploadInstructions:
         assert self.plan is not None
         units = list(self.unit_sizes)
         return pb.UploadInstructions(units=units, coefficients=[self.plan.alpha[silo][u] for u in units],
                                      peers=self.peers, groups=[self.plan.group[p][u] for u in units for p in self.peers],
+                                     peer_coefficients=[self.plan.alpha[p][u] for u in units for p in self.peers],
                                      run_secret=self._secrets.get(silo))
 
     @property

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import grpc
 
 from aggregator.coordinator import Coordinator
-from crypto.tls import peer_common_name
+from aggregator.receipts import RECEIPTS_FILE, ReceiptBook, to_message
+from crypto.tls import peer_certificate_pem, peer_common_name
 from fcmoe.errors import FcMoeError, ProtocolError
 from fcmoe.logs import log_event
 from protos import codec
@@ -78,10 +79,16 @@ class FederationService(pb_grpc.FederationServicer):
     def __init__(self, coordinator: Coordinator, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES):
         self.coordinator = coordinator
         self.chunk_bytes = chunk_bytes
+        # privacy-ledger anchors (aggregator/receipts.py), read back after a restart
+        self.receipts = ReceiptBook(coordinator.output_dir / RECEIPTS_FILE)
 
     @_rpc("Join")
     def Join(self, silo: str, request: pb.JoinRequest, context) -> pb.JoinReply:
-        return self.coordinator.join(silo, request)
+        reply = self.coordinator.join(silo, request)
+        held = self.receipts.newest(silo, reply.run_id)
+        if held is not None:  # the silo refuses to start from a ledger shorter than this
+            reply.ledger_receipt.CopyFrom(to_message(held))
+        return reply
 
     @_rpc("GetTask")
     def GetTask(self, silo: str, request: pb.TaskRequest, context) -> pb.Task:
@@ -107,6 +114,16 @@ class FederationService(pb_grpc.FederationServicer):
         self.coordinator.add_unmask(silo, request)
         return pb.Ack(message="recorded")
 
+    @_rpc("SubmitCheck")
+    def SubmitCheck(self, silo: str, request: pb.CheckSubmission, context) -> pb.Ack:
+        self.coordinator.add_check(silo, request)
+        return pb.Ack(message="recorded")
+
+    @_rpc("SubmitAgreement")
+    def SubmitAgreement(self, silo: str, request: pb.AgreementSubmission, context) -> pb.Ack:
+        self.coordinator.add_agreement(silo, request)
+        return pb.Ack(message="recorded")
+
     @_rpc("DeclineRound")
     def DeclineRound(self, silo: str, request: pb.DeclineRequest, context) -> pb.Ack:
         self.coordinator.decline(silo, request)
@@ -118,6 +135,11 @@ class FederationService(pb_grpc.FederationServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "update stream must start with a header")
         header = first.header
+        if header.HasField("ledger"):  # a DP silo's ledger anchor: kept (or refused) before the update counts
+            cert = peer_certificate_pem(context)
+            if cert is None:
+                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate to check the ledger receipt")
+            self.receipts.keep(silo, self.coordinator.run_id, header.round, header.ledger, cert)
         stream = self.coordinator.begin_update(silo, header)
         assembler = stream.assembler
         try:

@@ -11,36 +11,61 @@ nothing from the individual vectors.
 Trust model, stated plainly: the aggregator must never hold the secret context, and the key holder
 must never see an individual silo's ciphertext; if the two collude, every vector is in the clear.
 The secret context therefore travels only between silos, encrypted under pairwise keys
-(:func:`secret_context_bytes`). The key holder cannot tell a sum from a single contribution; see
-:func:`decrypt_sum` for what the ``min_group_size`` check does and does not guarantee.
+(:func:`secret_context_bytes`). The key holder cannot tell a sum from a single contribution that
+was re-randomised; see :func:`decrypt_sum` and silo_agent/ckks_round.py for what the signed
+contributions do and do not guarantee.
 
-Error model. CKKS is approximate: a value ``x`` is stored as ``round(x * 2**scale_bits)`` plus
-lattice noise, so every result carries an absolute error that no decryption removes. Measured at the
-default parameters (degree 8192, moduli 60-40-40-60 bits, scale ``2**40``) on sums of ``n``
-vectors of 5000 entries uniform in ``[-1, 1]``, each first multiplied by a weight in ``(0, 1]``
-(largest error over all entries and 5 seeds): the CKKS error is about ``2e-7`` for ``n = 2``,
-``4e-7`` for ``n = 5`` and ``6e-7`` for ``n = 10``, growing roughly like ``sqrt(n)``; the rounding
-that :func:`decrypt_sum` applies on release adds at most ``2**-21 ~ 4.8e-7``, for a released error
-of about ``9e-7`` at ``n = 10`` (``8e-7`` to ``9e-7`` for ``n = 8`` and 200000 to 1000000
-entries in ``benches.ckks``). Above that floor errors are relative to magnitude: each
-:func:`scale` leaves a relative error of about ``1.3e-7``, because TenSEAL resets the scale to
-``2**40`` after dividing by a prime that is only close to ``2**40``. Tests allow ``1e-3``.
+Parameters. Degree 8192, moduli 60-40-58-60 bits (218 bits: the most SEAL allows at 128-bit
+security), scale ``2**58``. The scale is as large as the chain allows because the flooding noise
+(below) is ``2**20`` times the decryption error, which is fixed in absolute terms (coefficient
+units), so only a larger scale makes it small in value units.
 
-Levels. Each multiplication by a plaintext scalar consumes one 40-bit prime (a rescale). The
-default chain has two such primes, so a ciphertext takes at most two :func:`scale` calls
-(:attr:`CkksParams.max_multiplications`); a third is refused. What is left bounds the magnitude a
-decryption can represent: ``|value| < 2**(bits left - scale_bits - 1)``, i.e. ``2**99`` fresh,
-``2**59`` after one multiplication and only ``2**19`` after two; beyond it the value wraps
-silently, so keep to one multiplication for model updates. Scale every term before summing: then
-all terms sit at the same level. (TenSEAL mod-switches the fresher operand of a mixed-level
-:func:`add` down, which is correct but spends its level for nothing.)
+Levels. A multiplication by a plaintext scalar is rescaled away by the 58-bit prime, leaving 100
+bits, so values up to ``2**41`` in magnitude decrypt correctly; there is no second 58-bit prime, so a
+second :func:`scale` is refused (SEAL: scale out of bounds; :attr:`CkksParams.max_multiplications`
+is 1). Scale every term before summing: then all terms sit at the same level. (TenSEAL mod-switches
+the fresher operand of a mixed-level :func:`add` down, which is correct.)
 
-Sizes and speed, measured on one core of a 2-core x86 VM at the default parameters with
+Error model. CKKS is approximate; the exact decryption of a weighted sum carries a lattice error
+``e`` that depends on the secret key. Measured at the defaults (3 keys, sums of ``n = 1..10``
+vectors of 4096 entries, weights 0.01..3, imaginary and real parts of all 4096 slots): the l2 norm
+over a chunk's slots of the key-dependent error is about ``3.5e-13 * sqrt(n)`` for weights up to 1
+(the rescale's rounding dominates and does not shrink with the weight) and ``2.5e-13`` per unit of
+weight above 1, i.e. ``~2**16.6 / 2**58`` per term. :func:`decryption_noise_bound` takes
+``B = 2**(20 - 58) * sqrt(sum max(1, |w_i|)**2)``, about 10x the measurement, as the bound.
+:func:`scale` also leaves a deterministic relative error of about ``1e-12`` (TenSEAL resets the scale
+to ``2**58`` after dividing by a prime only close to it); it does not depend on the key.
+
+Releasing decryptions (noise flooding). Li and Micciancio (Eurocrypt 2021) recovered CKKS secret keys
+from exact decryptions of ciphertexts the attacker knows, and a key holder that decrypts whatever it
+is sent gives the key away outright: ``(c0, c1) = (0, t)``, built from the public parameters,
+decrypts to ``t * s``, and two such ciphertexts reveal every coefficient of ``s``
+(tests/test_attack_ckks.py does this against the old code). :func:`decrypt_sum` therefore
+(1) decrypts every chunk to all its complex slots and refuses the chunk if the imaginary parts have
+l2 norm over ``B``: a sum of encrypted real vectors has imaginary parts that are decryption error
+only, while a crafted ciphertext's key-dependent part ``c1 * s`` has slot values of unknown phase,
+so it passes only if it is itself about as small as ``B``; and (2) releases the real parts plus
+independent Gaussian noise of ``sigma = 2**20 * B`` per coordinate (:func:`flooding_sigma`), drawn
+from ``os.urandom`` (Box-Muller), the noise-flooding countermeasure of Li-Micciancio and of
+OpenFHE's ``NOISE_FLOODING_DECRYPT``. For an honest sum the released vector's distribution is then
+within KL divergence ``||e||**2 / (2 sigma**2) <= 2**-41`` of one that does not depend on the key:
+40 bits of statistical security per decrypted chunk; the divergences of ``Q`` decryptions add up,
+so a run that decrypts ``Q`` chunks keeps ``40 - log2(Q)`` bits (about 23 for 10**5 chunks). For a
+crafted ciphertext that passes (1) the same holds only heuristically (the phase argument above, not
+a proof), and each refusal tells the aggregator one bit (refused or not) about the key; a refusal
+never happens in an honest run, so it is proof of a malicious aggregator.
+Cost: sigma is ``2**-18 * sqrt(sum max(1, |w_i|)**2) ~ 3.8e-6 * sqrt(sum ...)`` per coordinate of
+a group sum, e.g. 6.6e-6 for 3 contributors with weights up to 1 and 7.6e-6 for 4 (measured std
+7.5e-6, largest of 5300 coordinates 2.8e-5, tests/test_attack_ckks.py); after division by the
+group's total weight the global model moves by about that much per coordinate.
+
+Sizes and speed, measured on one core of a 2-core x86 VM at the earlier 40-bit-scale parameters with
 ``python -m benches.ckks --floats 1000000`` (serialization and parsing included): a fresh
-ciphertext is about 81 bytes per float (a float32 is 4), 57 after one :func:`scale` and 32 after
-two; the public context is about 465 kB. Encryption runs at about 0.84 M floats/s, :func:`add` of
-two serialized vectors at about 1.7 M, :func:`scale` at about 2.4 M and :func:`decrypt_sum` at
-about 3.1 M. Each chunk is a separate TenSEAL vector, so these calls use one core.
+ciphertext was about 81 bytes per float (a float32 is 4) and is about 88 at the 58-bit scale, 57
+after one :func:`scale`; the public context is about 465 kB. Encryption runs at about 0.84 M
+floats/s, :func:`add` of two serialized vectors at about 1.7 M and :func:`scale` at about 2.4 M;
+:func:`decrypt_sum` now decodes complex slots too (about 2.5 ms per 5000-float vector). Each chunk is
+a separate TenSEAL vector, so these calls use one core.
 
 Untrusted bytes. Every context or ciphertext that arrives from elsewhere is size-limited by
 ``max_ciphertext_bytes``, its protobuf layout is checked here before TenSEAL sees it (TenSEAL
@@ -49,22 +74,17 @@ becomes a :class:`CkksError`. TenSEAL parses protobuf and SEAL's own binary form
 unpickled. CKKS has no integrity: a silo (or the aggregator) can add anything to a sum, and
 corrupted coefficients decrypt to garbage, not to an error.
 
-Releasing decryptions. Li and Micciancio (Eurocrypt 2021) recovered CKKS secret keys from exact
-decryptions of ciphertexts the attacker knows, which is exactly what the aggregator holds after
-summing; with the key it would decrypt every silo's vector. Two things here stand in the way of the
-published attack, which solves a linear system for the key from the decryption noise: TenSEAL
-returns only the real parts of the slots, and :func:`decrypt_sum` rounds its output to a
-``2**-release_frac_bits`` grid (``2**-20 ~ 9.5e-7`` by default, coarser than the measured noise of
-a sum of up to 10 vectors). Neither is a proof: rounding is deterministic and only slightly above
-the noise, and an aggregator may submit a ciphertext of its own making instead of a sum, which
-gives it more control than the passive attack assumes. A proven defence floods the decryption with
-noise sized by a bound on the decryption noise (which needs a larger scale than the defaults, to
-keep the result useful) or uses threshold decryption, so that no exact decryption is released.
+Signed contributions. :func:`chunks_digest`, :func:`contribution_bytes`, :func:`sign_contribution`
+and :func:`verify_contribution` are what a silo signs for each unit it uploads (run, attempt, silo,
+unit, group, digest) and how the aggregator and the key holder check it (crypto/key_agreement.py's
+:func:`~crypto.key_agreement.verify_silo_signature`, against the verifier's own CA).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,10 +93,22 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi  # registers seal::Modulus, so parameter checks can read bit sizes
 
+from crypto.key_agreement import (
+    KeyAgreementError,
+    SignatureError,
+    encode_fields,
+    sign_as_silo,
+    verify_silo_signature,
+)
 from fcmoe.errors import FcMoeError
 
 MAX_CIPHERTEXT_BYTES = 2_000_000
-RELEASE_FRAC_BITS = 20
+STATISTICAL_SECURITY_BITS = 40  # flooding: sigma = 2**(40 / 2) * the decryption-error bound
+# log2 of the bound on the l2 norm, over a chunk's slots, of one contributor's share of the decryption
+# error, in units of 2**-scale_bits (measured ~2**16.6 at degree 8192: ~10x margin; module docstring)
+NOISE_BOUND_BITS = 20
+CONTRIBUTION_TAG = "fcmoe/ckks-contribution/v1"
+CHUNKS_TAG = "fcmoe/ckks-chunks/v1"
 _MIN_DEGREE, _MAX_DEGREE = 1024, 32768
 _MAX_VARINT_BYTES = 10
 _WIRE_VARINT, _WIRE_FIXED64, _WIRE_BYTES, _WIRE_FIXED32 = 0, 1, 2, 5
@@ -95,11 +127,16 @@ def _is_int(value: object) -> bool:
 
 @dataclass(frozen=True)
 class CkksParams:
-    """CKKS parameters; the defaults give 128-bit security (200 of the 218 bits allowed at degree 8192)."""
+    """CKKS parameters; the defaults give 128-bit security (all 218 bits allowed at degree 8192).
+
+    The scale is as large as a 60-bit prime chain allows (``2**58``, rescaled away by the 58-bit
+    prime), because the flooding noise added at decryption is ``2**20`` times the decryption error,
+    and that error is fixed in absolute terms: a larger scale is what keeps the flood small.
+    """
 
     poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60)
-    scale_bits: int = 40
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 58, 60)
+    scale_bits: int = 58
     max_ciphertext_bytes: int = MAX_CIPHERTEXT_BYTES
 
     def __post_init__(self) -> None:
@@ -123,8 +160,14 @@ class CkksParams:
 
     @property
     def max_multiplications(self) -> int:
-        """Plaintext multiplications a fresh ciphertext can take: one per prime between first and special."""
-        return len(self.coeff_mod_bit_sizes) - 2
+        """Plaintext multiplications a fresh ciphertext can take: one per ``scale_bits``-sized prime at
+        the end of the chain (special prime excluded), each of which a rescale divides away."""
+        count = 0
+        for bits in reversed(self.coeff_mod_bit_sizes[1:-1]):
+            if bits != self.scale_bits:
+                break
+            count += 1
+        return count
 
     @property
     def scale(self) -> float:
@@ -490,45 +533,88 @@ def scale(ctx: ts.Context, a: list[bytes], factor: float, *,
     return out
 
 
-def _release(values: np.ndarray, frac_bits: int) -> np.ndarray:
-    """Round to multiples of ``2**-frac_bits``: drops the low-order noise bits a key-recovery attack needs."""
-    return np.ldexp(np.rint(np.ldexp(values, frac_bits)), -frac_bits)
+def decryption_noise_bound(ctx: ts.Context, weights: Sequence[float]) -> float:
+    """Bound on the l2 norm, over one chunk's slots, of the decryption error of a sum of fresh
+    ciphertexts each multiplied once by ``weights[i]`` (value units).
+
+    Each term contributes its scaled encryption noise plus the rounding of its rescale, which does
+    not shrink with the weight, so each counts as ``max(1, |w|)`` (module docstring, "Releasing
+    decryptions", for the measurement and the margin). Larger rings carry more noise per slot.
+    """
+    if not weights:
+        raise CkksError("a sum needs at least one weight")
+    values = np.asarray([float(w) for w in weights], dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise CkksError("weights must be finite")
+    ring = max(1.0, _context_degree(ctx) / 8192) ** 1.5
+    per_term = math.ldexp(1.0, NOISE_BOUND_BITS) / _global_scale(ctx)
+    return per_term * ring * float(np.sqrt(np.sum(np.maximum(1.0, np.abs(values)) ** 2)))
+
+
+def flooding_sigma(noise_bound: float) -> float:
+    """Standard deviation of the flooding noise: ``2**(STATISTICAL_SECURITY_BITS / 2)`` times the bound."""
+    return math.ldexp(noise_bound, STATISTICAL_SECURITY_BITS // 2)
+
+
+def _gaussian(count: int, sigma: float) -> np.ndarray:
+    """``count`` draws of N(0, sigma**2) from the OS's cryptographic RNG (Box-Muller on 53-bit uniforms).
+
+    Not numpy's generators: whoever predicts the flood subtracts it and reads the key-dependent
+    decryption error underneath.
+    """
+    pairs = -(-count // 2)
+    bits = np.frombuffer(os.urandom(16 * pairs), dtype="<u8") >> np.uint64(11)
+    uniform = (bits.astype(np.float64) + 1.0) * 2.0**-53  # in (0, 1]: log never sees 0
+    radius = np.sqrt(-2.0 * np.log(uniform[:pairs]))
+    angle = 2.0 * np.pi * uniform[pairs:]
+    return (sigma * np.concatenate([radius * np.cos(angle), radius * np.sin(angle)]))[:count]
+
+
+def _decrypt_complex(secret_ctx: ts.Context, vector: ts.CKKSVector) -> np.ndarray:
+    """Every slot of one chunk, real and imaginary parts, exactly as decrypted (never released)."""
+    try:
+        context = secret_ctx.seal_context().data
+        plain = tenseal.sealapi.Plaintext()
+        tenseal.sealapi.Decryptor(context, secret_ctx.secret_key().data).decrypt(vector.ciphertext()[0], plain)
+        return np.asarray(tenseal.sealapi.CKKSEncoder(context).decode_complex(plain), dtype=np.complex128)
+    except _TENSEAL_ERRORS as error:
+        raise CkksError(f"decryption failed: {_one_line(error)}") from None
 
 
 def decrypt_sum(secret_ctx: ts.Context, chunks: list[bytes], length: int, contributors: int,
-                min_group_size: int, *, release_frac_bits: int = RELEASE_FRAC_BITS,
+                min_group_size: int, *, weights: Sequence[float] | None = None,
                 max_bytes: int = MAX_CIPHERTEXT_BYTES) -> np.ndarray:
-    """Decrypt an aggregated vector of ``length`` floats, if it claims at least ``min_group_size`` terms.
+    """Decrypt an aggregated vector of ``length`` floats, if it claims at least ``min_group_size`` terms,
+    and release it flooded with Gaussian noise.
 
-    What this guarantees: the key holder never decrypts anything whose claimed group is smaller than
-    ``min_group_size``, nor a vector whose chunk count or chunk sizes do not match ``length``; the
-    output is rounded to a ``2**-release_frac_bits`` grid (module docstring, "Releasing
-    decryptions"), which adds at most ``2**-(release_frac_bits + 1)`` absolute error.
+    ``weights`` are the plaintext factors the ``contributors`` terms were multiplied by (all 1 if
+    omitted); they set the noise bound ``B`` (:func:`decryption_noise_bound`). Every chunk is
+    decrypted to all its complex slots: a sum of encrypted real vectors has imaginary parts that
+    are decryption error only, so a chunk whose imaginary parts have l2 norm over ``B`` is refused
+    (:class:`CkksError`) -- it is not such a sum, e.g. a ciphertext crafted to decrypt to a
+    multiple of the secret key. The real parts of an accepted chunk are released plus N(0, sigma**2)
+    per coordinate, sigma = ``2**20 * B`` (:func:`flooding_sigma`), drawn from ``os.urandom``, so
+    that the key-dependent decryption error is hidden with 40 bits of statistical security (module
+    docstring, "Releasing decryptions").
 
-    What it does not guarantee: ``contributors`` is the aggregator's claim, and a ciphertext carries
-    no record of how many vectors were summed into it. The check therefore protects against an
-    honest aggregator's mistakes (a group that shrank below the minimum after dropouts) and turns a
-    dishonest aggregator's lie (one silo's ciphertext passed off as a group sum) into explicit
-    protocol misbehaviour, a false statement in its request, rather than a permitted action; it
-    does not prevent the lie. The real guarantee needs the aggregator to prove membership: silos
-    sign (round label, group, digest of their ciphertext), and the key holder checks
-    ``min_group_size`` distinct valid signatures and that the sum is the sum of exactly those
-    ciphertexts, which takes recomputing it (so the key holder then sees individual ciphertexts and
-    must be trusted not to decrypt them), a proof of correct aggregation, or threshold decryption
-    in which each silo's partial decryption is its consent to that exact sum.
+    What the contributor count does not guarantee: it is a claim, and a ciphertext carries no record
+    of how many vectors were summed into it. The key holder (silo_agent/ckks_round.py) therefore
+    also requires each contributor's signature over its upload; even so, one silo's ciphertext
+    re-randomised by the aggregator (times 1, plus an encryption of zero) passes for a sum.
     """
     _check_context(secret_ctx)
-    for name, value in (("length", length), ("contributors", contributors), ("min_group_size", min_group_size),
-                        ("release_frac_bits", release_frac_bits)):
+    for name, value in (("length", length), ("contributors", contributors), ("min_group_size", min_group_size)):
         if not _is_int(value):
             raise CkksError(f"{name} must be an int, got {value!r}")
-    if not 0 <= release_frac_bits <= 52:
-        raise CkksError(f"release_frac_bits must be in [0, 52], got {release_frac_bits}")
     if min_group_size < 1:
         raise CkksError(f"min_group_size must be at least 1, got {min_group_size}")
     if contributors < min_group_size:
         raise CkksError(f"refusing to decrypt a sum of {contributors} contributors; "
                         f"min_group_size is {min_group_size}")
+    if weights is None:
+        weights = [1.0] * int(contributors)
+    if len(weights) != contributors:
+        raise CkksError(f"{len(weights)} weights for {contributors} contributors")
     if not secret_ctx.is_private():
         raise CkksError("context holds no secret key; only the key-holder silo can decrypt")
     if length < 1:
@@ -538,15 +624,59 @@ def decrypt_sum(secret_ctx: ts.Context, chunks: list[bytes], length: int, contri
     expected = -(-int(length) // slots)
     if len(chunks) != expected:
         raise CkksError(f"encrypted sum has {len(chunks)} chunks; {length} floats need {expected}")
+    bound = decryption_noise_bound(secret_ctx, weights)
     out = np.empty(int(length), dtype=np.float64)
-    for index, data in enumerate(chunks):
+    for index, data in enumerate(chunks):  # every chunk is checked before anything is released
         vector = _load_chunk(secret_ctx, data, max_bytes)
         start = index * slots
         want = min(slots, int(length) - start)
         if vector.size() != want:
             raise CkksError(f"chunk {index} holds {vector.size()} floats, expected {want}")
-        try:
-            out[start : start + want] = vector.decrypt()
-        except _TENSEAL_ERRORS as error:
-            raise CkksError(f"decryption failed: {_one_line(error)}") from None
-    return _release(out, int(release_frac_bits))
+        values = _decrypt_complex(secret_ctx, vector)
+        imaginary = float(np.linalg.norm(values.imag))
+        if not imaginary <= bound:
+            raise CkksError(f"chunk {index}: imaginary parts of norm {imaginary:.3g} exceed the noise bound "
+                            f"{bound:.3g}; not a sum of encrypted real vectors (crafted ciphertext?)")
+        out[start : start + want] = values.real[:want]
+    return out + _gaussian(out.size, flooding_sigma(bound))
+
+
+# --- signed contributions --------------------------------------------------------------------------
+
+def chunks_digest(chunks: Sequence[bytes]) -> bytes:
+    """SHA-256 of a unit's serialized ciphertext chunks, each length-prefixed under a domain tag."""
+    return hashlib.sha256(encode_fields(CHUNKS_TAG, [bytes(c) for c in chunks])).digest()
+
+
+def contribution_bytes(run_id: str, session: int, silo: str, unit: str, group: int, digest: bytes) -> bytes:
+    """What a silo signs for one unit of its upload: run, attempt, itself, unit, group, ciphertext digest."""
+    for name, value in (("session", session), ("group", group)):
+        if not _is_int(value) or not 0 <= value < 2**64:
+            raise CkksError(f"{name} must be an int in 0..2**64-1, got {value!r}")
+    if not run_id or not silo or not unit:
+        raise CkksError("run_id, silo and unit must be non-empty")
+    return encode_fields(CONTRIBUTION_TAG, [run_id.encode(), int(session).to_bytes(8, "big"), silo.encode(),
+                                            unit.encode(), int(group).to_bytes(8, "big"), bytes(digest)])
+
+
+def sign_contribution(identity_key_pem: bytes, run_id: str, session: int, silo: str, unit: str, group: int,
+                      digest: bytes) -> bytes:
+    """The silo's ECDSA signature over :func:`contribution_bytes`."""
+    try:
+        return sign_as_silo(identity_key_pem, contribution_bytes(run_id, session, silo, unit, group, digest))
+    except KeyAgreementError as exc:
+        raise CkksError(f"cannot sign the contribution: {exc}") from None
+
+
+def verify_contribution(silo: str, digest: bytes, signature: bytes, certificate_pem: bytes, ca_pem: bytes,
+                        run_id: str, session: int, unit: str, group: int) -> None:
+    """Raise :class:`CkksError` unless ``silo`` signed ``digest`` for this run, attempt, unit and group,
+    with a silo certificate issued by ``ca_pem`` (the verifier's own CA)."""
+    if len(digest) != hashlib.sha256().digest_size:
+        raise CkksError(f"contribution of silo {silo!r}: digest is {len(digest)} bytes, expected 32")
+    what = f"contribution of silo {silo!r} to unit {unit} group {group}"
+    try:
+        verify_silo_signature(silo, contribution_bytes(run_id, session, silo, unit, group, digest), signature,
+                              certificate_pem, ca_pem, what)
+    except SignatureError as exc:
+        raise CkksError(str(exc)) from None

@@ -53,7 +53,12 @@ class KeyAgreementError(FcMoeError):
     """Invalid parameters for key agreement or sealing (a caller bug, not an attack)."""
 
 
-class AdvertError(KeyAgreementError):
+class SignatureError(KeyAgreementError):
+    """A signed message is not by the silo it names: certificate not from the verifier's CA, not a
+    silo certificate of that name, or a signature that does not verify."""
+
+
+class AdvertError(SignatureError):
     """A peer's key advert is not authentic, not for this run/round, or unusable."""
 
 
@@ -107,6 +112,7 @@ class KeyAdvert:
     channel_public: bytes
     signature: bytes
     secret_digest: bytes = b""  # digest of the run secret this silo holds (empty: none yet)
+    sketch_mask_public: bytes = b""  # X25519 of the sketch stage's pairwise masks (crypto/secagg.py STAGES)
 
     def signed_bytes(self) -> bytes:
         """Every field but the signature, canonically encoded under ``fcmoe/advert/v1``."""
@@ -119,6 +125,7 @@ class KeyAdvert:
                 bytes(self.mask_public),
                 bytes(self.channel_public),
                 bytes(self.secret_digest),
+                bytes(self.sketch_mask_public),
             ],
         )
 
@@ -149,6 +156,7 @@ class RoundKeys:
         self.round = round
         self.silo = silo
         self._mask = X25519PrivateKey.generate()
+        self._sketch_mask = X25519PrivateKey.generate()  # the sketch stage masks under its own key pair
         self._channel = X25519PrivateKey.generate()
 
     def __repr__(self) -> str:  # never print private keys
@@ -164,14 +172,20 @@ class RoundKeys:
         """For the encrypted channel that carries this silo's shares to each peer."""
         return self._channel
 
-    def mask_private_bytes(self) -> bytes:
-        """Raw 32-byte mask key, for Shamir sharing only: peers rebuild it if this silo drops out."""
-        return self._mask.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                        serialization.NoEncryption())
+    def mask_private_bytes(self, stage: str = "update") -> bytes:
+        """Raw 32-byte mask key of a stage, for Shamir sharing only: peers rebuild it if this silo drops
+        out of that stage."""
+        key = self._sketch_mask if stage == "sketch" else self._mask
+        return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption())
 
     @property
     def mask_public(self) -> bytes:
         return _raw_public(self._mask)
+
+    @property
+    def sketch_mask_public(self) -> bytes:
+        return _raw_public(self._sketch_mask)
 
     @property
     def channel_public(self) -> bytes:
@@ -180,11 +194,11 @@ class RoundKeys:
     def advert(self, identity_key_pem: bytes, secret_digest: bytes = b"") -> KeyAdvert:
         """The signed advert (ECDSA P-256, SHA-256) carrying both public keys."""
         unsigned = KeyAdvert(self.run_id, self.round, self.silo, self.mask_public, self.channel_public, b"",
-                             secret_digest)
+                             secret_digest, self.sketch_mask_public)
         key = _load_identity_key(identity_key_pem)
         signature = key.sign(unsigned.signed_bytes(), ec.ECDSA(hashes.SHA256()))
         return KeyAdvert(self.run_id, self.round, self.silo, self.mask_public, self.channel_public, signature,
-                         secret_digest)
+                         secret_digest, self.sketch_mask_public)
 
 
 def _is_client_leaf(cert: x509.Certificate) -> bool:
@@ -203,12 +217,12 @@ def _advert_shape_error(advert: KeyAdvert) -> str | None:
         return "silo and run_id must be strings"
     if not isinstance(advert.round, int) or isinstance(advert.round, bool):
         return "round must be an integer"
-    for name in ("mask_public", "channel_public", "signature", "secret_digest"):
+    for name in ("mask_public", "channel_public", "signature", "secret_digest", "sketch_mask_public"):
         if not isinstance(getattr(advert, name), bytes):
             return f"{name} must be bytes"
     if len(advert.secret_digest) not in (0, KEY_BYTES):
         return f"secret_digest is {len(advert.secret_digest)} bytes, expected 0 or {KEY_BYTES}"
-    for name in ("mask_public", "channel_public"):
+    for name in ("mask_public", "channel_public", "sketch_mask_public"):
         if len(getattr(advert, name)) != PUBLIC_KEY_BYTES:
             return f"{name} is {len(getattr(advert, name))} bytes, expected {PUBLIC_KEY_BYTES}"
     return None
@@ -231,22 +245,44 @@ def verify_advert(advert: KeyAdvert, cert_pem: bytes, ca_pem: bytes, run_id: str
     if advert.round != round:
         raise AdvertError(f"advert of silo {silo!r} is for round {advert.round}, expected {round}")
     try:
+        message = advert.signed_bytes()
+    except KeyAgreementError:
+        raise AdvertError(f"advert of silo {silo!r}: signature does not verify") from None
+    verify_silo_signature(silo, message, advert.signature, cert_pem, ca_pem, f"advert of silo {silo!r}", AdvertError)
+
+
+def sign_as_silo(identity_key_pem: bytes, message: bytes) -> bytes:
+    """ECDSA P-256 / SHA-256 over ``message`` with the silo's certificate key, which peers check
+    with :func:`verify_silo_signature`."""
+    return _load_identity_key(identity_key_pem).sign(message, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_silo_signature(silo: str, message: bytes, signature: bytes, cert_pem: bytes, ca_pem: bytes,
+                          what: str, error: type[SignatureError] = SignatureError) -> None:
+    """Raise ``error`` unless ``signature`` over ``message`` is by silo ``silo``.
+
+    The certificate may be relayed by the aggregator: it must chain to ``ca_pem`` (the verifier's
+    own trust anchor, never one the aggregator sent), be a silo (client-auth, non-CA) certificate
+    whose common name is ``silo``, and hold a P-256 key; the aggregator's server certificate is
+    refused, so it cannot sign in a silo's name. ``what`` names the message in the one-line error.
+    """
+    try:
         verify_issued_by(cert_pem, ca_pem)
         common_name = certificate_common_name(cert_pem)
         cert = x509.load_pem_x509_certificate(cert_pem)
     except (PkiError, ValueError, TypeError) as err:
-        raise AdvertError(f"advert of silo {silo!r}: certificate rejected: {err}") from None
+        raise error(f"{what}: certificate rejected: {err}") from None
     if common_name != silo:
-        raise AdvertError(f"advert of silo {silo!r} comes with the certificate of {common_name!r}")
+        raise error(f"{what} comes with the certificate of {common_name!r}")
     if not _is_client_leaf(cert):
-        raise AdvertError(f"advert of silo {silo!r}: certificate is not a silo (client) certificate")
+        raise error(f"{what}: certificate is not a silo (client) certificate")
     public = cert.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
-        raise AdvertError(f"advert of silo {silo!r}: certificate key is not ECDSA P-256")
+        raise error(f"{what}: certificate key is not ECDSA P-256")
     try:
-        public.verify(advert.signature, advert.signed_bytes(), ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError, KeyAgreementError):
-        raise AdvertError(f"advert of silo {silo!r}: signature does not verify") from None
+        public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError, TypeError):
+        raise error(f"{what}: signature does not verify") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,9 +1,17 @@
 """What silos and the aggregator must agree on in a masked round (Bonawitz et al. 2017).
 
 Both roles import this module, neither imports the other: session numbers, mask labels, the
-threshold rule, which Shamir share x belongs to which silo, how a sender's two shares are packed
-and sealed for one recipient, and the pairwise mask seed (computed by the two silos of a pair, or by
-the aggregator once ``t`` survivors revealed the mask key of a silo that dropped out).
+threshold rule, which Shamir share x belongs to which silo, how a sender's shares are packed
+and sealed for one recipient, the pairwise mask seed (computed by the two silos of a pair, or by
+the aggregator once ``t`` survivors revealed the mask key of a silo that dropped out), the round
+view every silo signs before it reveals anything (the consistency check of the malicious model), and
+the weight policy each silo checks on every masked sum.
+
+A masked round has up to two **stages**, each a masked sum followed by an unmask: ``sketch`` (FC-MoE's
+importance-weighted keyed sketches, whose sums drive the consensus) and ``update`` (the weighted
+deltas). Each stage has its own self-mask seed and its own X25519 mask key pair, so what is revealed
+to unmask one stage (a survivor's seed, a dropped silo's mask key) says nothing about the other's
+masks: a silo that survives the sketch stage and then drops out of the update stage is never exposed.
 """
 
 from __future__ import annotations
@@ -11,15 +19,23 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+import numpy as np
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from crypto import keystream, shamir
 from crypto.key_agreement import (
     ChannelError,
     KeyAdvert,
     KeyAgreementError,
+    _load_identity_key,
     encode_fields,
     open_sealed,
     pairwise_secret,
@@ -29,8 +45,11 @@ from crypto.shamir import Share
 
 SHARE_TAG = "fcmoe/shares/v1"
 RUN_SECRET_TAG = "fcmoe/run-secret/v1"
+VIEW_TAG = "fcmoe/round-view/v1"
+CHECK_TAG = "fcmoe/consistency/v1"
 RUN_SECRET_BYTES = 32
-PACKED_SHARES_BYTES = 2 * shamir.SHARE_BYTES  # self-seed share, then mask-key share
+STAGES = ("sketch", "update")  # the masked sums of a round, in order; each has its own self seed
+PACKED_SHARES_BYTES = 2 * len(STAGES) * shamir.SHARE_BYTES  # per stage: self-seed share, mask-key share
 
 
 class SecAggError(KeyAgreementError):
@@ -45,9 +64,9 @@ def threshold_for(num_silos: int, fraction: float) -> int:
     return min(num_silos, max(2, math.ceil(fraction * num_silos - 1e-9)))
 
 
-def mask_label(run_id: str, session: int, unit: str, group: int) -> str:
-    """Every vector a silo masks gets its own keystream: run, attempt, unit and group are bound in."""
-    return f"{run_id}|{session}|{unit}|{group}"
+def mask_label(run_id: str, session: int, unit: str, group: int, stage: str = "update") -> str:
+    """Every vector a silo masks gets its own keystream: run, attempt, stage, unit and group are bound in."""
+    return f"{run_id}|{session}|{stage}|{unit}|{group}"
 
 
 def share_x(peers: Sequence[str], silo: str) -> int:
@@ -63,7 +82,13 @@ def share_aad(run_id: str, session: int, sender: str, recipient: str, tag: str =
 def advert_of(message: Any, run_id: str) -> KeyAdvert:
     """The :class:`KeyAdvert` carried by a wire message (a ``KeyAdvert`` protobuf) of ``run_id``."""
     return KeyAdvert(run_id, message.session, message.silo, bytes(message.mask_public),
-                     bytes(message.channel_public), bytes(message.signature), bytes(message.secret_digest))
+                     bytes(message.channel_public), bytes(message.signature), bytes(message.secret_digest),
+                     bytes(message.sketch_mask_public))
+
+
+def stage_mask_public(advert: KeyAdvert | Any, stage: str) -> bytes:
+    """The X25519 public key of a silo's pairwise masks in ``stage``."""
+    return bytes(advert.sketch_mask_public if stage == "sketch" else advert.mask_public)
 
 
 # -- the run secret: what the silos share and the aggregator must not know --------------------------
@@ -81,19 +106,110 @@ def sketch_key(secret: bytes) -> bytes:
     return keystream.derive_key(secret, "fcmoe/run-secret/sketch/v1")
 
 
-def pack_shares(seed_share: Share, key_share: Share) -> bytes:
-    if seed_share.x != key_share.x:
-        raise SecAggError("the two shares for one recipient must have the same x")
-    return seed_share.to_bytes() + key_share.to_bytes()
+StageShares = dict[str, tuple[Share, Share]]  # stage -> (self-seed share, mask-key share)
 
 
-def unpack_shares(data: bytes) -> tuple[Share, Share]:
+def pack_shares(shares: StageShares) -> bytes:
+    """Per stage (in :data:`STAGES` order) the self-seed share, then the mask-key share; one x for all."""
+    flat = [share for stage in STAGES for share in shares[stage]]
+    if len({s.x for s in flat}) != 1:
+        raise SecAggError("the shares for one recipient must all have the same x")
+    return b"".join(s.to_bytes() for s in flat)
+
+
+def unpack_shares(data: bytes) -> StageShares:
     if len(data) != PACKED_SHARES_BYTES:
         raise SecAggError(f"packed shares must be {PACKED_SHARES_BYTES} bytes, got {len(data)}")
-    seed, key = Share.from_bytes(data[: shamir.SHARE_BYTES]), Share.from_bytes(data[shamir.SHARE_BYTES:])
-    if seed.x != key.x:
+    size = shamir.SHARE_BYTES
+    flat = [Share.from_bytes(data[i * size:(i + 1) * size]) for i in range(2 * len(STAGES))]
+    if len({s.x for s in flat}) != 1:
         raise SecAggError("packed shares disagree on x")
-    return seed, key
+    return {stage: (flat[2 * i], flat[2 * i + 1]) for i, stage in enumerate(STAGES)}
+
+
+# -- the round view and the consistency check (malicious aggregator) --------------------------------
+# Before it masks, a silo is shown the view of the stage: who takes part, every peer's group and
+# coefficient per unit, the fixed point. Before it reveals any share it signs the digest of that view
+# plus the survivor list it is shown, and requires ``t`` such signatures from distinct peers over the
+# very same bytes: an aggregator that shows different silos different groups, coefficients or
+# dropout stories cannot collect ``t`` matching signatures, so nothing is unmasked.
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """What one stage of one masked round is, as every silo must see it."""
+
+    run_id: str
+    session: int
+    stage: str
+    peers: tuple[str, ...]
+    units: tuple[str, ...]
+    groups: tuple[int, ...]  # group of peers[p] for units[u] at [u * len(peers) + p]
+    coefficients: tuple[float, ...]  # same layout as groups
+    fixed_point_bits: int
+    fixed_point_frac_bits: int
+    sketch_buckets: int = 0
+
+    def digest(self) -> bytes:
+        parts = [self.run_id.encode(), self.session.to_bytes(8, "big"), self.stage.encode(),
+                 "\0".join(self.peers).encode(), "\0".join(self.units).encode(),
+                 np.asarray(self.groups, dtype="<u4").tobytes(), np.asarray(self.coefficients, dtype="<f8").tobytes(),
+                 bytes([self.fixed_point_bits, self.fixed_point_frac_bits]), self.sketch_buckets.to_bytes(4, "big")]
+        return hashlib.sha256(encode_fields(VIEW_TAG, parts)).digest()
+
+    def table(self, values: Sequence) -> dict[str, dict[str, Any]]:
+        """unit -> peer -> value, from a flat [u * len(peers) + p] list."""
+        n = len(self.peers)
+        return {u: dict(zip(self.peers, values[i * n:(i + 1) * n])) for i, u in enumerate(self.units)}
+
+
+def check_bytes(view_digest: bytes, survivors: Sequence[str], dropped: Sequence[str]) -> bytes:
+    """What a survivor signs in the consistency check: the view it masked under and who survived."""
+    return encode_fields(CHECK_TAG, [view_digest, "\0".join(sorted(survivors)).encode(),
+                                     "\0".join(sorted(dropped)).encode()])
+
+
+def sign(identity_key_pem: bytes, data: bytes) -> bytes:
+    """ECDSA P-256 / SHA-256 with the silo's certificate key."""
+    return _load_identity_key(identity_key_pem).sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def signature_valid(cert_pem: bytes, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` over ``data`` is by the key of ``cert_pem`` (a certificate the caller has
+    already checked against its own CA)."""
+    try:
+        key = x509.load_pem_x509_certificate(cert_pem).public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            return False
+        key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+
+
+def weight_policy_violation(view: RoundView, present: set[str] | frozenset[str], min_group_size: int,
+                            min_weight_ratio: float) -> str | None:
+    """Why a masked sum of ``view`` over the ``present`` peers could expose one silo, or None.
+
+    Every (unit, group) must hold at least ``min_group_size`` present peers, and no present member
+    may weigh less than ``min_weight_ratio`` of the group's largest coefficient: a sum in which the
+    others weigh (almost) nothing is one silo's vector. Negative or non-finite coefficients never pass."""
+    groups, coefficients = view.table(view.groups), view.table(view.coefficients)
+    for unit in view.units:
+        members: dict[int, list[float]] = {}
+        for peer in view.peers:
+            if peer in present:
+                members.setdefault(groups[unit][peer], []).append(coefficients[unit][peer])
+        for group, alphas in sorted(members.items()):
+            if len(alphas) < min_group_size:
+                return f"unit {unit} group {group} would sum only {len(alphas)} silos (minimum {min_group_size})"
+            if not all(math.isfinite(a) and a >= 0 for a in alphas):
+                return f"unit {unit} group {group} has a negative or non-finite coefficient"
+            largest = max(alphas)
+            if min(alphas) < min_weight_ratio * largest * (1 - 1e-9):
+                return (f"unit {unit} group {group}: a member weighs {min(alphas) / largest:.3g} of the largest "
+                        f"coefficient, under the minimum ratio {min_weight_ratio}")
+    return None
 
 
 def mask_seed(private_raw: bytes, peer_public: bytes, run_id: str, session: int, me: str, peer: str) -> bytes:

@@ -48,3 +48,41 @@ def sketch_units(units: dict[str, np.ndarray], secret: bytes, run_id: str, round
                  buckets: int) -> dict[str, np.ndarray]:
     """One sketch per unit, each under its own (run, round, unit) key."""
     return {u: count_sketch(v, derive_key(secret, run_id, round_, u), buckets) for u, v in units.items()}
+
+
+def clip_sketch(sketch: np.ndarray, clip_norm: float) -> np.ndarray:
+    """A sketch scaled down to norm ``clip_norm`` if longer: masked sums need every coordinate bounded
+    (crypto/fixed_point.py), and a count-sketch of a clipped delta is only about as long as the delta."""
+    norm = float(np.linalg.norm(sketch.astype(np.float64)))
+    return sketch if norm <= clip_norm or norm == 0 else (sketch * (clip_norm / norm)).astype(np.float32)
+
+
+def agreement(own: np.ndarray, others: np.ndarray) -> tuple[float, float]:
+    """Cosine of ``own`` with the consensus of the others, and the magnitude-weighted share of
+    ``own``'s buckets whose sign matches it (0.5 when ``own`` is zero)."""
+    y, loo = np.asarray(own, dtype=np.float64), np.asarray(others, dtype=np.float64)
+    norms = float(np.linalg.norm(y) * np.linalg.norm(loo))
+    cos = float(y @ loo) / norms if norms > 0 else 0.0
+    mag = np.abs(y)
+    total = float(mag.sum())
+    match = (np.sign(y) == np.sign(loo)) & (loo != 0)
+    sign = float((mag * match).sum()) / total if total > 0 else 0.5
+    return cos, sign
+
+
+def agreement_score(cos: float | np.ndarray, sign: float | np.ndarray) -> float | np.ndarray:
+    """``z = (cos + (2 sign - 1)) / 2``, in [-1, 1]."""
+    return (np.asarray(cos) + 2.0 * np.asarray(sign) - 1.0) / 2.0
+
+
+AGREEMENT_STEP = 2.0 ** -16  # agreement scores travel rounded to this: bounded, fixed-point scalars
+
+
+def own_agreement(own_weighted: np.ndarray, weighted_sum: np.ndarray) -> float:
+    """A silo's agreement score for one unit, from its own contribution ``w_i y_i`` to the unmasked sum
+    ``C = sum_j w_j y_j``: its direction against the others' ``C - w_i y_i`` (the leave-one-out
+    consensus), rounded to :data:`AGREEMENT_STEP`. Computed by the silo; only the scalar leaves it."""
+    own = np.asarray(own_weighted, dtype=np.float64)
+    cos, sign = agreement(own, np.asarray(weighted_sum, dtype=np.float64) - own)
+    z = float(np.clip(agreement_score(cos, sign), -1.0, 1.0))
+    return round(z / AGREEMENT_STEP) * AGREEMENT_STEP

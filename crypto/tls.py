@@ -43,6 +43,15 @@ BoringSSL, real server and client over 127.0.0.1):
   unable to get local issuer certificate``; a server certificate without the dialled host in its
   SANs gives ``Hostname Verification Check failed``), and the client's own stderr gets the same
   ``Handshake failed with error ...`` line. The server then logs nothing.
+
+Protocol versions (:data:`ACCEPTED_TLS`, measured the same way with a raw ``ssl`` client): the
+aggregator negotiates TLS 1.3 with any client that offers it, and **also accepts TLS 1.2**. gRPC
+Python cannot refuse 1.2: ``grpc.ssl_server_credentials`` has no version option (core's legacy SSL
+server credentials fix the range at 1.2-1.3; the Python option is still an open pull request,
+grpc/grpc#43074 and #43080), and ``GRPC_SSL_CIPHER_SUITES`` limited to TLS 1.3 suites makes the
+server fail to bind. Under 1.2 the server's ECDSA certificate limits the suites to the two
+ECDHE-ECDSA AES-GCM ones gRPC core offers: ephemeral keys (forward secrecy) and AEAD, no RSA key
+exchange, no CBC; the client certificate is required either way. TLS 1.1 and older are refused.
 """
 
 from __future__ import annotations
@@ -64,6 +73,13 @@ HANDSHAKE_FAILURE_RE = re.compile(
 )
 
 _MAX_DESCRIPTION = 300
+
+#: What the aggregator's TLS endpoint negotiates: protocol version -> cipher suites (OpenSSL names).
+#: TLS 1.2 cannot be switched off from gRPC Python (see the module docstring); these are its only suites.
+ACCEPTED_TLS: dict[str, frozenset[str]] = {
+    "TLSv1.3": frozenset({"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"}),
+    "TLSv1.2": frozenset({"ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384"}),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,6 +128,17 @@ def peer_common_name(context: grpc.ServicerContext) -> str | None:
         return None
     value = values[0]
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def peer_certificate_pem(context: grpc.ServicerContext) -> bytes | None:
+    """The client's verified certificate (PEM) as gRPC core's auth context holds it, or None: what
+    the aggregator checks a silo's signed ledger receipts against, without a copy of silo certificates."""
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # a context without transport security
+        return None
+    values = auth.get("x509_pem_cert") or []
+    return bytes(values[0]) if values else None
 
 
 def handshake_failures_logged(environ: Mapping[str, str] | None = None) -> bool:

@@ -179,7 +179,9 @@ class LocalTrainingConfig(_Strict):
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    clip_norm: float = Field(0.0, ge=0, description="per-unit L2 clip of the delta; 0 disables")
+    clip_norm: float = Field(
+        1.0, ge=0, description="per-unit L2 clip of the delta; the aggregator refuses a payload over alpha * clip_norm. "
+        "0 disables it (mode none only): then one silo can move the model arbitrarily far")
 
 
 class FcMoeConfig(_Strict):
@@ -223,7 +225,11 @@ class SecureAggregationConfig(_Strict):
         0.6, gt=0.5, le=1,
         description="t = ceil(threshold * n) of the n silos that sent shares must survive to unmask a round")
     fixed_point_bits: Literal[32, 64] = Field(32, description="32: as many bytes as float32; 64 for wide ranges")
-    phase_timeout_s: float = Field(120.0, gt=0, description="deadline of the share and unmask phases")
+    phase_timeout_s: float = Field(120.0, gt=0, description="deadline of the share, check, agree and unmask phases")
+    min_weight_ratio: float = Field(
+        0.1, ge=0, le=1,
+        description="every coefficient in a masked group is floored to this fraction of the group's largest; "
+        "silos refuse plans below their own silo.min_weight_ratio")
 
 
 class FederationConfig(_Strict):
@@ -267,6 +273,9 @@ class AggregatorConfig(_Strict):
     allowed_silos: list[str] | None = None
     port_file: Path | None = None
     max_workers: int = Field(64, gt=0, description="server threads; each waiting silo holds one during a long-poll")
+    max_examples: float | None = Field(
+        None, gt=0, description="refuse a report claiming more training examples; default: refuse more than "
+        "10x the median of the round's reports")
     resume: bool = Field(
         True, description="restart from run.output_dir's last completed round when it holds an unfinished run of "
         "this model and strategy (same run id; silos rejoin on their own); false starts a new run")
@@ -314,6 +323,10 @@ class SiloConfig(_Strict):
         description="secure-aggregation modes this silo takes part in; it refuses others (default: the secure ones)")
     min_group_size: int = Field(
         3, ge=2, description="this silo's own floor: it masks with and unmasks for groups of at least this many silos")
+    min_weight_ratio: float = Field(
+        0.1, ge=0, le=1,
+        description="this silo masks only into groups where every member's coefficient is at least this "
+        "fraction of the group's largest (a sum dominated by one member is that member's vector)")
     dp: DpConfig = DpConfig()
     world_size: int = Field(
         1, ge=1,

@@ -14,8 +14,10 @@ from typing import TypeVar
 import numpy as np
 
 from aggregator.coordinator import Coordinator
+from aggregator.receipts import RECEIPTS_FILE, ReceiptBook, to_message
 from aggregator.server import build_coordinator
 from aggregator.service import status_for
+from crypto.pki import PkiPaths, read_pem, verify_issued_by
 from fcmoe.config import Config
 from fcmoe.errors import FcMoeError
 from protos import codec
@@ -29,8 +31,20 @@ T = TypeVar("T")
 class InProcessTransport:
     """Implements the silo client's interface by calling the coordinator directly."""
 
-    def __init__(self, coordinator: Coordinator, silo: str):
+    def __init__(self, coordinator: Coordinator, silo: str, receipts: ReceiptBook | None = None):
         self.coordinator, self.silo = coordinator, silo
+        # as the gRPC service: ledger receipts kept in the run folder (one book per transport is
+        # enough, each silo's receipts come through its own transport)
+        self.receipts = receipts or ReceiptBook(coordinator.output_dir / RECEIPTS_FILE)
+        self.instance = ""  # this silo process's id, as sent in its last Join
+
+    def _certificate(self) -> bytes:
+        """What TLS would have verified: the silo's certificate from the aggregator's PKI folder, checked
+        against its CA (an in-process federation shares one folder)."""
+        paths = PkiPaths(self.coordinator.config.aggregator.pki_dir)
+        cert = read_pem(paths.silo_cert(self.silo))
+        verify_issued_by(cert, read_pem(paths.ca_cert))
+        return cert
 
     def _call(self, rpc: str, fn: Callable[[], T]) -> T:
         try:
@@ -39,10 +53,20 @@ class InProcessTransport:
             raise RpcFailure(rpc, status_for(exc), str(exc)) from None
 
     def join(self, request: pb.JoinRequest) -> pb.JoinReply:
-        return self._call("Join", lambda: self.coordinator.join(self.silo, request))
+        self.instance = request.instance
 
-    def get_task(self, run_id: str, wait_s: float = 5.0) -> pb.Task:
-        return self._call("GetTask", lambda: self.coordinator.task(self.silo, pb.TaskRequest(run_id=run_id, wait_s=wait_s)))
+        def join() -> pb.JoinReply:
+            reply = self.coordinator.join(self.silo, request)
+            held = self.receipts.newest(self.silo, reply.run_id)
+            if held is not None:
+                reply.ledger_receipt.CopyFrom(to_message(held))
+            return reply
+
+        return self._call("Join", join)
+
+    def get_task(self, run_id: str, wait_s: float = 5.0, instance: str | None = None) -> pb.Task:
+        request = pb.TaskRequest(run_id=run_id, wait_s=wait_s, instance=self.instance if instance is None else instance)
+        return self._call("GetTask", lambda: self.coordinator.task(self.silo, request))
 
     def download(self, run_id: str, version: int, layout_hash: str, expected: Mapping[str, codec.TensorSpec],
                  encrypted_sums: bool = False) -> tuple[dict[str, np.ndarray], int]:
@@ -64,6 +88,9 @@ class InProcessTransport:
     def submit(self, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray],
                chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES) -> pb.SubmitReply:
         def send() -> pb.SubmitReply:
+            if header.HasField("ledger"):
+                self.receipts.keep(self.silo, self.coordinator.run_id, header.round, header.ledger,
+                                   self._certificate())
             assembler = self.coordinator.begin_update(self.silo, header).assembler
             try:
                 for chunk in codec.encode(payload, chunk_bytes):
@@ -82,6 +109,14 @@ class InProcessTransport:
     def submit_unmask(self, submission: pb.UnmaskSubmission) -> pb.Ack:
         wire = pb.UnmaskSubmission.FromString(submission.SerializeToString())
         return self._call("SubmitUnmask", lambda: (self.coordinator.add_unmask(self.silo, wire), pb.Ack())[1])
+
+    def submit_check(self, submission: pb.CheckSubmission) -> pb.Ack:
+        wire = pb.CheckSubmission.FromString(submission.SerializeToString())
+        return self._call("SubmitCheck", lambda: (self.coordinator.add_check(self.silo, wire), pb.Ack())[1])
+
+    def submit_agreement(self, submission: pb.AgreementSubmission) -> pb.Ack:
+        wire = pb.AgreementSubmission.FromString(submission.SerializeToString())
+        return self._call("SubmitAgreement", lambda: (self.coordinator.add_agreement(self.silo, wire), pb.Ack())[1])
 
     def decline(self, request: pb.DeclineRequest) -> pb.Ack:
         return self._call("DeclineRound", lambda: (self.coordinator.decline(self.silo, request), pb.Ack())[1])

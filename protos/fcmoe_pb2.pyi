@@ -26,34 +26,42 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("layout_hash", "base_fingerprint", "num_train_examples", "agent_version")
+    __slots__ = ("layout_hash", "base_fingerprint", "num_train_examples", "agent_version", "silo_name", "instance")
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SILO_NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     layout_hash: str
     base_fingerprint: str
     num_train_examples: int
     agent_version: str
-    def __init__(self, layout_hash: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., num_train_examples: _Optional[int] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    silo_name: str
+    instance: str
+    def __init__(self, layout_hash: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., num_train_examples: _Optional[int] = ..., agent_version: _Optional[str] = ..., silo_name: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("run_id", "silo_name", "total_rounds")
+    __slots__ = ("run_id", "silo_name", "total_rounds", "ledger_receipt")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SILO_NAME_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_RECEIPT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     silo_name: str
     total_rounds: int
-    def __init__(self, run_id: _Optional[str] = ..., silo_name: _Optional[str] = ..., total_rounds: _Optional[int] = ...) -> None: ...
+    ledger_receipt: LedgerReceipt
+    def __init__(self, run_id: _Optional[str] = ..., silo_name: _Optional[str] = ..., total_rounds: _Optional[int] = ..., ledger_receipt: _Optional[_Union[LedgerReceipt, _Mapping]] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("run_id", "wait_s")
+    __slots__ = ("run_id", "wait_s", "instance")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     wait_s: float
-    def __init__(self, run_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    instance: str
+    def __init__(self, run_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class TrainInstructions(_message.Message):
     __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed", "retention_lambda", "retention_by_importance", "sketch_buckets", "secure_mode", "session", "personal_adapter")
@@ -88,7 +96,7 @@ class TrainInstructions(_message.Message):
     def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ..., secure_mode: _Optional[str] = ..., session: _Optional[int] = ..., personal_adapter: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload", "share", "unmask", "decrypt")
+    __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload", "share", "unmask", "decrypt", "check", "agree")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Task.Kind]
@@ -101,6 +109,9 @@ class Task(_message.Message):
         UNMASK: _ClassVar[Task.Kind]
         DECRYPT: _ClassVar[Task.Kind]
         JOIN: _ClassVar[Task.Kind]
+        SKETCH: _ClassVar[Task.Kind]
+        CHECK: _ClassVar[Task.Kind]
+        AGREE: _ClassVar[Task.Kind]
     KIND_UNSPECIFIED: Task.Kind
     WAIT: Task.Kind
     TRAIN: Task.Kind
@@ -111,6 +122,9 @@ class Task(_message.Message):
     UNMASK: Task.Kind
     DECRYPT: Task.Kind
     JOIN: Task.Kind
+    SKETCH: Task.Kind
+    CHECK: Task.Kind
+    AGREE: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +135,8 @@ class Task(_message.Message):
     SHARE_FIELD_NUMBER: _ClassVar[int]
     UNMASK_FIELD_NUMBER: _ClassVar[int]
     DECRYPT_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    AGREE_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     round: int
     layout_hash: str
@@ -131,10 +147,12 @@ class Task(_message.Message):
     share: ShareInstructions
     unmask: UnmaskInstructions
     decrypt: DecryptInstructions
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ..., upload: _Optional[_Union[UploadInstructions, _Mapping]] = ..., share: _Optional[_Union[ShareInstructions, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskInstructions, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptInstructions, _Mapping]] = ...) -> None: ...
+    check: CheckInstructions
+    agree: AgreeInstructions
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ..., upload: _Optional[_Union[UploadInstructions, _Mapping]] = ..., share: _Optional[_Union[ShareInstructions, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskInstructions, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptInstructions, _Mapping]] = ..., check: _Optional[_Union[CheckInstructions, _Mapping]] = ..., agree: _Optional[_Union[AgreeInstructions, _Mapping]] = ...) -> None: ...
 
 class UploadInstructions(_message.Message):
-    __slots__ = ("units", "coefficients", "peers", "groups", "fixed_point_bits", "fixed_point_frac_bits", "shares", "run_secret", "ckks_secret_context")
+    __slots__ = ("units", "coefficients", "peers", "groups", "fixed_point_bits", "fixed_point_frac_bits", "shares", "run_secret", "ckks_secret_context", "peer_coefficients", "stage", "sketch_buckets")
     UNITS_FIELD_NUMBER: _ClassVar[int]
     COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +162,9 @@ class UploadInstructions(_message.Message):
     SHARES_FIELD_NUMBER: _ClassVar[int]
     RUN_SECRET_FIELD_NUMBER: _ClassVar[int]
     CKKS_SECRET_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PEER_COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     units: _containers.RepeatedScalarFieldContainer[str]
     coefficients: _containers.RepeatedScalarFieldContainer[float]
     peers: _containers.RepeatedScalarFieldContainer[str]
@@ -153,10 +174,13 @@ class UploadInstructions(_message.Message):
     shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
     run_secret: SealedShare
     ckks_secret_context: bytes
-    def __init__(self, units: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., peers: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[int]] = ..., fixed_point_bits: _Optional[int] = ..., fixed_point_frac_bits: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., run_secret: _Optional[_Union[SealedShare, _Mapping]] = ..., ckks_secret_context: _Optional[bytes] = ...) -> None: ...
+    peer_coefficients: _containers.RepeatedScalarFieldContainer[float]
+    stage: str
+    sketch_buckets: int
+    def __init__(self, units: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., peers: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[int]] = ..., fixed_point_bits: _Optional[int] = ..., fixed_point_frac_bits: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., run_secret: _Optional[_Union[SealedShare, _Mapping]] = ..., ckks_secret_context: _Optional[bytes] = ..., peer_coefficients: _Optional[_Iterable[float]] = ..., stage: _Optional[str] = ..., sketch_buckets: _Optional[int] = ...) -> None: ...
 
 class KeyAdvert(_message.Message):
-    __slots__ = ("silo", "session", "mask_public", "channel_public", "signature", "certificate_pem", "secret_digest")
+    __slots__ = ("silo", "session", "mask_public", "channel_public", "signature", "certificate_pem", "secret_digest", "sketch_mask_public")
     SILO_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +188,7 @@ class KeyAdvert(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     SECRET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     silo: str
     session: int
     mask_public: bytes
@@ -171,7 +196,8 @@ class KeyAdvert(_message.Message):
     signature: bytes
     certificate_pem: bytes
     secret_digest: bytes
-    def __init__(self, silo: _Optional[str] = ..., session: _Optional[int] = ..., mask_public: _Optional[bytes] = ..., channel_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ..., secret_digest: _Optional[bytes] = ...) -> None: ...
+    sketch_mask_public: bytes
+    def __init__(self, silo: _Optional[str] = ..., session: _Optional[int] = ..., mask_public: _Optional[bytes] = ..., channel_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ..., secret_digest: _Optional[bytes] = ..., sketch_mask_public: _Optional[bytes] = ...) -> None: ...
 
 class ShareInstructions(_message.Message):
     __slots__ = ("adverts", "threshold", "min_group_size", "dealer", "secret_recipients", "want_ckks_context")
@@ -216,26 +242,92 @@ class ShareSubmission(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., secrets: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., ckks_public_context: _Optional[bytes] = ..., ckks_secret_context: _Optional[bytes] = ...) -> None: ...
 
 class UnmaskInstructions(_message.Message):
-    __slots__ = ("survivors", "dropped")
+    __slots__ = ("survivors", "dropped", "stage", "signatures")
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+    stage: str
+    signatures: _containers.RepeatedCompositeFieldContainer[ViewSignature]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., stage: _Optional[str] = ..., signatures: _Optional[_Iterable[_Union[ViewSignature, _Mapping]]] = ...) -> None: ...
+
+class CheckInstructions(_message.Message):
+    __slots__ = ("survivors", "dropped", "stage")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    stage: str
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., stage: _Optional[str] = ...) -> None: ...
+
+class ViewSignature(_message.Message):
+    __slots__ = ("silo", "signature", "certificate_pem")
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    silo: str
+    signature: bytes
+    certificate_pem: bytes
+    def __init__(self, silo: _Optional[str] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ...) -> None: ...
+
+class CheckSubmission(_message.Message):
+    __slots__ = ("run_id", "round", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    signature: ViewSignature
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., signature: _Optional[_Union[ViewSignature, _Mapping]] = ...) -> None: ...
+
+class AgreeInstructions(_message.Message):
+    __slots__ = ("sketch_sums",)
+    SKETCH_SUMS_FIELD_NUMBER: _ClassVar[int]
+    sketch_sums: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, sketch_sums: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class AgreementSubmission(_message.Message):
+    __slots__ = ("run_id", "round", "units", "agreement")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    units: _containers.RepeatedScalarFieldContainer[str]
+    agreement: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., units: _Optional[_Iterable[str]] = ..., agreement: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EncryptedSum(_message.Message):
-    __slots__ = ("unit", "group", "contributors", "length", "chunk_bytes")
+    __slots__ = ("unit", "group", "contributors", "length", "chunk_bytes", "signed_contributions")
     UNIT_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     unit: str
     group: int
     contributors: int
     length: int
     chunk_bytes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, unit: _Optional[str] = ..., group: _Optional[int] = ..., contributors: _Optional[int] = ..., length: _Optional[int] = ..., chunk_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+    signed_contributions: _containers.RepeatedCompositeFieldContainer[SignedContribution]
+    def __init__(self, unit: _Optional[str] = ..., group: _Optional[int] = ..., contributors: _Optional[int] = ..., length: _Optional[int] = ..., chunk_bytes: _Optional[_Iterable[int]] = ..., signed_contributions: _Optional[_Iterable[_Union[SignedContribution, _Mapping]]] = ...) -> None: ...
+
+class SignedContribution(_message.Message):
+    __slots__ = ("silo", "digest", "signature", "certificate_pem")
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    silo: str
+    digest: bytes
+    signature: bytes
+    certificate_pem: bytes
+    def __init__(self, silo: _Optional[str] = ..., digest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ...) -> None: ...
 
 class DecryptInstructions(_message.Message):
     __slots__ = ("sums",)
@@ -340,7 +432,7 @@ class RoundReport(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., num_examples: _Optional[float] = ..., reliability: _Optional[float] = ..., units: _Optional[_Iterable[str]] = ..., routing_share: _Optional[_Iterable[float]] = ..., sketches: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., advert: _Optional[_Union[KeyAdvert, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "layout_hash", "units", "sizes", "secure_seconds", "payload_sha256", "resume_chunks")
+    __slots__ = ("run_id", "round", "layout_hash", "units", "sizes", "secure_seconds", "payload_sha256", "resume_chunks", "ledger", "contributions", "stage")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +441,9 @@ class UpdateHeader(_message.Message):
     SECURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     RESUME_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     layout_hash: str
@@ -357,7 +452,26 @@ class UpdateHeader(_message.Message):
     secure_seconds: float
     payload_sha256: bytes
     resume_chunks: int
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[int]] = ..., secure_seconds: _Optional[float] = ..., payload_sha256: _Optional[bytes] = ..., resume_chunks: _Optional[int] = ...) -> None: ...
+    ledger: LedgerReceipt
+    contributions: _containers.RepeatedCompositeFieldContainer[SignedContribution]
+    stage: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[int]] = ..., secure_seconds: _Optional[float] = ..., payload_sha256: _Optional[bytes] = ..., resume_chunks: _Optional[int] = ..., ledger: _Optional[_Union[LedgerReceipt, _Mapping]] = ..., contributions: _Optional[_Iterable[_Union[SignedContribution, _Mapping]]] = ..., stage: _Optional[str] = ...) -> None: ...
+
+class LedgerReceipt(_message.Message):
+    __slots__ = ("silo", "run_id", "round", "length", "head_hash", "signature")
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    silo: str
+    run_id: str
+    round: int
+    length: int
+    head_hash: str
+    signature: bytes
+    def __init__(self, silo: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., length: _Optional[int] = ..., head_hash: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class UploadProgress(_message.Message):
     __slots__ = ("chunks", "bytes")

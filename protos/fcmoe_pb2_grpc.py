@@ -84,6 +84,16 @@ class FederationStub:
                 request_serializer=fcmoe__pb2.DeclineRequest.SerializeToString,
                 response_deserializer=fcmoe__pb2.Ack.FromString,
                 _registered_method=True)
+        self.SubmitCheck = channel.unary_unary(
+                '/fcmoe.v1.Federation/SubmitCheck',
+                request_serializer=fcmoe__pb2.CheckSubmission.SerializeToString,
+                response_deserializer=fcmoe__pb2.Ack.FromString,
+                _registered_method=True)
+        self.SubmitAgreement = channel.unary_unary(
+                '/fcmoe.v1.Federation/SubmitAgreement',
+                request_serializer=fcmoe__pb2.AgreementSubmission.SerializeToString,
+                response_deserializer=fcmoe__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -150,6 +160,18 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitCheck(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitAgreement(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +223,16 @@ def add_FederationServicer_to_server(servicer, server):
             'DeclineRound': grpc.unary_unary_rpc_method_handler(
                     servicer.DeclineRound,
                     request_deserializer=fcmoe__pb2.DeclineRequest.FromString,
+                    response_serializer=fcmoe__pb2.Ack.SerializeToString,
+            ),
+            'SubmitCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitCheck,
+                    request_deserializer=fcmoe__pb2.CheckSubmission.FromString,
+                    response_serializer=fcmoe__pb2.Ack.SerializeToString,
+            ),
+            'SubmitAgreement': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitAgreement,
+                    request_deserializer=fcmoe__pb2.AgreementSubmission.FromString,
                     response_serializer=fcmoe__pb2.Ack.SerializeToString,
             ),
     }
@@ -473,6 +505,60 @@ class Federation:
             target,
             '/fcmoe.v1.Federation/DeclineRound',
             fcmoe__pb2.DeclineRequest.SerializeToString,
+            fcmoe__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fcmoe.v1.Federation/SubmitCheck',
+            fcmoe__pb2.CheckSubmission.SerializeToString,
+            fcmoe__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitAgreement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fcmoe.v1.Federation/SubmitAgreement',
+            fcmoe__pb2.AgreementSubmission.SerializeToString,
             fcmoe__pb2.Ack.FromString,
             options,
             channel_credentials,

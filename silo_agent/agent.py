@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from crypto.sketch import sketch_units
+from crypto.signed_log import Receipt
+from crypto.sketch import clip_sketch, own_agreement, sketch_units
 from fcmoe.config import Config
-from fcmoe.errors import ConfigError
+from fcmoe.errors import ConfigError, FcMoeError
 from fcmoe.logs import log_event
 from fcmoe.model import ExpertLayout, base_fingerprint, build_model, load_trainable_state, trainable_state
 from fcmoe.model.build import num_experts
@@ -99,6 +101,10 @@ class TrainedRound:
     key: tuple[str, int, bytes, bytes]  # run, round, global model digest, training instructions
     deltas: dict[str, np.ndarray]
     report: pb.RoundReport  # without this attempt's key advert
+    clip_norm: float = 0.0  # the deltas' clip; sketches are clipped to it too (bounded masked sums)
+    # a sum with this round's update or sketch in it was unmasked: resending it in a redo would let the
+    # aggregator read it from the difference of two sums, so a redo trains afresh (or, under DP, declines)
+    exposed: bool = False
 
     @property
     def round(self) -> int:
@@ -141,6 +147,7 @@ class SiloAgent:
         self.local_shares: dict[str, float] | None = None
         self.adapter: PersonalAdapter | None = None  # retention: this silo's personal adapter, never uploaded
         self.pending: TrainedRound | None = None  # trained and reported, not uploaded yet
+        self.weighted_sketches: dict[str, np.ndarray] = {}  # FC-MoE: this round's w * sketch, to score against the sum
         self.trained: TrainedRound | None = None
         self.secure: MaskingSession | CkksSession | None = None  # this attempt's secure-aggregation state
         self.refused_session: int | None = None  # an attempt this silo refused to take part in
@@ -150,13 +157,27 @@ class SiloAgent:
         self.ckks_context = None
         self.total_rounds = 0
         self.dp = DpTrainer(self.silo.dp, self.silo.pki_dir, self.silo.name) if self.silo.dp.enabled else None
+        # this process's id: the aggregator refuses a second live process under this silo's name
+        self.instance = secrets.token_hex(8)
 
     def join(self) -> None:
         """Join the aggregator's run; again whenever it asks (it restarted): a resumed run keeps this
-        silo's run state (run secret, CKKS key, last training), a new run starts from nothing."""
+        silo's run state (run secret, CKKS key, last training), a new run starts from nothing. A DP
+        silo whose ledger falls short of the newest receipt the aggregator holds for it (cut or
+        rewritten since) stops here with LedgerError: it would resume a smaller epsilon than it spent."""
         reply = self.client.join(pb.JoinRequest(
             layout_hash=self.layout.hash, base_fingerprint=base_fingerprint(self.model),
-            num_train_examples=self.data.num_train, agent_version="0.1.0"))
+            num_train_examples=self.data.num_train, agent_version="0.1.0", silo_name=self.silo.name,
+            instance=self.instance))
+        if self.dp is not None and reply.HasField("ledger_receipt"):
+            # the aggregator vouches for a ledger at least this long: never train from a cut one
+            r = reply.ledger_receipt
+            try:
+                self.dp.ledger.check_receipt(Receipt(r.silo, r.run_id, r.round, r.length, r.head_hash,
+                                                     bytes(r.signature)), reply.run_id)
+            except FcMoeError as exc:
+                log_event(log, "ledger_receipt_mismatch", level=logging.ERROR, reason=str(exc))
+                raise
         again = bool(self.run_id)
         if again and reply.run_id != self.run_id:
             self._forget_run()
@@ -180,8 +201,14 @@ class SiloAgent:
                 self._train_and_report(task)
         elif task.kind == pb.Task.SHARE:
             self._share(task)
+        elif task.kind == pb.Task.SKETCH:
+            self._sketch(task)
+        elif task.kind == pb.Task.AGREE:
+            self._agree(task)
         elif task.kind == pb.Task.UPLOAD:
             self._upload(task)
+        elif task.kind == pb.Task.CHECK:
+            self._check(task)
         elif task.kind == pb.Task.UNMASK:
             self._reveal(task)
         elif task.kind == pb.Task.DECRYPT:
@@ -197,7 +224,7 @@ class SiloAgent:
         try:
             self.join()
             while True:
-                status = self.handle(self.client.get_task(self.run_id, wait_s=5.0))
+                status = self.handle(self.client.get_task(self.run_id, wait_s=5.0, instance=self.instance))
                 if status is not None:
                     return status
         except RpcFailure as exc:
@@ -259,7 +286,7 @@ class SiloAgent:
             return
         key = training_key(self.run_id, task, global_units)
         trained = self.trained
-        if trained is not None and trained.key == key:
+        if trained is not None and trained.key == key and not trained.exposed:
             log_event(log, "training_reused", round=task.round, session=t.session,
                       reason="a redone attempt of a round already trained from this global model")
         elif self.dp is not None and self.dp.ledger.released(self.run_id, task.round):
@@ -273,7 +300,7 @@ class SiloAgent:
             self.trained = trained
         args = (self.run_id, t.session, self.silo.name, self.silo.pki_dir, self.silo.min_group_size, self.run_secret)
         if mode == "masking":
-            self.secure = MaskingSession(*args)
+            self.secure = MaskingSession(*args, min_weight_ratio=self.silo.min_weight_ratio)
         elif mode == "ckks":
             self.secure = CkksSession(*args, context=self.ckks_context)
         else:
@@ -312,7 +339,7 @@ class SiloAgent:
         adapter = self._personal_adapter(t, task.round)
         plan = LocalPlan(local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=max(1, t.grad_accum),
                          learning_rate=t.learning_rate, weight_decay=t.weight_decay, prox_mu=t.prox_mu,
-                         seed=t.seed * 7919 + self.silo.index)
+                         seed=t.seed * 7919 + self.silo.index + 104_729 * (t.session & 0xFFFF))
         if self.dp is not None and privacy is not None:
             result = self.dp.train(self.model, self.data.train, plan, privacy, self.device)
         elif self.silo.world_size > 1:
@@ -347,12 +374,9 @@ class SiloAgent:
                                 download_seconds=download_seconds),
             evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(personal_eval)),
         )
-        secret = self._sketch_secret(t.secure_mode or "none") if t.sketch_buckets else None
-        if secret is not None:
-            report.sketches.extend(codec.encode(sketch_units(deltas, secret, self.run_id, task.round, t.sketch_buckets)))
         log_event(log, "trained", round=task.round, global_loss=_mean_loss(global_eval), local_loss=_mean_loss(personal_eval),
                   reliability=round(rel, 4), train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()))
-        return TrainedRound(key, deltas, report)
+        return TrainedRound(key, deltas, report, t.clip_norm)
 
     def _decline(self, task: pb.Task, reason: str) -> None:
         self.refused_session = task.train.session
@@ -360,27 +384,89 @@ class SiloAgent:
         self._refused("decline", task.round, lambda: self.client.decline(
             pb.DeclineRequest(run_id=self.run_id, round=task.round, reason=reason)))
 
-    def _sketch_secret(self, mode: str) -> bytes | None:
-        """Secure modes: the key dealt with the run secret (none yet: no sketch, the strategy counts
-        this silo as agreeing). Plaintext: the configured key."""
-        if mode != "none":
-            if self.run_secret is None:
-                log_event(log, "sketch_skipped", reason="no run secret dealt yet")
-            return sketch_key(self.run_secret) if self.run_secret else None
+    def _sketch_secret(self) -> bytes:
+        """Secure modes: the key derived from the run secret (dealt with the sketch stage's instructions,
+        so every silo has it by then). Plaintext: the configured key."""
+        if self.secure is not None:
+            if self.secure.run_secret is None:
+                raise SecAggError("sketch stage without a run secret")
+            return sketch_key(self.secure.run_secret)
         if self.sketch_secret is None:
             raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key (shared by the silos)")
         return self.sketch_secret
 
-    def _upload(self, task: pb.Task) -> None:
+    def _pending_for(self, task: pb.Task) -> TrainedRound | None:
         pending = self.pending
         if pending is None or pending.round != task.round:
             # e.g. restarted after reporting, or refused the round: nothing to send; do not spin
             log_event(log, "upload_without_training", level=logging.WARNING, round=task.round)
             self._wait_out(task)
+            return None
+        if list(task.upload.units) != list(self.specs):
+            raise ConfigError("upload instructions do not match this silo's layout")
+        return pending
+
+    def _sketch(self, task: pb.Task) -> None:
+        """FC-MoE's sketch stage: the importance-weighted keyed sketch of every unit's delta, masked in
+        secure modes (only its sum is ever unmasked); kept here to score against that sum."""
+        pending = self._pending_for(task)
+        if pending is None:
+            return
+        instructions, secure = task.upload, self.secure
+        try:
+            view = secure.accept_stage(instructions) if isinstance(secure, MaskingSession) else None
+            if secure is not None:
+                self.run_secret = secure.run_secret
+            sketches = sketch_units(pending.deltas, self._sketch_secret(), self.run_id, task.round,
+                                    instructions.sketch_buckets)
+            if pending.clip_norm > 0:
+                sketches = {u: clip_sketch(y, pending.clip_norm) for u, y in sketches.items()}
+            weights = dict(zip(instructions.units, instructions.coefficients))
+            self.weighted_sketches = {u: np.float64(weights[u]) * y.astype(np.float64) for u, y in sketches.items()}
+            if view is not None:
+                payload = secure.mask(view, sketches)
+            elif secure is None:
+                payload = {u: y.astype(np.float32) for u, y in self.weighted_sketches.items()}
+            else:
+                raise SecAggError(f"no sketch stage in mode {type(secure).__name__}")
+        except SecAggError as exc:
+            self._refuse_round(task, str(exc))
+            return
+        self._send_update(task, "sketch", payload, stage="sketch")
+
+    def _agree(self, task: pb.Task) -> None:
+        """Score this silo's own sketch against the sketch sums; only the scalars leave the silo."""
+        if self.pending is None or self.pending.round != task.round or not self.weighted_sketches:
+            self._wait_out(task)
+            return
+        specs = {u: codec.TensorSpec("float32", y.shape) for u, y in self.weighted_sketches.items()}
+        sums = codec.decode(task.agree.sketch_sums, specs)
+        scores = [own_agreement(self.weighted_sketches[u], sums[u]) for u in self.specs]
+        submission = pb.AgreementSubmission(run_id=self.run_id, round=task.round, units=list(self.specs),
+                                            agreement=scores)
+        if not self._refused("agreement", task.round, lambda: self.client.submit_agreement(submission)):
+            log_event(log, "agreement_sent", round=task.round, mean=round(float(np.mean(scores)), 4))
+
+    def _check(self, task: pb.Task) -> None:
+        """Consistency check: sign the view this silo masked under and the survivors it is shown."""
+        if not isinstance(self.secure, MaskingSession):
+            self._wait_out(task)
+            return
+        try:
+            signature = self.secure.sign_view(task.check)
+        except SecAggError as exc:
+            self._refuse_round(task, str(exc))
+            return
+        submission = pb.CheckSubmission(run_id=self.run_id, round=task.round, signature=signature)
+        if not self._refused("check", task.round, lambda: self.client.submit_check(submission)):
+            log_event(log, "view_signed", round=task.round, stage=task.check.stage,
+                      survivors=len(task.check.survivors), dropped=len(task.check.dropped))
+
+    def _upload(self, task: pb.Task) -> None:
+        pending = self._pending_for(task)
+        if pending is None:
             return
         coefficients = dict(zip(task.upload.units, task.upload.coefficients))
-        if list(coefficients) != list(self.specs):
-            raise ConfigError("upload instructions do not match this silo's layout")
         secure = self.secure
         try:
             if isinstance(secure, MaskingSession):
@@ -395,14 +481,22 @@ class SiloAgent:
             return
         if secure is not None:
             self.run_secret = secure.run_secret
-        if self._send_update(task, "update", payload):
+        if self._send_update(task, "update", payload, stage="update"):
             self.pending = None
 
-    def _send_update(self, task: pb.Task, what: str, payload: dict[str, np.ndarray]) -> bool:
-        """Stream ``payload`` as this silo's update (or decryption) for ``task.round``; False if refused."""
+    def _send_update(self, task: pb.Task, what: str, payload: dict[str, np.ndarray], stage: str = "") -> bool:
+        """Stream ``payload`` as this silo's update, sketch or decryption for ``task.round``; False if refused."""
         header = pb.UpdateHeader(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
                                  units=list(payload), sizes=[v.nbytes for v in payload.values()],
-                                 secure_seconds=self.secure.seconds if self.secure is not None else 0.0)
+                                 secure_seconds=self.secure.seconds if self.secure is not None else 0.0,
+                                 stage=stage)
+        if what == "update" and isinstance(self.secure, CkksSession):  # mode ckks: each unit's signed digest
+            header.contributions.extend(self.secure.contributions)
+        if self.dp is not None:  # the ledger's anchor: the aggregator keeps it, a cut ledger is then caught
+            receipt = self.dp.ledger.receipt(self.run_id, task.round)
+            header.ledger.CopyFrom(pb.LedgerReceipt(silo=receipt.silo, run_id=receipt.run_id, round=receipt.round,
+                                                    length=receipt.length, head_hash=receipt.head_hash,
+                                                    signature=receipt.signature))
         replies: list[pb.SubmitReply] = []
         if self._refused(what, task.round, lambda: replies.append(
                 self.client.submit(header, payload, self.silo.upload_chunk_bytes))):
@@ -440,6 +534,8 @@ class SiloAgent:
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
+        if self.trained is not None and self.trained.round == task.round:
+            self.trained.exposed = True  # a sum holding this round's contribution may now be unmasked
         submission = pb.UnmaskSubmission(run_id=self.run_id, round=task.round, shares=shares)
         if not self._refused("unmask", task.round, lambda: self.client.submit_unmask(submission)):
             log_event(log, "unmask_sent", round=task.round, survivors=len(task.unmask.survivors),

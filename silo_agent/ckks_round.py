@@ -5,8 +5,15 @@ SHARE: nothing to share but, when the aggregator has no CKKS key for the run yet
 one and sends the public context plus the secret context sealed under the run secret.
 UPLOAD: a silo that was just dealt the run secret opens the sealed CKKS key with it; every silo
 encrypts each clipped unit delta under the run's key. The aggregator multiplies by alpha and adds.
-DECRYPT (one silo, the round's key holder): decrypts the encrypted group sums, each only if it
-claims at least this silo's own ``min_group_size`` contributors and no more than the group has.
+UPLOAD also signs, per unit, (run, attempt, silo, unit, group, SHA-256 of the unit's chunks): the
+aggregator keeps these signatures with the (unit, group) sum and must show them to the key holder.
+DECRYPT (one silo, the round's key holder): decrypts an encrypted group sum only if it carries
+signatures, valid against this silo's *own* CA, from at least its own ``min_group_size`` distinct
+members of that group for this run, attempt, unit and group (its own only with the digest it really
+signed), and if the sum is not one of those signed uploads relabelled. The decryption refuses
+ciphertexts that are not sums of real vectors and floods the rest with noise (crypto/ckks.py), so a
+crafted ciphertext does not reveal the key. What it cannot catch: one silo's ciphertext that the
+aggregator re-randomised (times 1, plus an encryption of zero) passes for a sum; docs/threat-model.md.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ class CkksSession(SecureSession):
                  run_secret: bytes | None = None, context: ts.Context | None = None):
         super().__init__(run_id, session, silo, pki_dir, min_group_size, run_secret)
         self.context = context  # the run's CKKS secret context, once created or dealt
+        self.contributions: list[pb.SignedContribution] = []  # this attempt's upload, signed per unit
+        self._signed_digests: dict[str, bytes] = {}  # unit -> digest this silo signed this attempt
+        self._coefficients: dict[str, dict[str, float]] = {}  # unit -> peer -> alpha (the upload plan)
 
     @timed
     def make_shares(self, instructions: pb.ShareInstructions) -> pb.ShareSubmission:
@@ -59,8 +69,11 @@ class CkksSession(SecureSession):
     @timed
     def encrypted_payload(self, instructions: pb.UploadInstructions,
                           deltas: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Each unit's clipped delta as CKKS ciphertext chunks (uint8 tensors ``UNIT#CHUNK``)."""
-        units = self.accept_upload_plan(instructions, self.min_group_size)
+        """Each unit's clipped delta as CKKS ciphertext chunks (uint8 tensors ``UNIT#CHUNK``); the
+        signed digest of each unit's chunks goes to :attr:`contributions` (for the update header)."""
+        view = self.accept_upload_plan(instructions, self.min_group_size)
+        units = list(view.units)
+        coefficients = view.table(view.coefficients)
         if instructions.ckks_secret_context:
             if not instructions.HasField("run_secret") or self.run_secret is None:
                 raise SecAggError("a CKKS key came without the run secret that opens it")
@@ -72,10 +85,22 @@ class CkksSession(SecureSession):
                 raise SecAggError(f"dealt CKKS key: {exc}") from None
         if self.context is None:
             raise SecAggError("no CKKS key for this run yet (nobody dealt it)")
-        out = {}
-        for unit in units:
-            for i, chunk in enumerate(ckks.encrypt(self.context, deltas[unit])):
-                out[ciphertext_name(unit, i)] = np.frombuffer(chunk, dtype=np.uint8)
+        out, contributions, digests = {}, [], {}
+        try:
+            for unit in units:
+                chunks = ckks.encrypt(self.context, deltas[unit])
+                for i, chunk in enumerate(chunks):
+                    out[ciphertext_name(unit, i)] = np.frombuffer(chunk, dtype=np.uint8)
+                digest = ckks.chunks_digest(chunks)
+                signature = ckks.sign_contribution(self._identity_key, self.run_id, self.session, self.silo, unit,
+                                                   self._groups[unit][self.silo], digest)
+                contributions.append(pb.SignedContribution(silo=self.silo, digest=digest, signature=signature,
+                                                           certificate_pem=self._cert))
+                digests[unit] = digest
+        except CkksError as exc:
+            raise SecAggError(f"cannot encrypt this silo's update: {exc}") from None
+        self.contributions, self._signed_digests = contributions, digests
+        self._coefficients = {u: dict(coefficients[u]) for u in units}
         return out
 
     def sum_specs(self, instructions: pb.DecryptInstructions) -> dict[str, TensorSpec]:
@@ -90,21 +115,61 @@ class CkksSession(SecureSession):
                 specs[sum_chunk_name(s.unit, s.group, i)] = TensorSpec("uint8", (int(size),))
         return specs
 
+    def _check_contributors(self, s: pb.EncryptedSum, chunks: list[bytes]) -> list[float]:
+        """The coefficients of a sum's signed contributors; SecAggError unless the sum is vouched for.
+
+        Each signature must be by a member of the sum's (unit, group) in this attempt's plan, for this
+        run, attempt, unit and group, with a silo certificate from this silo's own CA (a relayed
+        certificate is checked, never trusted); this silo's own only with the digest it signed. At
+        least this silo's ``min_group_size`` distinct signers, exactly as many as the sum claims, and
+        no signed digest equal to the sum's own: that would be one upload relabelled as a sum.
+        """
+        where = f"sum of unit {s.unit} group {s.group}"
+        signed = list(s.signed_contributions)
+        names = [c.silo for c in signed]
+        if len(set(names)) != len(names):
+            raise SecAggError(f"{where}: a contributor signs twice")
+        if len(signed) < self.min_group_size:
+            raise SecAggError(f"{where} carries {len(signed)} contributor signatures; this silo's "
+                              f"min_group_size is {self.min_group_size}")
+        if s.contributors != len(signed):
+            raise SecAggError(f"{where} claims {s.contributors} contributors but carries {len(signed)} signatures")
+        members = self._groups[s.unit]
+        digest = ckks.chunks_digest(chunks)
+        for c in signed:
+            if members.get(c.silo) != s.group:
+                raise SecAggError(f"{where}: {c.silo!r} is not a member of that group this attempt")
+            if c.silo == self.silo and bytes(c.digest) != self._signed_digests.get(s.unit):
+                raise SecAggError(f"{where}: names this silo as a contributor with a digest it never signed")
+            try:
+                ckks.verify_contribution(c.silo, bytes(c.digest), bytes(c.signature), bytes(c.certificate_pem),
+                                         self._ca, self.run_id, self.session, s.unit, s.group)
+            except CkksError as exc:
+                raise SecAggError(f"{where}: {exc}") from None
+            if bytes(c.digest) == digest:
+                raise SecAggError(f"{where} is the upload of {c.silo!r} alone, relabelled as a sum")
+        return [float(self._coefficients[s.unit][c.silo]) for c in signed]
+
     @timed
     def decrypt(self, instructions: pb.DecryptInstructions, sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Plaintext group sums ``UNIT/GROUP``; refuses a sum claiming fewer contributors than this
-        silo's minimum, or more than the group it was told about has."""
+        """Plaintext group sums ``UNIT/GROUP``, flooded; refuses the whole request if any sum is not
+        signed by enough members of its group (:meth:`_check_contributors`), claims more contributors
+        than the group has, or does not decrypt like a sum of real vectors (crypto/ckks.py)."""
         if self.context is None:
             raise SecAggError("asked to decrypt without the CKKS key")
-        out = {}
-        for s in instructions.sums:
+        requests = []
+        for s in instructions.sums:  # every sum is checked before anything is decrypted
             members = sum(1 for g in self._groups[s.unit].values() if g == s.group)
             if s.contributors > members:
                 raise SecAggError(f"sum of unit {s.unit} group {s.group} claims {s.contributors} contributors; "
                                   f"the group has {members}")
             chunks = [sums[sum_chunk_name(s.unit, s.group, i)].tobytes() for i in range(len(s.chunk_bytes))]
+            requests.append((s, chunks, self._check_contributors(s, chunks)))
+        out = {}
+        for s, chunks, weights in requests:
             try:
-                plain = ckks.decrypt_sum(self.context, chunks, s.length, s.contributors, self.min_group_size)
+                plain = ckks.decrypt_sum(self.context, chunks, s.length, len(weights), self.min_group_size,
+                                         weights=weights)
             except CkksError as exc:
                 raise SecAggError(f"sum of unit {s.unit} group {s.group}: {exc}") from None
             out[sum_name(s.unit, s.group)] = plain.astype(np.float32)

@@ -2,7 +2,9 @@
 
 Only transient statuses (the aggregator restarting, a cut link, an overloaded server) are retried;
 a refusal (bad layout, closed round, wrong certificate) is raised at once as :class:`RpcFailure`
-with a one-line reason.
+with a one-line reason. One exception: a Join refused because another live process holds this
+silo's name (ALREADY_EXISTS) is retried within the budget, so that a silo restarted after a crash
+gets in once the aggregator stops counting its dead predecessor as live.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from crypto.pki import PkiPaths, read_pem, verify_issued_by
+from crypto.pki import PkiPaths, certificate_common_name, read_pem, verify_issued_by
 from crypto.tls import channel_credentials, describe_rpc_error
 from fcmoe.errors import FcMoeError, PkiError
 from fcmoe.logs import log_event
@@ -47,7 +49,9 @@ class AggregatorClient:
     def __init__(self, address: str, pki_dir, silo_name: str, retry_budget_s: float = 600.0,
                  rpc_timeout_s: float = 600.0):
         paths = PkiPaths(pki_dir)
+        self.check_certificate_name(paths, silo_name)
         self.certificate_problem = self._check_own_certificate(paths, silo_name)
+        self.instance = ""  # this silo process's id, as sent in its last Join; carried by every GetTask
         creds = channel_credentials(paths.ca_cert, paths.silo_cert(silo_name), paths.silo_key(silo_name))
         self.address = address
         self.channel = grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
@@ -70,10 +74,24 @@ class AggregatorClient:
             return str(exc)
         return None
 
+    @staticmethod
+    def check_certificate_name(paths: PkiPaths, silo_name: str) -> None:
+        """PkiError (one line) unless ``silo.name`` is the common name of this silo's certificate.
+
+        The aggregator knows a silo by its certificate's common name only; a silo configured under
+        another name would otherwise join, and sign its ledger, as someone else without a word."""
+        cert = paths.silo_cert(silo_name)
+        common_name = certificate_common_name(read_pem(cert))
+        if common_name != silo_name:
+            log_event(log, "certificate_name_mismatch", level=logging.ERROR, silo=silo_name,
+                      common_name=common_name, certificate=str(cert))
+            raise PkiError(f"silo.name {silo_name!r} differs from the common name {common_name!r} of its "
+                           f"certificate {cert}: the aggregator would know this silo as {common_name!r}")
+
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, rpc: str, fn: Callable[[], T]) -> T:
+    def _call(self, rpc: str, fn: Callable[[], T], also_retry: frozenset = frozenset()) -> T:
         start, delay, attempt = time.monotonic(), 0.2, 0
         while True:
             attempt += 1
@@ -84,7 +102,8 @@ class AggregatorClient:
                 reason = describe_rpc_error(err)
                 if self.certificate_problem and "TLS setup" in reason:
                     raise RpcFailure(rpc, code, f"{reason}; local check: {self.certificate_problem}") from None
-                if code not in RETRYABLE or time.monotonic() - start + delay > self.retry_budget_s:
+                if ((code not in RETRYABLE and code not in also_retry)
+                        or time.monotonic() - start + delay > self.retry_budget_s):
                     raise RpcFailure(rpc, code, reason) from None
                 log_event(log, "rpc_retry", level=logging.WARNING, rpc=rpc, attempt=attempt,
                           code=code.name if code else "?", reason=reason, backoff_s=round(delay, 2))
@@ -92,10 +111,14 @@ class AggregatorClient:
                 delay = min(delay * 2, 5.0)
 
     def join(self, request: pb.JoinRequest) -> pb.JoinReply:
-        return self._call("Join", lambda: self.stub.Join(request, timeout=30))
+        self.instance = request.instance
+        return self._call("Join", lambda: self.stub.Join(request, timeout=30),
+                          also_retry=frozenset({grpc.StatusCode.ALREADY_EXISTS}))
 
-    def get_task(self, run_id: str, wait_s: float = 5.0) -> pb.Task:
-        request = pb.TaskRequest(run_id=run_id, wait_s=wait_s)
+    def get_task(self, run_id: str, wait_s: float = 5.0, instance: str | None = None) -> pb.Task:
+        """The next task; ``instance`` (default: the one of the last Join) lets the aggregator stop this
+        process if another one has joined under the same name since."""
+        request = pb.TaskRequest(run_id=run_id, wait_s=wait_s, instance=self.instance if instance is None else instance)
         return self._call("GetTask", lambda: self.stub.GetTask(request, timeout=wait_s + 30))
 
     def report_round(self, report: pb.RoundReport) -> pb.Ack:
@@ -146,6 +169,12 @@ class AggregatorClient:
 
     def submit_unmask(self, submission: pb.UnmaskSubmission) -> pb.Ack:
         return self._call("SubmitUnmask", lambda: self.stub.SubmitUnmask(submission, timeout=60))
+
+    def submit_check(self, submission: pb.CheckSubmission) -> pb.Ack:
+        return self._call("SubmitCheck", lambda: self.stub.SubmitCheck(submission, timeout=60))
+
+    def submit_agreement(self, submission: pb.AgreementSubmission) -> pb.Ack:
+        return self._call("SubmitAgreement", lambda: self.stub.SubmitAgreement(submission, timeout=60))
 
     def decline(self, request: pb.DeclineRequest) -> pb.Ack:
         return self._call("DeclineRound", lambda: self.stub.DeclineRound(request, timeout=60))

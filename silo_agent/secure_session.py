@@ -5,7 +5,9 @@ SHARE: every peer's advert is checked against the silo's *own* CA (the aggregato
 not trusted with them). The run secret — silo-only keys derive from it: the sketch key, the key
 sealing the CKKS secret key — rides along: the dealer named in the SHARE task seals it for every
 reporter that lacks it, and they open it at UPLOAD.
-UPLOAD: the silo checks who it uploads with and that every group keeps its own minimum size.
+UPLOAD (and SKETCH): the silo checks who it uploads with, that every group keeps its own minimum size
+and that no member of a group weighs under its ``min_weight_ratio`` of the group's largest coefficient
+(a sum dominated by one member is that member's vector).
 
 Any check that fails raises :class:`SecAggError`; the agent then refuses the round (it goes on
 without this silo) instead of sending something that could expose its update. Mode-specific work is
@@ -15,7 +17,6 @@ in :mod:`silo_agent.masked_round` and :mod:`silo_agent.ckks_round`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 from crypto.key_agreement import (
     AdvertError,
@@ -28,7 +29,8 @@ from crypto.key_agreement import (
     verify_advert,
 )
 from crypto.pki import PkiPaths, read_pem
-from crypto.secagg import RUN_SECRET_BYTES, RUN_SECRET_TAG, SecAggError, advert_of, run_secret_digest, share_aad
+from crypto.secagg import (RUN_SECRET_BYTES, RUN_SECRET_TAG, RoundView, SecAggError, advert_of, run_secret_digest,
+                           share_aad, weight_policy_violation)
 from fcmoe.timing import timed
 from protos import fcmoe_pb2 as pb
 
@@ -37,10 +39,11 @@ class SecureSession:
     """Keys, verified peers, the run secret and the upload plan of one silo for one attempt."""
 
     def __init__(self, run_id: str, session: int, silo: str, pki_dir, min_group_size: int,
-                 run_secret: bytes | None = None):
+                 run_secret: bytes | None = None, min_weight_ratio: float = 0.1):
         paths = PkiPaths(pki_dir)
         self.run_id, self.session, self.silo = run_id, session, silo
         self.min_group_size = min_group_size
+        self.min_weight_ratio = min_weight_ratio
         self._ca = read_pem(paths.ca_cert)
         self._cert = read_pem(paths.silo_cert(silo))
         self._identity_key = read_pem(paths.silo_key(silo))
@@ -48,6 +51,7 @@ class SecureSession:
         self.run_secret = run_secret  # the run secret this silo holds (dealt or drawn), if any
         self._dealer = ""
         self._reporters: dict[str, KeyAdvert] = {}
+        self._certificates: dict[str, bytes] = {}  # reporter -> its certificate, verified against the own CA
         self._peers: list[str] = []  # who uploads this attempt
         self._groups: dict[str, dict[str, int]] = {}  # unit -> peer -> group
         self.seconds = 0.0  # in secure-aggregation work this attempt (fcmoe.timing.timed)
@@ -58,7 +62,8 @@ class SecureSession:
         signed = self._keys.advert(self._identity_key, digest)
         return pb.KeyAdvert(silo=self.silo, session=self.session, mask_public=signed.mask_public,
                             channel_public=signed.channel_public, signature=signed.signature,
-                            certificate_pem=self._cert, secret_digest=digest)
+                            certificate_pem=self._cert, secret_digest=digest,
+                            sketch_mask_public=signed.sketch_mask_public)
 
     # -- SHARE ---------------------------------------------------------------------------------
     def accept_peers(self, instructions: pb.ShareInstructions) -> list[pb.SealedShare]:
@@ -72,7 +77,8 @@ class SecureSession:
         for message in instructions.adverts:
             advert = advert_of(message, self.run_id)
             if advert.silo == self.silo:
-                if (advert.mask_public, advert.channel_public) != (self._keys.mask_public, self._keys.channel_public):
+                if ((advert.mask_public, advert.channel_public, advert.sketch_mask_public)
+                        != (self._keys.mask_public, self._keys.channel_public, self._keys.sketch_mask_public)):
                     raise SecAggError("the relayed advert of this silo is not the one it sent")
             else:
                 try:
@@ -80,6 +86,7 @@ class SecureSession:
                 except AdvertError as exc:
                     raise SecAggError(f"refusing the round: {exc}") from None
             reporters[advert.silo] = advert
+            self._certificates[advert.silo] = bytes(message.certificate_pem)
         if self.silo not in reporters:
             raise SecAggError("this silo's advert is missing from the share instructions")
         if instructions.min_group_size < self.min_group_size:
@@ -108,8 +115,9 @@ class SecureSession:
                                self.run_id, self.session, self.silo, peer, "channel")
 
     # -- UPLOAD --------------------------------------------------------------------------------
-    def accept_upload_plan(self, instructions: pb.UploadInstructions, minimum: int) -> list[str]:
-        """Check who uploads with this silo and in which groups; open a dealt run secret. Returns the units."""
+    def accept_upload_plan(self, instructions: pb.UploadInstructions, minimum: int) -> RoundView:
+        """Check who uploads with this silo, in which groups and with which weights; open a dealt run
+        secret. Returns the view of this stage (what the silo will sign before revealing anything)."""
         if not self._reporters:
             raise SecAggError("upload before the share phase")
         units, peers = list(instructions.units), list(instructions.peers)
@@ -117,15 +125,23 @@ class SecureSession:
             raise SecAggError("upload peers must be sorted reporters that include this silo")
         if len(peers) < minimum:
             raise SecAggError(f"{len(peers)} peers answered the share phase, {minimum} needed")
-        if len(instructions.groups) != len(units) * len(peers) or len(instructions.coefficients) != len(units):
+        cells = len(units) * len(peers)
+        if (len(instructions.groups) != cells or len(instructions.peer_coefficients) != cells
+                or len(instructions.coefficients) != len(units)):
             raise SecAggError("upload instructions: group matrix or coefficients have the wrong size")
+        view = RoundView(self.run_id, self.session, instructions.stage or "update", tuple(peers), tuple(units),
+                         tuple(instructions.groups), tuple(instructions.peer_coefficients),
+                         instructions.fixed_point_bits, instructions.fixed_point_frac_bits, instructions.sketch_buckets)
+        own = [view.table(view.coefficients)[u][self.silo] for u in units]
+        if own != list(instructions.coefficients):
+            raise SecAggError("upload instructions: this silo's coefficients differ from its row of the table")
         if instructions.HasField("run_secret"):
             self._open_run_secret(instructions.run_secret)
-        groups = {u: dict(zip(peers, instructions.groups[i * len(peers):(i + 1) * len(peers)]))
-                  for i, u in enumerate(units)}
-        self.check_group_sizes(groups, set(peers))
-        self._peers, self._groups = peers, groups
-        return units
+        refusal = weight_policy_violation(view, set(peers), self.min_group_size, self.min_weight_ratio)
+        if refusal:
+            raise SecAggError(f"refusing to mask: {refusal}")
+        self._peers, self._groups = peers, view.table(view.groups)
+        return view
 
     def _open_run_secret(self, sealed: pb.SealedShare) -> None:
         if not self._dealer or sealed.sender != self._dealer or sealed.recipient != self.silo:
@@ -138,16 +154,3 @@ class SecureSession:
         if len(secret) != RUN_SECRET_BYTES:
             raise SecAggError(f"run secret is {len(secret)} bytes, expected {RUN_SECRET_BYTES}")
         self.run_secret = secret
-
-    def check_group_sizes(self, groups: Mapping[str, Mapping[str, int]], present: set[str]) -> None:
-        """Every (unit, group) among ``present`` keeps at least this silo's own minimum size."""
-        for unit, by_peer in groups.items():
-            sizes: dict[int, int] = {}
-            for peer, group in by_peer.items():
-                if peer in present:
-                    sizes[group] = sizes.get(group, 0) + 1
-            small = {g: c for g, c in sizes.items() if c < self.min_group_size}
-            if small:
-                group, count = next(iter(small.items()))
-                raise SecAggError(f"unit {unit} group {group} would sum only {count} silos "
-                                  f"(this silo's minimum is {self.min_group_size})")

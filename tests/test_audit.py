@@ -64,7 +64,7 @@ def test_one_changed_byte_fails_naming_the_line(tmp_path, pki, capsys):
     data = lines(path)
     data[2] = data[2].replace(b'"steps":25', b'"steps":24')
     path.write_bytes(b"".join(data))
-    _fails(path, pki, "l.jsonl:3: signature does not verify", capsys)
+    _fails(path, pki, "l.jsonl: line 3: signature does not verify", capsys)
 
 
 def test_a_removed_line_fails_naming_the_line(tmp_path, pki, capsys):
@@ -72,7 +72,7 @@ def test_a_removed_line_fails_naming_the_line(tmp_path, pki, capsys):
     data = lines(path)
     del data[1]
     path.write_bytes(b"".join(data))
-    _fails(path, pki, "l.jsonl:2: index 2, expected 1", capsys)
+    _fails(path, pki, "l.jsonl: line 2: index 2, expected 1", capsys)
 
 
 def test_a_line_signed_with_another_key_fails(tmp_path, pki, capsys):
@@ -84,7 +84,7 @@ def test_a_line_signed_with_another_key_fails(tmp_path, pki, capsys):
     other.entries, other._prev = [None] * last["index"], last["prev"]  # continue silo0's chain under silo1's key
     other.append(forged_body)
     path.write_bytes(b"".join(data[:-1]) + lines(tmp_path / "x.jsonl")[0])
-    _fails(path, pki, "l.jsonl:4: signature does not verify", capsys)
+    _fails(path, pki, "l.jsonl: line 4: signature does not verify", capsys)
 
 
 def test_a_signed_but_understated_epsilon_fails_naming_the_line(tmp_path, pki, capsys):
@@ -93,7 +93,7 @@ def test_a_signed_but_understated_epsilon_fails_naming_the_line(tmp_path, pki, c
     log.append({"kind": "dp_sgd", "run_id": "r", "round": 1, "noise_multiplier": 1.0, "sample_rate": 0.05,
                 "steps": 50, "delta": 1e-5, "accountant": "rdp", "rdp_orders": [2, 256], "epsilon": 0.5,
                 "epsilon_budget": 10.0})
-    _fails(path, pki, "l.jsonl:1: logged epsilon 0.5 but the parameters give", capsys)
+    _fails(path, pki, "l.jsonl: line 1: logged epsilon 0.5 but the parameters give", capsys)
 
 
 def test_spending_past_the_budget_fails(tmp_path, pki, capsys):
@@ -117,5 +117,5 @@ def test_a_restarted_silo_resumes_its_epsilon_from_the_ledger_and_refuses_a_brok
     path.write_bytes(b"".join(data[:1] + data[2:]))
     from crypto.signed_log import LedgerError
 
-    with pytest.raises(LedgerError, match="l.jsonl:2"):
+    with pytest.raises(LedgerError, match="l.jsonl: line 2"):
         PrivacyLedger(path, pki.directory, "silo0")

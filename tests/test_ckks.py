@@ -79,9 +79,17 @@ def test_secret_context_round_trip_decrypts(secret_ctx: ts.Context, chunks: list
     assert np.max(np.abs(out - np.linspace(-1, 1, LENGTH))) < TOLERANCE
 
 
-def test_release_rounds_to_grid(secret_ctx: ts.Context, chunks: list[bytes]) -> None:
-    out = ckks.decrypt_sum(secret_ctx, chunks, LENGTH, 1, 1, release_frac_bits=10)
-    assert np.array_equal(out, np.round(out * 1024) / 1024)
+def test_decryptions_are_flooded_with_fresh_noise_of_the_stated_sigma(secret_ctx: ts.Context,
+                                                                      chunks: list[bytes]) -> None:
+    weights = [0.5, 1.0, 3.0]
+    sigma = ckks.flooding_sigma(ckks.decryption_noise_bound(secret_ctx, weights))
+    assert sigma == pytest.approx(2.0**-18 * np.sqrt(1 + 1 + 9))  # 2**20 * 2**(20 - 58) per unit weight
+    first, second = (ckks.decrypt_sum(secret_ctx, chunks, LENGTH, 3, 3, weights=weights) for _ in range(2))
+    error = first - np.linspace(-1, 1, LENGTH)
+    assert np.std(error) == pytest.approx(sigma, rel=0.1) and abs(np.mean(error)) < 5 * sigma / np.sqrt(LENGTH)
+    assert not np.any(first == second)  # fresh noise every time: nothing to average out by asking twice
+    with pytest.raises(CkksError, match="2 weights for 3 contributors"):
+        ckks.decrypt_sum(secret_ctx, chunks, LENGTH, 3, 3, weights=weights[:2])
 
 
 def test_mixed_levels_add_correctly(secret_ctx: ts.Context, public_ctx: ts.Context, chunks: list[bytes]) -> None:
@@ -90,14 +98,15 @@ def test_mixed_levels_add_correctly(secret_ctx: ts.Context, public_ctx: ts.Conte
     assert np.max(np.abs(out - 1.5 * np.linspace(-1, 1, LENGTH))) < TOLERANCE
 
 
-def test_levels_allow_two_scales_then_refuse(secret_ctx: ts.Context, public_ctx: ts.Context,
-                                             chunks: list[bytes]) -> None:
-    assert CkksParams().max_multiplications == 2
-    twice = ckks.scale(public_ctx, ckks.scale(public_ctx, chunks, 0.5), 0.5)
-    out = ckks.decrypt_sum(secret_ctx, twice, LENGTH, 1, 1)
-    assert np.max(np.abs(out - 0.25 * np.linspace(-1, 1, LENGTH))) < TOLERANCE
+def test_levels_allow_one_scale_then_refuse(secret_ctx: ts.Context, public_ctx: ts.Context,
+                                            chunks: list[bytes]) -> None:
+    assert CkksParams().max_multiplications == 1
+    assert CkksParams(coeff_mod_bit_sizes=(60, 40, 40, 60), scale_bits=40).max_multiplications == 2
+    once = ckks.scale(public_ctx, chunks, 0.5)
+    out = ckks.decrypt_sum(secret_ctx, once, LENGTH, 1, 1)
+    assert np.max(np.abs(out - 0.5 * np.linspace(-1, 1, LENGTH))) < TOLERANCE
     with pytest.raises(CkksError, match="no level left"):
-        ckks.scale(public_ctx, twice, 0.5)
+        ckks.scale(public_ctx, once, 0.5)
 
 
 def test_public_context_cannot_decrypt(secret_ctx: ts.Context, public_ctx: ts.Context,

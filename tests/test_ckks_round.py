@@ -12,6 +12,7 @@ from crypto.pki import ensure_pki, read_pem
 from crypto.secagg import SecAggError
 from fcmoe.config import SecureAggregationConfig
 from fcmoe.errors import ProtocolError
+from protos import fcmoe_pb2 as pb
 from silo_agent.ckks_round import CkksSession
 
 RUN, SESSION, CLIP = "run7", 1 << 16, 1.0
@@ -54,7 +55,7 @@ def setup(pki_dir, keys=None, contexts=None, secrets=None):
 def upload(agg, sessions, deltas, silos):
     for s in silos:
         payload = sessions[s].encrypted_payload(wire(agg.upload_instructions(s)), deltas[s])
-        agg.add(s, payload)
+        agg.add(s, payload, wire(pb.UpdateHeader(contributions=sessions[s].contributions)).contributions)
 
 
 def test_ckks_round_sums_within_ckks_error_and_the_aggregator_holds_no_secret_key(pki_dir):
@@ -70,7 +71,9 @@ def test_ckks_round_sums_within_ckks_error_and_the_aggregator_holds_no_secret_ke
     for unit in SIZES:
         expected = sum(alpha[s][unit] * deltas[s][unit].astype(np.float64) for s in NAMES[:3])
         got = sums[unit][0]
-        assert got.count == 3 and np.abs(got.vector - expected).max() < 1e-5
+        # the flooding noise: sigma = 2**-18 * sqrt(sum max(1, alpha)**2) per coordinate (crypto/ckks.py)
+        sigma = 2.0**-18 * np.sqrt(sum(max(1.0, alpha[s][unit]) ** 2 for s in NAMES[:3]))
+        assert got.count == 3 and np.abs(got.vector - expected).max() < 6 * sigma
     # every silo got the same key through the sealed channel; the aggregator's blob needs the run secret
     secret = sessions["silo0"].run_secret
     assert all(s.run_secret == secret for s in list(sessions.values())[:3])
@@ -86,7 +89,10 @@ def test_the_key_holder_refuses_a_sum_claiming_too_few_or_too_many_contributors(
     holder, fetched = sessions[agg.key_holder], agg.encrypted_sums(agg.key_holder)
     lie = wire(instructions)
     lie.sums[0].contributors = 1  # one silo's ciphertext passed off as a sum
-    with pytest.raises(SecAggError, match="refusing to decrypt a sum of 1 contributors"):
+    with pytest.raises(SecAggError, match="claims 1 contributors but carries 4 signatures"):
+        holder.decrypt(lie, fetched)
+    del lie.sums[0].signed_contributions[1:]
+    with pytest.raises(SecAggError, match="carries 1 contributor signatures; this silo's min_group_size is 2"):
         holder.decrypt(lie, fetched)
     lie.sums[0].contributors = 5
     with pytest.raises(SecAggError, match="claims 5 contributors; the group has 4"):
@@ -98,7 +104,7 @@ def test_a_bad_ciphertext_is_refused_and_adds_nothing(pki_dir):
     payload = sessions["silo1"].encrypted_payload(wire(agg.upload_instructions("silo1")), deltas["silo1"])
     payload["L0.shared#0"] = np.frombuffer(b"\x00" * 64, dtype=np.uint8)
     with pytest.raises(ProtocolError, match="encrypted update refused"):
-        agg.add("silo1", payload)
+        agg.add("silo1", payload, sessions["silo1"].contributions)
     assert not agg.members and not agg._sums
 
 

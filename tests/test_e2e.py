@@ -64,11 +64,19 @@ def test_simulate_three_silos_two_rounds(tmp_path, strategy, mode):
     assert agg_log.count("event=round_closed") == 2 and agg_log.count("event=update_accepted") == 6
     assert agg_log.count("event=report_accepted") == 6
     secure_events = {e: agg_log.count(f"event={e}") for e in ("shares_accepted", "unmask_shares_accepted",
-                                                               "decryption_accepted")}
-    assert secure_events == {"none": {"shares_accepted": 0, "unmask_shares_accepted": 0, "decryption_accepted": 0},
-                             "masking": {"shares_accepted": 6, "unmask_shares_accepted": 6, "decryption_accepted": 0},
-                             "ckks": {"shares_accepted": 6, "unmask_shares_accepted": 0, "decryption_accepted": 2},
-                             }[mode]
+                                                               "consistency_signature_accepted", "decryption_accepted",
+                                                               "sketch_accepted", "agreement_accepted")}
+    sketch = 6 if strategy == "fcmoe" and mode != "ckks" else 0  # FC-MoE's sketch stage (not in mode ckks)
+    stages = 1 + (sketch > 0)  # masking: each stage is checked and unmasked
+    assert secure_events == {
+        "none": {"shares_accepted": 0, "unmask_shares_accepted": 0, "consistency_signature_accepted": 0,
+                 "decryption_accepted": 0, "sketch_accepted": sketch, "agreement_accepted": sketch},
+        "masking": {"shares_accepted": 6, "unmask_shares_accepted": 6 * stages,
+                    "consistency_signature_accepted": 6 * stages, "decryption_accepted": 0,
+                    "sketch_accepted": sketch, "agreement_accepted": sketch},
+        "ckks": {"shares_accepted": 6, "unmask_shares_accepted": 0, "consistency_signature_accepted": 0,
+                 "decryption_accepted": 2, "sketch_accepted": 0, "agreement_accepted": 0},
+    }[mode]
     aggregator_role = (out / "roles" / "aggregator.yaml").read_text()
     assert "sketch_key" not in aggregator_role  # the silos' shared secret never reaches the aggregator
     assert all("sketch_key" in (out / "roles" / f"silo{i}.yaml").read_text() for i in range(3))
@@ -121,7 +129,7 @@ def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator
 
     def report(**change):
         fields = dict(run_id=run_id, round=1, layout_hash=coord.layout_hash, num_examples=10.0, reliability=0.5,
-                      units=units, routing_share=[1.0] * len(units))
+                      units=units, routing_share=[1.0 if u.endswith("shared") else 0.1 for u in units])
         fields.update(change)
         return pb.RoundReport(**fields)
 
@@ -135,7 +143,11 @@ def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator
                                                       for i in range(300)])),
          grpc.StatusCode.INVALID_ARGUMENT, "at most 256"),
         (report(sketches=list(codec.encode({units[0]: np.ones(4, np.float32)}))), grpc.StatusCode.INVALID_ARGUMENT,
-         "no sketches"),
+         "sketches never travel in a report"),
+        # reports that would steer the weights (docs/threat-model.md, attacks)
+        (report(routing_share=[1e6] * len(units)), grpc.StatusCode.INVALID_ARGUMENT, "outside [0, 1]"),
+        (report(routing_share=[1.0] * len(units)), grpc.StatusCode.INVALID_ARGUMENT, "sum to"),
+        (report(reliability=7.0), grpc.StatusCode.INVALID_ARGUMENT, "reliability 7 outside [0, 1]"),
     ]:
         err = _refused(lambda: stub.SubmitReport(bad, timeout=10))
         assert err.code() == status and words in err.details(), err.details()

@@ -9,7 +9,7 @@ from aggregator import consensus
 from aggregator.accumulate import GroupSum
 from aggregator.projection import combine, project_off
 from aggregator.strategies import FcMoe, SiloReport
-from crypto.sketch import SketchError, count_sketch, derive_key, sketch_units
+from crypto.sketch import AGREEMENT_STEP, SketchError, count_sketch, derive_key, own_agreement, sketch_units
 from fcmoe.config import FcMoeConfig, LocalTrainingConfig
 from silo_agent.retention import anchor, importance_scale
 
@@ -110,20 +110,26 @@ def test_projection_removes_only_the_opposing_component():
 def test_fcmoe_coefficients_end_to_end_on_reports():
     rng = np.random.default_rng(2)
     common = rng.standard_normal(64).astype(np.float32)
-    reports = {}
+    reports, sketches = {}, {}
     for i in range(6):
         y = (common if i < 4 else -common) + 0.05 * rng.standard_normal(64).astype(np.float32)
-        reports[f"s{i}"] = SiloReport(100, 0.5, {"L0.E0": 0.9 if i == 0 else 0.3, "L0.shared": 1.0},
-                                      {"L0.E0": y, "L0.shared": common})
+        reports[f"s{i}"] = SiloReport(100, 0.5, {"L0.E0": 0.9 if i == 0 else 0.3, "L0.shared": 1.0})
+        sketches[f"s{i}"] = {"L0.E0": y, "L0.shared": common}
     s = FcMoe(FcMoeConfig(), min_group_size=2)
-    plan = s.coefficients(1, ["L0.E0", "L0.shared"], reports)
+    units = ["L0.E0", "L0.shared"]
+    # the sketch stage: the sum of w * y per unit, then each silo scores its own part against it
+    w = s.sketch_weights(1, units, reports).alpha
+    sums = {u: sum(w[x][u] * sketches[x][u].astype(np.float64) for x in reports) for u in units}
+    agreement = {x: {u: own_agreement(w[x][u] * sketches[x][u].astype(np.float64), sums[u]) for u in units}
+                 for x in reports}
+    plan = s.coefficients(1, units, reports, agreement)
     assert [plan.group[f"s{i}"]["L0.E0"] for i in range(6)] == [0, 0, 0, 0, 1, 1]
     assert all(plan.group[f"s{i}"]["L0.shared"] == 0 for i in range(6))
     a = {k: v["L0.E0"] for k, v in plan.alpha.items()}
     assert sum(a.values()) == pytest.approx(1.0)
     assert a["s0"] > a["s1"] > a["s4"]  # more routing mass, then agreement, raise alpha
     ablated = FcMoe(FcMoeConfig(importance=False, projection=False), min_group_size=2)
-    flat = ablated.coefficients(1, ["L0.E0", "L0.shared"], reports)
+    flat = ablated.coefficients(1, ["L0.E0", "L0.shared"], reports, agreement)
     assert [v["L0.E0"] for v in flat.alpha.values()] == pytest.approx([1 / 6] * 6)
     assert {g["L0.E0"] for g in flat.group.values()} == {0}
     no_retention = FcMoe(FcMoeConfig(retention=False, retention_lambda=1.0), min_group_size=2)
@@ -145,17 +151,22 @@ def test_retention_anchor_and_importance_scale():
     np.testing.assert_allclose(anchor(g, local, 0.0)["L0.E1"], [0.0, 0.0])  # FedAvg
 
 
-def test_a_silo_without_a_sketch_counts_as_agreeing_and_stays_out_of_the_consensus():
+def test_each_silo_scores_itself_against_the_sum_as_the_consensus_formula_says():
+    """The silo-side score (own part against the unmasked sum) equals the leave-one-out formula, to
+    the fixed-point step it travels in; a silo without a score counts as agreeing."""
     rng = np.random.default_rng(3)
     base = rng.standard_normal(256)
-    sketches = [base + 0.1 * rng.standard_normal(256) for _ in range(3)] + [-base, None]
-    weights = np.full(5, 0.2)
-    score = consensus.scores_with_missing(sketches, weights)
-    assert score[4] == 1.0
-    full = consensus.agreement_score(*consensus.agreement(np.stack(sketches[:4]), weights[:4]))
-    np.testing.assert_allclose(score[:4], full)
-    assert score[3] < 0 < score[0]
-    assert consensus.scores_with_missing([None, sketches[0], None], np.full(3, 1 / 3)).tolist() == [1.0, 1.0, 1.0]
+    sketches = np.stack([base + 0.1 * rng.standard_normal(256) for _ in range(3)] + [-base])
+    weights = np.array([0.1, 0.2, 0.3, 0.4])
+    total = (weights[:, None] * sketches).sum(axis=0)
+    own = [own_agreement(weights[i] * sketches[i], total) for i in range(4)]
+    full = consensus.agreement_score(*consensus.agreement(sketches, weights))
+    np.testing.assert_allclose(own, full, atol=AGREEMENT_STEP)
+    assert own[3] < 0 < own[0]
+    s = FcMoe(FcMoeConfig(), min_group_size=2)
+    reports = {f"s{i}": SiloReport(100, 0.5, {"u": 1.0}) for i in range(4)}
+    plan = s.coefficients(1, ["u"], reports, {"s0": {"u": -1.0}, "s1": {"u": -1.0}})
+    assert plan.group["s2"]["u"] == plan.group["s3"]["u"] == 0 and plan.group["s0"]["u"] == 1
 
 
 def test_reliability_weight_screens_out_unhelpful_rounds_without_ranking_healthy_ones():

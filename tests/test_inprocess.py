@@ -27,7 +27,8 @@ def test_fcmoe_round_trip_with_sketches_groups_and_retention(tmp_path):
     assert rows[2]["updates"] == 3 and "mean_agreement" in rows[2] and -1 <= rows[2]["mean_agreement"] <= 1
     assert 0 < rows[2]["plan_seconds"] < rows[2]["round_seconds"] and 0 < rows[2]["aggregate_seconds"]
     assert rows[-1]["global_loss"] < rows[0]["global_loss"] and rows[2]["local_loss"] < rows[1]["local_loss"]
-    assert all(s["report_bytes"] > 8 * 256 * 4 for s in rows[1]["silos"].values())  # 8 expert units x 256 buckets
+    # sketches travel in the sketch stage (8 expert + shared units x 256 buckets), never in the report
+    assert all(s["sketch_bytes"] >= 8 * 256 * 4 > s["report_bytes"] for s in rows[1]["silos"].values())
 
 
 def test_local_only_keeps_the_global_model(tmp_path):
@@ -79,7 +80,7 @@ def test_a_given_run_id_is_checked_and_never_resumes_another_run(tmp_path):
         build_coordinator(config, run_id="fixed")
 
 
-def test_sketches_that_cannot_fit_a_report_are_refused_at_start(tmp_path):
+def test_sketch_sums_that_cannot_fit_a_message_are_refused_at_start(tmp_path):
     import pytest
 
     from aggregator.coordinator import Coordinator
@@ -129,10 +130,10 @@ def test_routing_shares_are_measured_under_the_global_model(tmp_path, monkeypatc
     seen: list[dict[str, list[float]]] = []
     coefficients = FcMoe.coefficients
 
-    def spy(self, round_, units, reports):
+    def spy(self, round_, units, reports, agreement=None):
         if round_ == 1:
             seen.append({x: list(r.routing_share.values()) for x, r in reports.items()})
-        return coefficients(self, round_, units, reports)
+        return coefficients(self, round_, units, reports, agreement)
 
     monkeypatch.setattr(FcMoe, "coefficients", spy)
     finals = []

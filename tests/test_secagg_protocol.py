@@ -76,7 +76,16 @@ def upload_phase(f: Federation, uploaders) -> None:
         f.aggregator.add(s, payload)
 
 
+def check_phase(f: Federation) -> None:
+    """Every survivor signs the view and survivor list (the consistency check)."""
+    check = wire(f.aggregator.check_instructions())
+    for s in check.survivors:
+        signature = f.sessions[s].sign_view(check)
+        f.aggregator.add_check(s, wire(pb.CheckSubmission(run_id=RUN, round=1, signature=signature)))
+
+
 def unmask_phase(f: Federation):
+    check_phase(f)
     instructions = wire(f.aggregator.unmask_instructions())
     for s in instructions.survivors:
         shares = f.sessions[s].reveal(instructions)
@@ -136,12 +145,14 @@ def test_below_threshold_the_round_is_not_unmasked(pki_dir):
     share_phase(f)
     f.aggregator.open_upload(set(NAMES[:n]), f.plan, CLIP)
     upload_phase(f, NAMES[3:n])  # 4 survivors < t = 5
-    with pytest.raises(ProtocolError, match="4 survivors, threshold 5"):
-        f.aggregator.unmask_instructions()
-    # a silo asked to reveal anyway (a forged request) refuses as well
-    forged = pb.UnmaskInstructions(survivors=NAMES[3:n], dropped=NAMES[:3])
+    with pytest.raises(ProtocolError, match="4 survivors of the update stage, threshold 5"):
+        f.aggregator.check_instructions()
+    # a silo asked to sign or reveal anyway (a forged request) refuses as well
+    forged = pb.CheckInstructions(survivors=NAMES[3:n], dropped=NAMES[:3], stage="update")
     with pytest.raises(SecAggError, match="4 survivors, threshold is 5"):
-        f.sessions["silo3"].reveal(forged)
+        f.sessions["silo3"].sign_view(forged)
+    with pytest.raises(SecAggError, match="before this silo signed"):
+        f.sessions["silo3"].reveal(pb.UnmaskInstructions(survivors=NAMES[3:n], dropped=NAMES[:3], stage="update"))
 
 
 def test_a_group_smaller_than_min_group_size_is_never_unmasked(pki_dir):
@@ -152,10 +163,10 @@ def test_a_group_smaller_than_min_group_size_is_never_unmasked(pki_dir):
     assert {f.aggregator.plan.group[s]["L0.E0"] for s in NAMES[:n]} == {0, 1}
     upload_phase(f, [s for s in NAMES[:n] if s != "silo1"])  # group 1 keeps 2 < 3 survivors
     with pytest.raises(ProtocolError, match="group 1: only 2 survivors, min_group_size 3; not unmasked"):
-        f.aggregator.unmask_instructions()
-    forged = pb.UnmaskInstructions(survivors=[s for s in NAMES[:n] if s != "silo1"], dropped=["silo1"])
+        f.aggregator.check_instructions()
+    forged = pb.CheckInstructions(survivors=[s for s in NAMES[:n] if s != "silo1"], dropped=["silo1"], stage="update")
     with pytest.raises(SecAggError, match="group 1 would sum only 2 silos"):
-        f.sessions["silo0"].reveal(forged)
+        f.sessions["silo0"].sign_view(forged)
 
 
 def test_groups_left_small_by_share_dropouts_are_merged_before_masking(pki_dir):
@@ -225,11 +236,14 @@ def test_a_silo_reveals_once_and_never_both_shares_of_a_peer(pki_dir):
     share_phase(f)
     f.aggregator.open_upload(set(NAMES[:4]), f.plan, CLIP)
     upload_phase(f, NAMES[:4])
-    first = pb.UnmaskInstructions(survivors=NAMES[:4], dropped=[])
+    check_phase(f)
+    first = wire(f.aggregator.unmask_instructions())
     shares = f.sessions["silo0"].reveal(first)
     assert all(not r.mask_key for r in shares)
     with pytest.raises(SecAggError, match="already revealed"):
-        f.sessions["silo0"].reveal(pb.UnmaskInstructions(survivors=NAMES[:3], dropped=["silo3"]))
+        f.sessions["silo0"].reveal(first)
+    with pytest.raises(SecAggError, match="already signed"):
+        f.sessions["silo0"].sign_view(pb.CheckInstructions(survivors=NAMES[:3], dropped=["silo3"], stage="update"))
 
 
 def test_nothing_the_aggregator_holds_before_unmasking_correlates_with_a_delta(pki_dir):
@@ -285,3 +299,135 @@ def test_a_run_secret_from_anyone_but_the_dealer_is_refused(pki_dir):
     forged.run_secret.ciphertext = bytes(len(forged.run_secret.ciphertext))
     with pytest.raises(SecAggError, match="run secret from 'silo0' does not open"):
         f.sessions["silo2"].masked_payload(forged, f.deltas["silo2"])
+
+
+# -- attacks by a malicious aggregator (docs/threat-model.md, table of attacks) ----------------------
+
+
+def _sign_all(f: Federation, check: pb.CheckInstructions, silos) -> list[pb.ViewSignature]:
+    return [f.sessions[s].sign_view(wire(check)) for s in silos]
+
+
+def test_attack_split_views_of_the_groups_never_unmask(pki_dir):
+    """The aggregator shows silo0 a group list in which its unit's group is {silo0, silo1, silo2} and the
+    others a list with silo0 alone in its group's sum partner set, hoping to unmask silo0 with the keys of
+    its 'group mates'. Every silo signs what it saw; nobody gets t matching signatures: nothing revealed."""
+    n = 5
+    f = federation(pki_dir, n, {"L0.E0": 32}, groups=lambda i, u: 0, min_group_size=2, threshold=0.6)
+    share_phase(f)
+    f.aggregator.open_upload(set(NAMES[:n]), f.plan, CLIP)
+    honest = {s: wire(f.aggregator.upload_instructions(s)) for s in NAMES[:n]}
+    lied = wire(honest["silo0"])  # silo0 is told the others are split into two groups
+    lied.groups[:] = [0, 0, 0, 1, 1]
+    f.aggregator.add("silo0", f.sessions["silo0"].masked_payload(lied, f.deltas["silo0"]))
+    for s in NAMES[1:n]:
+        f.aggregator.add(s, f.sessions[s].masked_payload(honest[s], f.deltas[s]))
+    check = f.aggregator.check_instructions()
+    signatures = _sign_all(f, check, NAMES[:n])
+    unmask = pb.UnmaskInstructions(survivors=check.survivors, dropped=check.dropped, stage="update",
+                                   signatures=signatures)
+    # silo0's view differs from the other four: it sees one matching signature (its own) of t = 3
+    with pytest.raises(SecAggError, match="only 1 peers signed the same view"):
+        f.sessions["silo0"].reveal(wire(unmask))
+    # the aggregator's own check refuses silo0's signature too (it saw another view)
+    with pytest.raises(ProtocolError, match="does not verify"):
+        f.aggregator.add_check("silo0", wire(pb.CheckSubmission(run_id=RUN, round=1, signature=signatures[0])))
+
+
+def test_attack_split_survivor_stories_never_unmask_both_secrets_of_a_silo(pki_dir):
+    """Tell silo1, silo2 that silo0 dropped out (to get silo0's mask-key shares) and silo3, silo4 that it
+    survived (to get its self-seed shares): each half signs a different survivor list, neither reaches t."""
+    n = 5
+    f = federation(pki_dir, n, {"L0.E0": 32}, min_group_size=2, threshold=0.6)
+    share_phase(f)
+    f.aggregator.open_upload(set(NAMES[:n]), f.plan, CLIP)
+    upload_phase(f, NAMES[:n])
+    says_dropped = pb.CheckInstructions(survivors=NAMES[1:n], dropped=["silo0"], stage="update")
+    says_survived = pb.CheckInstructions(survivors=NAMES[:n], dropped=[], stage="update")
+    signatures = _sign_all(f, says_dropped, ["silo1", "silo2"]) + _sign_all(f, says_survived, ["silo3", "silo4"])
+    for silo, story in (("silo1", says_dropped), ("silo3", says_survived)):
+        unmask = pb.UnmaskInstructions(survivors=story.survivors, dropped=story.dropped, stage="update",
+                                       signatures=signatures)
+        with pytest.raises(SecAggError, match="only 2 peers signed the same view and survivor list, threshold is 3"):
+            f.sessions[silo].reveal(wire(unmask))
+    # and a silo never reveals under a survivor list other than the one it signed
+    with pytest.raises(SecAggError, match="other survivors than this silo signed"):
+        f.sessions["silo1"].reveal(wire(pb.UnmaskInstructions(survivors=NAMES[:n], dropped=[], stage="update",
+                                                              signatures=signatures)))
+
+
+def test_attack_isolating_weights_are_refused_before_masking(pki_dir):
+    """alpha = (1, 0, 0): the 'group sum' would be silo0's delta. Every silo refuses to mask, whatever
+    the aggregator's plan; a silo also refuses a coefficient table whose row for it is not what it is
+    asked to multiply by."""
+    f = federation(pki_dir, 3, {"L0.E0": 16})
+    share_phase(f)
+    f.aggregator.open_upload(set(NAMES[:3]), f.plan, CLIP)
+    for s in NAMES[:3]:
+        forged = wire(f.aggregator.upload_instructions(s))
+        forged.peer_coefficients[:] = [1.0, 0.0, 0.0]
+        forged.coefficients[:] = [forged.peer_coefficients[NAMES.index(s)]]
+        with pytest.raises(SecAggError, match="a member weighs 0 of the largest coefficient, under the minimum ratio 0.1"):
+            f.sessions[s].masked_payload(forged, f.deltas[s])
+    other = federation(pki_dir, 3, {"L0.E0": 16})
+    share_phase(other)
+    other.aggregator.open_upload(set(NAMES[:3]), other.plan, CLIP)
+    mismatch = wire(other.aggregator.upload_instructions("silo1"))
+    mismatch.coefficients[:] = [5.0]
+    with pytest.raises(SecAggError, match="coefficients differ from its row"):
+        other.sessions["silo1"].masked_payload(mismatch, other.deltas["silo1"])
+
+
+def test_honest_plans_are_floored_so_the_weight_policy_never_trips(pki_dir):
+    f = federation(pki_dir, 4, {"L0.E0": 16})
+    f.plan.alpha["silo0"]["L0.E0"] = 0.0  # e.g. a silo that routes nothing to this expert
+    share_phase(f)
+    f.aggregator.open_upload(set(NAMES[:4]), f.plan, CLIP)
+    alphas = [f.aggregator.plan.alpha[s]["L0.E0"] for s in NAMES[:4]]
+    assert min(alphas) == pytest.approx(0.1 * max(alphas))
+    upload_phase(f, NAMES[:4])
+    sums = unmask_phase(f)
+    assert sums["L0.E0"][0].weight == pytest.approx(sum(alphas))
+
+
+def test_attack_a_second_unmask_of_the_same_stage_is_refused(pki_dir):
+    """After revealing for the update stage, a silo reveals nothing more in this attempt, even with a
+    fresh set of valid-looking signatures over another survivor list."""
+    f = federation(pki_dir, 4, {"L0.E0": 16}, threshold=0.75)
+    share_phase(f)
+    f.aggregator.open_upload(set(NAMES[:4]), f.plan, CLIP)
+    upload_phase(f, NAMES[:4])
+    check_phase(f)
+    first = wire(f.aggregator.unmask_instructions())
+    f.sessions["silo0"].reveal(first)
+    with pytest.raises(SecAggError, match="already revealed"):
+        f.sessions["silo0"].reveal(first)
+
+
+def test_sketch_and_update_stages_mask_under_independent_keys(pki_dir):
+    """A silo that survives the sketch stage and drops out of the update stage: the aggregator then holds
+    its sketch-stage self seed and its update-stage mask key, which together open neither stage."""
+    n = 5
+    f = federation(pki_dir, n, {"L0.E0": 64}, min_group_size=2, threshold=0.6)
+    share_phase(f)
+    rng = np.random.default_rng(1)
+    sketches = {s: {"L0.E0": (rng.standard_normal(16) * 0.1).astype(np.float32)} for s in NAMES[:n]}
+    weights = Coefficients({s: {"L0.E0": 0.2} for s in NAMES[:n]}, {s: {"L0.E0": 0} for s in NAMES[:n]})
+    f.aggregator.open_stage("sketch", set(NAMES[:n]), weights, CLIP, sketch_buckets=16)
+    held = {}
+    for s in NAMES[:n]:
+        payload = f.sessions[s].masked_payload(wire(f.aggregator.upload_instructions(s)), sketches[s])
+        held[s] = payload["L0.E0"]  # what a malicious aggregator keeps
+        f.aggregator.add(s, payload)
+    sketch_sums = unmask_phase(f)
+    expected = sum(0.2 * sketches[s]["L0.E0"].astype(np.float64) for s in NAMES[:n])
+    np.testing.assert_allclose(sketch_sums["L0.E0"][0].vector, expected, atol=1e-5)
+    f.aggregator.open_stage("update", set(NAMES[:n]), f.plan, CLIP)
+    upload_phase(f, NAMES[1:n])  # silo0 drops out of the update stage
+    update_sums = unmask_phase(f)
+    assert update_sums["L0.E0"][0].count == n - 1
+    # silo0's masked sketch stays padded: its update-stage mask key does not give the sketch-stage pairwise masks
+    fixed = f.aggregator.fixed
+    r = np.corrcoef(fixed.decode(held["silo0"]), sketches["silo0"]["L0.E0"].astype(np.float64))[0, 1]
+    assert abs(r) < 0.5  # 16 buckets: chance level, never the sketch itself
+    assert not np.allclose(fixed.decode(held["silo0"]), 0.2 * sketches["silo0"]["L0.E0"], atol=1e-3)

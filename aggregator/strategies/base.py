@@ -1,8 +1,10 @@
 """The strategy interface, in the spirit of Flower's: configure a round, weigh it, aggregate it.
 
 A round has two phases. Every silo first reports what is needed to weigh it (sample count,
-reliability, routing shares, keyed sketches: :class:`SiloReport`); :meth:`Strategy.coefficients`
-turns the reports into each silo's coefficient and group per unit. Silos then upload
+reliability, routing shares: :class:`SiloReport`); a strategy that wants a consensus (FC-MoE) then
+gets each silo's agreement score per unit, which silos compute themselves against the securely summed
+sketches weighted by :meth:`Strategy.sketch_weights`; :meth:`Strategy.coefficients` turns reports and
+agreement into each silo's coefficient and group per unit. Silos then upload
 ``alpha * delta``; :meth:`Strategy.aggregate` receives only group sums per unit and returns the next
 global model. Baselines and FC-MoE go through the same path; the default coefficients are FedAvg's
 (sample count, one group).
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,7 +44,6 @@ class SiloReport:
     num_examples: float
     reliability: float
     routing_share: Mapping[str, float]
-    sketches: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 class Strategy(ABC):
@@ -55,8 +56,13 @@ class Strategy(ABC):
     def configure_round(self, round_: int, local: LocalTrainingConfig, seed: int) -> RoundPlan:
         return RoundPlan(round=round_, local=local, seed=seed * 1_000_003 + round_)
 
-    def coefficients(self, round_: int, units: list[str], reports: Mapping[str, SiloReport]) -> Coefficients:
-        """FedAvg's: alpha_i,u = n_i for every unit, one group."""
+    def sketch_weights(self, round_: int, units: list[str], reports: Mapping[str, SiloReport]) -> Coefficients:
+        """Weights of the sketch sums (only asked for when :attr:`RoundPlan.sketch_buckets` > 0)."""
+        return self.coefficients(round_, units, reports)
+
+    def coefficients(self, round_: int, units: list[str], reports: Mapping[str, SiloReport],
+                     agreement: Mapping[str, Mapping[str, float]] | None = None) -> Coefficients:
+        """FedAvg's: alpha_i,u = n_i for every unit, one group (agreement scores are not used)."""
         alpha = {s: {u: float(r.num_examples) for u in units} for s, r in reports.items()}
         return Coefficients(alpha, {s: {u: 0 for u in units} for s in reports})
 

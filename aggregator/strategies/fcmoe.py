@@ -1,7 +1,8 @@
 """FC-MoE (arXiv 2606.15625): importance-aware weighting, consensus projection, local retention.
 
 Per expert unit: importance weights from routing share, sample count and reliability; agreement of
-each silo's keyed sketch with the leave-one-out consensus (cosine and sign); consensus and conflict
+each silo's keyed sketch with the leave-one-out consensus (cosine and sign; each silo scores itself
+against the unmasked sum of the importance-weighted sketches and sends only that scalar); consensus and conflict
 groups; coefficients alpha = w * phi(agreement). On the exact group sums, a conflict sum that opposes
 the consensus sum is projected onto its normal plane before the two are combined. Silos keep a
 personal adapter that learns their residual over the global model (retention, silo side,
@@ -38,21 +39,34 @@ class FcMoe(Strategy):
                        retention_by_importance=s.importance, personal_adapter=s.retention,
                        sketch_buckets=s.sketch_buckets)
 
-    def coefficients(self, round_: int, units: list[str], reports: Mapping[str, SiloReport]) -> Coefficients:
+    def _weights(self, units: list[str], reports: Mapping[str, SiloReport]) -> tuple[list[str], np.ndarray]:
         s = self.settings
         silos = sorted(reports)
         n = np.array([reports[x].num_examples for x in silos])
         rel = consensus.reliability_weight([reports[x].reliability for x in silos], s.reliability_floor,
                                            s.reliability_saturation)
         share = np.array([[reports[x].routing_share[u] for u in units] for x in silos])
-        weights = consensus.normalise(consensus.importance(
+        return silos, consensus.normalise(consensus.importance(
             n, rel, share, use_routing=s.importance, use_reliability=s.importance, routing_power=s.routing_power))
+
+    def sketch_weights(self, round_: int, units: list[str], reports: Mapping[str, SiloReport]) -> Coefficients:
+        """The importance weights ``w_i,u``: the consensus sketch of a unit is ``sum_i w_i,u y_i,u``."""
+        silos, weights = self._weights(units, reports)
+        return Coefficients({x: {u: float(weights[i, j]) for j, u in enumerate(units)} for i, x in enumerate(silos)},
+                            {x: {u: 0 for u in units} for x in silos})
+
+    def coefficients(self, round_: int, units: list[str], reports: Mapping[str, SiloReport],
+                     agreement: Mapping[str, Mapping[str, float]] | None = None) -> Coefficients:
+        s = self.settings
+        silos, weights = self._weights(units, reports)
+        agreement = agreement or {}
         alpha: dict[str, dict[str, float]] = {x: {} for x in silos}
         group: dict[str, dict[str, int]] = {x: {} for x in silos}
         conflicts, agreement_sum = 0, 0.0
         for j, unit in enumerate(units):
             w = weights[:, j]
-            score = consensus.scores_with_missing([reports[x].sketches.get(unit) for x in silos], w)
+            # a silo that sent no sketch (none asked for, or it dropped out of the sketch stage) agrees
+            score = np.array([agreement.get(x, {}).get(unit, 1.0) for x in silos])
             if s.projection:
                 groups = consensus.partition(score, self.min_group_size, s.conflict_threshold)
                 factors = consensus.phi(score, s.phi_floor)
