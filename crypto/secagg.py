@@ -35,7 +35,6 @@ from crypto.key_agreement import (
     ChannelError,
     KeyAdvert,
     KeyAgreementError,
-    _load_identity_key,
     encode_fields,
     open_sealed,
     pairwise_secret,
@@ -167,11 +166,6 @@ def check_bytes(view_digest: bytes, survivors: Sequence[str], dropped: Sequence[
     """What a survivor signs in the consistency check: the view it masked under and who survived."""
     return encode_fields(CHECK_TAG, [view_digest, "\0".join(sorted(survivors)).encode(),
                                      "\0".join(sorted(dropped)).encode()])
-
-
-def sign(identity_key_pem: bytes, data: bytes) -> bytes:
-    """ECDSA P-256 / SHA-256 with the silo's certificate key."""
-    return _load_identity_key(identity_key_pem).sign(data, ec.ECDSA(hashes.SHA256()))
 
 
 def signature_valid(cert_pem: bytes, data: bytes, signature: bytes) -> bool:

@@ -24,9 +24,9 @@ import numpy as np
 
 from crypto import masking, shamir
 from crypto.fixed_point import FixedPoint, FixedPointError
-from crypto.key_agreement import ChannelError, open_sealed, seal
+from crypto.key_agreement import ChannelError, open_sealed, seal, sign_as_silo
 from crypto.secagg import (STAGES, RoundView, SecAggError, StageShares, check_bytes, mask_label, mask_seed, pack_shares,
-                           share_aad, share_x, sign, signature_valid, stage_mask_public, unpack_shares,
+                           share_aad, share_x, signature_valid, stage_mask_public, unpack_shares,
                            weight_policy_violation)
 from crypto.shamir import ShamirError
 from fcmoe.timing import timed
@@ -163,7 +163,7 @@ class MaskingSession(SecureSession):
         signed = check_bytes(view.digest(), survivors, dropped)
         self._signed[stage] = signed
         self._survivors[stage] = tuple(sorted(survivors))
-        return pb.ViewSignature(silo=self.silo, signature=sign(self._identity_key, signed),
+        return pb.ViewSignature(silo=self.silo, signature=sign_as_silo(self._identity_key, signed),
                                 certificate_pem=self._cert)
 
     # -- UNMASK --------------------------------------------------------------------------------
