@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.accumulate import Coefficients, PlaintextAccumulator, UnitSums, merge_small_groups
+from aggregator.accumulate import (Coefficients, PlaintextAccumulator, UnitSums, floor_coefficients,
+                                   merge_small_groups)
 from aggregator.checkpoint import (ResumePoint, RunRecord, save_checkpoint, save_ckks_keys, write_run_record)
 from aggregator.ckks_round import CkksKeys, CkksRound
 from aggregator.masked_round import MaskedRound
@@ -100,6 +101,7 @@ class Coordinator:
         self._sketch_plan: Coefficients | None = None  # FC-MoE: the weights of the sketch sums
         self._sketch_sums: dict[str, np.ndarray] | None = None  # their unmasked sums, sent back to every silo
         self._agreement: dict[str, dict[str, float]] = {}  # silo -> unit -> its own agreement score
+        self._sketch_started = self._sketch_seconds = 0.0
         self._round_started = 0.0
         self._plan_seconds = 0.0
         self._bytes_down: dict[str, int] = {}
@@ -523,6 +525,7 @@ class Coordinator:
         self.plan = self.strategy.configure_round(m.round, self.config.federation.local, self.config.run.seed)
         self._reports, self._coefficients, self._accumulator = {}, None, None
         self._sketch_plan, self._sketch_sums, self._agreement, self._check = None, None, {}, None
+        self._sketch_started = self._sketch_seconds = 0.0
         self._plan_seconds = 0.0
         self._interrupted = {}
         self._unmask, self._decrypt = None, None
@@ -627,6 +630,7 @@ class Coordinator:
         if not (self.plan and self.plan.sketch_buckets) or isinstance(self._secure, CkksRound):
             self._open_uploads(silos)
             return
+        self._sketch_started = self.clock()
         self._sketch_plan = self.strategy.sketch_weights(m.round, list(self.unit_sizes), reports)
         if isinstance(self._secure, MaskedRound):
             self._secure.open_stage("sketch", set(reports), self._sketch_plan, self._clip_norm(), m.quorum,
@@ -634,6 +638,7 @@ class Coordinator:
             self._accumulator = self._secure
             minimum = max(self._secure.threshold, m.quorum)
         else:
+            self._sketch_plan = floor_coefficients(self._sketch_plan, self.secure.min_weight_ratio)
             self._accumulator = PlaintextAccumulator(self._sketch_specs_sizes(), self._sketch_plan, self._clip_norm())
             minimum = m.quorum
         m.open_phase(Phase.SKETCHING, set(reports), minimum, self.clock(), m.upload_timeout_s)
@@ -662,13 +667,16 @@ class Coordinator:
 
     def _open_uploads(self, silos: set[str]) -> None:
         m, secure = self.machine, self._secure
+        if self._sketch_started:  # FC-MoE's sketch stage: from its opening to the coefficients
+            self._sketch_seconds = self.clock() - self._sketch_started
         reports = {s: r for s, r in self._reports.items() if s in silos}
         started = time.perf_counter()
         self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports,
                                                         self._agreement or None)
         self._plan_seconds = time.perf_counter() - started
         log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
-        if secure is None:
+        if secure is None:  # floored as in the secure modes (there in plan_groups): one plan in every mode
+            self._coefficients = floor_coefficients(self._coefficients, self.secure.min_weight_ratio)
             self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients, self._clip_norm())
             m.open_phase(Phase.UPLOADING, set(reports), m.quorum, self.clock(), m.upload_timeout_s)
             return
@@ -720,6 +728,7 @@ class Coordinator:
             # the strategy's maths: planning (FC-MoE: importance, sketch consensus, groups) and
             # aggregation (FC-MoE: projection and combination of group sums, the server step)
             "plan_seconds": self._plan_seconds,
+            "sketch_stage_seconds": self._sketch_seconds,  # FC-MoE: masked sketches, their unmask, agreement
             "aggregate_seconds": aggregate_seconds,
             "train_tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
         }

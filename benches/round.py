@@ -9,7 +9,10 @@ silo's download, evaluation of the received global and of its own model, upload 
 aggregation; the evaluation share is reported separately because it is work the operator asked
 for, not protocol cost. The strategy's share is its maths alone: planning the coefficients (FC-MoE:
 importance, consensus on the keyed sketches, groups) and aggregating the sums (FC-MoE: projection
-and combination of the group sums, then the server step).
+and combination of the group sums, then the server step). FC-MoE's sketch stage (weighted sketches
+summed, masked in mode masking, then every silo's agreement scores) is timed from its opening to the
+coefficients: ``median_sketch_stage_share``. ``--mode`` runs the config under another secure-aggregation
+mode (``--clip-norm`` then sets the clip where the config has none).
 """
 
 from __future__ import annotations
@@ -33,11 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(silos: int, rounds: int, config_path: Path, local_steps: int | None, out_dir: Path,
-        strategy: str | None = None) -> dict:
+        strategy: str | None = None, mode: str | None = None, clip_norm: float | None = None) -> dict:
     data = load_config(config_path).model_dump(mode="json")
     data["run"]["output_dir"] = str(out_dir)
     if strategy:
         data["federation"]["strategy"]["name"] = strategy
+    if mode:
+        data["federation"]["secure_aggregation"]["mode"] = mode
+    if clip_norm is not None:
+        data["federation"]["local"]["clip_norm"] = clip_norm
     data["federation"].update({"rounds": rounds, "min_silos": silos})
     if local_steps:
         data["federation"]["local"]["local_steps"] = local_steps
@@ -63,6 +70,8 @@ def run(silos: int, rounds: int, config_path: Path, local_steps: int | None, out
             "overhead_excluding_eval": max(0.0, r["round_seconds"] - slowest - evals) / r["round_seconds"],
             "strategy_seconds": strategy_seconds,
             "strategy_share": strategy_seconds / r["round_seconds"],
+            "sketch_stage_seconds": r.get("sketch_stage_seconds", 0.0),
+            "sketch_stage_share": r.get("sketch_stage_seconds", 0.0) / r["round_seconds"],
             "bytes_up_per_silo": r["bytes_up_mean"],
             "bytes_down_per_silo": r["bytes_down_mean"],
             "train_tokens_per_s": r["train_tokens_per_s"],
@@ -80,6 +89,8 @@ def run(silos: int, rounds: int, config_path: Path, local_steps: int | None, out
         "median_overhead": med("overhead"),
         "median_overhead_excluding_eval": med("overhead_excluding_eval"),
         "median_strategy_share": med("strategy_share"),
+        "median_sketch_stage_share": med("sketch_stage_share"),
+        "mode": config.federation.secure_aggregation.mode,
         "median_train_tokens_per_s": med("train_tokens_per_s"),
         "total_wall_seconds": wall,
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
@@ -94,11 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=None)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     parser.add_argument("--strategy", help="override the config's strategy (e.g. fcmoe)")
+    parser.add_argument("--mode", choices=["none", "masking", "ckks"], help="override the secure-aggregation mode")
+    parser.add_argument("--clip-norm", type=float, help="override local.clip_norm (secure modes need one > 0)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result line")
     args = parser.parse_args(argv)
     setup_logging("bench", "WARNING")
     with tempfile.TemporaryDirectory(prefix="fcmoe-bench-") as tmp:
-        result = run(args.silos, args.rounds, args.config, args.local_steps, Path(tmp) / "run", args.strategy)
+        result = run(args.silos, args.rounds, args.config, args.local_steps, Path(tmp) / "run", args.strategy,
+                     args.mode, args.clip_norm)
     if not args.json:
         for p in result["per_round"]:
             print(f"round {p['round']}: {p['round_seconds']:.2f}s, overhead {p['overhead']:.1%}", file=sys.stderr)

@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser("verify", help="chain, signatures, epsilon recomputed independently, budget")
     verify.add_argument("ledger", type=Path)
     verify.add_argument("--cert", type=Path, required=True, help="the silo's certificate (silo-NAME.pem)")
+    verify.add_argument("--receipts", type=Path, help="the aggregator's receipts.jsonl: also catches a cut tail")
     report = audit_sub.add_parser("report", help="PNG of epsilon over rounds, one line per ledger")
     report.add_argument("ledgers", type=Path, nargs="+")
     report.add_argument("--out", type=Path, default=Path("epsilon.png"))
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             from fcmoe.audit import run_report, run_verify
 
             if args.audit_command == "verify":
-                return run_verify(args.ledger, args.cert)
+                return run_verify(args.ledger, args.cert, args.receipts)
             return run_report(args.ledgers, args.out)
         if args.command == "upcycle":
             from fcmoe.model.upcycle import run_upcycle

@@ -105,6 +105,7 @@ class TrainedRound:
     # a sum with this round's update or sketch in it was unmasked: resending it in a redo would let the
     # aggregator read it from the difference of two sums, so a redo trains afresh (or, under DP, declines)
     exposed: bool = False
+    retrain: int = 0  # how many times this round was trained afresh after an unmask (varies the seed)
 
     @property
     def round(self) -> int:
@@ -294,7 +295,9 @@ class SiloAgent:
                                 "its update did not survive a restart; releasing it again would count twice")
             return
         else:
-            trained = self._train(task, global_units, key, time.perf_counter() - t0)
+            # a redo after an unmask trains afresh: another seed, so not the update the aggregator saw
+            retrain = trained.retrain + 1 if trained is not None and trained.key == key else 0
+            trained = self._train(task, global_units, key, time.perf_counter() - t0, retrain)
             if trained is None:
                 return
             self.trained = trained
@@ -314,7 +317,7 @@ class SiloAgent:
             log_event(log, "report_sent", round=task.round, session=t.session, reliability=round(report.reliability, 4))
 
     def _train(self, task: pb.Task, global_units: dict[str, np.ndarray], key: tuple[str, int, bytes, bytes],
-               download_seconds: float) -> TrainedRound | None:
+               download_seconds: float, retrain: int = 0) -> TrainedRound | None:
         """Evaluate the global model, train from it (under DP when configured: the ledger records the
         release first), evaluate the result; the round's report without key advert. None: declined."""
         t = task.train
@@ -339,7 +342,7 @@ class SiloAgent:
         adapter = self._personal_adapter(t, task.round)
         plan = LocalPlan(local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=max(1, t.grad_accum),
                          learning_rate=t.learning_rate, weight_decay=t.weight_decay, prox_mu=t.prox_mu,
-                         seed=t.seed * 7919 + self.silo.index + 104_729 * (t.session & 0xFFFF))
+                         seed=t.seed * 7919 + self.silo.index + 104_729 * retrain)
         if self.dp is not None and privacy is not None:
             result = self.dp.train(self.model, self.data.train, plan, privacy, self.device)
         elif self.silo.world_size > 1:
@@ -376,7 +379,7 @@ class SiloAgent:
         )
         log_event(log, "trained", round=task.round, global_loss=_mean_loss(global_eval), local_loss=_mean_loss(personal_eval),
                   reliability=round(rel, 4), train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()))
-        return TrainedRound(key, deltas, report, t.clip_norm)
+        return TrainedRound(key, deltas, report, t.clip_norm, retrain=retrain)
 
     def _decline(self, task: pb.Task, reason: str) -> None:
         self.refused_session = task.train.session

@@ -114,8 +114,10 @@ def test_attack_the_aggregators_entire_input_reveals_no_silo_delta_or_sketch(tmp
             assert words.size == target.size > 100_000
             r = np.corrcoef(words, target)[0, 1]
             assert abs(r) < 0.01, (what, sender, silo, r)
-            scale = np.abs(words).max() / max(np.abs(target).max(), 1e-12)
-            assert not np.any(np.isclose(words / scale, target, rtol=0, atol=1e-9) & (target != 0))
+            # nor does any received word carry a coordinate as it is: its float32 bits at the same place
+            raw = np.concatenate([arrays[k].view(np.float32 if arrays[k].dtype == np.uint32 else np.float64)
+                                  .astype(np.float32) for k in sorted(arrays)])
+            assert not np.any((raw == target.astype(np.float32)) & (target != 0))
             checked += 1
     assert checked == 2 * 5 * 5  # two stages x five uploads x five silos
     # reports carry no sketch; agreements are scalars in [-1, 1]
@@ -175,3 +177,36 @@ def test_attack_a_round_redone_after_its_unmask_gets_fresh_updates(tmp_path, mon
     for silo in SILOS[:3]:
         first, redo = masked[(silo, 0)], masked[(silo, 1)]
         assert any(not np.array_equal(first[u], redo[u]) for u in first), silo  # trained afresh
+
+
+def test_attack_a_silo_inflating_its_sample_count_is_left_out(tmp_path, monkeypatch):
+    """A silo reporting 1e9 training examples would take all of FedAvg's weight: over 10x the round's
+    median (no operator cap set), its report is left out of the round with one log line."""
+    from fcmoe.inprocess import run_in_process
+    from silo_agent.agent import SiloAgent
+
+    config = smoke_config(tmp_path, min_silos=4, quorum=3, rounds=1, min_group_size=3, strategy={"name": "fedavg"},
+                          secure_aggregation={"mode": "masking"})
+    ensure_pki(config.aggregator.pki_dir, SILOS[:4])
+    silos = [silo_config(config, s, 0, index=i, num_silos=4) for i, s in enumerate(SILOS[:4])]
+    train = SiloAgent._train
+
+    def inflated(self, task, *rest):
+        trained = train(self, task, *rest)
+        if self.silo.name == "silo3" and trained is not None:
+            trained.report.num_examples = 1e9
+        return trained
+    monkeypatch.setattr(SiloAgent, "_train", inflated)
+    refused: list[str] = []
+    import aggregator.coordinator as coordinator_module
+    log_event = coordinator_module.log_event
+
+    def spy(logger, event, **fields):
+        if event == "report_refused":
+            refused.append(fields["silo"] + ": " + fields["reason"])
+        return log_event(logger, event, **fields)
+    monkeypatch.setattr(coordinator_module, "log_event", spy)
+    coord = run_in_process(config, silos)
+    assert coord.machine.succeeded
+    assert len(refused) == 1 and refused[0].startswith("silo3: num_examples 1e+09 is over 10x the round's median")
+    assert coord.metrics.rows()[1]["updates"] == 3

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 def test_secagg_bench_runs_every_mode_with_a_dropout_round(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benches.secagg", "--silos", "4", "--params", "20000", "--rounds", "3",
-                           "--local-steps", "1", "--no-flower", "--json"],
+                           "--local-steps", "1", "--no-flower", "--fcmoe", "--json"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -23,6 +23,11 @@ def test_secagg_bench_runs_every_mode_with_a_dropout_round(tmp_path):
     assert result["modes"]["ckks"]["upload_bytes_per_parameter"] > 20
     assert result["modes"]["masking"]["aggregator_secure_seconds_median"] > 0
     assert result["flower_secaggplus"]["available"] is False
+    # FC-MoE's masked rounds: the sketch stage too, with its own consistency check, and the dropout round
+    fcmoe = result["fcmoe_modes"]
+    assert set(fcmoe) == {"none", "masking"} and all(r["completed"] for r in fcmoe.values())
+    assert fcmoe["masking"]["dropout_round"]["updates"] == 3
+    assert result["target"]["fcmoe_masking_round_ratio"] == fcmoe["masking"]["round_ratio_to_none"]
 
 
 def test_convergence_bench_on_shakespeare_silos_reports_per_silo_losses(tmp_path):

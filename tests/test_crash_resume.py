@@ -175,7 +175,10 @@ def test_killed_in_every_phase_the_run_resumes_and_ends_as_an_uninterrupted_one(
         agg.restart()
         fed.run_until(K.UPLOAD, 1, answered=2)  # UPLOADING, two masked updates in
         agg.restart()
-        fed.run_until(K.UNMASK, 2, answered=1)  # UNMASKING of round 2, one reveal in
+        # CHECKING of round 2, one signature in: nothing revealed yet, so the silos may resend their
+        # updates and the run ends as an uninterrupted one (after a reveal they would train afresh:
+        # tests/test_attack_aggregator.py)
+        fed.run_until(K.CHECK, 2, answered=1)
         agg.restart()
         fed.run_until(K.EVALUATE, 3, answered=1)  # final EVALUATING, one evaluation in
         agg.restart()
@@ -221,7 +224,9 @@ def test_ckks_killed_while_the_key_holder_decrypts_resumes_with_the_run_key(tmp_
         fed.close()
     assert [e["version"] for e in _events(agg.log, "run_resumed")] == ["1"]
     assert fed.ckks_key_requests == {1}  # dealt once; the restarted aggregator read it from disk
-    _assert_same_as_uninterrupted(aggregator, silos, tmp_path, atol=1e-4)  # CKKS's own error
+    # CKKS's own error plus the flooding noise, drawn afresh when the interrupted round is decrypted
+    # again; a few coordinates move more where round 2's local training amplifies it
+    _assert_same_as_uninterrupted(aggregator, silos, tmp_path, atol=3e-3)
 
 
 def test_under_dp_a_redone_round_is_never_released_twice(tmp_path, aggregator_process):
