@@ -796,7 +796,7 @@ def report_refusal(num_examples: float, reliability: float, routing_share: Mappi
     if not all(np.isfinite(numbers)):
         return "a non-finite number"
     if num_examples <= 0 or (max_examples is not None and num_examples > max_examples):
-        return f"num_examples {num_examples:g} outside (0, {max_examples if max_examples is not None else 'inf'}]"
+        return f"num_examples {num_examples:g} outside (0, {max_examples if max_examples is not None else float('inf'):g}]"
     if not 0 <= reliability <= 1:
         return f"reliability {reliability:g} outside [0, 1]"
     per_layer: dict[int, float] = {}

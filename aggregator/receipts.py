@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 
-from crypto.signed_log import LedgerError, Receipt, parse_line, read_lines, verify_receipt
+from crypto.signed_log import LedgerError, Receipt, append_durably, parse_line, read_lines, verify_receipt
 from fcmoe.errors import ProtocolError
 from fcmoe.logs import log_event
 from protos import fcmoe_pb2 as pb
@@ -107,17 +106,4 @@ class ReceiptBook:
 
     def _append(self, receipt: Receipt) -> None:
         line = json.dumps(receipt.to_json(), sort_keys=True, separators=(",", ":")).encode() + b"\n"
-        new = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if new:  # the directory entry of a new file must reach the disk too
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        append_durably(self.path, line)

@@ -48,6 +48,25 @@ def line_digest(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+def append_durably(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` (created 0600) and fsync it, and its folder entry when new: an
+    append-only record must survive a crash the moment its writer goes on."""
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:  # the directory entry of a new file must reach the disk too
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 class SignedLog:
     """The writer's side: appends signed, chained lines with fsync; never rewrites one."""
 
@@ -77,20 +96,7 @@ class SignedLog:
         signature = self._key.sign(canonical(body), ec.ECDSA(hashes.SHA256()))
         full = {**body, "signature": base64.b64encode(signature).decode()}
         line = canonical(full)
-        new = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if new:  # the directory entry of a new file must reach the disk too
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        append_durably(self.path, line + b"\n")
         self._prev = line_digest(line)
         self.digests.append(self._prev)
         self.entries.append(full)

@@ -7,6 +7,7 @@ then plays the aggregator that reads that file looking for any silo's delta or s
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -210,3 +211,34 @@ def test_attack_a_silo_inflating_its_sample_count_is_left_out(tmp_path, monkeypa
     assert coord.machine.succeeded
     assert len(refused) == 1 and refused[0].startswith("silo3: num_examples 1e+09 is over 10x the round's median")
     assert coord.metrics.rows()[1]["updates"] == 3
+
+
+@pytest.mark.parametrize("field,value,reason", [
+    ("routing_share", 1e6, "routing share 1e+06 of unit L0.E0 outside [0, 1]"),
+    ("routing_share", 0.9, "routing shares of layer 0 sum to 1.8, over 1"),
+    ("reliability", 7.0, "reliability 7 outside [0, 1]"),
+    ("num_examples", 1e9, "num_examples 1e+09 outside (0, 1000]"),
+    ("num_examples", -1.0, "num_examples -1 outside (0, 1000]"),
+])
+def test_attack_reports_that_steer_the_weights_are_refused(tmp_path, field, value, reason):
+    """A silo's report numbers set its weight: each is held to what an honest silo can report, and a
+    refused report says why in one line (operator cap ``aggregator.max_examples`` set here)."""
+    from aggregator.strategies import build_strategy
+    from protos import fcmoe_pb2 as pb
+
+    data = smoke_config(tmp_path).model_dump(mode="json")
+    data["aggregator"]["max_examples"] = 1000
+    config = parse_config(data)
+    units = {"L0.E0": 4, "L0.E1": 4, "L0.shared": 4}
+    coord = Coordinator(config, "h", "f", units, {u: np.zeros(4, np.float32) for u in units},
+                        build_strategy(config.federation.strategy), tmp_path / "out")
+    for s in SILOS[:3]:
+        coord.join(s, pb.JoinRequest(layout_hash="h", base_fingerprint="f"))
+    coord.step()
+    honest = dict(run_id=coord.run_id, round=1, layout_hash="h", num_examples=10.0, reliability=0.5,
+                  units=list(units), routing_share=[0.5, 0.5, 1.0])
+    forged = dict(honest)
+    forged[field] = [value, value, 1.0] if field == "routing_share" else value
+    with pytest.raises(ProtocolError, match=re.escape(f"report refused: {reason}")):
+        coord.add_report("silo0", pb.RoundReport(**forged))
+    coord.add_report("silo0", pb.RoundReport(**honest))  # the same silo, honest: accepted

@@ -27,6 +27,7 @@ from fcmoe.config import SecureAggregationConfig
 from fcmoe.errors import ProtocolError
 from protos import fcmoe_pb2 as pb
 from silo_agent.ckks_round import CkksSession
+from test_ckks import _varint  # protobuf varints, to hand-build TenSEAL messages
 
 RUN, SESSION, MIN_GROUP = "run-attack", 1 << 20, 3
 NAMES = ["silo0", "silo1", "silo2", "silo3"]
@@ -103,15 +104,6 @@ def replace_chunk(instructions: pb.DecryptInstructions, fetched: dict[str, np.nd
 
 
 # --- the crafted-ciphertext attack: ciphertexts (0, t) and (0, t X^(N/2)) from the public context ---
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
 
 def _tenseal_vector(seal_bytes: bytes, size: int, scale: float) -> bytes:
     """A TenSEAL CKKSVectorProto around one SEAL ciphertext."""

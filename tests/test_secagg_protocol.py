@@ -231,7 +231,9 @@ def test_a_tampered_sealed_share_is_refused_by_its_recipient(pki_dir):
         f.sessions["silo0"].masked_payload(instructions, f.deltas["silo0"])
 
 
-def test_a_silo_reveals_once_and_never_both_shares_of_a_peer(pki_dir):
+def test_attack_a_second_unmask_of_the_same_stage_is_refused(pki_dir):
+    """After revealing for a stage, a silo reveals nothing more in this attempt, and signs no other
+    survivor list: never both shares of a peer."""
     f = federation(pki_dir, 4, {"L0.E0": 16}, threshold=0.75)
     share_phase(f)
     f.aggregator.open_upload(set(NAMES[:4]), f.plan, CLIP)
@@ -388,20 +390,6 @@ def test_honest_plans_are_floored_so_the_weight_policy_never_trips(pki_dir):
     upload_phase(f, NAMES[:4])
     sums = unmask_phase(f)
     assert sums["L0.E0"][0].weight == pytest.approx(sum(alphas))
-
-
-def test_attack_a_second_unmask_of_the_same_stage_is_refused(pki_dir):
-    """After revealing for the update stage, a silo reveals nothing more in this attempt, even with a
-    fresh set of valid-looking signatures over another survivor list."""
-    f = federation(pki_dir, 4, {"L0.E0": 16}, threshold=0.75)
-    share_phase(f)
-    f.aggregator.open_upload(set(NAMES[:4]), f.plan, CLIP)
-    upload_phase(f, NAMES[:4])
-    check_phase(f)
-    first = wire(f.aggregator.unmask_instructions())
-    f.sessions["silo0"].reveal(first)
-    with pytest.raises(SecAggError, match="already revealed"):
-        f.sessions["silo0"].reveal(first)
 
 
 def test_sketch_and_update_stages_mask_under_independent_keys(pki_dir):
