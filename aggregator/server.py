@@ -93,6 +93,10 @@ def start_aggregator(config: Config) -> RunningAggregator:
     if not handshake_failures_logged():
         log_event(log, "tls_refusals_hidden", level=logging.WARNING,
                   reason="GRPC_VERBOSITY hides gRPC's one-line record of refused client certificates")
+    if config.federation.secure_aggregation.mode == "none":
+        log_event(log, "plaintext_mode", level=logging.WARNING,
+                  reason="secure_aggregation.mode none: every silo's weighted delta (and FC-MoE sketch) reaches this "
+                         "process in the clear; for debugging and baselines only")
     log_event(log, "aggregator_listening", address=f"{config.aggregator.host}:{port}", run_id=coordinator.run_id,
               layout=coordinator.layout_hash[:12], units=len(coordinator.unit_sizes),
               parameters=sum(coordinator.unit_sizes.values()),

@@ -486,6 +486,8 @@ class SiloAgent:
             self.run_secret = secure.run_secret
         if self._send_update(task, "update", payload, stage="update"):
             self.pending = None
+            if isinstance(secure, CkksSession) and self.trained is not None:
+                self.trained.exposed = True  # the key holder may decrypt a sum holding it without this silo
 
     def _send_update(self, task: pb.Task, what: str, payload: dict[str, np.ndarray], stage: str = "") -> bool:
         """Stream ``payload`` as this silo's update, sketch or decryption for ``task.round``; False if refused."""
