@@ -408,44 +408,34 @@ class Coordinator:
 
     def add_shares(self, silo: str, submission: pb.ShareSubmission) -> None:
         """Secure modes, SHARE phase: sealed shares and secrets to relay; the aggregator cannot open them."""
-        self._check_run(submission.run_id)
-        with self._cv:
-            now = self.clock()
-            self.machine.check(Phase.SHARING, silo, submission.round, now)
-            assert self._secure is not None
-            self._secure.add_shares(silo, submission)
-            self.machine.record(Phase.SHARING, silo, submission.round, now)
-            self._count_secure_bytes(silo, submission.round, submission.ByteSize())
-            self._cv.notify_all()
+        self._secure_answer(Phase.SHARING, silo, submission, lambda secure: secure.add_shares(silo, submission))
         log_event(log, "shares_accepted", silo=silo, round=submission.round, shares=len(submission.shares))
 
     def add_unmask(self, silo: str, submission: pb.UnmaskSubmission) -> None:
         """Masking, UNMASK phase: one survivor's revealed shares."""
-        self._check_run(submission.run_id)
-        with self._cv:
-            now = self.clock()
-            self.machine.check(Phase.UNMASKING, silo, submission.round, now)
-            if not isinstance(self._secure, MaskedRound):
-                raise ProtocolError("no unmasking in this mode")
-            self._secure.add_reveal(silo, submission)
-            self.machine.record(Phase.UNMASKING, silo, submission.round, now)
-            self._count_secure_bytes(silo, submission.round, submission.ByteSize())
-            self._cv.notify_all()
+        self._secure_answer(Phase.UNMASKING, silo, submission, lambda secure: secure.add_reveal(silo, submission),
+                            masking_only=True)
         log_event(log, "unmask_shares_accepted", silo=silo, round=submission.round)
 
     def add_check(self, silo: str, submission: pb.CheckSubmission) -> None:
         """Masking, CHECK phase: a survivor's signature over the stage's view and survivor list."""
+        self._secure_answer(Phase.CHECKING, silo, submission, lambda secure: secure.add_check(silo, submission),
+                            masking_only=True)
+        log_event(log, "consistency_signature_accepted", silo=silo, round=submission.round)
+
+    def _secure_answer(self, phase: Phase, silo: str, submission, take: Callable, masking_only: bool = False) -> None:
+        """One silo's answer to a secure-aggregation phase: checked against the round, handed to this
+        attempt's secure round, recorded and counted."""
         self._check_run(submission.run_id)
         with self._cv:
             now = self.clock()
-            self.machine.check(Phase.CHECKING, silo, submission.round, now)
-            if not isinstance(self._secure, MaskedRound):
-                raise ProtocolError("no consistency check in this mode")
-            self._secure.add_check(silo, submission)
-            self.machine.record(Phase.CHECKING, silo, submission.round, now)
+            self.machine.check(phase, silo, submission.round, now)
+            if self._secure is None or (masking_only and not isinstance(self._secure, MaskedRound)):
+                raise ProtocolError(f"no {phase.value} in mode {self.secure.mode}")
+            take(self._secure)
+            self.machine.record(phase, silo, submission.round, now)
             self._count_secure_bytes(silo, submission.round, submission.ByteSize())
             self._cv.notify_all()
-        log_event(log, "consistency_signature_accepted", silo=silo, round=submission.round)
 
     def add_agreement(self, silo: str, submission: pb.AgreementSubmission) -> None:
         """AGREE phase: a silo's own agreement score per unit, against the unmasked sketch sums."""

@@ -291,8 +291,10 @@ class SiloAgent:
             log_event(log, "training_reused", round=task.round, session=t.session,
                       reason="a redone attempt of a round already trained from this global model")
         elif self.dp is not None and self.dp.ledger.released(self.run_id, task.round):
+            why = ("its update was in a sum the aggregator unmasked, so it is not sent again" if trained is not None
+                   and trained.key == key else "its update did not survive a restart")
             self._decline(task, f"round {task.round} of run {self.run_id} is already in the privacy ledger and "
-                                "its update did not survive a restart; releasing it again would count twice")
+                                f"{why}; a second release would count twice")
             return
         else:
             # a redo after an unmask trains afresh: another seed, so not the update the aggregator saw
