@@ -226,10 +226,10 @@ class Coordinator:
         """What ``silo`` multiplies by and, in secure modes, with whom it masks, in this stage."""
         if self._secure is not None:
             return self._secure.upload_instructions(silo)
-        plan = self._sketch_plan if self.machine.phase == Phase.SKETCHING else self._coefficients
+        sketching = self.machine.phase == Phase.SKETCHING
+        plan = self._sketch_plan if sketching else self._coefficients
         assert plan is not None
         units = list(self.unit_sizes)
-        sketching = self.machine.phase == Phase.SKETCHING
         return pb.UploadInstructions(units=units, coefficients=[plan.alpha[silo][u] for u in units],
                                      stage="sketch" if sketching else "update",
                                      sketch_buckets=self.plan.sketch_buckets if sketching and self.plan else 0)

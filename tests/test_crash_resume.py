@@ -224,9 +224,11 @@ def test_ckks_killed_while_the_key_holder_decrypts_resumes_with_the_run_key(tmp_
         fed.close()
     assert [e["version"] for e in _events(agg.log, "run_resumed")] == ["1"]
     assert fed.ckks_key_requests == {1}  # dealt once; the restarted aggregator read it from disk
-    # CKKS's own error plus the flooding noise, drawn afresh when the interrupted round is decrypted
-    # again; a few coordinates move more where round 2's local training amplifies it
-    _assert_same_as_uninterrupted(aggregator, silos, tmp_path, atol=3e-3)
+    # the redone round 2 is trained afresh (its uploads may have been decrypted before the crash, so
+    # resending them would let a difference of two sums expose one silo): completed, not identical
+    rows = _metrics(aggregator.run.output_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["updates"] == 3
+    assert json.loads((aggregator.run.output_dir / "checkpoints" / "run.json").read_text())["finished"]
 
 
 def test_under_dp_a_redone_round_is_never_released_twice(tmp_path, aggregator_process):
