@@ -103,7 +103,7 @@ class TrainedRound:
     report: pb.RoundReport  # without this attempt's key advert
     clip_norm: float = 0.0  # the deltas' clip; sketches are clipped to it too (bounded masked sums)
     # a sum with this round's update or sketch in it was unmasked: resending it in a redo would let the
-    # aggregator read it from the difference of two sums, so a redo trains afresh (or, under DP, declines)
+    # aggregator read it from the difference of two sums, so a redo trains afresh (under DP: a second release)
     exposed: bool = False
     retrain: int = 0  # how many times this round was trained afresh after an unmask (varies the seed)
 
@@ -290,14 +290,14 @@ class SiloAgent:
         if trained is not None and trained.key == key and not trained.exposed:
             log_event(log, "training_reused", round=task.round, session=t.session,
                       reason="a redone attempt of a round already trained from this global model")
-        elif self.dp is not None and self.dp.ledger.released(self.run_id, task.round):
-            why = ("its update was in a sum the aggregator unmasked, so it is not sent again" if trained is not None
-                   and trained.key == key else "its update did not survive a restart")
+        elif (self.dp is not None and self.dp.ledger.released(self.run_id, task.round)
+              and not (trained is not None and trained.key == key)):
             self._decline(task, f"round {task.round} of run {self.run_id} is already in the privacy ledger and "
-                                f"{why}; a second release would count twice")
+                                "its update did not survive a restart; releasing it again would count twice")
             return
         else:
             # a redo after an unmask trains afresh: another seed, so not the update the aggregator saw
+            # (under DP a second release of the round, ledgered and within the budget, or declined)
             retrain = trained.retrain + 1 if trained is not None and trained.key == key else 0
             trained = self._train(task, global_units, key, time.perf_counter() - t0, retrain)
             if trained is None:

@@ -144,18 +144,26 @@ def test_attack_an_unclipped_update_is_refused_in_mode_none():
         acc.add("silo1", {"u": np.full(4, 1e30, np.float32)})
 
 
-def test_attack_a_round_redone_after_its_unmask_gets_fresh_updates(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dp", [False, True])
+def test_attack_a_round_redone_after_its_unmask_gets_fresh_updates(tmp_path, monkeypatch, dp):
     """The aggregator decodes the update sums, claims the round failed and redoes it (without one silo,
     to read that silo's update from the difference of the two sums). Silos whose contribution was in an
     unmasked sum train afresh for the redo instead of resending: the difference is two different
-    trainings, never one silo's update."""
+    trainings, never one silo's update. Under DP the fresh training is a second release, in the ledger."""
+    from fcmoe.audit import audit
     from fcmoe.inprocess import run_in_process
     from silo_agent.masked_round import MaskingSession
 
     config = smoke_config(tmp_path, min_silos=3, rounds=1, min_group_size=3, strategy={"name": "fedavg"},
                           secure_aggregation={"mode": "masking"})
     ensure_pki(config.aggregator.pki_dir, SILOS[:3])
-    silos = [silo_config(config, s, 0, index=i, num_silos=3) for i, s in enumerate(SILOS[:3])]
+    silos = []
+    for i, name in enumerate(SILOS[:3]):
+        data = silo_config(config, name, 0, index=i, num_silos=3).model_dump(mode="json")
+        if dp:
+            data["silo"]["dp"] = {"enabled": True, "noise_multiplier": 1.0, "epsilon_budget": 100.0,
+                                  "ledger": str(tmp_path / "ledgers" / f"{name}.jsonl")}
+        silos.append(parse_config(data))
     masked: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     mask = MaskingSession.mask
 
@@ -175,9 +183,12 @@ def test_attack_a_round_redone_after_its_unmask_gets_fresh_updates(tmp_path, mon
     monkeypatch.setattr(Coordinator, "_close_round", claim_failure)
     coord = run_in_process(config, silos)
     assert failed and coord.machine.succeeded
-    for silo in SILOS[:3]:
+    for i, silo in enumerate(SILOS[:3]):
         first, redo = masked[(silo, 0)], masked[(silo, 1)]
         assert any(not np.array_equal(first[u], redo[u]) for u in first), silo  # trained afresh
+        if dp:  # both trainings are releases of round 1, both in the ledger (and in its epsilon)
+            rows = audit(silos[i].silo.dp.ledger, (config.aggregator.pki_dir / f"silo-{silo}.pem").read_bytes())
+            assert [r.round for r in rows] == [1, 1]
 
 
 def test_attack_a_silo_inflating_its_sample_count_is_left_out(tmp_path, monkeypatch):
