@@ -124,7 +124,8 @@ class Coordinator:
         saved = point.checkpoint
         if set(saved.global_units) != set(self.unit_sizes):
             raise ConfigError(f"checkpoint round-{saved.version:04d} does not hold this layout's units")
-        self.global_units = {k: np.asarray(v, dtype=np.float32) for k, v in saved.global_units.items()}
+        # in layout order (unit_sizes), never the checkpoint file's: silos decode the stream in that order
+        self.global_units = {u: np.asarray(saved.global_units[u], dtype=np.float32) for u in self.unit_sizes}
         try:
             self.strategy.load_state_arrays(saved.strategy_state)
         except ValueError as exc:
@@ -248,7 +249,7 @@ class Coordinator:
             if request.round != self.machine.version:
                 raise ProtocolError(
                     f"model version {request.round} unavailable (current {self.machine.version})")
-            return dict(self.global_units)
+            return {u: self.global_units[u] for u in self.unit_sizes}  # the layout's order, whatever the dict's
 
     def count_download(self, silo: str, nbytes: int) -> None:
         with self._cv:

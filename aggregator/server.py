@@ -36,6 +36,9 @@ GRPC_OPTIONS = [
     # cut upload is kept for its resume instead of holding a worker until the phase deadline
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # one aggregator per port: with gRPC's default SO_REUSEPORT a second one would bind the same port
+    # and silos would be split between two runs
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -79,14 +82,23 @@ def build_coordinator(config: Config, *, run_id: str | None = None) -> Coordinat
 
 
 def start_aggregator(config: Config) -> RunningAggregator:
-    coordinator = build_coordinator(config)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.aggregator.max_workers),
                          options=GRPC_OPTIONS)
-    pb_grpc.add_FederationServicer_to_server(FederationService(coordinator), server)
     address = f"{config.aggregator.host}:{config.aggregator.port}"
-    port = server.add_secure_port(address, server_credentials(PkiPaths(config.aggregator.pki_dir)))
+    # the port first: a second aggregator on it stops here, before it touches the run's files
+    try:
+        port = server.add_secure_port(address, server_credentials(PkiPaths(config.aggregator.pki_dir)))
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise ConfigError(f"aggregator.port = {config.aggregator.port}: cannot listen on {address} (in use, e.g. by "
+                          "another aggregator, or not an address of this machine); stop it or choose another port")
+    try:
+        coordinator = build_coordinator(config)
+    except BaseException:
+        server.stop(0)
+        raise
+    pb_grpc.add_FederationServicer_to_server(FederationService(coordinator), server)
     server.start()
     if config.aggregator.port_file is not None:
         write_atomic(config.aggregator.port_file, str(port))

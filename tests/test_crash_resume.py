@@ -294,3 +294,38 @@ def test_silos_left_to_themselves_ride_out_a_kill_mid_round(tmp_path, aggregator
     assert agg.proc.wait(timeout=60) == 0
     rows = _metrics(aggregator.run.output_dir)
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["updates"] == 3 for r in rows[1:])
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fcmoe"])
+def test_a_run_with_a_trained_router_resumes_with_units_in_layout_order(tmp_path, strategy):
+    """The demos train the router, so every layer has a shared unit ("L0.shared"), which the layout
+    lists before the experts and a checkpoint file alphabetically after them: a resumed run must still
+    stream the global model in layout order (silos decode it in that order and refuse any other)."""
+    from aggregator.server import build_coordinator
+
+    data = smoke_config(tmp_path, min_silos=3, rounds=1, strategy={"name": strategy}).model_dump(mode="json")
+    data["model"]["trainable"] = {"mode": "lora", "lora_rank": 4, "lora_alpha": 8, "router": True}
+    config = parse_config(data)
+    ensure_pki(config.aggregator.pki_dir, ["silo0", "silo1", "silo2"])
+    first = build_coordinator(config)  # a new run: its round-0 checkpoint is on disk, the run unfinished
+    units = list(first.unit_sizes)
+    assert units[0] == "L0.shared" and sorted(units) != units
+    resumed = build_coordinator(config)  # what a restarted aggregator builds
+    assert resumed.run_id == first.run_id and list(resumed.global_units) == units
+    silos = []
+    for i in range(3):
+        silo = silo_config(config, f"silo{i}", 0, i, 3).model_dump(mode="json")
+        silo["silo"]["sketch_key"] = "cd" * 32
+        silos.append(parse_config(silo))
+    from fcmoe.inprocess import InProcessTransport
+
+    agents = [SiloAgent(c, transport=InProcessTransport(resumed, c.silo.name)) for c in silos]
+    for agent in agents:
+        agent.join()
+    done: set[str] = set()
+    while len(done) < len(agents):  # silos download the resumed global model, train and upload
+        resumed.step()
+        for agent in agents:
+            if agent.silo.name not in done and agent.handle(agent.client.get_task(agent.run_id, wait_s=0.0)) == 0:
+                done.add(agent.silo.name)
+    assert resumed.machine.succeeded and resumed.metrics.rows()[1]["updates"] == 3

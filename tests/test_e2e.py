@@ -286,3 +286,28 @@ def test_simulate_stops_at_once_when_a_silo_dies(tmp_path):
     assert len(error) == 1 and "exited with status" in error[0] and ".log" in error[0]
     log_name = error[0].split("see ")[-1]
     assert "missing.jsonl" in Path(log_name).read_text()
+
+
+def test_a_second_aggregator_on_a_taken_port_stops_with_one_line_and_touches_nothing(tmp_path, pki,
+                                                                                      aggregator_factory):
+    """Two aggregators must never share a port (silos would be split between two runs): the second
+    exits 2 with one line naming the port, before it archives or writes anything."""
+    config = smoke_config(tmp_path)
+    first = aggregator_factory(config)
+    data = config.model_dump(mode="json")
+    data["aggregator"]["port"] = first.port
+    data["run"]["output_dir"] = str(tmp_path / "second")
+    cfg = tmp_path / "second.yaml"
+    from fcmoe.config import parse_config
+
+    dump_config(parse_config(data), cfg)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "fcmoe.cli", "aggregator", str(cfg), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
+    elapsed = time.monotonic() - started
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fcmoe: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert f"aggregator.port = {first.port}: cannot listen" in errors[0]
+    assert not (tmp_path / "second" / "checkpoints").exists()  # nothing written, nothing archived
+    print(f"second aggregator exited after {elapsed:.2f} s")  # reported, not asserted (shared machine)
+    assert first.coordinator.machine.phase.value == "waiting"  # the first one is untouched
