@@ -484,6 +484,10 @@ class Coordinator:
         """Advance time once; run aggregation when a round closes. Called by one driver thread."""
         with self._cv:
             event = self.machine.poll(self.clock())
+            if self.machine.missing:  # a phase closed (or failed) at its deadline without these silos
+                log_event(log, "phase_closed", level=logging.WARNING, round=self.machine.round,
+                          phase=self.machine.missing_phase, missing=",".join(sorted(self.machine.missing)))
+                self.machine.missing = frozenset()
             if event in (Event.ROUND_STARTED, Event.ROUND_RETRY):
                 self._open_round(event)
             elif event in (Event.REPORTS_CLOSED, Event.SHARES_CLOSED, Event.SKETCHES_CLOSED, Event.CHECK_CLOSED,
@@ -557,6 +561,8 @@ class Coordinator:
         secure = self._secure
         self._interrupted = {}  # what a closed phase left unfinished is never resumed
         if event == Event.REPORTS_CLOSED:
+            log_event(log, "global_evaluated", version=m.round - 1, silos=len(m.reported),
+                      global_loss=self.metrics.record(m.round - 1).global_pool.mean())
             self._refuse_outlying_reports()
             if secure is not None:
                 secure.open_sharing(set(self._reports))
@@ -726,8 +732,9 @@ class Coordinator:
         m.complete_round(self.clock())
         self._checkpoint()
         self.metrics.write()
-        log_event(log, "round_closed", round=m.version, updates=contributors, seconds=round(elapsed, 3),
-                  global_loss=self.metrics.record(m.version - 1).global_pool.mean())
+        # the new model's loss is known once silos evaluate it (event global_evaluated, next round)
+        log_event(log, "round_closed", round=m.version, version=m.version, updates=contributors,
+                  seconds=round(elapsed, 3))
         if m.phase == Phase.TRAINING:
             self._open_round(Event.ROUND_STARTED)
         else:
@@ -741,7 +748,8 @@ class Coordinator:
             self.metrics.plot()
         level = logging.INFO if event == Event.FINISHED else logging.ERROR
         log_event(log, "run_" + event.value, level=level, outcome=self.machine.outcome,
-                  version=self.machine.version)
+                  version=self.machine.version,
+                  global_loss=self.metrics.record(self.machine.version).global_pool.mean())
 
     def _checkpoint(self) -> None:
         state = {"run_id": self.run_id, "version": self.machine.version, "layout_hash": self.layout_hash,

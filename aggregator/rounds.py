@@ -110,6 +110,8 @@ class RoundMachine:
     retries: int = 0
     first_attempt: int = 0  # attempts of this round begun before a restart (sessions never repeat)
     outcome: str = ""
+    missing: frozenset[str] = frozenset()  # who the last phase to close at its deadline waited for in vain
+    missing_phase: str = ""
 
     @property
     def reported(self) -> set[str]:
@@ -232,6 +234,8 @@ class RoundMachine:
         elif self.phase in COLLECTING:
             got = self.answered[self.phase]
             over = got | self.declined >= self.expected or now > self.deadline  # nothing more will come
+            if over:
+                self.missing, self.missing_phase = frozenset(self.expected - got - self.declined), self.phase.value
             if over and len(got) >= self.minimum:
                 event = COLLECTING[self.phase][2]
                 self.phase = Phase.PLANNING

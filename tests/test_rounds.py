@@ -228,3 +228,16 @@ def test_a_silo_the_machine_does_not_know_is_told_to_join_not_refused_for_good()
     with pytest.raises(ProtocolError, match="has not joined this run") as exc:
         m.record(Phase.TRAINING, "c", 1, 0)
     assert exc.value.status == "FAILED_PRECONDITION"
+
+
+def test_a_phase_closed_at_its_deadline_names_the_silos_it_waited_for():
+    m = started()
+    m.record(Phase.TRAINING, "a", 1, 1)
+    m.record(Phase.TRAINING, "b", 1, 1)
+    assert m.poll(5) is None and not m.missing  # still waiting for c
+    assert m.poll(11) == Event.REPORTS_CLOSED
+    assert m.missing == {"c"} and m.missing_phase == "training"
+    m.open_upload(11)
+    m.record(Phase.UPLOADING, "a", 1, 12)
+    assert m.poll(17) == Event.ROUND_RETRY  # below quorum: redone, and b is named
+    assert m.missing == {"b"} and m.missing_phase == "uploading"
