@@ -158,6 +158,9 @@ _LAST_ERROR_RE = re.compile(r"last error: (?:[A-Z_]+: )?(?P<addr>(?:ipv4|ipv6|un
 _SSL_REASON_RE = re.compile(r"SSL routines:(?:OPENSSL_internal:)?(?P<reason>[A-Z0-9_]+(?:: [^:]+)?)")
 
 
+UNTRUSTED_SERVER = "server certificate not trusted"  # how describe_rpc_error says it; a silo stops on it
+
+
 def _one_line(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _MAX_DESCRIPTION else text[: _MAX_DESCRIPTION - 3] + "..."
@@ -176,7 +179,7 @@ def _classify(details: str) -> str:
     ssl = _SSL_REASON_RE.search(reason)
     if "handshake failed" in low:
         detail = ssl.group("reason").strip() if ssl else reason.strip()
-        return f"TLS handshake failed{where}: server certificate not trusted: {detail}"
+        return f"TLS handshake failed{where}: {UNTRUSTED_SERVER}: {detail}"
     if "hostname verification" in low:
         return f"server certificate does not cover the host dialled{where}: {reason.strip()}"
     if "connection refused" in low:

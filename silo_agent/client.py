@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from crypto.pki import PkiPaths, certificate_common_name, read_pem, verify_issued_by
-from crypto.tls import channel_credentials, describe_rpc_error
+from crypto.tls import UNTRUSTED_SERVER, channel_credentials, describe_rpc_error
 from fcmoe.errors import FcMoeError, PkiError
 from fcmoe.logs import log_event
 from protos import codec
@@ -53,7 +53,7 @@ class AggregatorClient:
         self.certificate_problem = self._check_own_certificate(paths, silo_name)
         self.instance = ""  # this silo process's id, as sent in its last Join; carried by every GetTask
         creds = channel_credentials(paths.ca_cert, paths.silo_cert(silo_name), paths.silo_key(silo_name))
-        self.address = address
+        self.address, self.ca_path = address, paths.ca_cert
         self.channel = grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
         self.stub = pb_grpc.FederationStub(self.channel)
         self.retry_budget_s = retry_budget_s
@@ -102,6 +102,10 @@ class AggregatorClient:
                 reason = describe_rpc_error(err)
                 if self.certificate_problem and "TLS setup" in reason:
                     raise RpcFailure(rpc, code, f"{reason}; local check: {self.certificate_problem}") from None
+                if UNTRUSTED_SERVER in reason and "CERTIFICATE_VERIFY_FAILED" in reason:
+                    # not a network fault: retrying cannot help, the operator must fix pki_dir/ca.pem
+                    raise RpcFailure(rpc, code, f"{reason} (check {self.ca_path}: it must be the CA that issued "
+                                                "the aggregator's certificate)") from None
                 if ((code not in RETRYABLE and code not in also_retry)
                         or time.monotonic() - start + delay > self.retry_budget_s):
                     raise RpcFailure(rpc, code, reason) from None

@@ -311,3 +311,30 @@ def test_a_second_aggregator_on_a_taken_port_stops_with_one_line_and_touches_not
     assert not (tmp_path / "second" / "checkpoints").exists()  # nothing written, nothing archived
     print(f"second aggregator exited after {elapsed:.2f} s")  # reported, not asserted (shared machine)
     assert first.coordinator.machine.phase.value == "waiting"  # the first one is untouched
+
+
+def test_a_silo_that_does_not_trust_the_aggregators_certificate_stops_at_once(tmp_path, pki, aggregator_factory):
+    """Wrong ca.pem at the silo: not a network fault, so no retrying for connect_timeout_s — one line
+    naming the CA file, exit 2."""
+    config = smoke_config(tmp_path)
+    agg = aggregator_factory(config)
+    other = ensure_pki(tmp_path / "other", ["silo0"])  # another CA: the aggregator's certificate won't verify
+    confused = tmp_path / "confused"
+    confused.mkdir()
+    for name in ("silo-silo0.pem", "silo-silo0.key"):
+        shutil.copy(pki.directory / name, confused / name)  # the silo's own (valid) identity
+    shutil.copy(other.ca_cert, confused / "ca.pem")
+    silo = silo_config(config, "silo0", agg.port).model_dump(mode="json")
+    silo["silo"].update({"pki_dir": str(confused), "connect_timeout_s": 600})
+    cfg = tmp_path / "silo.yaml"
+    from fcmoe.config import parse_config
+
+    dump_config(parse_config(silo), cfg)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "fcmoe.cli", "silo", str(cfg), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
+    print(f"stopped after {time.monotonic() - started:.1f} s (connect_timeout_s 600)")
+    stopped = [line for line in proc.stderr.splitlines() if "event=silo_stopped" in line]
+    assert proc.returncode == 2 and len(stopped) == 1, proc.stderr[-2000:]
+    assert "server certificate not trusted" in stopped[0] and str(confused / "ca.pem") in stopped[0]
+    assert "event=rpc_retry" not in proc.stderr  # stopped at the first refusal
