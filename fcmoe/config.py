@@ -151,9 +151,12 @@ class DataConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _shakespeare_replaces_builtin(cls, data: Any) -> Any:
-        """``data.shakespeare`` alone selects it: the default built-in generator steps aside unless
-        ``builtin`` is also written out (which the after-check then refuses)."""
-        if isinstance(data, dict) and data.get("shakespeare") is not None and "builtin" not in data:
+        """``data.shakespeare`` or ``train_file``/``eval_file`` alone select that source: the default
+        built-in generator steps aside unless ``builtin`` is also written out (which the after-check
+        then refuses)."""
+        chosen = isinstance(data, dict) and any(data.get(k) is not None for k in ("shakespeare", "train_file",
+                                                                                   "eval_file"))
+        if chosen and "builtin" not in data:
             return {**data, "builtin": None}
         return data
 

@@ -296,3 +296,22 @@ def test_hf_tokenizer_from_local_dir(tmp_path: Path) -> None:
     assert tok.encode("ab=") == [1, 2, 3] and tok.decode([1, 2, 0]) == "a b"
     ids, labels = encode_example(tok, Example("ab=", "ba", "x"), max_length=16)
     assert ids == [1, 2, 3, 2, 1, 0] and labels == [IGNORE_INDEX] * 3 + [2, 1, 0]  # no BOS to mask
+
+
+def test_a_wrong_key_lists_every_allowed_key_and_an_empty_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "p", "response": "r", "txt": "x"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:1: unknown key\(s\) \['txt'\]; allowed: \['domain', 'prompt', "
+                                        r"'response', 'text'\]"):
+        load_jsonl(path)
+    path.write_text("\n  \n")
+    with pytest.raises(DataError, match=r"d.jsonl: no records \(the file is empty or holds only blank lines\)"):
+        load_jsonl(path)
+
+
+def test_train_and_eval_files_switch_the_built_in_data_off(tmp_path: Path) -> None:
+    from fcmoe.config import parse_config
+
+    config = parse_config({"run": {"name": "x"}, "model": {"source": "builtin"},
+                           "data": {"train_file": str(tmp_path / "t.jsonl"), "eval_file": str(tmp_path / "e.jsonl")}})
+    assert config.data.builtin is None and config.data.train_file == tmp_path / "t.jsonl"

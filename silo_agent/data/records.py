@@ -66,8 +66,9 @@ def parse_record(obj: dict[str, Any], where: str, default_domain: str) -> Exampl
         raise DataError(f"{where}: record has both 'text' and 'prompt'/'response'; use one form")
     allowed = _TEXT_KEYS if "text" in keys else _PAIR_KEYS
     unknown = sorted(keys - allowed)
-    if unknown:
-        raise DataError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    if unknown:  # every key of either form: the record may have meant the other one
+        raise DataError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_TEXT_KEYS | _PAIR_KEYS)} "
+                        "('text', or 'prompt' and 'response'; 'domain' optional)")
     required = {"text"} if "text" in keys else {"prompt", "response"}
     missing = sorted(required - keys)
     if missing:
@@ -105,6 +106,8 @@ def load_jsonl(path: Path, default_domain: str = "default") -> list[Example]:
         if not line.strip():
             continue
         examples.append(parse_record(_parse_object(line, where), where, default_domain))
+    if not examples:
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
     return examples
 
 
