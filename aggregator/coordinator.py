@@ -628,23 +628,27 @@ class Coordinator:
             self._open_uploads(silos)
             return
         self._sketch_started = self.clock()
-        self._sketch_plan = self.strategy.sketch_weights(m.round, list(self.unit_sizes), reports)
+        self._sketch_plan = self._floored(self.strategy.sketch_weights(m.round, list(self.unit_sizes), reports))
         if isinstance(self._secure, MaskedRound):
             self._secure.open_stage("sketch", set(reports), self._sketch_plan, self._clip_norm(), m.quorum,
                                     self.plan.sketch_buckets)
             self._accumulator = self._secure
             minimum = max(self._secure.threshold, m.quorum)
         else:
-            self._sketch_plan = floor_coefficients(self._sketch_plan, self.secure.min_weight_ratio)
-            self._accumulator = PlaintextAccumulator(self._sketch_specs_sizes(), self._sketch_plan, self._clip_norm())
+            self._accumulator = PlaintextAccumulator(self._sketch_sizes(), self._sketch_plan, self._clip_norm())
             minimum = m.quorum
         m.open_phase(Phase.SKETCHING, set(reports), minimum, self.clock(), m.upload_timeout_s)
 
-    def _sketch_specs_sizes(self) -> dict[str, int]:
+    def _floored(self, plan: Coefficients) -> Coefficients:
+        """Every plan, in every mode, with no member under ``min_weight_ratio`` of its group's largest
+        (the silos' weight policy); secure rounds floor again after merging groups (plan_groups)."""
+        return floor_coefficients(plan, self.secure.min_weight_ratio)
+
+    def _sketch_sizes(self) -> dict[str, int]:
         return {u: self.plan.sketch_buckets if self.plan else 0 for u in self.unit_sizes}
 
     def _sketch_specs(self) -> dict[str, TensorSpec]:
-        return {u: TensorSpec("float32", (n,)) for u, n in self._sketch_specs_sizes().items()}
+        return {u: TensorSpec("float32", (n,)) for u, n in self._sketch_sizes().items()}
 
     def _open_check(self) -> None:
         secure, m = self._secure, self.machine
@@ -654,12 +658,12 @@ class Coordinator:
         log_event(log, "consistency_check_requested", round=m.round, stage=secure.stage,
                   survivors=len(self._check.survivors), dropped=len(self._check.dropped))
 
-    def _open_agreement(self, sums, contributors) -> None:
+    def _open_agreement(self, sums: UnitSums, contributors: frozenset[str]) -> None:
         """Send every contributor the sketch sums; each answers with its own agreement scores."""
         self._sketch_sums = {u: groups[0].vector for u, groups in sums.items() if 0 in groups}
         m = self.machine
-        m.open_phase(Phase.AGREEING, contributors, max(m.quorum, getattr(self._secure, "threshold", 0)),
-                     self.clock(), self.secure.phase_timeout_s)
+        threshold = self._secure.threshold if isinstance(self._secure, MaskedRound) else 0
+        m.open_phase(Phase.AGREEING, contributors, max(m.quorum, threshold), self.clock(), self.secure.phase_timeout_s)
         log_event(log, "sketch_sums_sent", round=m.round, silos=len(contributors))
 
     def _open_uploads(self, silos: set[str]) -> None:
@@ -668,12 +672,11 @@ class Coordinator:
             self._sketch_seconds = self.clock() - self._sketch_started
         reports = {s: r for s, r in self._reports.items() if s in silos}
         started = time.perf_counter()
-        self._coefficients = self.strategy.coefficients(m.round, list(self.unit_sizes), reports,
-                                                        self._agreement or None)
+        self._coefficients = self._floored(self.strategy.coefficients(m.round, list(self.unit_sizes), reports,
+                                                                      self._agreement or None))
         self._plan_seconds = time.perf_counter() - started
         log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
-        if secure is None:  # floored as in the secure modes (there in plan_groups): one plan in every mode
-            self._coefficients = floor_coefficients(self._coefficients, self.secure.min_weight_ratio)
+        if secure is None:
             self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients, self._clip_norm())
             m.open_phase(Phase.UPLOADING, set(reports), m.quorum, self.clock(), m.upload_timeout_s)
             return

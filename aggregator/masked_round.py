@@ -25,10 +25,10 @@ from aggregator.accumulate import Coefficients, GroupSum, UnitSums, clip_bound
 from aggregator.secure_round import SecureRound, bad_input
 from crypto import shamir
 from crypto.fixed_point import FixedPoint, FixedPointError, plan_fixed_point
-from crypto.key_agreement import NONCE_BYTES, TAG_BYTES, AdvertError
+from crypto.key_agreement import NONCE_BYTES, TAG_BYTES, AdvertError, SignatureError, verify_silo_signature
 from crypto.masking import MaskingError, unmask_sum
 from crypto.secagg import (PACKED_SHARES_BYTES, STAGES, RoundView, SecAggError, check_bytes, mask_label, mask_seed,
-                           share_x, signature_valid, stage_mask_public, threshold_for)
+                           share_x, stage_mask_public, threshold_for)
 from crypto.shamir import Share, ShamirError
 from fcmoe.config import SecureAggregationConfig
 from fcmoe.errors import ProtocolError
@@ -162,8 +162,12 @@ class MaskedRound(SecureRound):
             raise bad_input(f"consistency signature of {signature.silo!r} sent by {silo!r}, a survivor must sign its own")
         if bytes(signature.certificate_pem) != bytes(self._adverts[silo].certificate_pem):
             raise bad_input(f"consistency signature of {silo!r} comes with another certificate than its advert's")
-        if not signature_valid(bytes(signature.certificate_pem), self._check, bytes(signature.signature)):
-            raise bad_input(f"consistency signature of {silo!r} does not verify (it saw another view or survivor list)")
+        try:
+            verify_silo_signature(silo, self._check, bytes(signature.signature), bytes(signature.certificate_pem),
+                                  self._ca, f"consistency signature of {silo!r}")
+        except SignatureError:
+            raise bad_input(f"consistency signature of {silo!r} does not verify (it saw another view or survivor "
+                            "list)") from None
         self._signatures[silo] = signature
 
     @property

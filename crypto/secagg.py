@@ -25,10 +25,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 import numpy as np
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from crypto import keystream, shamir
 from crypto.key_agreement import (
@@ -166,19 +162,6 @@ def check_bytes(view_digest: bytes, survivors: Sequence[str], dropped: Sequence[
     """What a survivor signs in the consistency check: the view it masked under and who survived."""
     return encode_fields(CHECK_TAG, [view_digest, "\0".join(sorted(survivors)).encode(),
                                      "\0".join(sorted(dropped)).encode()])
-
-
-def signature_valid(cert_pem: bytes, data: bytes, signature: bytes) -> bool:
-    """Whether ``signature`` over ``data`` is by the key of ``cert_pem`` (a certificate the caller has
-    already checked against its own CA)."""
-    try:
-        key = x509.load_pem_x509_certificate(cert_pem).public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            return False
-        key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
-        return True
-    except (InvalidSignature, ValueError, TypeError):
-        return False
 
 
 def weight_policy_violation(view: RoundView, present: set[str] | frozenset[str], min_group_size: int,

@@ -50,13 +50,6 @@ def sketch_units(units: dict[str, np.ndarray], secret: bytes, run_id: str, round
     return {u: count_sketch(v, derive_key(secret, run_id, round_, u), buckets) for u, v in units.items()}
 
 
-def clip_sketch(sketch: np.ndarray, clip_norm: float) -> np.ndarray:
-    """A sketch scaled down to norm ``clip_norm`` if longer: masked sums need every coordinate bounded
-    (crypto/fixed_point.py), and a count-sketch of a clipped delta is only about as long as the delta."""
-    norm = float(np.linalg.norm(sketch.astype(np.float64)))
-    return sketch if norm <= clip_norm or norm == 0 else (sketch * (clip_norm / norm)).astype(np.float32)
-
-
 def agreement(own: np.ndarray, others: np.ndarray) -> tuple[float, float]:
     """Cosine of ``own`` with the consensus of the others, and the magnitude-weighted share of
     ``own``'s buckets whose sign matches it (0.5 when ``own`` is zero)."""

@@ -117,28 +117,28 @@ def channel_credentials(ca_cert: Path, cert: Path, key: Path) -> grpc.ChannelCre
 # --------------------------------------------------------------------------------------------------
 
 
-def peer_common_name(context: grpc.ServicerContext) -> str | None:
-    """The common name of the client's certificate, or None if the peer presented none."""
+def _auth_value(context: grpc.ServicerContext, key: str) -> bytes | None:
+    """The first value of ``key`` in the peer's verified TLS auth context, or None."""
     try:
         auth = context.auth_context() or {}
     except Exception:  # a context without transport security
         return None
-    values = auth.get("x509_common_name") or []
+    values = auth.get(key) or []
     if not values:
         return None
-    value = values[0]
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return values[0] if isinstance(values[0], bytes) else str(values[0]).encode()
+
+
+def peer_common_name(context: grpc.ServicerContext) -> str | None:
+    """The common name of the client's certificate, or None if the peer presented none."""
+    value = _auth_value(context, "x509_common_name")
+    return value.decode("utf-8", "replace") if value is not None else None
 
 
 def peer_certificate_pem(context: grpc.ServicerContext) -> bytes | None:
     """The client's verified certificate (PEM) as gRPC core's auth context holds it, or None: what
     the aggregator checks a silo's signed ledger receipts against, without a copy of silo certificates."""
-    try:
-        auth = context.auth_context() or {}
-    except Exception:  # a context without transport security
-        return None
-    values = auth.get("x509_pem_cert") or []
-    return bytes(values[0]) if values else None
+    return _auth_value(context, "x509_pem_cert")
 
 
 def handshake_failures_logged(environ: Mapping[str, str] | None = None) -> bool:

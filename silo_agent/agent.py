@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from crypto.signed_log import Receipt
-from crypto.sketch import clip_sketch, own_agreement, sketch_units
+from crypto.sketch import own_agreement, sketch_units
 from fcmoe.config import Config
 from fcmoe.errors import ConfigError, FcMoeError
 from fcmoe.logs import log_event
@@ -422,10 +422,10 @@ class SiloAgent:
             view = secure.accept_stage(instructions) if isinstance(secure, MaskingSession) else None
             if secure is not None:
                 self.run_secret = secure.run_secret
-            sketches = sketch_units(pending.deltas, self._sketch_secret(), self.run_id, task.round,
-                                    instructions.sketch_buckets)
-            if pending.clip_norm > 0:
-                sketches = {u: clip_sketch(y, pending.clip_norm) for u, y in sketches.items()}
+            # clipped like the deltas: a masked sum needs every coordinate bounded (crypto/fixed_point.py),
+            # and a count-sketch of a clipped delta is only about as long as the delta
+            sketches, _ = clip_units(sketch_units(pending.deltas, self._sketch_secret(), self.run_id, task.round,
+                                                  instructions.sketch_buckets), pending.clip_norm)
             weights = dict(zip(instructions.units, instructions.coefficients))
             self.weighted_sketches = {u: np.float64(weights[u]) * y.astype(np.float64) for u, y in sketches.items()}
             if view is not None:

@@ -24,9 +24,9 @@ import numpy as np
 
 from crypto import masking, shamir
 from crypto.fixed_point import FixedPoint, FixedPointError
-from crypto.key_agreement import ChannelError, open_sealed, seal, sign_as_silo
+from crypto.key_agreement import ChannelError, SignatureError, open_sealed, seal, sign_as_silo, verify_silo_signature
 from crypto.secagg import (STAGES, RoundView, SecAggError, StageShares, check_bytes, mask_label, mask_seed, pack_shares,
-                           share_aad, share_x, signature_valid, stage_mask_public, unpack_shares,
+                           share_aad, share_x, stage_mask_public, unpack_shares,
                            weight_policy_violation)
 from crypto.shamir import ShamirError
 from fcmoe.timing import timed
@@ -182,9 +182,14 @@ class MaskingSession(SecureSession):
             raise SecAggError("the unmask names other survivors than this silo signed")
         signers = set()
         for s in instructions.signatures:
-            if (s.silo in survivors and s.silo not in signers and bytes(s.certificate_pem) == self._certificates[s.silo]
-                    and signature_valid(self._certificates[s.silo], signed, bytes(s.signature))):
-                signers.add(s.silo)
+            if s.silo not in survivors or s.silo in signers:
+                continue
+            try:  # against the certificate of the peer's verified advert, checked on the own CA again
+                verify_silo_signature(s.silo, signed, bytes(s.signature), self._certificates[s.silo], self._ca,
+                                      f"consistency signature of {s.silo!r}")
+            except SignatureError:
+                continue
+            signers.add(s.silo)
         if len(signers) < self._threshold:
             raise SecAggError(f"only {len(signers)} peers signed the same view and survivor list, threshold is "
                               f"{self._threshold}: the aggregator may be showing silos different rounds")
