@@ -132,7 +132,8 @@ class SecureSession:
         view = RoundView(self.run_id, self.session, instructions.stage or "update", tuple(peers), tuple(units),
                          tuple(instructions.groups), tuple(instructions.peer_coefficients),
                          instructions.fixed_point_bits, instructions.fixed_point_frac_bits, instructions.sketch_buckets)
-        own = [view.table(view.coefficients)[u][self.silo] for u in units]
+        table = view.table(view.coefficients)
+        own = [table[u][self.silo] for u in units]
         if own != list(instructions.coefficients):
             raise SecAggError("upload instructions: this silo's coefficients differ from its row of the table")
         if instructions.HasField("run_secret"):
