@@ -1,7 +1,8 @@
 """What the aggregator keeps on disk to resume a run after a crash (docs/operations.md, "Restarts").
 
 - ``checkpoints/round-NNNN/`` after every completed round (``round-0000`` at the start): the global
-  model and strategy state in safetensors, the metrics so far in ``state.json``. Written into a
+  model and strategy state in safetensors, the metrics so far in ``state.json``; the newest
+  ``aggregator.keep_checkpoints`` (3) are kept, and the one whose model had the lowest global loss. Written into a
   temporary folder and renamed into place, so a crash leaves the previous checkpoint or the new one,
   never a torn one; ``latest`` names the newest complete one.
 - ``checkpoints/run.json``: the run's identity (run id, layout, base model, strategy), the attempt
@@ -26,7 +27,6 @@ from safetensors.numpy import load_file, save_file
 from fcmoe.errors import ConfigError
 from fcmoe.fileio import write_atomic
 
-KEEP = 2  # round checkpoints kept besides the newest one
 RUN_FILE = "run.json"
 
 
@@ -56,7 +56,11 @@ def save_checkpoint(
     global_units: Mapping[str, np.ndarray],
     strategy_state: Mapping[str, np.ndarray],
     state: Mapping[str, object],
+    keep_newest: int = 3,
+    best: int | None = None,
 ) -> Path:
+    """Write round ``version``'s checkpoint, then delete older ones but the newest ``keep_newest``
+    and ``best`` (the version whose global model had the lowest loss, when one is known)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{version:04d}"
     tmp = root / f".round-{version:04d}.tmp"
@@ -75,7 +79,7 @@ def save_checkpoint(
     write_atomic(root / "latest", final.name + "\n")
     for old in root.glob("round-*"):
         number = old.name.removeprefix("round-")
-        if number.isdigit() and not version - KEEP <= int(number) <= version:
+        if number.isdigit() and not version - keep_newest < int(number) <= version and int(number) != best:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

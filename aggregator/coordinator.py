@@ -20,7 +20,8 @@ import numpy as np
 
 from aggregator.accumulate import (Coefficients, PlaintextAccumulator, UnitSums, floor_coefficients,
                                    merge_small_groups)
-from aggregator.checkpoint import (ResumePoint, RunRecord, save_checkpoint, save_ckks_keys, write_run_record)
+from aggregator.checkpoint import (ResumePoint, RunRecord, archive_previous, save_checkpoint, save_ckks_keys,
+                                   write_run_record)
 from aggregator.ckks_round import CkksKeys, CkksRound
 from aggregator.masked_round import MaskedRound
 from aggregator.metrics import DomainPool, MetricsLog
@@ -113,6 +114,9 @@ class Coordinator:
         if resume is None:
             self.run_id = run_id or uuid.uuid4().hex[:12]
             self._record = RunRecord(self.run_id, layout_hash, base_fingerprint, strategy.name)
+            archived = archive_previous(self.checkpoints)  # the first write: every check above has passed
+            if archived is not None:
+                log_event(log, "previous_run_archived", checkpoints=str(archived))
             self._checkpoint()  # round 0 first: a run record always has a checkpoint to resume from
             write_run_record(self.checkpoints, self._record)
         else:
@@ -121,6 +125,7 @@ class Coordinator:
     def _resume(self, point: ResumePoint) -> None:
         """Go on with the run from its last completed round; the interrupted one is redone afresh."""
         self.run_id, self._record = point.record.run_id, point.record
+        stopped_by, self._record.outcome = self._record.outcome, ""  # going on: no outcome yet
         saved = point.checkpoint
         if set(saved.global_units) != set(self.unit_sizes):
             raise ConfigError(f"checkpoint round-{saved.version:04d} does not hold this layout's units")
@@ -134,7 +139,8 @@ class Coordinator:
         self.machine.resume(saved.version, point.first_attempt)
         if point.ckks_keys is not None:
             self._ckks_keys.restore(*point.ckks_keys)
-        log_event(log, "run_resumed", run_id=self.run_id, version=saved.version, next_attempt=point.first_attempt)
+        log_event(log, "run_resumed", run_id=self.run_id, version=saved.version, next_attempt=point.first_attempt,
+                  **({"after": stopped_by} if stopped_by else {}))
 
     def _check_report_fits(self) -> None:
         """The sketch sums of all units go back to every silo in one task: refuse a configuration they
@@ -749,17 +755,25 @@ class Coordinator:
         self.metrics.write()
         if self.metrics.records:
             self.metrics.plot()
-        level = logging.INFO if event == Event.FINISHED else logging.ERROR
-        log_event(log, "run_" + event.value, level=level, outcome=self.machine.outcome,
-                  version=self.machine.version,
-                  global_loss=self.metrics.record(self.machine.version).global_pool.mean())
+        finished = event == Event.FINISHED
+        log_event(log, "run_" + event.value, level=logging.INFO if finished else logging.ERROR,
+                  outcome=self.machine.outcome, version=self.machine.version,
+                  global_loss=self.metrics.record(self.machine.version).global_pool.mean(),
+                  **({} if finished else {"to_go_on": f"fix the cause, then start the aggregator again with --resume "
+                                                      f"(from round {self.machine.version})"}))
 
     def _checkpoint(self) -> None:
         state = {"run_id": self.run_id, "version": self.machine.version, "layout_hash": self.layout_hash,
                  "strategy": self.strategy.name, "base_fingerprint": self.base_fingerprint,
                  "metrics": self.metrics.state()}
         save_checkpoint(self.checkpoints, self.machine.version, self.global_units, self.strategy.state_arrays(),
-                        state)
+                        state, keep_newest=self.config.aggregator.keep_checkpoints, best=self._best_version())
+
+    def _best_version(self) -> int | None:
+        """The version whose global model the silos measured lowest, once any was measured."""
+        losses = {v: r.global_pool.mean() for v, r in self.metrics.records.items()}
+        measured = {v: loss for v, loss in losses.items() if loss is not None}
+        return min(measured, key=measured.__getitem__) if measured else None
 
     def _check_run(self, run_id: str) -> None:
         if run_id != self.run_id:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from aggregator.checkpoint import archive_previous, resume_point
+from aggregator.checkpoint import resume_point
 from aggregator.coordinator import Coordinator
 from aggregator.metrics import final_table
 from aggregator.service import FederationService
@@ -19,9 +19,10 @@ from aggregator.strategies import build_strategy
 from crypto.pki import PkiPaths
 from crypto.tls import handshake_failures_logged, server_credentials
 from fcmoe.config import Config
-from fcmoe.errors import ConfigError
-from fcmoe.fileio import write_atomic
+from fcmoe.errors import ConfigError, PkiError
+from fcmoe.fileio import check_writable_folder, write_atomic
 from fcmoe.logs import log_event
+from fcmoe.signals import StopRequest
 from fcmoe.model import ExpertLayout, base_fingerprint, build_model, trainable_state
 from fcmoe.model.build import num_experts
 from protos import codec
@@ -56,45 +57,61 @@ def initial_state(config: Config) -> tuple[ExpertLayout, str, dict]:
     return layout, base_fingerprint(model), layout.split(trainable_state(model))
 
 
-def build_coordinator(config: Config, *, run_id: str | None = None) -> Coordinator:
+def build_coordinator(config: Config, *, run_id: str | None = None, resume: bool = False) -> Coordinator:
     """The run's coordinator, from the config alone (the model defines layout and initial global).
 
-    With ``aggregator.resume`` (the default) an unfinished run in ``run.output_dir`` goes on from its
-    last completed round, so a crashed aggregator is restarted with the same command; otherwise an
-    earlier run's checkpoints there are moved aside and a new run starts, under a random id, or under
+    With ``aggregator.resume`` (the default) a run in ``run.output_dir`` that stopped without an
+    outcome (killed, crashed, stopped by a signal) goes on from its last completed round, so a crashed
+    aggregator is restarted with the same command. A run that *aborted* (e.g. silos missed the join
+    deadline) goes on only with ``resume=True`` (``--resume``): whatever stopped it needs a look first.
+    A finished run is never resumed. A new run moves earlier checkpoints aside, under a random id or
     ``run_id`` (benchmarks, for repeatable sketch keys: masks, shares and silos' records are keyed by
-    the run id too, so one id must never name two runs that share silos or an output folder)."""
+    the run id too, so one id must never name two runs that share silos or an output folder).
+    Nothing on disk changes before every check here has passed."""
     layout, fingerprint, initial = initial_state(config)
-    output_dir = config.run.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = config.run.output_dir / "checkpoints"
     strategy = build_strategy(config.federation.strategy, config.federation.min_group_size)
-    checkpoints = output_dir / "checkpoints"
+    if resume and not config.aggregator.resume:
+        raise ConfigError("--resume given, but aggregator.resume is false in the config; drop one of them")
     point = resume_point(checkpoints, layout.hash, fingerprint, strategy.name) if config.aggregator.resume else None
+    if point is not None and point.record.outcome and not resume:
+        raise ConfigError(f"{checkpoints} holds run {point.record.run_id}, which stopped at round "
+                          f"{point.checkpoint.version}: {point.record.outcome}; start again with --resume to go on "
+                          "from there, or set aggregator.resume: false (or another run.output_dir) for a new run")
+    if resume and point is None:
+        raise ConfigError(f"--resume: {checkpoints} holds no unfinished run to go on with (a finished run is never "
+                          "resumed); start without --resume for a new run")
     if point is not None and run_id is not None:
         raise ConfigError(f"run id {run_id!r} given for a new run, but {checkpoints} holds unfinished run "
                           f"{point.record.run_id}; set aggregator.resume: false")
-    if point is None:
-        archived = archive_previous(checkpoints)
-        if archived is not None:
-            log_event(log, "previous_run_archived", checkpoints=str(archived))
-    return Coordinator(config, layout.hash, fingerprint, layout.unit_sizes(), initial, strategy, output_dir,
+    return Coordinator(config, layout.hash, fingerprint, layout.unit_sizes(), initial, strategy, config.run.output_dir,
                        resume=point, run_id=run_id)
 
 
-def start_aggregator(config: Config) -> RunningAggregator:
+def start_aggregator(config: Config, resume: bool = False) -> RunningAggregator:
+    """Every start-up check first (certificates, port, writable folders, the run to resume), then the
+    first write: a start that fails leaves the disk as it found it."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.aggregator.max_workers),
                          options=GRPC_OPTIONS)
     address = f"{config.aggregator.host}:{config.aggregator.port}"
     # the port first: a second aggregator on it stops here, before it touches the run's files
     try:
-        port = server.add_secure_port(address, server_credentials(PkiPaths(config.aggregator.pki_dir)))
+        credentials = server_credentials(PkiPaths(config.aggregator.pki_dir))
+    except PkiError as exc:
+        raise ConfigError(f"aggregator.pki_dir = {config.aggregator.pki_dir}: {exc} (`fcmoe certs --dir DIR --silos "
+                          "NAMES` creates a CA and every certificate)") from None
+    try:
+        port = server.add_secure_port(address, credentials)
     except RuntimeError:  # grpcio raises where older versions returned 0
         port = 0
     if port == 0:
         raise ConfigError(f"aggregator.port = {config.aggregator.port}: cannot listen on {address} (in use, e.g. by "
                           "another aggregator, or not an address of this machine); stop it or choose another port")
     try:
-        coordinator = build_coordinator(config)
+        check_writable_folder(config.run.output_dir, "run.output_dir")
+        if config.aggregator.port_file is not None:
+            check_writable_folder(config.aggregator.port_file.parent, "aggregator.port_file")
+        coordinator = build_coordinator(config, resume=resume)
     except BaseException:
         server.stop(0)
         raise
@@ -136,14 +153,22 @@ def drive(coordinator: Coordinator, stop: threading.Event | None = None, tick_s:
             bar.close()
 
 
-def run_aggregator(config: Config, progress: bool = True) -> int:
-    running = start_aggregator(config)
-    try:
-        drive(running.coordinator, progress=progress)
-        time.sleep(0.5)  # let silos collect their DONE task
-    finally:
-        running.server.stop(grace=2).wait()
+def run_aggregator(config: Config, progress: bool = True, resume: bool = False) -> int:
+    """Serve the run to its end; SIGTERM/SIGINT stop it between steps, resumable by the same command."""
+    with StopRequest() as stop:
+        running = start_aggregator(config, resume=resume)
+        try:
+            drive(running.coordinator, stop.event, progress=progress)
+            if stop.signal is None:
+                time.sleep(0.5)  # let silos collect their DONE task
+        finally:
+            running.server.stop(grace=2).wait()
     coordinator = running.coordinator
+    if stop.signal is not None and not coordinator.done:
+        log_event(log, "stopped", level=logging.WARNING, signal=stop.signal.name, run_id=coordinator.run_id,
+                  version=coordinator.machine.version,
+                  to_go_on="start the aggregator again with the same command: the run resumes from this version")
+        return stop.exit_status
     print(final_table(coordinator.metrics.rows()))
     print(f"report: {Path(config.run.output_dir).resolve()}")
     return 0 if coordinator.machine.succeeded else 1

@@ -43,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
                        ("simulate", "run an aggregator and N silos as local processes")):
         p = sub.add_parser(name, help=text)
         p.add_argument("config", type=Path)
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bars on stderr (default: only when stderr is a terminal)")
+        if name != "silo":
+            p.add_argument("--resume", action="store_true",
+                           help="go on with a run in run.output_dir that aborted (a crashed or stopped one "
+                                "resumes without it; a finished one never)")
     return parser
 
 
@@ -76,18 +81,18 @@ def main(argv: list[str] | None = None) -> int:
 
         config = load_config(args.config)
         setup_logging(args.command, config.run.log_level)
-        progress = not args.no_progress
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
         if args.command == "aggregator":
             from aggregator.server import run_aggregator
 
-            return run_aggregator(config, progress=progress)
+            return run_aggregator(config, progress=progress, resume=args.resume)
         if args.command == "silo":
             from silo_agent.agent import run_silo
 
             return run_silo(config, progress=progress)
         from fcmoe.simulate import simulate
 
-        return simulate(config, progress=progress)
+        return simulate(config, progress=progress, resume=args.resume)
     except FcMoeError as exc:
         print(f"fcmoe: error: {exc}", file=sys.stderr)
         return 2

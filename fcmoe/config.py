@@ -145,7 +145,11 @@ class DataConfig(_Strict):
     shakespeare: ShakespeareDataConfig | None = None
     train_file: Path | None = None
     eval_file: Path | None = None
-    max_length: int = Field(32, gt=2)
+    # 32 keeps every built-in synthetic record whole: BOS + "x=" + "y\n" + EOS with x of 4..8 letters
+    # is at most 20 tokens (28 for `double`, whose y is twice as long), bytes or BPE. Shakespeare
+    # passages are longer (4 lines: up to ~115 SmolLM2 tokens), so a config using them sets its own.
+    max_length: int = Field(32, gt=2, description="tokens per record (BOS+prompt+response+EOS); longer "
+                            "records lose their end, and a silo logs event=data_truncated at start")
     eval_batch_size: int = Field(64, gt=0)
 
     @model_validator(mode="before")
@@ -262,7 +266,27 @@ class FederationConfig(_Strict):
                                  "(the range of every sum is bounded by the clip)")
             if self.min_group_size < 2:
                 raise ValueError(f"secure_aggregation.mode {mode!r} needs min_group_size >= 2")
+            self._check_secure_arithmetic()
         return self
+
+    def _check_secure_arithmetic(self) -> None:
+        """A round that closes with ``quorum`` updates must still be openable: one group of
+        ``min_group_size`` and, under masking, ``t`` survivors to unmask it. Refused here rather than
+        at the first round's deadline."""
+        quorum, what = self.effective_quorum, ("quorum" if self.quorum is not None else "min_silos")
+        mode = self.secure_aggregation.mode
+        if quorum < self.min_group_size:
+            raise ValueError(f"{what} = {quorum} is below min_group_size = {self.min_group_size}: a {mode} round "
+                             f"closing with {quorum} updates has no group the aggregator may open; raise {what} "
+                             f"to at least {self.min_group_size} or lower min_group_size")
+        if mode == "masking":
+            from crypto.secagg import threshold_for
+
+            survivors = threshold_for(self.min_silos, self.secure_aggregation.threshold)
+            if quorum < survivors:
+                raise ValueError(f"{what} = {quorum} is below the {survivors} survivors that secure_aggregation."
+                                 f"threshold = {self.secure_aggregation.threshold} needs to unmask a round of "
+                                 f"{self.min_silos} silos; raise {what} or lower the threshold")
 
     @property
     def effective_quorum(self) -> int:
@@ -279,9 +303,13 @@ class AggregatorConfig(_Strict):
     max_examples: float | None = Field(
         None, gt=0, description="refuse a report claiming more training examples; default: refuse more than "
         "10x the median of the round's reports")
+    keep_checkpoints: int = Field(
+        3, gt=0, description="round checkpoints kept in run.output_dir/checkpoints: the newest this many, and the "
+        "one whose global model had the lowest loss; older ones are deleted")
     resume: bool = Field(
-        True, description="restart from run.output_dir's last completed round when it holds an unfinished run of "
-        "this model and strategy (same run id; silos rejoin on their own); false starts a new run")
+        True, description="restart from run.output_dir's last completed round when it holds a run of this model "
+        "and strategy that crashed or was stopped (same run id; silos rejoin on their own); one that aborted needs "
+        "--resume, a finished one is never resumed; false starts a new run")
 
 
 class DpConfig(_Strict):
@@ -417,9 +445,10 @@ def _describe(error: dict[str, Any], config: BaseModel | type[BaseModel]) -> str
         allowed = ", ".join(parent.model_fields) if isinstance(parent, type) else "?"
         return f"{loc}: unknown key (allowed: {allowed})"
     value = error.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "{...}"
     msg = error["msg"].removeprefix("Value error, ")
-    return f"{loc} = {shown}: {msg}"
+    if isinstance(value, dict):  # a check across keys of a section: the message names them
+        return f"{loc}: {msg}"
+    return f"{loc} = {value!r}: {msg}"
 
 
 def parse_config(data: Any, origin: str = "<config>") -> Config:

@@ -19,6 +19,7 @@ from pathlib import Path
 from fcmoe.config import AggregatorConfig, Config, SiloConfig, dump_config
 from fcmoe.errors import ConfigError, RunError
 from fcmoe.logs import log_event
+from fcmoe.signals import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,15 @@ def role_configs(config: Config, port: int, sketch_key: str | None = None) -> tu
     return agg, silos
 
 
-def _spawn(role: str, config_path: Path, log_path: Path, threads: int) -> subprocess.Popen:
+class _Stopped(Exception):
+    """The launcher was asked to stop (SIGTERM/SIGINT)."""
+
+
+def _spawn(role: str, config_path: Path, log_path: Path, threads: int, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     log_file = open(log_path, "ab")
     try:
-        return subprocess.Popen([sys.executable, "-m", "fcmoe.cli", role, str(config_path), "--no-progress"],
+        return subprocess.Popen([sys.executable, "-m", "fcmoe.cli", role, str(config_path), "--no-progress", *extra],
                                 stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     finally:
         log_file.close()
@@ -86,7 +91,14 @@ def _completed_rounds(out: Path, since: float) -> int:
         return 0
 
 
-def simulate(config: Config, progress: bool = True) -> int:
+def simulate(config: Config, progress: bool = True, resume: bool = False) -> int:
+    """Run the federation as local processes; SIGTERM/SIGINT pass on to them (each stops at its next
+    safe point), and the same command resumes the run."""
+    with StopRequest() as stop:
+        return _simulate(config, progress, resume, stop)
+
+
+def _simulate(config: Config, progress: bool, resume: bool, stop: StopRequest) -> int:
     from crypto.pki import ensure_pki
 
     sim = config.simulation
@@ -105,7 +117,8 @@ def simulate(config: Config, progress: bool = True) -> int:
     procs: list[subprocess.Popen] = []
     bar = None
     try:
-        aggregator = _spawn("aggregator", roles / "aggregator.yaml", logs / "aggregator.log", 1)
+        aggregator = _spawn("aggregator", roles / "aggregator.yaml", logs / "aggregator.log", 1,
+                            *(["--resume"] if resume else []))
         procs.append(aggregator)
         port = _wait_for_port(out / "aggregator.port", aggregator, timeout_s=300)
         _, silo_configs = role_configs(config, port, secrets.token_hex(32))
@@ -121,6 +134,8 @@ def simulate(config: Config, progress: bool = True) -> int:
             bar = tqdm(total=config.federation.rounds, desc="rounds", unit="round")
         deadline = time.monotonic() + sim.timeout_s
         while aggregator.poll() is None:
+            if stop.event.is_set():
+                break  # the children are told below, each stops at its own safe point
             if time.monotonic() > deadline:
                 raise RunError(f"simulation exceeded simulation.timeout_s = {sim.timeout_s}")
             dead = [i for i, p in enumerate(procs[1:]) if p.poll() not in (None, 0)]
@@ -135,6 +150,8 @@ def simulate(config: Config, progress: bool = True) -> int:
             bar.n = _completed_rounds(out, started)
             bar.close()
             bar = None
+        if stop.event.is_set():
+            raise _Stopped
         silo_codes = []
         # after a failed aggregator the silos only retry connecting: do not wait for them
         grace_s = 60 if aggregator.returncode == 0 else 0.5
@@ -144,15 +161,19 @@ def simulate(config: Config, progress: bool = True) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
                 silo_codes.append(-9)
+    except _Stopped:
+        log_event(log, "simulation_stopped", level=logging.WARNING, signal=stop.signal.name if stop.signal else "",
+                  to_go_on="run the same command again: the run resumes from its last completed round")
+        return stop.exit_status
     finally:
         if bar is not None:
             bar.close()
         for p in procs:
             if p.poll() is None:
-                p.terminate()
+                p.terminate()  # SIGTERM: each process stops at its next safe point
         for p in procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=30 if stop.event.is_set() else 10)
             except subprocess.TimeoutExpired:
                 p.kill()
     print_report(out)

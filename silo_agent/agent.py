@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -13,16 +14,18 @@ import torch
 
 from crypto.signed_log import Receipt
 from crypto.sketch import own_agreement, sketch_units
-from fcmoe.config import Config
-from fcmoe.errors import ConfigError, FcMoeError
+from fcmoe.config import Config, SiloConfig
+from fcmoe.errors import ConfigError, FcMoeError, PkiError
+from fcmoe.fileio import check_writable_folder
 from fcmoe.logs import log_event
+from fcmoe.signals import StopRequest
 from fcmoe.model import ExpertLayout, base_fingerprint, build_model, load_trainable_state, trainable_state
 from fcmoe.model.build import num_experts
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.client import AggregatorClient, RpcFailure
 from crypto.secagg import SecAggError, sketch_key
-from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, build_silo_dataset, load_jsonl
+from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, Truncation, build_silo_dataset, load_jsonl
 from silo_agent.ckks_round import CkksSession
 from silo_agent.distributed import check_world_size, train_distributed
 from silo_agent.dp.importance import norm_shares
@@ -60,8 +63,22 @@ def load_data(config: Config) -> SiloData:
         assert data.train_file is not None and data.eval_file is not None
         train, held_out = load_jsonl(data.train_file), load_jsonl(data.eval_file)
     tokenizer = ByteTokenizer() if config.model.source == "builtin" else HFTokenizer(config.model.path)
-    return SiloData(ExampleBatches(train, tokenizer, data.max_length),
-                    ExampleBatches(held_out, tokenizer, data.max_length), len(train))
+    splits = {name: ExampleBatches(examples, tokenizer, data.max_length)
+              for name, examples in (("train", train), ("held_out", held_out))}
+    for name, batches in splits.items():
+        log_split(name, batches.truncation)
+    return SiloData(splits["train"], splits["held_out"], len(train))
+
+
+def log_split(split: str, truncation: Truncation) -> None:
+    """One line per split when a silo builds its data: INFO ``data_loaded`` when ``data.max_length``
+    keeps every record whole, WARNING ``data_truncated`` when it cuts some (a cut record loses its
+    end and its EOS, so the model is never taught to stop there; raise max_length to ``longest``)."""
+    if truncation.cut:
+        log_event(log, "data_truncated", level=logging.WARNING, split=split, **truncation.fields(),
+                  to_fix=f"set data.max_length to {truncation.longest} or shorten the records")
+    else:
+        log_event(log, "data_loaded", split=split, **truncation.fields())
 
 
 def _domain_losses(result: dict[str, tuple[float, int]]) -> list[pb.DomainLoss]:
@@ -134,15 +151,17 @@ class SiloAgent:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"silo.device = {self.silo.device!r}: CUDA is not available on this machine")
         check_world_size(self.silo)
+        if self.silo.dp.enabled:  # before joining: a silo that cannot record a release must not train
+            check_writable_folder(self.silo.dp.ledger.parent, "silo.dp.ledger")
+        # the gRPC client, or anything with its methods (fcmoe.inprocess for many-run experiments); first,
+        # so that a missing certificate is named before minutes of model and data loading
+        self.client = transport or _client(self.silo)
         self.model = build_model(config.model, self.device, seed=config.run.seed)
         self.layout = ExpertLayout.from_model(self.model, num_experts(self.model.config))
         self.meter = RoutingMeter(num_experts(self.model.config))
         self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}
         self.data = load_data(config)
         self.sketch_secret = bytes.fromhex(self.silo.sketch_key) if self.silo.sketch_key else None
-        # the gRPC client, or anything with its methods (fcmoe.inprocess for many-run experiments)
-        self.client = transport or AggregatorClient(self.silo.aggregator, self.silo.pki_dir, self.silo.name,
-                                                    retry_budget_s=self.silo.connect_timeout_s)
         self.run_id = ""
         self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
         self.local_shares: dict[str, float] | None = None
@@ -221,13 +240,20 @@ class SiloAgent:
             return 0 if not task.message.startswith("aborted") else 1
         return None
 
-    def run(self) -> int:
+    def run(self, stop: threading.Event | None = None) -> int:
+        """Take tasks until the run is over; ``stop`` (SIGTERM/SIGINT) ends it between two tasks, so a
+        ledger entry, report or upload is never left half done and a restarted silo simply rejoins."""
+        if stop is not None and isinstance(self.client, AggregatorClient):
+            self.client.stop = stop  # a signal also ends retrying against an aggregator that is down
         try:
             self.join()
-            while True:
+            while stop is None or not stop.is_set():
                 status = self.handle(self.client.get_task(self.run_id, wait_s=5.0, instance=self.instance))
                 if status is not None:
                     return status
+            log_event(log, "silo_stopped", level=logging.WARNING, reason="signal", run_id=self.run_id,
+                      to_go_on="start the silo again with the same command: it rejoins the run")
+            return 1
         except RpcFailure as exc:
             log_event(log, "silo_stopped", level=logging.ERROR, reason=str(exc))
             return 2
@@ -594,5 +620,17 @@ class SiloAgent:
         log_event(log, "final_evaluation_sent", version=task.round, global_loss=_mean_loss(result))
 
 
+def _client(silo: SiloConfig) -> AggregatorClient:
+    try:
+        return AggregatorClient(silo.aggregator, silo.pki_dir, silo.name, retry_budget_s=silo.connect_timeout_s)
+    except PkiError as exc:
+        if str(exc).startswith("cannot read"):  # a file of pki_dir is missing: say which setting points there
+            raise ConfigError(f"silo.pki_dir = {silo.pki_dir}: {exc} (the operator's `fcmoe certs` issued "
+                              "ca.pem, silo-NAME.pem and silo-NAME.key for this silo)") from None
+        raise
+
+
 def run_silo(config: Config, progress: bool = False) -> int:
-    return SiloAgent(config, progress=progress).run()
+    with StopRequest() as stop:
+        status = SiloAgent(config, progress=progress).run(stop.event)
+    return stop.exit_status or status

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # RESOURCE_EXHAUSTED is not retried: gRPC uses it for a message over the size limit, which a retry
-# of the same message cannot fix.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# of the same message cannot fix. CANCELLED is what a call in flight gets when the aggregator stops
+# gracefully (SIGTERM): it is coming back like one that was killed.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
@@ -57,6 +59,7 @@ class AggregatorClient:
         self.channel = grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
         self.stub = pb_grpc.FederationStub(self.channel)
         self.retry_budget_s = retry_budget_s
+        self.stop = threading.Event()  # the silo's stop request: set, a retry waits no longer
         self.rpc_timeout_s = rpc_timeout_s
 
     @staticmethod
@@ -111,7 +114,8 @@ class AggregatorClient:
                     raise RpcFailure(rpc, code, reason) from None
                 log_event(log, "rpc_retry", level=logging.WARNING, rpc=rpc, attempt=attempt,
                           code=code.name if code else "?", reason=reason, backoff_s=round(delay, 2))
-                time.sleep(delay * (0.5 + random.random()))
+                if self.stop.wait(delay * (0.5 + random.random())):  # SIGTERM/SIGINT: stop retrying
+                    raise RpcFailure(rpc, code, f"stopped by a signal while retrying ({reason})")
                 delay = min(delay * 2, 5.0)
 
     def join(self, request: pb.JoinRequest) -> pb.JoinReply:

@@ -1,12 +1,16 @@
-"""What the aggregator keeps on disk to resume a run: pure file logic, no network."""
+"""What the aggregator keeps on disk to resume a run: file logic, no network."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import silo_config, smoke_config
 
 from aggregator.checkpoint import (RunRecord, archive_previous, resume_point, save_checkpoint, write_run_record)
+from crypto.pki import ensure_pki
+from fcmoe.config import parse_config
 from fcmoe.errors import ConfigError
+from fcmoe.inprocess import run_in_process
 
 
 def _save(root, version, value=0.0):
@@ -71,3 +75,28 @@ def test_an_archive_under_the_same_label_is_kept(tmp_path):
         archive_previous(root)
     assert (tmp_path / "checkpoints.same" / "round-0000").is_dir()
     assert (tmp_path / "checkpoints.same.1" / "round-0001").is_dir()
+
+
+def test_retention_keeps_the_newest_n_and_the_best(tmp_path):
+    root = tmp_path / "checkpoints"
+    for v in range(7):
+        save_checkpoint(root, v, {"u": np.zeros(4, np.float32)}, {}, {"version": v}, keep_newest=2, best=1)
+    assert sorted(p.name for p in root.glob("round-*")) == ["round-0001", "round-0005", "round-0006"]
+    save_checkpoint(root, 7, {"u": np.zeros(4, np.float32)}, {}, {"version": 7}, keep_newest=1, best=None)
+    assert sorted(p.name for p in root.glob("round-*")) == ["round-0007"]
+
+
+def test_a_run_keeps_the_configured_checkpoints_and_its_best_model(tmp_path):
+    """aggregator.keep_checkpoints through a real (in-process) run: the newest N survive, and the
+    version whose global model the silos measured lowest, wherever it lies."""
+    data = smoke_config(tmp_path, rounds=4, min_silos=3).model_dump(mode="json")
+    data["aggregator"]["keep_checkpoints"] = 1
+    config = parse_config(data)
+    ensure_pki(config.aggregator.pki_dir, ["silo0", "silo1", "silo2"])
+    done = run_in_process(config, [silo_config(config, f"silo{i}", 0, i, 3) for i in range(3)])
+    assert done.machine.succeeded
+    losses = {r["round"]: r["global_loss"] for r in done.metrics.rows() if r["global_loss"] is not None}
+    # the best among the versions measured when round 4 was saved (version 4 is measured after it)
+    best = min((v for v in losses if v < 4), key=losses.__getitem__)
+    kept = sorted(int(p.name.removeprefix("round-")) for p in (config.run.output_dir / "checkpoints").glob("round-*"))
+    assert kept == sorted({best, 4}), (kept, losses)

@@ -40,6 +40,12 @@ def test_shipped_configs_validate(path):
          "federation.secure_aggregation.mode = 'shamir': Input should be 'none', 'masking' or 'ckks'"),
         ({"silo": {"name": "a", "dp": {"enabled": True}}}, "needs exactly one of noise_multiplier and target_epsilon"),
         ({"silo": {"name": "a", "dp": {"target_epsilon": 9, "epsilon_budget": 8}}}, "exceeds epsilon_budget 8"),
+        # the secure-aggregation arithmetic: a round closing with `quorum` updates must be openable
+        ({"federation": {"min_silos": 2, "min_group_size": 3, "secure_aggregation": {"mode": "ckks"}}},
+         "federation: min_silos = 2 is below min_group_size = 3"),
+        ({"federation": {"min_silos": 5, "quorum": 3, "secure_aggregation": {"mode": "masking", "threshold": 0.8}}},
+         "federation: quorum = 3 is below the 4 survivors that secure_aggregation.threshold = 0.8 needs"),
+        ({"aggregator": {"keep_checkpoints": 0}}, "aggregator.keep_checkpoints = 0: Input should be greater than 0"),
     ],
 )
 def test_errors_name_key_value_and_allowed(data, expected):

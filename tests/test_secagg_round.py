@@ -66,7 +66,8 @@ def test_a_dropout_after_sharing_completes_with_the_survivors_sum(tmp_path, mode
 
 
 def test_below_threshold_survivors_the_round_aborts_and_nothing_is_applied(tmp_path):
-    masked, _ = _run(tmp_path, "masking", drop_at_upload={"silo2", "silo3"}, upload_timeout_s=2, quorum=2)
+    # quorum 3 = t of 4: a config whose quorum is below t is refused at start (tests/test_config.py)
+    masked, _ = _run(tmp_path, "masking", drop_at_upload={"silo2", "silo3"}, upload_timeout_s=2, quorum=3)
     assert not masked.machine.succeeded and masked.machine.version == 0
     assert "2 of 4 answered in uploading, 3 needed" in masked.machine.outcome
     config, _ = _configs(tmp_path / "fresh", "masking")

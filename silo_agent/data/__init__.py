@@ -16,8 +16,11 @@ from .tokenize import (
     ExampleBatches,
     HFTokenizer,
     Tokenizer,
+    Truncation,
     collate,
+    count_truncation,
     encode_example,
+    encoded_length,
 )
 
 __all__ = [
@@ -31,10 +34,13 @@ __all__ = [
     "ExampleBatches",
     "HFTokenizer",
     "Tokenizer",
+    "Truncation",
     "build_silo_dataset",
     "collate",
+    "count_truncation",
     "dirichlet_proportions",
     "encode_example",
+    "encoded_length",
     "generate",
     "load_jsonl",
     "partition_by_domain",

@@ -8,6 +8,7 @@ reach out to the network.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
@@ -81,21 +82,63 @@ class HFTokenizer:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
 
+def _encode_whole(tok: Tokenizer, ex: Example) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of the whole record, before any cut (see :func:`encode_example`)."""
+    head = ([] if tok.bos_token_id is None else [tok.bos_token_id]) + tok.encode(ex.prompt)
+    tail = tok.encode(ex.response) + [tok.eos_token_id]
+    return head + tail, [IGNORE_INDEX] * len(head) + tail
+
+
+def _check_max_length(max_length: int) -> None:
+    if max_length < 1:
+        raise DataError(f"max_length must be >= 1, got {max_length}")
+
+
 def encode_example(tok: Tokenizer, ex: Example, max_length: int) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` for ``[BOS] + prompt + response + [EOS]``, cut to ``max_length``.
 
     Labels are ``-100`` on BOS and the prompt so the loss only teaches the response (and when to
     stop, via EOS); a plain-text record has an empty prompt, so everything but BOS is scored.
     Prompt and response are encoded separately so the mask boundary is exact. BOS is omitted for
-    tokenizers that have none.
+    tokenizers that have none. A cut record loses its end (EOS included); :func:`count_truncation`
+    says how many records of a set that happens to and by how much.
     """
-    if max_length < 1:
-        raise DataError(f"max_length must be >= 1, got {max_length}")
-    head = ([] if tok.bos_token_id is None else [tok.bos_token_id]) + tok.encode(ex.prompt)
-    tail = tok.encode(ex.response) + [tok.eos_token_id]
-    input_ids = (head + tail)[:max_length]
-    labels = ([IGNORE_INDEX] * len(head) + tail)[:max_length]
-    return input_ids, labels
+    _check_max_length(max_length)
+    input_ids, labels = _encode_whole(tok, ex)
+    return input_ids[:max_length], labels[:max_length]
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """What cutting a set of records to ``max_length`` tokens loses (lengths count BOS and EOS)."""
+
+    records: int  # records in the set
+    cut: int  # records longer than max_length, which lose their end
+    max_length: int
+    longest: int  # tokens of the longest record before the cut; max_length >= longest keeps all whole
+    most_cut: int  # most tokens cut from one record: max(0, longest - max_length)
+    tokens_cut: int  # tokens cut from all records together
+
+    def fields(self) -> dict[str, int]:
+        """The numbers as ``log_event`` fields."""
+        return {"records": self.records, "cut": self.cut, "max_length": self.max_length,
+                "longest": self.longest, "most_cut": self.most_cut, "tokens_cut": self.tokens_cut}
+
+
+def count_truncation(lengths: Sequence[int], max_length: int) -> Truncation:
+    """How many of the records of whole lengths ``lengths`` a cut to ``max_length`` shortens, and by
+    how much; pure arithmetic on the lengths (:func:`encoded_length` gives one record's)."""
+    _check_max_length(max_length)
+    if any(n < 0 for n in lengths):
+        raise DataError("record lengths must be >= 0")
+    over = [n - max_length for n in lengths if n > max_length]
+    return Truncation(records=len(lengths), cut=len(over), max_length=max_length,
+                      longest=max(lengths, default=0), most_cut=max(over, default=0), tokens_cut=sum(over))
+
+
+def encoded_length(tok: Tokenizer, ex: Example) -> int:
+    """Tokens of ``ex`` encoded whole: BOS (if the tokenizer has one) + prompt + response + EOS."""
+    return len(_encode_whole(tok, ex)[0])
 
 
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -116,12 +159,18 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
 
 
 class ExampleBatches:
-    """A silo's examples, tokenised once, served as random training or ordered eval batches."""
+    """A silo's examples, tokenised once, served as random training or ordered eval batches.
+
+    ``truncation`` (a :class:`Truncation`) says how many examples ``max_length`` cut and by how much.
+    """
 
     def __init__(self, examples: Sequence[Example], tok: Tokenizer, max_length: int) -> None:
         if not examples:
             raise DataError("no examples to batch")
-        self._pairs = [encode_example(tok, ex, max_length) for ex in examples]
+        whole = [_encode_whole(tok, ex) for ex in examples]
+        # what max_length cuts off, for the silo to log: a cut record silently loses its end
+        self.truncation = count_truncation([len(ids) for ids, _ in whole], max_length)
+        self._pairs = [(ids[:max_length], labels[:max_length]) for ids, labels in whole]
         self._domains = [ex.domain for ex in examples]
         self._pad_id = tok.pad_token_id
         for index, (_, labels) in enumerate(self._pairs):
