@@ -82,26 +82,42 @@ class TaskDriver:
 
         self.agents: list[SiloAgent] = agents
         self.done: set[str] = set()
+        self.statuses: dict[str, int] = {}  # silo -> the exit status its agent returned when told the run is over
 
     def handle(self, agent, task) -> None:
-        if agent.handle(task) is not None:
+        status = agent.handle(task)
+        if status is not None:
             self.done.add(agent.silo.name)
+            self.statuses[agent.silo.name] = status
 
-    def run_until(self, kind: int, round_: int, answered: int = 0, timeout_s: float = 240) -> None:
-        """Handle tasks until every silo holds a ``kind`` task of ``round_``; then let ``answered``
-        of them do theirs. The aggregator is then in that phase, and stays there."""
+    @staticmethod
+    def stage(task) -> str:
+        """Mode masking: the stage ("sketch" or "update") a SKETCH, UPLOAD, CHECK or UNMASK task is of."""
+        from protos import fcmoe_pb2 as pb
+
+        return {pb.Task.CHECK: task.check.stage, pb.Task.UNMASK: task.unmask.stage,
+                pb.Task.UPLOAD: task.upload.stage, pb.Task.SKETCH: task.upload.stage}.get(task.kind, "")
+
+    def run_until(self, kind: int, round_: int, answered: int = 0, timeout_s: float = 240, *, stage: str = "",
+                  holders: int | None = None) -> None:
+        """Handle tasks until every silo (or ``holders`` of them: DECRYPT goes to the key holder alone)
+        holds a ``kind`` task of ``round_`` (and of ``stage``, if given); then let ``answered`` of them
+        do theirs. The aggregator is then in that phase, and stays there."""
+        wanted = len(self.agents) if holders is None else holders
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             polled = [(a, a.client.get_task(a.run_id, wait_s=0.5)) for a in self.agents]
-            hits = [(a, t) for a, t in polled if t.kind == kind and t.round == round_]
-            if len(hits) == len(self.agents):
+            hits = [(a, t) for a, t in polled
+                    if t.kind == kind and t.round == round_ and (not stage or self.stage(t) == stage)]
+            if len(hits) >= wanted:
                 for agent, task in hits[:answered]:
                     self.handle(agent, task)
                 return
             for agent, task in polled:
                 if (agent, task) not in hits:
                     self.handle(agent, task)
-        raise AssertionError(f"not every silo got task kind {kind} of round {round_} within {timeout_s} s")
+        raise AssertionError(f"not every silo got task kind {kind} of round {round_}"
+                             f"{f' (stage {stage})' if stage else ''} within {timeout_s} s")
 
     def finish(self, serving: Callable[[], bool] = lambda: True, timeout_s: float = 240) -> None:
         """Handle tasks until every silo is told the run is over (or the aggregator stops serving)."""

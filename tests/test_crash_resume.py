@@ -13,156 +13,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import ROOT, TaskDriver, silo_config, smoke_config
-from safetensors.numpy import load_file
+from conftest import ROOT, silo_config, smoke_config
+from restarts import aggregator_process  # noqa: F401 (a fixture)
+from restarts import K, Federation, aggregator_events, assert_same_as_uninterrupted, federation_configs, metrics_rows
 
 from crypto.pki import ensure_pki
 from fcmoe.audit import audit
-from fcmoe.config import Config, dump_config, parse_config
-from fcmoe.inprocess import run_in_process
-from protos import fcmoe_pb2 as pb
+from fcmoe.config import dump_config, parse_config
 from silo_agent.agent import SiloAgent
-
-K = pb.Task.Kind
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class AggregatorProcess:
-    """``fcmoe aggregator CONFIG`` as its own process group; killed, restarted, always cleaned up."""
-
-    def __init__(self, config: Config, tmp_path: Path):
-        self.path = tmp_path / "aggregator.yaml"
-        dump_config(config, self.path)
-        self.port_file = config.aggregator.port_file
-        self.log = tmp_path / "aggregator.log"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.port_file.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "aggregator", str(self.path),
-                                          "--no-progress"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        self.starts += 1
-        end = time.monotonic() + 120
-        while not (self.port_file.exists() and self.port_file.read_text().strip()):
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            assert time.monotonic() < end, "aggregator did not listen"
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, "the aggregator died before its kill"
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def restart(self) -> None:
-        """SIGKILL, then the same command again."""
-        self.kill()
-        self.start()
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-
-@pytest.fixture
-def aggregator_process(tmp_path):
-    started: list[AggregatorProcess] = []
-
-    def make(config: Config) -> AggregatorProcess:
-        started.append(AggregatorProcess(config, tmp_path))
-        return started[-1]
-
-    yield make
-    for agg in started:
-        agg.close()
-
-
-def _configs(tmp_path: Path, silos: int, dp: bool, mode: str = "masking") -> tuple[Config, list[Config]]:
-    names = [f"silo{i}" for i in range(silos)]
-    ensure_pki(tmp_path / "certs", names)
-    base = smoke_config(tmp_path, {"name": "fedadam", "server_lr": 0.05}, rounds=3, min_silos=silos,
-                        round_timeout_s=300, upload_timeout_s=300, min_group_size=3,
-                        secure_aggregation={"mode": mode, "phase_timeout_s": 300})
-    data = base.model_dump(mode="json")
-    data["aggregator"].update({"port": _free_port(), "port_file": str(tmp_path / "aggregator.port")})
-    aggregator = parse_config(data)
-    silo_configs = []
-    for i, name in enumerate(names):
-        silo = silo_config(aggregator, name, aggregator.aggregator.port, i, silos).model_dump(mode="json")
-        silo["silo"]["connect_timeout_s"] = 120  # outlives an aggregator restart
-        if dp:
-            silo["silo"]["dp"] = {"enabled": True, "noise_multiplier": 1.0, "epsilon_budget": 100.0,
-                                  "ledger": str(tmp_path / "ledgers" / f"{name}.jsonl")}
-        silo_configs.append(parse_config(silo))
-    return aggregator, silo_configs
-
-
-class Federation(TaskDriver):
-    """The silos of these tests, driven task by task against the aggregator process."""
-
-    def __init__(self, silo_configs: list[Config], aggregator: AggregatorProcess):
-        super().__init__([SiloAgent(c) for c in silo_configs])
-        self.aggregator = aggregator
-        self.sessions: dict[int, set[int]] = {}  # TRAIN session -> the aggregator starts that handed it out
-        self.ckks_key_requests: set[int] = set()  # aggregator starts that asked a silo for the CKKS key
-
-    def handle(self, agent: SiloAgent, task: pb.Task) -> None:
-        if task.kind == K.TRAIN:
-            self.sessions.setdefault(task.train.session, set()).add(self.aggregator.starts)
-        if task.kind == K.SHARE and task.share.want_ckks_context:
-            self.ckks_key_requests.add(self.aggregator.starts)
-        super().handle(agent, task)
-
-    def finish(self, timeout_s: float = 240) -> None:
-        super().finish(lambda: self.aggregator.proc.poll() is None, timeout_s)
-        assert self.aggregator.proc.wait(timeout=60) == 0, self.aggregator.log.read_text()[-3000:]
-
-
-def _events(log: Path, name: str) -> list[dict[str, str]]:
-    """The aggregator's one-line ``event=NAME k=v ...`` records of one kind (values unquoted as logged)."""
-    out = []
-    for line in log.read_text().splitlines():
-        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-        if fields.get("event") == name:
-            out.append(fields)
-    return out
-
-
-def _metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _assert_same_as_uninterrupted(aggregator: Config, silos: list[Config], tmp_path: Path, atol: float) -> None:
-    """The same federation without a crash, in process, ends with the same global model."""
-    reference = run_in_process(aggregator.model_copy(update={"run": aggregator.run.model_copy(
-        update={"output_dir": tmp_path / "reference"})}), silos)
-    assert reference.machine.succeeded
-    out = aggregator.run.output_dir
-    latest = (out / "checkpoints" / "latest").read_text().strip()
-    crashed = load_file(str(out / "checkpoints" / latest / "global.safetensors"))
-    for unit, value in reference.global_units.items():
-        np.testing.assert_allclose(crashed[unit], value, atol=atol, rtol=0)
 
 
 def test_killed_in_every_phase_the_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, aggregator_process):
-    aggregator, silos = _configs(tmp_path, 3, dp=False)
+    aggregator, silos = federation_configs(tmp_path, 3, dp=False)
     agg = aggregator_process(aggregator)
     fed = Federation(silos, agg)
     try:
@@ -186,47 +53,41 @@ def test_killed_in_every_phase_the_run_resumes_and_ends_as_an_uninterrupted_one(
     finally:
         fed.close()
 
+    assert fed.statuses == {"silo0": 0, "silo1": 0, "silo2": 0}
     out = aggregator.run.output_dir
-    resumed = _events(agg.log, "run_resumed")
+    resumed = aggregator_events(agg.log, "run_resumed")
     assert [e["version"] for e in resumed] == ["0", "0", "0", "0", "1", "3"]
     assert all(len(starts) == 1 for starts in fed.sessions.values()), "a restart reused a session (keys, masks)"
     assert {s >> 16 for s in fed.sessions} == {1, 2, 3}
     record = json.loads((out / "checkpoints" / "run.json").read_text())
     assert record["finished"] and record["run_id"] == resumed[0]["run_id"]
-    rows = _metrics(out)
+    rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["updates"] == 3 for r in rows[1:])
     assert rows[-1]["global_loss"] is not None  # the final evaluation was redone and pooled once
 
-    _assert_same_as_uninterrupted(aggregator, silos, tmp_path, atol=1e-5)
+    assert_same_as_uninterrupted(aggregator, silos, tmp_path, atol=1e-5)
 
 
 def test_ckks_killed_while_the_key_holder_decrypts_resumes_with_the_run_key(tmp_path, aggregator_process):
     """The CKKS key is dealt in round 1; killed in round 2's DECRYPT phase, the aggregator reloads the
     run's public context and sealed key from disk, so the silos' key still matches."""
-    aggregator, silos = _configs(tmp_path, 3, dp=False, mode="ckks")
+    aggregator, silos = federation_configs(tmp_path, 3, dp=False, mode="ckks")
     aggregator = aggregator.model_copy(update={"federation": aggregator.federation.model_copy(update={"rounds": 2})})
     agg = aggregator_process(aggregator)
     fed = Federation(silos, agg)
     try:
         agg.start()
-        # the key holder alone gets DECRYPT: wait for it with the others idle
-        end = time.monotonic() + 240
-        while True:
-            polled = [(a, a.client.get_task(a.run_id, wait_s=0.5)) for a in fed.agents]
-            if any(t.kind == K.DECRYPT and t.round == 2 for _, t in polled):
-                break
-            assert time.monotonic() < end, "no DECRYPT task of round 2"
-            for agent, task in polled:
-                fed.handle(agent, task)
+        fed.run_until(K.DECRYPT, 2, holders=1)  # the key holder alone gets DECRYPT
         agg.restart()
         fed.finish()
     finally:
         fed.close()
-    assert [e["version"] for e in _events(agg.log, "run_resumed")] == ["1"]
+    assert fed.statuses == {"silo0": 0, "silo1": 0, "silo2": 0}
+    assert [e["version"] for e in aggregator_events(agg.log, "run_resumed")] == ["1"]
     assert fed.ckks_key_requests == {1}  # dealt once; the restarted aggregator read it from disk
     # the redone round 2 is trained afresh (its uploads may have been decrypted before the crash, so
     # resending them would let a difference of two sums expose one silo): completed, not identical
-    rows = _metrics(aggregator.run.output_dir)
+    rows = metrics_rows(aggregator.run.output_dir)
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["updates"] == 3
     assert json.loads((aggregator.run.output_dir / "checkpoints" / "run.json").read_text())["finished"]
 
@@ -234,7 +95,7 @@ def test_ckks_killed_while_the_key_holder_decrypts_resumes_with_the_run_key(tmp_
 def test_under_dp_a_redone_round_is_never_released_twice(tmp_path, aggregator_process):
     """Killed after uploads (every silo has released round 1) and again in round 2; one silo also
     restarts: it declines the round its ledger already holds instead of training it again."""
-    aggregator, silos = _configs(tmp_path, 4, dp=True)
+    aggregator, silos = federation_configs(tmp_path, 4, dp=True)
     aggregator = aggregator.model_copy(update={"federation": aggregator.federation.model_copy(
         update={"rounds": 2, "quorum": 3})})
     agg = aggregator_process(aggregator)
@@ -252,8 +113,9 @@ def test_under_dp_a_redone_round_is_never_released_twice(tmp_path, aggregator_pr
     finally:
         fed.close()
 
+    assert fed.statuses == {f"silo{i}": 0 for i in range(4)}
     out = aggregator.run.output_dir
-    rows = _metrics(out)
+    rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["updates"] == 3 and "declined" in rows[1]["silos"]["silo3"]
     assert rows[2]["updates"] == 4
@@ -266,7 +128,7 @@ def test_under_dp_a_redone_round_is_never_released_twice(tmp_path, aggregator_pr
 def test_silos_left_to_themselves_ride_out_a_kill_mid_round(tmp_path, aggregator_process):
     """No test driver: each silo is its own ``fcmoe silo`` process, the aggregator is killed while
     updates are arriving and restarted; every silo finishes the run on its own with status 0."""
-    aggregator, silos = _configs(tmp_path, 3, dp=False)
+    aggregator, silos = federation_configs(tmp_path, 3, dp=False)
     aggregator = aggregator.model_copy(update={"federation": aggregator.federation.model_copy(update={"rounds": 2})})
     agg = aggregator_process(aggregator)
     agg.start()
@@ -280,7 +142,7 @@ def test_silos_left_to_themselves_ride_out_a_kill_mid_round(tmp_path, aggregator
                                               cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log,
                                               stderr=subprocess.STDOUT, start_new_session=True))
         end = time.monotonic() + 240
-        while not _events(agg.log, "update_accepted"):
+        while not aggregator_events(agg.log, "update_accepted"):
             assert time.monotonic() < end and agg.proc.poll() is None, "no update arrived"
             time.sleep(0.02)
         agg.restart()
@@ -292,7 +154,7 @@ def test_silos_left_to_themselves_ride_out_a_kill_mid_round(tmp_path, aggregator
                 proc.wait(timeout=30)
     assert statuses == [0, 0, 0], [(tmp_path / f"{c.silo.name}.log").read_text()[-2000:] for c in silos]
     assert agg.proc.wait(timeout=60) == 0
-    rows = _metrics(aggregator.run.output_dir)
+    rows = metrics_rows(aggregator.run.output_dir)
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["updates"] == 3 for r in rows[1:])
 
 

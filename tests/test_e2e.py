@@ -258,6 +258,7 @@ def test_silo_with_foreign_ca_certificate_is_refused_and_both_sides_log_why(tmp_
         assert silo.returncode != 0
         stopped = [line for line in silo.stderr.splitlines() if "event=silo_stopped" in line]
         assert len(stopped) == 1 and "TLS setup" in stopped[0] and "does not verify against CA" in stopped[0], silo.stderr
+        assert "event=rpc_retry" not in silo.stderr  # refused, not unreachable: no retrying for connect_timeout_s
         time.sleep(0.5)
         assert aggregator.poll() is None  # still serving
         lines = (tmp_path / "aggregator.log").read_text().splitlines()
