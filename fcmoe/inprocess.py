@@ -129,13 +129,16 @@ class InProcessTransport:
 
 
 def run_in_process(aggregator_config: Config, silo_configs: list[Config],
-                   absent: Callable[[str, pb.Task], bool] | None = None, *, run_id: str | None = None) -> Coordinator:
+                   absent: Callable[[str, pb.Task], bool] | None = None, *, run_id: str | None = None,
+                   run_secret: bytes | None = None) -> Coordinator:
     """Run a whole federation in this process and thread; returns the finished coordinator.
 
     Silos take turns (deterministic, and safe: PEFT's parameter wrappers are not thread-safe across
     models), each doing whatever task the coordinator has for it. ``absent(silo, task)`` returning
     True makes that silo unreachable for that task (it does nothing), to study dropouts. A fixed
-    ``run_id`` fixes FC-MoE's sketch keys too (they are bound to it), so that a run is repeatable.
+    ``run_id`` fixes FC-MoE's sketch keys too (they are bound to it), so that a run is repeatable;
+    under masking they are bound to the run secret a silo draws at random as well: with ``run_secret``
+    every silo starts out holding that one (none is dealt), to repeat a given run exactly.
     """
     # its silos are new objects every time: always a new run (an earlier one's checkpoints are moved aside)
     fresh = aggregator_config.aggregator.model_copy(update={"resume": False})
@@ -145,6 +148,7 @@ def run_in_process(aggregator_config: Config, silo_configs: list[Config],
         assert config.silo is not None
         agents.append(SiloAgent(config, transport=InProcessTransport(coordinator, config.silo.name)))
     for agent in agents:
+        agent.run_secret = run_secret
         agent.join()
     active = list(agents)
     while active:

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 
 from crypto.pki import ensure_pki
 from fcmoe.config import Config, dump_config, parse_config
-from fcmoe.inprocess import InProcessTransport, run_in_process
+from fcmoe.inprocess import run_in_process
 from protos import fcmoe_pb2 as pb
 from silo_agent.agent import SiloAgent
 
@@ -181,25 +181,9 @@ def uninterrupted(aggregator: Config, silos: list[Config], output_dir: Path, *, 
     FC-MoE's keyed sketches in mode masking are keyed by the run id and by the run secret that one
     silo draws at random (silo_agent/secure_session.py): the same federation has the same two, so
     with ``run_secret`` every silo starts out holding it (none is dealt) and ``run_id`` names the run.
-    fcmoe.inprocess.run_in_process builds its own agents, so that case has its loop here, the same."""
+    """
     config = aggregator.model_copy(update={"run": aggregator.run.model_copy(update={"output_dir": output_dir})})
-    if run_secret is None:
-        return run_in_process(config, silos, run_id=run_id)
-    from aggregator.server import build_coordinator
-
-    coordinator = build_coordinator(config.model_copy(update={"aggregator": config.aggregator.model_copy(
-        update={"resume": False})}), run_id=run_id)
-    agents = [SiloAgent(c, transport=InProcessTransport(coordinator, c.silo.name)) for c in silos]
-    for agent in agents:
-        agent.run_secret = run_secret
-        agent.join()
-    active = list(agents)
-    while active:
-        coordinator.step()
-        for agent in list(active):
-            if agent.handle(agent.client.get_task(agent.run_id, wait_s=0.0)) is not None:
-                active.remove(agent)
-    return coordinator
+    return run_in_process(config, silos, run_id=run_id, run_secret=run_secret)
 
 
 def assert_same_as_uninterrupted(aggregator: Config, silos: list[Config], tmp_path: Path, atol: float,
