@@ -32,6 +32,7 @@ from fcmoe.config import Config
 from fcmoe.errors import ConfigError, ProtocolError
 from fcmoe.logs import log_event
 from fcmoe.model import UnitKey
+from fcmoe.model.saved import write_model_record
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
@@ -83,6 +84,7 @@ class Coordinator:
             created_at=clock(),
             upload_timeout_s=fed.upload_timeout_s,
             lease_s=fed.silo_lease_s,
+            final_evaluation=fed.evaluation.final,
         )
         self._check_report_fits()
         self.global_units = {k: np.asarray(v, dtype=np.float32) for k, v in initial_global.items()}
@@ -121,6 +123,7 @@ class Coordinator:
             write_run_record(self.checkpoints, self._record)
         else:
             self._resume(resume)
+        write_model_record(self.checkpoints, config)  # what `fcmoe export` rebuilds the model from
 
     def _resume(self, point: ResumePoint) -> None:
         """Go on with the run from its last completed round; the interrupted one is redone afresh."""
@@ -206,6 +209,8 @@ class Coordinator:
             self.machine.seen(silo, self.clock())  # live at both ends of the long-poll (duplicate-join window)
             task = pb.Task(kind=pb.Task.Kind.Value(view.kind), round=view.round, layout_hash=self.layout_hash,
                            deadline_unix=view.deadline, message=view.message)
+            if view.kind in ("TRAIN", "EVALUATE"):
+                task.eval_max_examples = self.config.federation.evaluation.max_examples or 0
             if view.kind == "TRAIN" and self.plan is not None:
                 plan, local = self.plan, self.plan.local
                 task.train.CopyFrom(pb.TrainInstructions(
@@ -214,7 +219,9 @@ class Coordinator:
                     prox_mu=plan.prox_mu, clip_norm=local.clip_norm, seed=plan.seed,
                     retention_lambda=plan.retention_lambda, retention_by_importance=plan.retention_by_importance,
                     personal_adapter=plan.personal_adapter, sketch_buckets=plan.sketch_buckets,
-                    secure_mode=self.secure.mode, session=self.machine.session))
+                    secure_mode=self.secure.mode, session=self.machine.session,
+                    skip_evaluation=not evaluates(view.round, self.config.federation.evaluation.every),
+                    needs_signals=plan.needs_signals))
             if view.kind == "SHARE" and self._secure is not None:
                 task.share.CopyFrom(self._secure.share_instructions())
             if view.kind in ("UPLOAD", "SKETCH"):
@@ -301,6 +308,7 @@ class Coordinator:
                 "tokens": report.stats.tokens,
                 "steps": report.stats.steps,
                 "eval_seconds": report.stats.eval_seconds,
+                "eval_examples": report.stats.eval_examples,
                 "download_seconds": report.stats.download_seconds,
                 "reliability": report.reliability,
             }
@@ -544,6 +552,9 @@ class Coordinator:
 
     def _open_evaluation(self) -> None:
         m = self.machine
+        if not self.config.federation.evaluation.final:  # the machine finishes at its next poll
+            log_event(log, "final_evaluation_skipped", version=m.version, reason="federation.evaluation.final is false")
+            return
         self.metrics.record(m.version).global_pool = DomainPool()  # every silo evaluates afresh
         log_event(log, Event.EVALUATION_STARTED.value, version=m.version, silos=len(m.participants))
 
@@ -567,8 +578,9 @@ class Coordinator:
         secure = self._secure
         self._interrupted = {}  # what a closed phase left unfinished is never resumed
         if event == Event.REPORTS_CLOSED:
-            log_event(log, "global_evaluated", version=m.round - 1, silos=len(m.reported),
-                      global_loss=self.metrics.record(m.round - 1).global_pool.mean())
+            if evaluates(m.round, self.config.federation.evaluation.every):
+                log_event(log, "global_evaluated", version=m.round - 1, silos=len(m.reported),
+                          global_loss=self.metrics.record(m.round - 1).global_pool.mean())
             self._refuse_outlying_reports()
             if secure is not None:
                 secure.open_sharing(set(self._reports))
@@ -782,6 +794,13 @@ class Coordinator:
     def _check_layout(self, layout_hash: str) -> None:
         if layout_hash != self.layout_hash:
             raise ProtocolError(f"layout hash {layout_hash[:12]!r} does not match", "FAILED_PRECONDITION")
+
+
+def evaluates(round_: int, every: int) -> bool:
+    """Whether round ``round_`` evaluates the global model it receives (version ``round_ - 1``):
+    versions 0, every, 2 * every, ... (federation.evaluation.every); the final model is evaluated
+    by the final evaluation (federation.evaluation.final)."""
+    return (round_ - 1) % every == 0
 
 
 MAX_DOMAINS = 256

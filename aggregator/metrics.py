@@ -116,10 +116,12 @@ class MetricsLog:
 
 
 def final_table(rows: list[Mapping[str, object]]) -> str:
-    """Per-domain held-out loss: initial global, final global, final personalised (local)."""
+    """Per-domain held-out loss: initial global, final global, final personalised (local); "final"
+    is the newest version measured (federation.evaluation may skip rounds and the final evaluation)."""
     if not rows:
         return "(no metrics)"
-    first, last = rows[0], rows[-1]
+    first = rows[0]
+    last = next((r for r in reversed(rows) if r.get("global_loss") is not None), rows[-1])
     last_local = next((r for r in reversed(rows) if r.get("local_loss") is not None), {})
     domains = sorted(k.split("/", 1)[1] for k in first if k.startswith("global_loss/"))
 

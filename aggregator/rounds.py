@@ -6,7 +6,8 @@ FC-MoE's weighted keyed sketches, masked or plain -> (CHECKING -> UNMASKING, mod
 AGREEING: each silo scores itself against the sketch sums] -> UPLOADING (``alpha * delta``, masked,
 encrypted or plain) -> [CHECKING: survivors sign the round view and survivor list -> UNMASKING:
 survivors reveal shares, mode masking | DECRYPTING: the key holder decrypts group sums, mode ckks] ->
-next round ... -> EVALUATING (every silo evaluates the final global model) -> DONE.
+next round ... -> EVALUATING (every silo evaluates the final global model; nobody with
+``final_evaluation`` off) -> DONE.
 
 Every collecting phase closes when everyone expected has answered, or at its deadline if at least
 its ``minimum`` did; the machine then sits in PLANNING and the caller decides what comes next
@@ -94,6 +95,7 @@ class RoundMachine:
     created_at: float
     upload_timeout_s: float = 300.0
     lease_s: float = float("inf")  # a joined silo not heard from for longer is left out of new rounds
+    final_evaluation: bool = True  # False: nobody is asked to evaluate the final model; the run finishes
     phase: Phase = Phase.WAITING
     round: int = 0  # current (or last) round, 1-based
     version: int = 0  # completed rounds = version of the global model
@@ -291,7 +293,7 @@ class RoundMachine:
 
     def _start_evaluation(self, now: float) -> None:
         self.phase = Phase.EVALUATING
-        self.participants = self.live(now)
+        self.participants = self.live(now) if self.final_evaluation else frozenset()  # none: FINISHED at next poll
         self.evaluated = set()
         self.deadline = now + self.round_timeout_s
 

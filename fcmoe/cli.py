@@ -1,4 +1,4 @@
-"""The ``fcmoe`` command: certs, aggregator, silo, simulate, audit, upcycle."""
+"""The ``fcmoe`` command: certs, aggregator, silo, simulate, audit, upcycle, export."""
 
 from __future__ import annotations
 
@@ -39,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--seed", type=int, default=0, help="seed of the fresh routers")
     upcycle.add_argument("--cache-dir", type=Path, help="where --from models are converted once (~/.cache/fcmoe)")
 
+    export = sub.add_parser("export", help="a run's model as Hugging Face folders: PEFT adapter, base, merged")
+    export.add_argument("run_dir", type=Path, help="the run's run.output_dir (aggregator) or a silo's (silo.save)")
+    export.add_argument("--out", type=Path, required=True, help="new folder (absent or empty)")
+    export.add_argument("--round", dest="round_", metavar="N|best|latest",
+                        help="which kept checkpoint (default: latest; best: lowest global loss)")
+    export.add_argument("--merged", action="store_true", help="also write merged/, a full checkpoint + tokenizer")
+    export.add_argument("--silo", help="export this silo's saved model (run_dir/silo-NAME) instead of the global one")
+    export.add_argument("--local", action="store_true",
+                        help="a silo's local model without its personal adapter (default: the personalised one)")
+
     for name, text in (("aggregator", "run the aggregator"), ("silo", "run one silo agent"),
                        ("simulate", "run an aggregator and N silos as local processes")):
         p = sub.add_parser(name, help=text)
@@ -77,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging("upcycle")
             return run_upcycle(args.src, args.out, args.origin, args.experts, args.top_k, args.layers,
                                args.seed, args.cache_dir)
+        if args.command == "export":
+            from fcmoe.export import run_export
+
+            return run_export(args.run_dir, args.out, args.round_, args.merged, args.silo, args.local)
         from fcmoe.config import load_config
 
         config = load_config(args.config)

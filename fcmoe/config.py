@@ -140,11 +140,29 @@ class ShakespeareDataConfig(_Strict):
         return self
 
 
+SILO_PLACEHOLDER = "{silo}"
+
+
+def silo_names(count: int) -> list[str]:
+    """The silos of ``fcmoe simulate``: silo0 .. silo{count-1}."""
+    return [f"silo{i}" for i in range(count)]
+
+
+class SiloDataFiles(_Strict):
+    """One simulated silo's own files (``data.silos.NAME``)."""
+
+    train_file: Path
+    eval_file: Path
+
+
 class DataConfig(_Strict):
     builtin: BuiltinDataConfig | None = BuiltinDataConfig()
     shakespeare: ShakespeareDataConfig | None = None
-    train_file: Path | None = None
+    train_file: Path | None = Field(None, description="JSONL; in a simulation {silo} is replaced by each silo's name")
     eval_file: Path | None = None
+    silos: dict[str, SiloDataFiles] | None = Field(
+        None, min_length=1, description="fcmoe simulate only: each silo's own train_file/eval_file by name "
+        "(silo0, silo1, ...); a silo config has one data set and refuses it")
     # 32 keeps every built-in synthetic record whole: BOS + "x=" + "y\n" + EOS with x of 4..8 letters
     # is at most 20 tokens (28 for `double`, whose y is twice as long), bytes or BPE. Shakespeare
     # passages are longer (4 lines: up to ~115 SmolLM2 tokens), so a config using them sets its own.
@@ -159,7 +177,7 @@ class DataConfig(_Strict):
         built-in generator steps aside unless ``builtin`` is also written out (which the after-check
         then refuses)."""
         chosen = isinstance(data, dict) and any(data.get(k) is not None for k in ("shakespeare", "train_file",
-                                                                                   "eval_file"))
+                                                                                   "eval_file", "silos"))
         if chosen and "builtin" not in data:
             return {**data, "builtin": None}
         return data
@@ -167,6 +185,14 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         files = self.train_file is not None or self.eval_file is not None
+        if self.silos is not None:
+            if files:
+                raise ValueError("give train_file/eval_file (one pair; {silo} in them expands per silo) or silos "
+                                 "(a pair per silo), not both")
+            if self.builtin is not None or self.shakespeare is not None:
+                raise ValueError("silos gives each simulated silo its own train_file/eval_file: not with "
+                                 f"{'builtin' if self.builtin is not None else 'shakespeare'}; remove one")
+            return self
         if files and (self.train_file is None or self.eval_file is None):
             raise ValueError("train_file and eval_file go together")
         if self.shakespeare is not None and (files or self.builtin is not None):
@@ -223,6 +249,19 @@ class StrategyConfig(_Strict):
     fcmoe: FcMoeConfig = FcMoeConfig()
 
 
+class EvaluationConfig(_Strict):
+    """How much held-out evaluation a run pays for (docs/operator.md, docs/algorithm.md)."""
+
+    every: int = Field(
+        1, gt=0, description="round r evaluates the global model it receives (version r-1) when r-1 is a multiple "
+        "of this, so version 0 always is; the silos' metrics evaluation (global, local, personalised) is skipped "
+        "in the other rounds, whose metrics rows carry no loss")
+    max_examples: int | None = Field(
+        None, gt=0, description="held-out examples per silo each evaluation uses: the same fixed subset every round "
+        "(seeded, independent of the run); null: all of them")
+    final: bool = Field(True, description="every silo evaluates the final global model after the last round")
+
+
 class SecureAggregationConfig(_Strict):
     """How silo updates are hidden from the aggregator; see docs/protocol.md and docs/threat-model.md."""
 
@@ -254,6 +293,7 @@ class FederationConfig(_Strict):
     local: LocalTrainingConfig = LocalTrainingConfig()
     strategy: StrategyConfig = StrategyConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":
@@ -363,6 +403,9 @@ class SiloConfig(_Strict):
         1, ge=1,
         description="processes that share each round's local training (torch.distributed: gloo on CPU, NCCL with "
                     "one GPU per process on CUDA); the update equals one process's")
+    save: Literal["none", "final", "every_round"] = Field(
+        "final", description="keep this silo's trained (and personalised) model in run.output_dir/silo-NAME: "
+        "final/ when the run ends, also round-NNNN/ after each round with every_round (`fcmoe export`)")
 
     @model_validator(mode="after")
     def _check(self) -> "SiloConfig":
@@ -432,9 +475,56 @@ class Config(_Strict):
     simulation: SimulationConfig | None = None
     benchmark: BenchmarkConfig | None = None
 
+    @model_validator(mode="after")
+    def _check_silo_data(self) -> "Config":
+        """Per-silo data (``data.silos``, ``{silo}`` in the file paths) is for ``fcmoe simulate``, whose
+        launcher writes each silo a config with its own two files; a real silo config has one data set."""
+        data = self.data
+        templated = [(k, v) for k, v in (("train_file", data.train_file), ("eval_file", data.eval_file))
+                     if v is not None and SILO_PLACEHOLDER in str(v)]
+        if self.silo is not None:
+            if data.silos is not None:
+                raise ValueError("data.silos: a silo config (with a silo section) has one data set: give "
+                                 "data.train_file and data.eval_file (data.silos is for fcmoe simulate)")
+            if templated:
+                key, value = templated[0]
+                raise ValueError(f"data.{key} = '{value}': {SILO_PLACEHOLDER} is expanded by fcmoe simulate only; "
+                                 "a silo config names its own file")
+        if self.simulation is not None and data.silos is not None:
+            expected = silo_names(self.simulation.silos)
+            span = f"simulation.silos = {len(expected)}: " + (
+                ", ".join(expected) if len(expected) <= 4 else f"{expected[0]} .. {expected[-1]}")
+            unknown = [n for n in data.silos if n not in expected]
+            if unknown:
+                raise ValueError(f"data.silos.{unknown[0]}: not a simulated silo ({span})")
+            missing = [n for n in expected if n not in data.silos]
+            if missing:
+                few = len(missing) <= 4
+                named = ", ".join(missing) if few else ", ".join(missing[:3]) + f" and {len(missing) - 3} more"
+                raise ValueError(f"data.silos: no entry for {named} ({span}; each needs train_file and eval_file)")
+        stray = _placeholder_keys(self.model_dump(mode="json"))
+        if stray:
+            key, value = stray[0]
+            raise ValueError(f"{key} = {value!r}: {SILO_PLACEHOLDER} is expanded only in data.train_file and "
+                             "data.eval_file (and data.silos)")
+        return self
+
+
+def _placeholder_keys(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Keys outside data's file paths whose value holds ``{silo}``."""
+    if isinstance(tree, dict):
+        if prefix == "data.":
+            tree = {k: v for k, v in tree.items() if k not in ("train_file", "eval_file", "silos")}
+        return [hit for k, v in tree.items() for hit in _placeholder_keys(v, f"{prefix}{k}.")]
+    if isinstance(tree, list):
+        return [hit for i, v in enumerate(tree) for hit in _placeholder_keys(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), tree)] if isinstance(tree, str) and SILO_PLACEHOLDER in tree else []
+
 
 def _describe(error: dict[str, Any], config: BaseModel | type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if not error["loc"] and error["type"] == "value_error":  # a check across sections: its message names the keys
+        return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         parent: Any = Config
         for part in error["loc"][:-1]:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from fcmoe.config import AggregatorConfig, Config, SiloConfig, dump_config
+from fcmoe.config import SILO_PLACEHOLDER, AggregatorConfig, Config, DataConfig, SiloConfig, dump_config, silo_names
 from fcmoe.errors import ConfigError, RunError
 from fcmoe.logs import log_event
 from fcmoe.signals import StopRequest
@@ -24,8 +24,41 @@ from fcmoe.signals import StopRequest
 log = logging.getLogger(__name__)
 
 
-def silo_names(count: int) -> list[str]:
-    return [f"silo{i}" for i in range(count)]
+def silo_data(data: DataConfig, name: str) -> DataConfig:
+    """Silo ``name``'s own data section: its ``data.silos`` entry, or ``{silo}`` in ``train_file`` /
+    ``eval_file`` replaced by its name; other sources (builtin, shakespeare) are the same for every silo."""
+    if data.silos is not None:
+        files = data.silos[name]
+        train, held_out = files.train_file, files.eval_file
+    elif data.train_file is not None and data.eval_file is not None:
+        train, held_out = data.train_file, data.eval_file
+    else:
+        return data
+    return data.model_copy(update={"silos": None, "train_file": _expand(train, name),
+                                   "eval_file": _expand(held_out, name)})
+
+
+def _expand(path: Path, name: str) -> Path:
+    return Path(str(path).replace(SILO_PLACEHOLDER, name))
+
+
+def missing_data_files(config: Config) -> list[str]:
+    """``KEY = PATH`` for every simulated silo's data file that is not a file (checked before anything starts)."""
+    assert config.simulation is not None
+    data, missing = config.data, []
+    for name in silo_names(config.simulation.silos):
+        own = silo_data(data, name)
+        for key in ("train_file", "eval_file"):
+            path = getattr(own, key)
+            if path is None or path.is_file():
+                continue
+            if data.silos is not None:
+                where = f"data.silos.{name}.{key}"
+            else:  # one file for every silo is named once
+                where = f"data.{key}" + (f" ({name})" if SILO_PLACEHOLDER in str(getattr(data, key)) else "")
+            if f"{where} = {path}" not in missing:
+                missing.append(f"{where} = {path}")
+    return missing
 
 
 def role_configs(config: Config, port: int, sketch_key: str | None = None) -> tuple[Config, list[Config]]:
@@ -50,7 +83,7 @@ def role_configs(config: Config, port: int, sketch_key: str | None = None) -> tu
                           sketch_key=sketch_key, accept_modes=[config.federation.secure_aggregation.mode],
                           min_group_size=max(2, config.federation.min_group_size),
                           dp=sim.silo_dp.model_copy(update={"ledger": out / "ledgers" / f"{name}.jsonl"}))
-        silos.append(config.model_copy(update={"silo": silo, "simulation": None}))
+        silos.append(config.model_copy(update={"silo": silo, "simulation": None, "data": silo_data(config.data, name)}))
     return agg, silos
 
 
@@ -106,6 +139,10 @@ def _simulate(config: Config, progress: bool, resume: bool, stop: StopRequest) -
         raise ConfigError("simulation section missing: set simulation.silos to run a local federation")
     if config.federation.min_silos > sim.silos:
         raise ConfigError(f"federation.min_silos = {config.federation.min_silos}: exceeds simulation.silos = {sim.silos}")
+    missing = missing_data_files(config)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ConfigError(f"no such file: {'; '.join(missing[:3])}{more}")
     out = config.run.output_dir
     logs, roles = out / "logs", out / "roles"
     logs.mkdir(parents=True, exist_ok=True)

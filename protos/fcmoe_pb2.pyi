@@ -64,7 +64,7 @@ class TaskRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class TrainInstructions(_message.Message):
-    __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed", "retention_lambda", "retention_by_importance", "sketch_buckets", "secure_mode", "session", "personal_adapter")
+    __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed", "retention_lambda", "retention_by_importance", "sketch_buckets", "secure_mode", "session", "personal_adapter", "skip_evaluation", "needs_signals")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,8 @@ class TrainInstructions(_message.Message):
     SECURE_MODE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PERSONAL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    SKIP_EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_SIGNALS_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     batch_size: int
     grad_accum: int
@@ -93,10 +95,12 @@ class TrainInstructions(_message.Message):
     secure_mode: str
     session: int
     personal_adapter: bool
-    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ..., secure_mode: _Optional[str] = ..., session: _Optional[int] = ..., personal_adapter: _Optional[bool] = ...) -> None: ...
+    skip_evaluation: bool
+    needs_signals: bool
+    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ..., secure_mode: _Optional[str] = ..., session: _Optional[int] = ..., personal_adapter: _Optional[bool] = ..., skip_evaluation: _Optional[bool] = ..., needs_signals: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload", "share", "unmask", "decrypt", "check", "agree")
+    __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload", "share", "unmask", "decrypt", "check", "agree", "eval_max_examples")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Task.Kind]
@@ -137,6 +141,7 @@ class Task(_message.Message):
     DECRYPT_FIELD_NUMBER: _ClassVar[int]
     CHECK_FIELD_NUMBER: _ClassVar[int]
     AGREE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     round: int
     layout_hash: str
@@ -149,7 +154,8 @@ class Task(_message.Message):
     decrypt: DecryptInstructions
     check: CheckInstructions
     agree: AgreeInstructions
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ..., upload: _Optional[_Union[UploadInstructions, _Mapping]] = ..., share: _Optional[_Union[ShareInstructions, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskInstructions, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptInstructions, _Mapping]] = ..., check: _Optional[_Union[CheckInstructions, _Mapping]] = ..., agree: _Optional[_Union[AgreeInstructions, _Mapping]] = ...) -> None: ...
+    eval_max_examples: int
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., train: _Optional[_Union[TrainInstructions, _Mapping]] = ..., message: _Optional[str] = ..., upload: _Optional[_Union[UploadInstructions, _Mapping]] = ..., share: _Optional[_Union[ShareInstructions, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskInstructions, _Mapping]] = ..., decrypt: _Optional[_Union[DecryptInstructions, _Mapping]] = ..., check: _Optional[_Union[CheckInstructions, _Mapping]] = ..., agree: _Optional[_Union[AgreeInstructions, _Mapping]] = ..., eval_max_examples: _Optional[int] = ...) -> None: ...
 
 class UploadInstructions(_message.Message):
     __slots__ = ("units", "coefficients", "peers", "groups", "fixed_point_bits", "fixed_point_frac_bits", "shares", "run_secret", "ckks_secret_context", "peer_coefficients", "stage", "sketch_buckets")
@@ -386,7 +392,7 @@ class Evaluation(_message.Message):
     def __init__(self, global_model: _Optional[_Iterable[_Union[DomainLoss, _Mapping]]] = ..., local_model: _Optional[_Iterable[_Union[DomainLoss, _Mapping]]] = ...) -> None: ...
 
 class TrainStats(_message.Message):
-    __slots__ = ("steps", "tokens", "train_seconds", "train_loss_first", "train_loss_last", "num_examples", "eval_seconds", "download_seconds")
+    __slots__ = ("steps", "tokens", "train_seconds", "train_loss_first", "train_loss_last", "num_examples", "eval_seconds", "download_seconds", "eval_examples")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -395,6 +401,7 @@ class TrainStats(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     EVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     steps: int
     tokens: int
     train_seconds: float
@@ -403,7 +410,8 @@ class TrainStats(_message.Message):
     num_examples: int
     eval_seconds: float
     download_seconds: float
-    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_loss_first: _Optional[float] = ..., train_loss_last: _Optional[float] = ..., num_examples: _Optional[int] = ..., eval_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ...) -> None: ...
+    eval_examples: int
+    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_loss_first: _Optional[float] = ..., train_loss_last: _Optional[float] = ..., num_examples: _Optional[int] = ..., eval_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ..., eval_examples: _Optional[int] = ...) -> None: ...
 
 class RoundReport(_message.Message):
     __slots__ = ("run_id", "round", "layout_hash", "num_examples", "reliability", "units", "routing_share", "sketches", "stats", "evaluation", "advert")

@@ -21,6 +21,7 @@ from fcmoe.logs import log_event
 from fcmoe.signals import StopRequest
 from fcmoe.model import ExpertLayout, base_fingerprint, build_model, load_trainable_state, trainable_state
 from fcmoe.model.build import num_experts
+from fcmoe.model.saved import SILO_FINAL, model_record, save_silo_model, silo_folder
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.client import AggregatorClient, RpcFailure
@@ -153,6 +154,8 @@ class SiloAgent:
         check_world_size(self.silo)
         if self.silo.dp.enabled:  # before joining: a silo that cannot record a release must not train
             check_writable_folder(self.silo.dp.ledger.parent, "silo.dp.ledger")
+        if self.silo.save != "none":  # silo.save keeps this silo's models in run.output_dir/silo-NAME
+            check_writable_folder(config.run.output_dir, "run.output_dir")
         # the gRPC client, or anything with its methods (fcmoe.inprocess for many-run experiments); first,
         # so that a missing certificate is named before minutes of model and data loading
         self.client = transport or _client(self.silo)
@@ -165,6 +168,8 @@ class SiloAgent:
         self.run_id = ""
         self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
         self.local_shares: dict[str, float] | None = None
+        self.last_reliability: float | None = None  # measured in the last round that evaluated (federation.evaluation)
+        self.evaluated_examples = 0  # held-out examples run through a model so far (every pass), for the reports
         self.adapter: PersonalAdapter | None = None  # retention: this silo's personal adapter, never uploaded
         self.pending: TrainedRound | None = None  # trained and reported, not uploaded yet
         self.weighted_sketches: dict[str, np.ndarray] = {}  # FC-MoE: this round's w * sketch, to score against the sum
@@ -208,6 +213,7 @@ class SiloAgent:
 
     def _forget_run(self) -> None:
         self.local_units = self.local_shares = self.adapter = self.pending = self.trained = self.secure = None
+        self.last_reliability = None
         self.refused_session = self.run_secret = self.ckks_context = None
 
     def handle(self, task: pb.Task) -> int | None:
@@ -219,6 +225,8 @@ class SiloAgent:
                 self._wait_out(task)
             else:
                 self._train_and_report(task)
+                if self.silo.save == "every_round":
+                    self._save_model(f"round-{task.round:04d}")
         elif task.kind == pb.Task.SHARE:
             self._share(task)
         elif task.kind == pb.Task.SKETCH:
@@ -237,6 +245,8 @@ class SiloAgent:
             self._final_evaluation(task)
         elif task.kind == pb.Task.DONE:
             log_event(log, "run_done", outcome=task.message)
+            if self.silo.save != "none":
+                self._save_model(SILO_FINAL)
             return 0 if not task.message.startswith("aborted") else 1
         return None
 
@@ -270,12 +280,28 @@ class SiloAgent:
         log_event(log, "global_received", version=version, bytes=nbytes)
         return units
 
+    def _save_model(self, label: str) -> None:
+        """silo.save: this silo's last trained model (and personal adapter) as ``silo-NAME/label``, in the
+        form ``fcmoe export`` reads (fcmoe/model/saved.py); nothing before the first training."""
+        if self.local_units is None or self.trained is None:
+            return
+        adapter = self.adapter
+        state = {"run_id": self.run_id, "round": self.trained.round, "layout_hash": self.layout.hash,
+                 "silo": self.silo.name, "personal_used": adapter is not None and adapter.helps,
+                 "personal_gain": None if adapter is None else adapter.gain}
+        personal = None if adapter is None else adapter.residual.weight.detach().float().cpu().numpy()
+        folder = save_silo_model(silo_folder(self.config.run.output_dir, self.silo.name), label,
+                                 model_record(self.config, "silo"), self.local_units, state, personal)
+        log_event(log, "model_saved", folder=str(folder), round=self.trained.round, personal=state["personal_used"])
+
     def _load(self, units: dict[str, np.ndarray]) -> None:
         load_trainable_state(self.model, self.layout.merge(units))
 
-    def _evaluate(self, adapter: PersonalAdapter | None = None,
-                  meter: RoutingMeter | None = None) -> dict[str, tuple[float, int]]:
-        return evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size, adapter, meter)
+    def _evaluate(self, adapter: PersonalAdapter | None = None, meter: RoutingMeter | None = None,
+                  max_examples: int | None = None) -> dict[str, tuple[float, int]]:
+        self.evaluated_examples += len(self.data.eval.eval_subset(max_examples))
+        return evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size, adapter, meter,
+                        max_examples)
 
     def _personal_adapter(self, t: pb.TrainInstructions, round_: int) -> PersonalAdapter | None:
         """The adapter to train this round, created on first use. Not under DP (it would learn from the
@@ -357,10 +383,19 @@ class SiloAgent:
                 return None
         self._load(global_units)
         t1 = time.perf_counter()
+        examples_before = self.evaluated_examples
+        cap = task.eval_max_examples or None  # federation.evaluation.max_examples: a fixed subset of held-out
+        # A round without evaluation (federation.evaluation.every) still measures what the strategy weighs by
+        # (FC-MoE): routing on the global model over the capped subset, and reliability only when this silo
+        # has none from an evaluated round to reuse (docs/algorithm.md, "Evaluation cost").
+        skip = t.skip_evaluation
+        measure_reliability = not skip or (t.needs_signals and self.last_reliability is None)
         # Routing share is measured here, under the global model: how this silo's data uses each expert
         # of the model being aggregated (the router that local training drifts to is not kept).
         self.meter.reset()
-        global_eval = self._evaluate(meter=self.meter if privacy is None else None)
+        metered = privacy is None and (not skip or t.needs_signals)  # DP silos meter nothing
+        global_eval = (self._evaluate(meter=self.meter if metered else None, max_examples=cap)
+                       if measure_reliability or metered else {})
         eval_seconds = time.perf_counter() - t1
         start_units = global_units
         if t.retention_lambda > 0 and self.local_units is not None:
@@ -379,12 +414,13 @@ class SiloAgent:
         else:
             result = train_locally(self.model, self.data.train, plan, self.device, self.progress, adapter)
         t2 = time.perf_counter()
-        local_eval = self._evaluate()  # the model trained for the federation: its reliability
+        # the model trained for the federation: its reliability
+        local_eval = self._evaluate(max_examples=cap) if measure_reliability else {}
         personal_eval = local_eval  # the personalised model is the trained one unless the adapter earns its place
         if adapter is not None:
             log_event(log, "personal_adapter", round=task.round, used=adapter.helps, gain=round(adapter.gain, 5))
-            if adapter.helps:
-                personal_eval = self._evaluate(adapter)
+            if adapter.helps and not skip:
+                personal_eval = self._evaluate(adapter, max_examples=cap)
         eval_seconds += time.perf_counter() - t2
         self.local_units = self.layout.split(trainable_state(self.model))
         # What this round taught the silo; the retained residual (start - global) stays here.
@@ -394,7 +430,12 @@ class SiloAgent:
         if self.dp is not None and privacy is not None:
             self.dp.record(self.run_id, task.round, t.session, privacy, deltas)
             result = replace(result, loss_first=math.nan, loss_last=math.nan)  # training losses stay here
-        rel = reliability(global_eval, local_eval)
+        if measure_reliability:
+            rel = self.last_reliability = reliability(global_eval, local_eval)
+        else:
+            rel = self.last_reliability if self.last_reliability is not None else 0.0
+        if skip:  # the losses of a signals pass are not a metrics evaluation: they stay here
+            global_eval = personal_eval = {}
         report = pb.RoundReport(
             run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
             num_examples=float(self.data.num_train), reliability=rel, units=list(self.specs),
@@ -402,11 +443,14 @@ class SiloAgent:
             stats=pb.TrainStats(steps=result.steps, tokens=result.tokens, train_seconds=result.seconds,
                                 train_loss_first=result.loss_first, train_loss_last=result.loss_last,
                                 num_examples=self.data.num_train, eval_seconds=eval_seconds,
-                                download_seconds=download_seconds),
+                                download_seconds=download_seconds,
+                                eval_examples=self.evaluated_examples - examples_before),
             evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(personal_eval)),
         )
         log_event(log, "trained", round=task.round, global_loss=_mean_loss(global_eval), local_loss=_mean_loss(personal_eval),
-                  reliability=round(rel, 4), train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()))
+                  reliability=round(rel, 4), train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()),
+                  evaluated=not skip, eval_examples=self.evaluated_examples - examples_before,
+                  reliability_reused=not measure_reliability)
         return TrainedRound(key, deltas, report, t.clip_norm, retrain=retrain)
 
     def _decline(self, task: pb.Task, reason: str) -> None:
@@ -612,7 +656,7 @@ class SiloAgent:
         if units is None:
             return
         self._load(units)
-        result = self._evaluate()
+        result = self._evaluate(max_examples=task.eval_max_examples or None)
         report = pb.EvalReport(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
                                evaluation=pb.Evaluation(global_model=_domain_losses(result)))
         if self._refused("evaluation", task.round, lambda: self.client.report(report)):

@@ -108,18 +108,21 @@ def _train(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torc
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ExampleBatches, device: torch.device, batch_size: int,
-             adapter: PersonalAdapter | None = None, meter: RoutingMeter | None = None) -> dict[str, tuple[float, int]]:
+             adapter: PersonalAdapter | None = None, meter: RoutingMeter | None = None,
+             max_examples: int | None = None) -> dict[str, tuple[float, int]]:
     """Summed token loss and token count per domain on the held-out split (of the personalised model
-    when ``adapter`` is given); ``meter`` (if given) counts the routing of the split's tokens."""
+    when ``adapter`` is given); ``meter`` (if given) counts the routing of the split's tokens.
+    ``max_examples`` caps the examples used to a fixed subset (:meth:`ExampleBatches.eval_subset`)."""
     with attached(adapter, model), meter.attached(model) if meter is not None else nullcontext():
-        return _evaluate(model, data, device, batch_size, adapter, meter)
+        return _evaluate(model, data, device, batch_size, adapter, meter, max_examples)
 
 
 def _evaluate(model: nn.Module, data: ExampleBatches, device: torch.device, batch_size: int,
-              adapter: PersonalAdapter | None, meter: RoutingMeter | None) -> dict[str, tuple[float, int]]:
+              adapter: PersonalAdapter | None, meter: RoutingMeter | None,
+              max_examples: int | None = None) -> dict[str, tuple[float, int]]:
     model.eval()
     out: dict[str, tuple[float, int]] = {}
-    for batch, domains in data.iter_eval(batch_size):
+    for batch, domains in data.iter_eval(batch_size, max_examples):
         batch = {k: v.to(device) for k, v in batch.items()}
         if meter is not None:
             meter.mask = batch["attention_mask"].reshape(-1).bool()

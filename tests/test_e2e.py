@@ -273,8 +273,11 @@ def test_silo_with_foreign_ca_certificate_is_refused_and_both_sides_log_why(tmp_
 def test_simulate_stops_at_once_when_a_silo_dies(tmp_path):
     data = load_config(SMOKE).model_dump(mode="json")
     data["run"]["output_dir"] = str(tmp_path / "run")
-    data["data"] = {"builtin": None, "train_file": str(tmp_path / "missing.jsonl"),
-                    "eval_file": str(tmp_path / "missing.jsonl")}
+    # present (the launcher checks that before starting anything) but unreadable as records: each silo
+    # process dies on it while loading its data
+    (tmp_path / "broken.jsonl").write_text("this is not JSON\n")
+    data["data"] = {"builtin": None, "train_file": str(tmp_path / "broken.jsonl"),
+                    "eval_file": str(tmp_path / "broken.jsonl")}
     cfg = tmp_path / "broken.yaml"
     from fcmoe.config import parse_config
 
@@ -286,7 +289,7 @@ def test_simulate_stops_at_once_when_a_silo_dies(tmp_path):
     error = [line for line in proc.stderr.splitlines() if line.startswith("fcmoe: error:")]
     assert len(error) == 1 and "exited with status" in error[0] and ".log" in error[0]
     log_name = error[0].split("see ")[-1]
-    assert "missing.jsonl" in Path(log_name).read_text()
+    assert "broken.jsonl:1" in Path(log_name).read_text()
 
 
 def test_a_second_aggregator_on_a_taken_port_stops_with_one_line_and_touches_nothing(tmp_path, pki,

@@ -35,6 +35,7 @@ class RoundPlan:
     retention_by_importance: bool = False
     personal_adapter: bool = False
     sketch_buckets: int = 0
+    needs_signals: bool = False  # weighs by routing share and reliability: measured on rounds without evaluation too
 
 
 @dataclass(frozen=True)

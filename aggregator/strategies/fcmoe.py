@@ -37,7 +37,7 @@ class FcMoe(Strategy):
         return replace(super().configure_round(round_, local, seed),
                        retention_lambda=s.retention_lambda if s.retention else 0.0,
                        retention_by_importance=s.importance, personal_adapter=s.retention,
-                       sketch_buckets=s.sketch_buckets)
+                       sketch_buckets=s.sketch_buckets, needs_signals=s.importance)
 
     def _weights(self, units: list[str], reports: Mapping[str, SiloReport]) -> tuple[list[str], np.ndarray]:
         s = self.settings

@@ -158,6 +158,9 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+EVAL_SUBSET_SEED = 20_250_601  # fixes which held-out examples a capped evaluation uses (federation.evaluation)
+
+
 class ExampleBatches:
     """A silo's examples, tokenised once, served as random training or ordered eval batches.
 
@@ -211,10 +214,27 @@ class ExampleBatches:
         index = (torch.rand(len(self._pairs), generator=generator) < rate).nonzero().flatten()
         return collate([self._pairs[i] for i in index.tolist()], self._pad_id) if len(index) else None
 
-    def iter_eval(self, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], list[str]]]:
-        """Every example exactly once, in order, as ``(batch, domain of each row)``."""
+    def eval_subset(self, max_examples: int | None = None) -> list[int]:
+        """The examples an evaluation capped at ``max_examples`` uses, in order: all of them when the cap
+        is None or not below the count, else the first ``max_examples`` of one fixed permutation (seed
+        ``EVAL_SUBSET_SEED``, independent of the run): the same subset every round, in every process,
+        so that capped losses stay comparable across rounds, and drawn across domains (held-out files are
+        often sorted by domain, where the first M would be one domain)."""
+        n = len(self._pairs)
+        if max_examples is None or max_examples >= n:
+            return list(range(n))
+        if max_examples < 1:
+            raise DataError(f"max_examples must be >= 1, got {max_examples}")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(EVAL_SUBSET_SEED))
+        return sorted(order[:max_examples].tolist())
+
+    def iter_eval(self, batch_size: int, max_examples: int | None = None
+                  ) -> Iterator[tuple[dict[str, torch.Tensor], list[str]]]:
+        """Every example (of :meth:`eval_subset` when ``max_examples`` is given) exactly once, in order,
+        as ``(batch, domain of each row)``."""
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        for start in range(0, len(self._pairs), batch_size):
-            stop = start + batch_size
-            yield collate(self._pairs[start:stop], self._pad_id), self._domains[start:stop]
+        index = self.eval_subset(max_examples)
+        for start in range(0, len(index), batch_size):
+            rows = index[start:start + batch_size]
+            yield collate([self._pairs[i] for i in rows], self._pad_id), [self._domains[i] for i in rows]
