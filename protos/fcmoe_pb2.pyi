@@ -64,7 +64,7 @@ class TaskRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class TrainInstructions(_message.Message):
-    __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed", "retention_lambda", "retention_by_importance", "sketch_buckets", "secure_mode", "session", "personal_adapter", "skip_evaluation", "needs_signals")
+    __slots__ = ("local_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "prox_mu", "clip_norm", "seed", "retention_lambda", "retention_by_importance", "sketch_buckets", "secure_mode", "session", "personal_adapter", "skip_evaluation", "needs_signals", "silo_projection", "reanchor_lambda", "report_norms")
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,9 @@ class TrainInstructions(_message.Message):
     PERSONAL_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SKIP_EVALUATION_FIELD_NUMBER: _ClassVar[int]
     NEEDS_SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    SILO_PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    REANCHOR_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    REPORT_NORMS_FIELD_NUMBER: _ClassVar[int]
     local_steps: int
     batch_size: int
     grad_accum: int
@@ -97,7 +100,10 @@ class TrainInstructions(_message.Message):
     personal_adapter: bool
     skip_evaluation: bool
     needs_signals: bool
-    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ..., secure_mode: _Optional[str] = ..., session: _Optional[int] = ..., personal_adapter: _Optional[bool] = ..., skip_evaluation: _Optional[bool] = ..., needs_signals: _Optional[bool] = ...) -> None: ...
+    silo_projection: str
+    reanchor_lambda: float
+    report_norms: bool
+    def __init__(self, local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prox_mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., retention_lambda: _Optional[float] = ..., retention_by_importance: _Optional[bool] = ..., sketch_buckets: _Optional[int] = ..., secure_mode: _Optional[str] = ..., session: _Optional[int] = ..., personal_adapter: _Optional[bool] = ..., skip_evaluation: _Optional[bool] = ..., needs_signals: _Optional[bool] = ..., silo_projection: _Optional[str] = ..., reanchor_lambda: _Optional[float] = ..., report_norms: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "round", "layout_hash", "deadline_unix", "train", "message", "upload", "share", "unmask", "decrypt", "check", "agree", "eval_max_examples")
@@ -414,7 +420,7 @@ class TrainStats(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., train_loss_first: _Optional[float] = ..., train_loss_last: _Optional[float] = ..., num_examples: _Optional[int] = ..., eval_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ..., eval_examples: _Optional[int] = ...) -> None: ...
 
 class RoundReport(_message.Message):
-    __slots__ = ("run_id", "round", "layout_hash", "num_examples", "reliability", "units", "routing_share", "sketches", "stats", "evaluation", "advert")
+    __slots__ = ("run_id", "round", "layout_hash", "num_examples", "reliability", "units", "routing_share", "sketches", "stats", "evaluation", "advert", "unit_norm")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -426,6 +432,7 @@ class RoundReport(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     ADVERT_FIELD_NUMBER: _ClassVar[int]
+    UNIT_NORM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     layout_hash: str
@@ -437,7 +444,8 @@ class RoundReport(_message.Message):
     stats: TrainStats
     evaluation: Evaluation
     advert: KeyAdvert
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., num_examples: _Optional[float] = ..., reliability: _Optional[float] = ..., units: _Optional[_Iterable[str]] = ..., routing_share: _Optional[_Iterable[float]] = ..., sketches: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., advert: _Optional[_Union[KeyAdvert, _Mapping]] = ...) -> None: ...
+    unit_norm: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., layout_hash: _Optional[str] = ..., num_examples: _Optional[float] = ..., reliability: _Optional[float] = ..., units: _Optional[_Iterable[str]] = ..., routing_share: _Optional[_Iterable[float]] = ..., sketches: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., stats: _Optional[_Union[TrainStats, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., advert: _Optional[_Union[KeyAdvert, _Mapping]] = ..., unit_norm: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("run_id", "round", "layout_hash", "units", "sizes", "secure_seconds", "payload_sha256", "resume_chunks", "ledger", "contributions", "stage")

@@ -15,7 +15,7 @@ import torch
 from crypto.signed_log import Receipt
 from crypto.sketch import own_agreement, sketch_units
 from fcmoe.config import Config, SiloConfig
-from fcmoe.errors import ConfigError, FcMoeError, PkiError
+from fcmoe.errors import ConfigError, DataError, FcMoeError, PkiError
 from fcmoe.fileio import check_writable_folder
 from fcmoe.logs import log_event
 from fcmoe.signals import StopRequest
@@ -26,13 +26,15 @@ from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.client import AggregatorClient, RpcFailure
 from crypto.secagg import SecAggError, sketch_key
-from silo_agent.data import ByteTokenizer, ExampleBatches, HFTokenizer, Truncation, build_silo_dataset, load_jsonl
+from silo_agent.data import (ByteTokenizer, ExampleBatches, HFTokenizer, Truncation, build_silo_dataset,
+                             count_truncation, encoded_length, load_jsonl)
 from silo_agent.ckks_round import CkksSession
 from silo_agent.distributed import check_world_size, train_distributed
 from silo_agent.dp.importance import norm_shares
 from silo_agent.dp.trainer import DpTrainer
 from silo_agent.masked_round import MaskingSession
 from silo_agent.personal import PersonalAdapter
+from silo_agent.projection import GlobalHistory, ResidualBook, project_units, reanchor
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
 from silo_agent.training import LocalPlan, evaluate, train_locally
@@ -60,10 +62,19 @@ def load_data(config: Config) -> SiloData:
         from silo_agent.data.shakespeare import build_shakespeare_dataset  # parses ~9.5 MB: only when used
         train, held_out = build_shakespeare_dataset(
             silo_index=silo.index, num_silos=silo.num_silos, **data.shakespeare.model_dump())
+    elif data.labelskew is not None:
+        from silo_agent.data.classification import build_labelskew_dataset
+        train, held_out = build_labelskew_dataset(
+            silo_index=silo.index, num_silos=silo.num_silos, **data.labelskew.model_dump())
     else:
         assert data.train_file is not None and data.eval_file is not None
         train, held_out = load_jsonl(data.train_file), load_jsonl(data.eval_file)
     tokenizer = ByteTokenizer() if config.model.source == "builtin" else HFTokenizer(config.model.path)
+    for name, examples in ((("train", train), ("held_out", held_out)) if data.labelskew is not None else ()):
+        cut = count_truncation([encoded_length(tokenizer, e) for e in examples], data.max_length)
+        if cut.cut:  # a cut classification record loses its label word
+            raise DataError(f"data.labelskew: {cut.cut} {name} record(s) longer than data.max_length={data.max_length} "
+                            f"would lose their label; set max_length to {cut.longest}")
     splits = {name: ExampleBatches(examples, tokenizer, data.max_length)
               for name, examples in (("train", train), ("held_out", held_out))}
     for name, batches in splits.items():
@@ -171,6 +182,9 @@ class SiloAgent:
         self.last_reliability: float | None = None  # measured in the last round that evaluated (federation.evaluation)
         self.evaluated_examples = 0  # held-out examples run through a model so far (every pass), for the reports
         self.adapter: PersonalAdapter | None = None  # retention: this silo's personal adapter, never uploaded
+        # silo-side projection (FC-MoE's paper variant): the last two globals (their difference is the
+        # consensus direction) and what the projection removed per round (re-anchored next round)
+        self.globals_seen, self.residuals = GlobalHistory(), ResidualBook()
         self.pending: TrainedRound | None = None  # trained and reported, not uploaded yet
         self.weighted_sketches: dict[str, np.ndarray] = {}  # FC-MoE: this round's w * sketch, to score against the sum
         self.trained: TrainedRound | None = None
@@ -214,6 +228,7 @@ class SiloAgent:
     def _forget_run(self) -> None:
         self.local_units = self.local_shares = self.adapter = self.pending = self.trained = self.secure = None
         self.last_reliability = None
+        self.globals_seen, self.residuals = GlobalHistory(), ResidualBook()
         self.refused_session = self.run_secret = self.ckks_context = None
 
     def handle(self, task: pb.Task) -> int | None:
@@ -375,6 +390,9 @@ class SiloAgent:
         """Evaluate the global model, train from it (under DP when configured: the ledger records the
         release first), evaluate the result; the round's report without key advert. None: declined."""
         t = task.train
+        if t.silo_projection not in ("", "previous_global"):
+            self._decline(task, f"silo_projection {t.silo_projection!r} is unknown to this silo (previous_global is)")
+            return None
         privacy = None
         if self.dp is not None:
             privacy = self.dp.plan(t.batch_size, t.local_steps, self.data.num_train, self.total_rounds)
@@ -402,6 +420,12 @@ class SiloAgent:
             scale = importance_scale(self.local_shares) if t.retention_by_importance and self.local_shares else None
             start_units = anchor(global_units, self.local_units, t.retention_lambda, scale)
             self._load(start_units)
+        if t.reanchor_lambda > 0 and (residual := self.residuals.before(task.round)) is not None:
+            # the paper's re-anchoring: what silo-side projection removed last time, lambda of it
+            start_units = reanchor(start_units, residual, t.reanchor_lambda)
+            self._load(start_units)
+            log_event(log, "reanchored", round=task.round, lam=t.reanchor_lambda,
+                      residual_norm=round(sum(float(np.linalg.norm(r)) for r in residual.values()), 6))
         adapter = self._personal_adapter(t, task.round)
         plan = LocalPlan(local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=max(1, t.grad_accum),
                          learning_rate=t.learning_rate, weight_decay=t.weight_decay, prox_mu=t.prox_mu,
@@ -425,6 +449,9 @@ class SiloAgent:
         self.local_units = self.layout.split(trainable_state(self.model))
         # What this round taught the silo; the retained residual (start - global) stays here.
         deltas, norms = clip_units(unit_deltas(self.local_units, start_units), t.clip_norm)
+        unit_norm = {u: float(np.linalg.norm(d.astype(np.float64))) for u, d in deltas.items()}  # before projecting
+        if t.silo_projection:
+            deltas = self._project(task.round, global_units, deltas, t.silo_projection)
         # Under DP the released importance is post-processing of the privatised delta (dp/importance.py)
         self.local_shares = norm_shares(deltas) if privacy is not None else self.meter.shares(self.layout)
         if self.dp is not None and privacy is not None:
@@ -446,12 +473,27 @@ class SiloAgent:
                                 download_seconds=download_seconds,
                                 eval_examples=self.evaluated_examples - examples_before),
             evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(personal_eval)),
+            unit_norm=[unit_norm[u] for u in self.specs] if t.report_norms else [],
         )
         log_event(log, "trained", round=task.round, global_loss=_mean_loss(global_eval), local_loss=_mean_loss(personal_eval),
                   reliability=round(rel, 4), train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()),
                   evaluated=not skip, eval_examples=self.evaluated_examples - examples_before,
                   reliability_reused=not measure_reliability)
         return TrainedRound(key, deltas, report, t.clip_norm, retrain=retrain)
+
+    def _project(self, round_: int, global_units: dict[str, np.ndarray], deltas: dict[str, np.ndarray],
+                 consensus: str) -> dict[str, np.ndarray]:
+        """Silo-side projection: each unit's delta that opposes the consensus direction loses its component
+        along it (before masking, so exactly); the removed part stays here for re-anchoring."""
+        self.globals_seen.keep(round_ - 1, global_units)
+        direction, since = self.globals_seen.direction(round_ - 1)
+        kept, removed = project_units(deltas, direction)
+        self.residuals.keep(round_, removed)
+        removed_norm = {u: float(np.linalg.norm(r.astype(np.float64))) for u, r in removed.items()}
+        log_event(log, "silo_projection", round=round_, consensus=consensus, since_version=since,
+                  projected=sum(n > 0 for n in removed_norm.values()), units=len(removed_norm),
+                  removed_norm=round(sum(removed_norm.values()), 6))
+        return kept
 
     def _decline(self, task: pb.Task, reason: str) -> None:
         self.refused_session = task.train.session

@@ -36,6 +36,9 @@ class RoundPlan:
     personal_adapter: bool = False
     sketch_buckets: int = 0
     needs_signals: bool = False  # weighs by routing share and reliability: measured on rounds without evaluation too
+    silo_projection: str = ""  # FC-MoE projection_side silo: the consensus direction silos project against
+    reanchor_lambda: float = 0.0  # ... and how much of what it removed each silo re-anchors next round
+    report_norms: bool = False  # silos report each unit's clipped delta norm (importance_measure activation_norm)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class SiloReport:
     num_examples: float
     reliability: float
     routing_share: Mapping[str, float]
+    unit_norm: Mapping[str, float] | None = None  # only when the round asked for it (RoundPlan.report_norms)
 
 
 class Strategy(ABC):

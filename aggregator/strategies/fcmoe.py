@@ -6,7 +6,9 @@ against the unmasked sum of the importance-weighted sketches and sends only that
 groups; coefficients alpha = w * phi(agreement). On the exact group sums, a conflict sum that opposes
 the consensus sum is projected onto its normal plane before the two are combined. Silos keep a
 personal adapter that learns their residual over the global model (retention, silo side,
-silo_agent/personal.py). Each mechanism can be switched off for ablations; with all three off this is
+silo_agent/personal.py). The paper's own variants are options (docs/algorithm.md): importance from
+routing share x update norm, and projection on the silo side against the last global update, with the
+removed part re-anchored. Each mechanism can be switched off for ablations; with all three off this is
 FedAvg with keyed sketches computed and ignored.
 """
 
@@ -32,16 +34,36 @@ class FcMoe(Strategy):
         self.settings = settings
         self.min_group_size = min_group_size
 
+    @property
+    def silo_side(self) -> bool:
+        """The paper's variant: silos project their own deltas (silo_agent/projection.py), so the aggregator
+        neither groups nor projects, and needs no sketches for it."""
+        return self.settings.projection and self.settings.projection_side == "silo"
+
+    @property
+    def activation_norm(self) -> bool:
+        return self.settings.importance and self.settings.importance_measure == "activation_norm"
+
     def configure_round(self, round_: int, local: LocalTrainingConfig, seed: int) -> RoundPlan:
         s = self.settings
         return replace(super().configure_round(round_, local, seed),
                        retention_lambda=s.retention_lambda if s.retention else 0.0,
                        retention_by_importance=s.importance, personal_adapter=s.retention,
-                       sketch_buckets=s.sketch_buckets, needs_signals=s.importance)
+                       sketch_buckets=0 if self.silo_side else s.sketch_buckets, needs_signals=s.importance,
+                       silo_projection=s.consensus_direction if self.silo_side else "",
+                       reanchor_lambda=s.reanchor_lambda if self.silo_side else 0.0,
+                       report_norms=self.activation_norm)
 
     def _weights(self, units: list[str], reports: Mapping[str, SiloReport]) -> tuple[list[str], np.ndarray]:
         s = self.settings
         silos = sorted(reports)
+        if self.activation_norm:
+            missing = [x for x in silos if reports[x].unit_norm is None]
+            if missing:
+                raise ValueError(f"importance_measure activation_norm: no unit norms from {missing}")
+            share = np.array([[reports[x].routing_share[u] for u in units] for x in silos])
+            norm = np.array([[reports[x].unit_norm[u] for u in units] for x in silos])
+            return silos, consensus.normalise(consensus.activation_norm_importance(share, norm))
         n = np.array([reports[x].num_examples for x in silos])
         rel = consensus.reliability_weight([reports[x].reliability for x in silos], s.reliability_floor,
                                            s.reliability_saturation)
@@ -67,7 +89,7 @@ class FcMoe(Strategy):
             w = weights[:, j]
             # a silo that sent no sketch (none asked for, or it dropped out of the sketch stage) agrees
             score = np.array([agreement.get(x, {}).get(unit, 1.0) for x in silos])
-            if s.projection:
+            if s.projection and not self.silo_side:
                 groups = consensus.partition(score, self.min_group_size, s.conflict_threshold)
                 factors = consensus.phi(score, s.phi_floor)
             else:
@@ -81,4 +103,4 @@ class FcMoe(Strategy):
         return Coefficients(alpha, group)
 
     def combine(self, unit: str, groups: Mapping[int, GroupSum]) -> np.ndarray:
-        return combine(groups, project=self.settings.projection)
+        return combine(groups, project=self.settings.projection and not self.silo_side)
