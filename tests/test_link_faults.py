@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -38,14 +39,19 @@ class CuttingProxy:
         self.upstream = 0  # client -> aggregator bytes forwarded
         self.cut_at: int | None = None
         self.refuse_after = False
+        self.before_cut: Callable[[], bool] | None = None
         self.cuts = 0
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def arm(self, after_bytes: int, refuse_after: bool = False) -> None:
+    def arm(self, after_bytes: int, refuse_after: bool = False,
+            before_cut: Callable[[], bool] | None = None) -> None:
+        """``before_cut``: once the bytes are through, hold the link (nothing more forwarded) until it
+        holds, then cut; e.g. until the aggregator is reading the stream, which on a loaded machine may
+        start after the bytes arrived (a stream cut before its handler runs is simply never seen)."""
         with self._lock:
-            self.cut_at, self.refuse_after = self.upstream + after_bytes, refuse_after
+            self.cut_at, self.refuse_after, self.before_cut = self.upstream + after_bytes, refuse_after, before_cut
 
     def _accept(self) -> None:
         while True:
@@ -73,6 +79,9 @@ class CuttingProxy:
                         self.upstream += len(data)
                         cut = self.cut_at is not None and self.upstream >= self.cut_at
                     if cut:
+                        end = time.monotonic() + 30
+                        while self.before_cut is not None and not self.before_cut() and time.monotonic() < end:
+                            time.sleep(0.01)
                         self._cut()
                         return
         except OSError:
@@ -144,7 +153,8 @@ def test_an_upload_cut_mid_stream_resumes_after_the_last_chunk_the_aggregator_ho
         chunks = len(list(codec.encode({u: np.zeros(s.shape, np.float32) for u, s in driver.agents[0].specs.items()},
                                        CHUNK)))
         assert chunks >= 8
-        proxy.arm(after_bytes=payload * 3 // 4)
+        # cut once the aggregator reads silo0's stream (it then holds some chunks to resume after)
+        proxy.arm(after_bytes=payload * 3 // 4, before_cut=lambda: "silo0" in agg.coordinator._uploading)
         driver.run_until(K.UPLOAD, 1, answered=1)  # silo0's upload: cut halfway, then resumed
         driver.finish()
     finally:
