@@ -34,7 +34,7 @@ from silo_agent.dp.importance import norm_shares
 from silo_agent.dp.trainer import DpTrainer
 from silo_agent.masked_round import MaskingSession
 from silo_agent.personal import PersonalAdapter
-from silo_agent.projection import GlobalHistory, ResidualBook, project_units, reanchor
+from silo_agent.projection import GlobalHistory, ResidualBook, instruction_refusal, project_units, reanchor
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
 from silo_agent.training import LocalPlan, evaluate, train_locally
@@ -390,8 +390,9 @@ class SiloAgent:
         """Evaluate the global model, train from it (under DP when configured: the ledger records the
         release first), evaluate the result; the round's report without key advert. None: declined."""
         t = task.train
-        if t.silo_projection not in ("", "previous_global"):
-            self._decline(task, f"silo_projection {t.silo_projection!r} is unknown to this silo (previous_global is)")
+        refusal = instruction_refusal(t.silo_projection, t.reanchor_lambda)
+        if refusal is not None:
+            self._decline(task, refusal)
             return None
         privacy = None
         if self.dp is not None:

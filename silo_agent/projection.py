@@ -20,6 +20,20 @@ from collections.abc import Mapping
 import numpy as np
 
 
+CONSENSUS_DIRECTIONS = ("previous_global",)
+
+
+def instruction_refusal(silo_projection: str, reanchor_lambda: float) -> str | None:
+    """Why a silo declines the round's projection settings, or None. They come from the aggregator:
+    an unknown direction, or a re-anchoring factor outside [0, 1] (which would push the silo's start
+    away from the global model by more than it ever projected away), is refused, never trusted."""
+    if silo_projection and silo_projection not in CONSENSUS_DIRECTIONS:
+        return f"silo_projection {silo_projection!r} is unknown to this silo ({', '.join(CONSENSUS_DIRECTIONS)} is)"
+    if not 0.0 <= reanchor_lambda <= 1.0:  # also refuses NaN
+        return f"reanchor_lambda {reanchor_lambda!r} outside [0, 1]"
+    return None
+
+
 def project_against(delta: np.ndarray, direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(kept, removed)`` of one unit's delta against a consensus direction; ``kept + removed = delta``.
 

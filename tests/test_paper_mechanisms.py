@@ -245,3 +245,14 @@ def test_silo_side_projection_and_reanchoring_in_process(tmp_path, caplog, mode)
     assert any(float(p["residual_norm"]) > 0 for p in reanchored)  # the removed part came back next round
     # no sketch stage: the consensus is known to every silo
     assert all(not s.get("sketch_bytes") for s in rows[1]["silos"].values())
+
+
+def test_a_silo_refuses_projection_settings_it_should_not_trust():
+    """The aggregator sends these settings; a malicious one could ask for a direction the silo cannot
+    compute or a re-anchoring factor that throws its start far from the global model."""
+    from silo_agent.projection import instruction_refusal
+
+    assert instruction_refusal("", 0.0) is None and instruction_refusal("previous_global", 0.5) is None
+    assert "unknown to this silo" in instruction_refusal("sketch_sum", 0.5)
+    for bad in (-0.1, 1.5, 100.0, float("nan")):
+        assert "outside [0, 1]" in instruction_refusal("previous_global", bad)
