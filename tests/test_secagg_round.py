@@ -40,15 +40,20 @@ def _run(tmp_path, mode: str, drop_at_upload=frozenset(), silo_configs=None, **f
 
 FINAL_PHASE = {"masking": "UNMASK", "ckks": "DECRYPT"}
 TOLERANCE = {"masking": 1e-5, "ckks": 1e-4}  # fixed-point rounding; CKKS noise and release rounding
+ROUNDS = {"masking": 2, "ckks": 1}
 
 
 @pytest.mark.parametrize("mode", ["masking", "ckks"])
 def test_a_secure_round_gives_the_plaintext_global_model(tmp_path, mode):
-    plain, _ = _run(tmp_path, "none", rounds=2)
-    secure, tasks = _run(tmp_path, mode, rounds=2)
+    # ckks: one round. Every decryption floods fresh noise (sigma ~7e-6, crypto/ckks.py), and a second
+    # round's local training amplifies the first's beyond any fixed tolerance (~1e-3 seen), so the
+    # equality with plaintext is exact only for the round that decrypts
+    rounds = ROUNDS[mode]
+    plain, _ = _run(tmp_path, "none", rounds=rounds)
+    secure, tasks = _run(tmp_path, mode, rounds=rounds)
     assert plain.machine.succeeded and secure.machine.succeeded
-    assert all(t.count("SHARE") == 2 for t in tasks.values())
-    assert sum(t.count(FINAL_PHASE[mode]) for t in tasks.values()) == (8 if mode == "masking" else 2)
+    assert all(t.count("SHARE") == rounds for t in tasks.values())
+    assert sum(t.count(FINAL_PHASE[mode]) for t in tasks.values()) == rounds * (4 if mode == "masking" else 1)
     for unit, value in plain.global_units.items():
         np.testing.assert_allclose(secure.global_units[unit], value, atol=TOLERANCE[mode], rtol=0)
     assert secure.metrics.rows()[1]["aggregator_secure_seconds"] > 0
