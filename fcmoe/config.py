@@ -296,7 +296,7 @@ class FcMoeConfig(_Strict):
 
 
 class StrategyConfig(_Strict):
-    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "local", "fcmoe"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "local", "fcmoe", "fedmoe"] = "fedavg"
     server_lr: float = Field(1.0, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -460,6 +460,9 @@ class SiloConfig(_Strict):
         1, ge=1,
         description="processes that share each round's local training (torch.distributed: gloo on CPU, NCCL with "
                     "one GPU per process on CUDA); the update equals one process's")
+    measure_conflict: bool = Field(
+        False, description="log per round how many of this silo's expert updates oppose the previous global update "
+        "(cosine < 0; event update_conflict): a diagnostic of conflicting silos; keeps two global models in memory")
     save: Literal["none", "final", "every_round"] = Field(
         "final", description="keep this silo's trained (and personalised) model in run.output_dir/silo-NAME: "
         "final/ when the run ends, also round-NNNN/ after each round with every_round (`fcmoe export`)")
@@ -486,8 +489,10 @@ class SimulationConfig(_Strict):
     silo_dp: DpConfig = Field(DpConfig(), description="every simulated silo's DP settings; ledgers under output_dir/ledgers")
 
 
-BENCH_METHODS = ("fedavg", "fedprox", "fedadam", "local", "fcmoe",
-                 "fcmoe-no-importance", "fcmoe-no-projection", "fcmoe-no-retention")
+BENCH_METHODS = ("fedavg", "fedprox", "fedavgm", "fedadam", "local", "fedmoe", "fcmoe",
+                 "fcmoe-no-importance", "fcmoe-no-projection", "fcmoe-no-retention",
+                 "fcmoe-paper", "fcmoe-paper-no-importance", "fcmoe-paper-no-projection", "fcmoe-paper-no-reanchor",
+                 "fcmoe-paper-adapter")
 
 
 class BenchmarkSetting(_Strict):
@@ -500,6 +505,11 @@ class BenchmarkSetting(_Strict):
     domains: list[str] = ["shift_up", "shift_down", "copy", "reverse"]
     shakespeare: ShakespeareDataConfig | None = Field(
         None, description="this setting's Shakespeare silos instead of the built-in domains (its seed follows the run's)")
+    labelskew: LabelSkewDataConfig | None = Field(
+        None, description="this setting's label-skew classification silos (its seed follows the run's); the "
+        "benchmark then reports accuracy as well as loss")
+    methods: list[Literal[BENCH_METHODS]] | None = Field(  # type: ignore[valid-type]
+        None, description="this setting runs only these of benchmark.methods (default: all)")
 
 
 class UpcycleRecipe(_Strict):
@@ -512,6 +522,20 @@ class UpcycleRecipe(_Strict):
     seed: int = 0
 
 
+class PretrainRecipe(_Strict):
+    """How a benchmark makes ``model.path`` when it does not exist yet: a built-in MoE trained on every
+    parameter on the first label-skew setting's passages without labels (benches/pretrained_moe.py)."""
+
+    builtin: BuiltinModelConfig = BuiltinModelConfig(num_experts=8, top_k=1)
+    steps: int = Field(600, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    seed: int = Field(0, ge=0)
+    held_out_seeds: int = Field(
+        3, gt=0, description="test passages of the benchmark's seeds 0..N-1 stay out of the text; --seeds may not "
+        "exceed it")
+
+
 class BenchmarkConfig(_Strict):
     """benches/convergence.py: every method on every setting, same data, steps and learning rates."""
 
@@ -520,6 +544,18 @@ class BenchmarkConfig(_Strict):
     fedadam_server_lr: float = Field(0.03, gt=0, description="FedAdam's own server step (FedAvg's is 1)")
     workers: int = Field(2, gt=0)
     upcycle: UpcycleRecipe | None = None
+    pretrain: PretrainRecipe | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "BenchmarkConfig":
+        if self.upcycle is not None and self.pretrain is not None:
+            raise ValueError("benchmark.upcycle and benchmark.pretrain both make model.path: choose one")
+        if self.pretrain is not None and not any(s.labelskew is not None for s in self.settings):
+            raise ValueError("benchmark.pretrain trains on a labelskew setting's text: add a setting with labelskew")
+        for setting in self.settings:
+            if setting.shakespeare is not None and setting.labelskew is not None:
+                raise ValueError(f"benchmark setting {setting.name!r}: shakespeare or labelskew data, not both")
+        return self
 
 
 class Config(_Strict):

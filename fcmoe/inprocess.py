@@ -130,7 +130,7 @@ class InProcessTransport:
 
 def run_in_process(aggregator_config: Config, silo_configs: list[Config],
                    absent: Callable[[str, pb.Task], bool] | None = None, *, run_id: str | None = None,
-                   run_secret: bytes | None = None) -> Coordinator:
+                   run_secret: bytes | None = None, agents: list[SiloAgent] | None = None) -> Coordinator:
     """Run a whole federation in this process and thread; returns the finished coordinator.
 
     Silos take turns (deterministic, and safe: PEFT's parameter wrappers are not thread-safe across
@@ -139,11 +139,12 @@ def run_in_process(aggregator_config: Config, silo_configs: list[Config],
     ``run_id`` fixes FC-MoE's sketch keys too (they are bound to it), so that a run is repeatable;
     under masking they are bound to the run secret a silo draws at random as well: with ``run_secret``
     every silo starts out holding that one (none is dealt), to repeat a given run exactly.
+    ``agents``, when given, receives the silo agents, for a caller that reads their state afterwards.
     """
     # its silos are new objects every time: always a new run (an earlier one's checkpoints are moved aside)
     fresh = aggregator_config.aggregator.model_copy(update={"resume": False})
     coordinator = build_coordinator(aggregator_config.model_copy(update={"aggregator": fresh}), run_id=run_id)
-    agents = []
+    agents = [] if agents is None else agents
     for config in silo_configs:
         assert config.silo is not None
         agents.append(SiloAgent(config, transport=InProcessTransport(coordinator, config.silo.name)))

@@ -26,15 +26,16 @@ from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.client import AggregatorClient, RpcFailure
 from crypto.secagg import SecAggError, sketch_key
-from silo_agent.data import (ByteTokenizer, ExampleBatches, HFTokenizer, Truncation, build_silo_dataset,
-                             count_truncation, encoded_length, load_jsonl)
+from silo_agent.data import (ExampleBatches, Truncation, build_silo_dataset, count_truncation, encoded_length,
+                             load_jsonl, tokenizer_for)
 from silo_agent.ckks_round import CkksSession
 from silo_agent.distributed import check_world_size, train_distributed
 from silo_agent.dp.importance import norm_shares
 from silo_agent.dp.trainer import DpTrainer
 from silo_agent.masked_round import MaskingSession
 from silo_agent.personal import PersonalAdapter
-from silo_agent.projection import GlobalHistory, ResidualBook, instruction_refusal, project_units, reanchor
+from silo_agent.projection import (GlobalHistory, ResidualBook, instruction_refusal, opposed_units, project_units,
+                                   reanchor)
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
 from silo_agent.training import LocalPlan, evaluate, train_locally
@@ -69,7 +70,7 @@ def load_data(config: Config) -> SiloData:
     else:
         assert data.train_file is not None and data.eval_file is not None
         train, held_out = load_jsonl(data.train_file), load_jsonl(data.eval_file)
-    tokenizer = ByteTokenizer() if config.model.source == "builtin" else HFTokenizer(config.model.path)
+    tokenizer = tokenizer_for(config.model)
     for name, examples in ((("train", train), ("held_out", held_out)) if data.labelskew is not None else ()):
         cut = count_truncation([encoded_length(tokenizer, e) for e in examples], data.max_length)
         if cut.cut:  # a cut classification record loses its label word
@@ -185,6 +186,7 @@ class SiloAgent:
         # silo-side projection (FC-MoE's paper variant): the last two globals (their difference is the
         # consensus direction) and what the projection removed per round (re-anchored next round)
         self.globals_seen, self.residuals = GlobalHistory(), ResidualBook()
+        self.conflicts: dict[int, tuple[int, int]] = {}  # silo.measure_conflict: round -> (opposed, compared)
         self.pending: TrainedRound | None = None  # trained and reported, not uploaded yet
         self.weighted_sketches: dict[str, np.ndarray] = {}  # FC-MoE: this round's w * sketch, to score against the sum
         self.trained: TrainedRound | None = None
@@ -229,6 +231,7 @@ class SiloAgent:
         self.local_units = self.local_shares = self.adapter = self.pending = self.trained = self.secure = None
         self.last_reliability = None
         self.globals_seen, self.residuals = GlobalHistory(), ResidualBook()
+        self.conflicts = {}
         self.refused_session = self.run_secret = self.ckks_context = None
 
     def handle(self, task: pb.Task) -> int | None:
@@ -451,6 +454,8 @@ class SiloAgent:
         # What this round taught the silo; the retained residual (start - global) stays here.
         deltas, norms = clip_units(unit_deltas(self.local_units, start_units), t.clip_norm)
         unit_norm = {u: float(np.linalg.norm(d.astype(np.float64))) for u, d in deltas.items()}  # before projecting
+        if self.silo.measure_conflict:
+            self._measure_conflict(task.round, global_units, deltas)
         if t.silo_projection:
             deltas = self._project(task.round, global_units, deltas, t.silo_projection)
         # Under DP the released importance is post-processing of the privatised delta (dp/importance.py)
@@ -481,6 +486,16 @@ class SiloAgent:
                   evaluated=not skip, eval_examples=self.evaluated_examples - examples_before,
                   reliability_reused=not measure_reliability)
         return TrainedRound(key, deltas, report, t.clip_norm, retrain=retrain)
+
+    def _measure_conflict(self, round_: int, global_units: dict[str, np.ndarray],
+                          deltas: dict[str, np.ndarray]) -> None:
+        """silo.measure_conflict: how many expert updates oppose the previous global update."""
+        self.globals_seen.keep(round_ - 1, global_units)
+        direction, since = self.globals_seen.direction(round_ - 1)
+        experts = [str(k) for k in self.layout.units if k.is_expert]
+        opposed, compared = opposed_units(deltas, direction, experts)
+        self.conflicts[round_] = (opposed, compared)
+        log_event(log, "update_conflict", round=round_, opposed=opposed, compared=compared, since_version=since)
 
     def _project(self, round_: int, global_units: dict[str, np.ndarray], deltas: dict[str, np.ndarray],
                  consensus: str) -> dict[str, np.ndarray]:

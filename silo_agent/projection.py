@@ -15,7 +15,7 @@ The aggregator-side variant (projection of group sums) is aggregator/projection.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -50,6 +50,26 @@ def project_against(delta: np.ndarray, direction: np.ndarray) -> tuple[np.ndarra
     removed = ((dot / norm2) * d64).reshape(x.shape)
     kept = x.astype(np.float64) - removed
     return kept.astype(dtype), removed.astype(dtype)
+
+
+def opposed_units(deltas: Mapping[str, np.ndarray], directions: Mapping[str, np.ndarray] | None,
+                  units: Sequence[str] | None = None) -> tuple[int, int]:
+    """``(opposed, compared)``: of ``units`` (default all) with a non-zero delta and direction, how many
+    deltas have a negative cosine with their direction -- the updates silo-side projection would
+    project. A diagnostic of how much a round's updates conflict, whatever the strategy."""
+    if directions is None:
+        return 0, 0
+    opposed = compared = 0
+    for unit in deltas if units is None else units:
+        d = directions.get(unit)
+        if d is None:
+            continue
+        x64, d64 = np.asarray(deltas[unit], dtype=np.float64).reshape(-1), np.asarray(d, dtype=np.float64).reshape(-1)
+        if not x64.any() or not d64.any():
+            continue
+        compared += 1
+        opposed += int(float(x64 @ d64) < 0)
+    return opposed, compared
 
 
 def project_units(deltas: Mapping[str, np.ndarray], directions: Mapping[str, np.ndarray] | None

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -78,3 +79,72 @@ def test_convergence_summary_counts_rounds_to_fedavgs_final_losses():
     targets = check_targets({"s": res})["s"]
     assert targets["global_le_fedavg"] and targets["personalised_10pct_below_fedavg"]
     assert targets["rounds_ratio"] == 0.75 and not targets["rounds_ratio_le_0.7"]
+
+
+def test_convergence_bench_in_the_paper_setting_reports_accuracy_and_conflicts(tmp_path):
+    """configs/bench_labelskew.yaml's contract at toy size: the pre-training step (recorded, with routing
+    entropy per label), global accuracy per version, local accuracy, conflict fraction, the targets."""
+    from fcmoe.config import dump_config, load_config, parse_config
+
+    data = load_config(ROOT / "configs" / "bench_labelskew.yaml").model_dump(mode="json")
+    data["model"]["path"] = str(tmp_path / "model")
+    data["run"]["output_dir"] = str(tmp_path / "run")
+    data["federation"].update({"rounds": 2, "min_silos": 3, "local": {"local_steps": 1, "batch_size": 4,
+                                                                      "learning_rate": 0.002, "clip_norm": 0.0}})
+    setting = data["benchmark"]["settings"][0]
+    setting.update({"name": "toy", "silos": 3})
+    setting["labelskew"].update({"alpha": 0.5, "examples_per_silo": 12, "test_examples_per_label": 4})
+    data["benchmark"].update({"settings": [setting], "workers": 1,
+                              "methods": ["fedavg", "fedmoe", "fcmoe-paper"]})
+    data["benchmark"]["pretrain"].update({"steps": 5, "held_out_seeds": 1})
+    config = tmp_path / "bench.yaml"
+    dump_config(parse_config(data), config)
+    command = [sys.executable, "-m", "benches.convergence", "--config", str(config), "--json"]
+    refused = subprocess.run(command + ["--seeds", "2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert refused.returncode == 2 and "held_out_seeds" in refused.stderr and "Traceback" not in refused.stderr
+    proc = subprocess.run(command + ["--seeds", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    record = json.loads((tmp_path / "model" / "pretrain.json").read_text())
+    assert record["steps"] == 5 and record["left_out_for_tests"] > 0 and record["loss_after"] < record["loss_before"]
+    for layer in record["routing_entropy"]["layers"].values():
+        assert set(layer["per_label"]) == {"comedy", "history", "tragedy"}
+        assert -1e-9 <= layer["mutual_information"] <= layer["all_labels"] <= layer["uniform"] + 1e-9
+    res = result["results"]["toy"]
+    assert set(res) == {"fedavg", "fedmoe", "fcmoe-paper"} and result["all_runs_completed"]
+    for method in res.values():
+        assert 0 <= method["final_global_accuracy"] <= 1 and 0 <= method["mean_local_accuracy"] <= 1
+        assert method["global_accuracy_spread"] == 0.0  # one seed
+        assert len(method["conflict_fraction_by_round"]) == 3  # rounds 1, 2 and the final evaluation
+        assert method["conflict_fraction_by_round"][0] is None  # no previous global update in round 1
+        assert 0 <= method["conflict_fraction_by_round"][1] <= 1
+    targets = result["targets"]["toy"]["fcmoe-paper"]
+    assert set(targets) >= {"global_above_by_more_than_spread", "local_above_fedavg", "rounds_ratio_le_0.7"}
+    assert (tmp_path / "run" / "convergence.png").stat().st_size > 0
+
+
+def test_accuracy_summary_and_targets_by_hand():
+    """Accuracy curves over versions (0 = the start), rounds to FedAvg's final accuracy, spread, targets."""
+    from benches.convergence import check_targets, summarise
+
+    def run(method, seed, accuracy, local, conflict):
+        return {"setting": "s", "method": method, "seed": seed, "ok": True, "seconds": 1.0, "global": [1.0] * 3,
+                "local": [1.0] * 3, "global_by_domain": {}, "local_by_domain": {}, "global_accuracy": accuracy,
+                "local_accuracy": local, "conflict": conflict}
+
+    runs = [run("fedavg", 0, [0.3, 0.5, 0.6], {"a": 0.5, "b": 0.7}, [None, 0.2, 0.4]),
+            run("fedavg", 1, [0.3, 0.4, 0.5], {"a": 0.5, "b": 0.5}, [None, 0.1, 0.3]),
+            run("fcmoe", 0, [0.3, 0.6, 0.8], {"a": 0.9, "b": 0.7}, [None, 0.0, 0.2]),
+            run("fcmoe", 1, [0.3, 0.5, 0.7], {"a": 0.6, "b": 0.6}, [None, 0.1, None])]
+    res = summarise(runs, ["fedavg", "fcmoe"], ["s"])["s"]
+    fa, fc = res["fedavg"], res["fcmoe"]
+    assert fa["final_global_accuracy"] == pytest.approx(0.55) and fc["final_global_accuracy"] == pytest.approx(0.75)
+    assert fa["global_accuracy_spread"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert fa["mean_local_accuracy"] == pytest.approx(0.55) and fc["mean_local_accuracy"] == pytest.approx(0.7)
+    assert fc["rounds_to_fedavg_final_accuracy_per_seed"] == [1, 1]  # 0.6 >= 0.6, 0.5 >= 0.5
+    assert fa["rounds_to_fedavg_final_accuracy_per_seed"] == [2, 2]
+    assert fc["conflict_fraction_by_round"] == [None, pytest.approx(0.05), pytest.approx(0.2)]
+    assert fc["conflict_fraction"] == pytest.approx(0.1)  # 0.0, 0.2, 0.1
+    targets = check_targets({"s": res})["s"]["fcmoe"]
+    assert targets["global_accuracy_gap"] == pytest.approx(0.2) and targets["global_above_by_more_than_spread"]
+    assert targets["local_above_fedavg"] and targets["rounds_ratio"] == 0.5 and targets["rounds_ratio_le_0.7"]

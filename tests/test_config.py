@@ -23,7 +23,7 @@ def test_shipped_configs_validate(path):
         ({"federation": {"rounds": 0}}, "federation.rounds = 0: Input should be greater than 0"),
         ({"federation": {"roundz": 3}}, "federation.roundz: unknown key (allowed: rounds, min_silos"),
         ({"federation": {"strategy": {"name": "fedsgd"}}},
-         "federation.strategy.name = 'fedsgd': Input should be 'fedavg', 'fedprox', 'fedavgm', 'fedadam', 'local' or 'fcmoe'"),
+         "federation.strategy.name = 'fedsgd': Input should be 'fedavg', 'fedprox', 'fedavgm', 'fedadam', 'local', 'fcmoe' or 'fedmoe'"),
         ({"model": {"trainable": {"mode": "qlora"}}}, "model.trainable.mode = 'qlora': Input should be 'lora' or 'full'"),
         ({"model": {"source": "local"}}, "needs model.path"),
         ({"model": {"builtin": {"num_experts": 2, "top_k": 3}}}, "top_k=3 exceeds num_experts=2"),

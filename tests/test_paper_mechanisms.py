@@ -17,7 +17,8 @@ from aggregator.consensus import CONFLICT, CONSENSUS
 from aggregator.coordinator import norm_refusal
 from aggregator.strategies import FcMoe, SiloReport
 from fcmoe.config import FcMoeConfig, LocalTrainingConfig
-from silo_agent.projection import GlobalHistory, ResidualBook, project_against, project_units, reanchor
+from silo_agent.projection import (GlobalHistory, ResidualBook, opposed_units, project_against, project_units,
+                                   reanchor)
 
 
 # --- silo-side projection --------------------------------------------------------------------------
@@ -208,6 +209,20 @@ def test_unit_norms_in_a_report_are_checked():
     assert norm_refusal([0.5, 1.5], 2, 0.0) is None  # no clip, no ceiling
 
 
+def test_opposed_units_count_the_updates_with_a_negative_cosine_by_hand():
+    deltas = {"a": np.array([1.0, 0.0]), "b": np.array([-1.0, 0.5]), "c": np.array([0.0, 0.0]),
+              "d": np.array([0.0, 2.0]), "e": np.array([-3.0, -1.0])}
+    directions = {"a": np.array([1.0, 1.0]), "b": np.array([1.0, 1.0]), "c": np.array([1.0, 0.0]),
+                  "d": np.array([1.0, 0.0]), "e": np.array([0.0, 0.0])}
+    # a: cos > 0; b: -1 + 0.5 < 0; c: zero delta and e: zero direction are not compared; d: cos = 0
+    assert opposed_units(deltas, directions) == (1, 3)
+    assert opposed_units(deltas, directions, ["a", "b"]) == (1, 2)
+    assert opposed_units(deltas, None) == (0, 0)  # first round: no previous global update
+    # exactly the units project_units would project
+    _, removed = project_units(deltas, directions)
+    assert sum(bool(r.any()) for r in removed.values()) == opposed_units(deltas, directions)[0]
+
+
 # --- in process: the options wired through coordinator and silo agents -------------------------------
 
 
@@ -224,8 +239,10 @@ def test_silo_side_projection_and_reanchoring_in_process(tmp_path, caplog, mode)
     if mode == "masking":
         ensure_pki(config.aggregator.pki_dir, names)
     silos = [silo_config(config, s, 0, index=i, num_silos=3) for i, s in enumerate(names)]
+    silos = [c.model_copy(update={"silo": c.silo.model_copy(update={"measure_conflict": True})}) for c in silos]
+    agents: list = []
     with caplog.at_level(logging.INFO):
-        coord = run_in_process(config, silos, run_id=f"paper-{mode}")
+        coord = run_in_process(config, silos, run_id=f"paper-{mode}", agents=agents)
     assert coord.machine.succeeded and coord.machine.version == 4
     rows = coord.metrics.rows()
     assert all(np.isfinite(r["global_loss"]) for r in rows)
@@ -239,6 +256,12 @@ def test_silo_side_projection_and_reanchoring_in_process(tmp_path, caplog, mode)
     assert all(p["since_version"] == str(int(p["round"]) - 2) for p in later)
     # the silos' updates conflict with the last global update on some units: those were projected
     assert sum(int(p["projected"]) for p in later) > 0 and max(float(p["removed_norm"]) for p in later) > 0
+    # silo.measure_conflict counts the same opposed expert updates (every LoRA unit here is an expert's)
+    for agent in agents:
+        assert agent.conflicts[1] == (0, 0)  # no previous global update yet
+        assert all(agent.conflicts[r][1] > 0 for r in (2, 3, 4))
+    assert (sum(agent.conflicts[r][0] for agent in agents for r in (2, 3, 4))
+            == sum(int(p["projected"]) for p in later))
     reanchored = [dict(re.findall(r"(\w+)=(\S+)", r.getMessage())) for r in caplog.records
                   if "event=reanchored" in r.getMessage()]
     assert {p["round"] for p in reanchored} <= {"2", "3", "4"} and len(reanchored) == 9

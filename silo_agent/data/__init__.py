@@ -21,6 +21,7 @@ from .tokenize import (
     count_truncation,
     encode_example,
     encoded_length,
+    tokenizer_for,
 )
 
 __all__ = [
@@ -46,5 +47,6 @@ __all__ = [
     "partition_by_domain",
     "random_inputs",
     "silo_domain_counts",
+    "tokenizer_for",
     "write_jsonl",
 ]

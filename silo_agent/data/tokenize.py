@@ -82,6 +82,11 @@ class HFTokenizer:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
 
+def tokenizer_for(model) -> Tokenizer:
+    """The tokenizer of a ``model`` config: bytes for built-in models, the checkpoint's own otherwise."""
+    return ByteTokenizer() if model.source == "builtin" else HFTokenizer(model.path)
+
+
 def _encode_whole(tok: Tokenizer, ex: Example) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of the whole record, before any cut (see :func:`encode_example`)."""
     head = ([] if tok.bos_token_id is None else [tok.bos_token_id]) + tok.encode(ex.prompt)
