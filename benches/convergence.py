@@ -23,13 +23,19 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from fcmoe.config import FCMOE_SKETCH_VARIANT
+
 ROOT = Path(__file__).resolve().parents[1]
 
-# The paper's mechanisms (docs/algorithm.md, "The paper's setting"): importance from activation x update
-# norm, silo-side projection against the previous global update, re-anchoring lambda = 0.5 of what it
-# removed; retention by re-anchoring instead of the personal adapter.
+# FC-MoE's variants, each spelled out so that a figure keeps its meaning when a default changes.
+# The paper's mechanisms (the defaults since they were measured, docs/algorithm.md "The paper's setting,
+# measured"): importance from activation x update norm, silo-side projection against the previous
+# global update, re-anchoring lambda = 0.5 of what it removed, plus the personal adapter (retention).
 PAPER = {"importance_measure": "activation_norm", "projection_side": "silo", "reanchor_lambda": 0.5,
          "retention": False}
+# The sketch-consensus variant (the default before): sample count x reliability x routing share,
+# conflict groups from the masked sketch stage, projection of group sums, the personal adapter.
+SKETCH = FCMOE_SKETCH_VARIANT
 METHOD_STRATEGY = {
     "fedavg": {"name": "fedavg"},
     "fedprox": {"name": "fedprox"},
@@ -37,15 +43,15 @@ METHOD_STRATEGY = {
     "fedadam": {"name": "fedadam"},
     "local": {"name": "local"},
     "fedmoe": {"name": "fedmoe"},
-    "fcmoe": {"name": "fcmoe"},
-    "fcmoe-no-importance": {"name": "fcmoe", "fcmoe": {"importance": False}},
-    "fcmoe-no-projection": {"name": "fcmoe", "fcmoe": {"projection": False}},
-    "fcmoe-no-retention": {"name": "fcmoe", "fcmoe": {"retention": False}},
+    "fcmoe": {"name": "fcmoe", "fcmoe": {**PAPER, "retention": True}},
+    "fcmoe-sketch": {"name": "fcmoe", "fcmoe": SKETCH},
+    "fcmoe-sketch-no-importance": {"name": "fcmoe", "fcmoe": {**SKETCH, "importance": False}},
+    "fcmoe-sketch-no-projection": {"name": "fcmoe", "fcmoe": {**SKETCH, "projection": False}},
+    "fcmoe-sketch-no-retention": {"name": "fcmoe", "fcmoe": {**SKETCH, "retention": False}},
     "fcmoe-paper": {"name": "fcmoe", "fcmoe": PAPER},
     "fcmoe-paper-no-importance": {"name": "fcmoe", "fcmoe": {**PAPER, "importance": False}},
     "fcmoe-paper-no-projection": {"name": "fcmoe", "fcmoe": {**PAPER, "projection": False, "reanchor_lambda": 0.0}},
     "fcmoe-paper-no-reanchor": {"name": "fcmoe", "fcmoe": {**PAPER, "reanchor_lambda": 0.0}},
-    "fcmoe-paper-adapter": {"name": "fcmoe", "fcmoe": {**PAPER, "retention": True}},
 }
 
 
@@ -251,7 +257,7 @@ def check_accuracy_targets(res: dict) -> dict:
     by more than the seed spread (the larger of the two sample deviations), local accuracy above
     FedAvg's, and versions to FedAvg's final global accuracy at most 0.7 of FedAvg's."""
     fa, out = res["fedavg"], {}
-    for variant in ("fcmoe", "fcmoe-paper"):
+    for variant in ("fcmoe", "fcmoe-sketch", "fcmoe-paper"):
         fc = res.get(variant)
         if not fc or fc.get("final_global_accuracy") is None:
             continue
@@ -283,7 +289,7 @@ def check_targets(summary: dict) -> dict:
         fr, ar = fc["rounds_to_fedavg_final"], fa["rounds_to_fedavg_final"]
         c["rounds_ratio"] = fr / ar if fr is not None and ar else None
         c["rounds_ratio_le_0.7"] = c["rounds_ratio"] is not None and c["rounds_ratio"] <= 0.7
-        for ablation in ("fcmoe-no-importance", "fcmoe-no-projection", "fcmoe-no-retention"):
+        for ablation in ("fcmoe-sketch-no-importance", "fcmoe-sketch-no-projection", "fcmoe-sketch-no-retention"):
             if ablation in res:
                 a = res[ablation]
                 c[f"{ablation}_worse_on_one_loss"] = (a["final_global_loss"] > fc["final_global_loss"]

@@ -17,7 +17,7 @@ from aggregator.accumulate import PlaintextAccumulator, Coefficients
 from aggregator.coordinator import Coordinator
 from aggregator.masked_round import MaskedRound
 from crypto.pki import ensure_pki
-from fcmoe.config import parse_config
+from fcmoe.config import FCMOE_SKETCH_VARIANT, parse_config
 from fcmoe.errors import ProtocolError
 from conftest import TaskDriver, silo_config, smoke_config
 
@@ -33,7 +33,7 @@ def test_attack_the_aggregators_entire_input_reveals_no_silo_delta_or_sketch(tmp
                                                                               monkeypatch):
     from silo_agent.agent import SiloAgent
 
-    config = smoke_config(tmp_path, strategy={"name": "fcmoe", "fcmoe": {"sketch_buckets": 16384}},
+    config = smoke_config(tmp_path, strategy={"name": "fcmoe", "fcmoe": {**FCMOE_SKETCH_VARIANT, "sketch_buckets": 16384}},
                           min_silos=5, rounds=1, secure_aggregation={"mode": "masking"})
     data = config.model_dump(mode="json")
     data["model"]["trainable"] = {"mode": "full"}  # ~200k trainable numbers: correlations resolve to < 0.01

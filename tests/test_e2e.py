@@ -18,7 +18,7 @@ from conftest import ROOT, SMOKE, silo_config, smoke_config
 
 from crypto.pki import PkiPaths, ensure_pki
 from crypto.tls import channel_credentials, parse_handshake_failure
-from fcmoe.config import dump_config, load_config
+from fcmoe.config import FCMOE_SKETCH_VARIANT, dump_config, load_config
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from protos import fcmoe_pb2_grpc as pb_grpc
@@ -31,13 +31,14 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("strategy,mode", [("fedavg", "none"), ("fcmoe", "none"), ("fcmoe", "masking"),
-                                           ("fedavg", "ckks")])
+@pytest.mark.parametrize("strategy,mode", [("fedavg", "none"), ("fcmoe_sketch", "none"), ("fcmoe_sketch", "masking"),
+                                           ("fcmoe", "masking"), ("fedavg", "ckks")])
 def test_simulate_three_silos_two_rounds(tmp_path, strategy, mode):
     data = load_config(SMOKE).model_dump(mode="json")
     out = tmp_path / "run"
     data["run"]["output_dir"] = str(out)
-    data["federation"]["strategy"]["name"] = strategy
+    data["federation"]["strategy"] = ({"name": "fcmoe", "fcmoe": FCMOE_SKETCH_VARIANT} if strategy == "fcmoe_sketch"
+                                      else {"name": strategy})
     data["federation"]["secure_aggregation"] = {"mode": mode}
     cfg = tmp_path / "smoke.yaml"
     from fcmoe.config import parse_config
@@ -66,7 +67,7 @@ def test_simulate_three_silos_two_rounds(tmp_path, strategy, mode):
     secure_events = {e: agg_log.count(f"event={e}") for e in ("shares_accepted", "unmask_shares_accepted",
                                                                "consistency_signature_accepted", "decryption_accepted",
                                                                "sketch_accepted", "agreement_accepted")}
-    sketch = 6 if strategy == "fcmoe" and mode != "ckks" else 0  # FC-MoE's sketch stage (not in mode ckks)
+    sketch = 6 if strategy == "fcmoe_sketch" and mode != "ckks" else 0  # the sketch stage (not in mode ckks)
     stages = 1 + (sketch > 0)  # masking: each stage is checked and unmasked
     assert secure_events == {
         "none": {"shares_accepted": 0, "unmask_shares_accepted": 0, "consistency_signature_accepted": 0,

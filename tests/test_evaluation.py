@@ -8,7 +8,7 @@ from conftest import silo_config, smoke_config
 
 from aggregator.coordinator import evaluates
 from aggregator.rounds import Event, Phase, RoundMachine
-from fcmoe.config import parse_config
+from fcmoe.config import FCMOE_SKETCH_VARIANT, parse_config
 from fcmoe.inprocess import run_in_process
 from silo_agent.data import ByteTokenizer, Example, ExampleBatches
 
@@ -82,7 +82,7 @@ def test_every_two_evaluates_versions_0_2_and_the_final_one(tmp_path):
 
 
 def test_fcmoe_skipped_rounds_meter_on_the_cap_reuse_reliability_and_weigh_sensibly(tmp_path):
-    coord = run_in_process(*_configs(tmp_path, {"name": "fcmoe"}, {"every": 2, "max_examples": 5, "final": False},
+    coord = run_in_process(*_configs(tmp_path, {"name": "fcmoe", "fcmoe": FCMOE_SKETCH_VARIANT}, {"every": 2, "max_examples": 5, "final": False},
                                      rounds=3))
     assert coord.machine.succeeded and coord.machine.version == 3
     rows = coord.metrics.rows()

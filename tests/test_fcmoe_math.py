@@ -10,7 +10,7 @@ from aggregator.accumulate import GroupSum
 from aggregator.projection import combine, project_off
 from aggregator.strategies import FcMoe, SiloReport
 from crypto.sketch import AGREEMENT_STEP, SketchError, count_sketch, derive_key, own_agreement, sketch_units
-from fcmoe.config import FcMoeConfig, LocalTrainingConfig
+from fcmoe.config import FCMOE_SKETCH_VARIANT, FcMoeConfig, LocalTrainingConfig
 from silo_agent.retention import anchor, importance_scale
 
 SECRET = bytes(range(32))
@@ -115,7 +115,7 @@ def test_fcmoe_coefficients_end_to_end_on_reports():
         y = (common if i < 4 else -common) + 0.05 * rng.standard_normal(64).astype(np.float32)
         reports[f"s{i}"] = SiloReport(100, 0.5, {"L0.E0": 0.9 if i == 0 else 0.3, "L0.shared": 1.0})
         sketches[f"s{i}"] = {"L0.E0": y, "L0.shared": common}
-    s = FcMoe(FcMoeConfig(), min_group_size=2)
+    s = FcMoe(FcMoeConfig(**FCMOE_SKETCH_VARIANT), min_group_size=2)
     units = ["L0.E0", "L0.shared"]
     # the sketch stage: the sum of w * y per unit, then each silo scores its own part against it
     w = s.sketch_weights(1, units, reports).alpha
@@ -128,11 +128,11 @@ def test_fcmoe_coefficients_end_to_end_on_reports():
     a = {k: v["L0.E0"] for k, v in plan.alpha.items()}
     assert sum(a.values()) == pytest.approx(1.0)
     assert a["s0"] > a["s1"] > a["s4"]  # more routing mass, then agreement, raise alpha
-    ablated = FcMoe(FcMoeConfig(importance=False, projection=False), min_group_size=2)
+    ablated = FcMoe(FcMoeConfig(**{**FCMOE_SKETCH_VARIANT, "importance": False, "projection": False}), min_group_size=2)
     flat = ablated.coefficients(1, ["L0.E0", "L0.shared"], reports, agreement)
     assert [v["L0.E0"] for v in flat.alpha.values()] == pytest.approx([1 / 6] * 6)
     assert {g["L0.E0"] for g in flat.group.values()} == {0}
-    no_retention = FcMoe(FcMoeConfig(retention=False, retention_lambda=1.0), min_group_size=2)
+    no_retention = FcMoe(FcMoeConfig(**{**FCMOE_SKETCH_VARIANT, "retention": False, "retention_lambda": 1.0}), min_group_size=2)
     off = no_retention.configure_round(1, LocalTrainingConfig(), 0)
     assert off.retention_lambda == 0.0 and not off.personal_adapter
     on = s.configure_round(1, LocalTrainingConfig(), 0)
@@ -163,7 +163,7 @@ def test_each_silo_scores_itself_against_the_sum_as_the_consensus_formula_says()
     full = consensus.agreement_score(*consensus.agreement(sketches, weights))
     np.testing.assert_allclose(own, full, atol=AGREEMENT_STEP)
     assert own[3] < 0 < own[0]
-    s = FcMoe(FcMoeConfig(), min_group_size=2)
+    s = FcMoe(FcMoeConfig(**FCMOE_SKETCH_VARIANT), min_group_size=2)
     reports = {f"s{i}": SiloReport(100, 0.5, {"u": 1.0}) for i in range(4)}
     plan = s.coefficients(1, ["u"], reports, {"s0": {"u": -1.0}, "s1": {"u": -1.0}})
     assert plan.group["s2"]["u"] == plan.group["s3"]["u"] == 0 and plan.group["s0"]["u"] == 1

@@ -3,7 +3,7 @@
 import numpy as np
 from conftest import silo_config, smoke_config
 
-from fcmoe.config import parse_config
+from fcmoe.config import FCMOE_SKETCH_VARIANT, parse_config
 from fcmoe.inprocess import run_in_process
 
 
@@ -19,7 +19,7 @@ def _configs(tmp_path, strategy, **federation):
 
 
 def test_fcmoe_round_trip_with_sketches_groups_and_retention(tmp_path):
-    config, silos = _configs(tmp_path, {"name": "fcmoe"})
+    config, silos = _configs(tmp_path, {"name": "fcmoe", "fcmoe": FCMOE_SKETCH_VARIANT})
     coord = run_in_process(config, silos)
     assert coord.machine.succeeded and coord.machine.version == 2
     rows = coord.metrics.rows()
@@ -87,7 +87,7 @@ def test_sketch_sums_that_cannot_fit_a_message_are_refused_at_start(tmp_path):
     from aggregator.strategies import build_strategy
     from fcmoe.errors import ConfigError
 
-    config = smoke_config(tmp_path, strategy={"name": "fcmoe", "fcmoe": {"sketch_buckets": 1 << 20}})
+    config = smoke_config(tmp_path, strategy={"name": "fcmoe", "fcmoe": {**FCMOE_SKETCH_VARIANT, "sketch_buckets": 1 << 20}})
     units = {f"L0.E{e}": 8 for e in range(8)}
     with pytest.raises(ConfigError, match="sketch_buckets = 1048576"):
         Coordinator(config, "h", "f", units, {u: np.zeros(8, np.float32) for u in units},

@@ -16,7 +16,7 @@ from aggregator.accumulate import GroupSum
 from aggregator.consensus import CONFLICT, CONSENSUS
 from aggregator.coordinator import norm_refusal
 from aggregator.strategies import FcMoe, SiloReport
-from fcmoe.config import FcMoeConfig, LocalTrainingConfig
+from fcmoe.config import FCMOE_SKETCH_VARIANT, FcMoeConfig, LocalTrainingConfig
 from silo_agent.projection import (GlobalHistory, ResidualBook, opposed_units, project_against, project_units,
                                    reanchor)
 
@@ -179,25 +179,37 @@ def test_strategy_weighs_by_activation_norm_and_leaves_projection_to_the_silos()
     groups = {CONSENSUS: GroupSum(np.array([1.0, 0.0], np.float32), 1.0, 3),
               CONFLICT: GroupSum(np.array([-1.0, 1.0], np.float32), 1.0, 3)}
     np.testing.assert_allclose(strategy.combine("L0.E0", groups), [0.0, 0.5])
-    aggregator_side = FcMoe(FcMoeConfig(), min_group_size=1)
-    # aggregator-side (today's): the conflict sum (-1, 1) opposes (1, 0) and becomes (0, 1) first
+    aggregator_side = FcMoe(FcMoeConfig(**FCMOE_SKETCH_VARIANT), min_group_size=1)
+    # the sketch variant: the conflict sum (-1, 1) opposes (1, 0) and becomes (0, 1) first
     np.testing.assert_allclose(aggregator_side.combine("L0.E0", groups), [0.5, 0.5])
-    # the defaults are today's
-    default = aggregator_side.configure_round(2, LocalTrainingConfig(), seed=0)
-    assert not default.report_norms and default.silo_projection == "" and default.reanchor_lambda == 0.0
-    assert default.sketch_buckets == 256
+    sketch = aggregator_side.configure_round(2, LocalTrainingConfig(), seed=0)
+    assert not sketch.report_norms and sketch.silo_projection == "" and sketch.reanchor_lambda == 0.0
+    assert sketch.sketch_buckets == 256
     with pytest.raises(ValueError, match="no unit norms"):
         strategy.sketch_weights(2, units, {"a": SiloReport(1, 1.0, dict(zip(units, [1.0] * 3)))})
 
 
 def test_config_refuses_reanchoring_without_silo_side_projection():
     with pytest.raises(ValidationError, match="projection_side: silo"):
-        FcMoeConfig(reanchor_lambda=0.5)
+        FcMoeConfig(reanchor_lambda=0.5, projection_side="aggregator")
     with pytest.raises(ValidationError, match="projection_side: silo"):
         FcMoeConfig(reanchor_lambda=0.5, projection_side="silo", projection=False)
     with pytest.raises(ValidationError):
         FcMoeConfig(consensus_direction="sketch_sum")  # not offered: docs/algorithm.md says why
     assert FcMoeConfig(reanchor_lambda=0.5, projection_side="silo").reanchor_lambda == 0.5
+
+
+def test_defaults_are_the_papers_mechanisms_with_the_adapter():
+    """The measured defaults (docs/algorithm.md, "The paper's setting, measured"); re-anchoring's 0.5 is
+    the default only where silo-side projection runs, so switching projection off needs nothing else."""
+    default = FcMoeConfig()
+    assert (default.importance_measure, default.projection_side, default.retention) == ("activation_norm", "silo", True)
+    assert default.reanchor == 0.5 and FcMoeConfig(reanchor_lambda=0.2).reanchor == 0.2
+    assert FcMoeConfig(projection=False).reanchor == 0.0 and FcMoeConfig(**FCMOE_SKETCH_VARIANT).reanchor == 0.0
+    plan = FcMoe(default, min_group_size=2).configure_round(1, LocalTrainingConfig(), 0)
+    assert (plan.silo_projection, plan.reanchor_lambda, plan.report_norms, plan.sketch_buckets) == (
+        "previous_global", 0.5, True, 0)
+    assert plan.personal_adapter
 
 
 def test_unit_norms_in_a_report_are_checked():

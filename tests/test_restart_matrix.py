@@ -12,9 +12,11 @@ set-ups (those of the demos, configs/demo*.yaml, at the size of configs/smoke.ya
                "L0.shared", listed first by the layout, last by a checkpoint file), FedAvg
     qwen2_moe  Qwen2-MoE with its shared expert, ``trainable.mode: full`` + router: the shared expert
                and its gate are trained and travel in each layer's shared unit, FedAvg
-    fcmoe      the router set-up with the FC-MoE strategy; in mode masking every round runs the masked
-               sketch stage SKETCH -> CHECK -> UNMASK -> AGREE before UPLOAD -> CHECK -> UNMASK (mode
-               ckks has no sketch stage)
+    fcmoe      the router set-up with FC-MoE as configs/demo_fcmoe.yaml runs it (the defaults: silos
+               project against the last global update and re-anchor; no sketch stage): kills as router's
+    fcmoe_sketch  the router set-up with FC-MoE's sketch variant (projection_side: aggregator); in mode
+               masking every round runs the masked sketch stage SKETCH -> CHECK -> UNMASK -> AGREE
+               before UPLOAD -> CHECK -> UNMASK (mode ckks has no sketch stage)
 modes
     masking    pairwise + self masks, Shamir shares, a signed consistency check before any unmask
     ckks       CKKS ciphertexts, summed by the aggregator, decrypted by the key-holder silo (DECRYPT)
@@ -37,12 +39,12 @@ Kills, in this order (r1, r2: round; "n in": how many answers of that phase the 
 killed; each kill's restart resumes from the last completed round, asserted from the log):
 
   case            compared (bit-for-bit, atol)                        after a reveal (completion)
-  router/qwen2    waiting (1 of 3 joined); r1 training (1 report in);  r1 unmasking (1 silo revealed)
-   -masking       r1 sharing (1 in); r1 uploading (2 masked updates
+  router/qwen2/  waiting (1 of 3 joined); r1 training (1 report in);  r1 unmasking (1 silo revealed)
+  fcmoe-masking  r1 sharing (1 in); r1 uploading (2 masked updates
                   in); r2 checking (1 signature in); r2 unmasking
                   (0 revealed); final evaluation (1 in). 2 rounds      1 round
-  fcmoe-masking   waiting; r1 training (1 in); r1 sharing (1 in);      r1 sketch unmasking (1 revealed);
-                  r1 sketching (2 masked sketches in); r2 sketch       r1 agreeing (1 in); r1 uploading
+  fcmoe_sketch-  waiting; r1 training (1 in); r1 sharing (1 in);      r1 sketch unmasking (1 revealed);
+  masking         r1 sketching (2 masked sketches in); r2 sketch       r1 agreeing (1 in); r1 uploading
                   checking (1 in); r2 sketch unmasking (0 revealed);   (2 in); r1 update checking (1 in);
                   final evaluation (1 in). 2 rounds                    r1 update unmasking (1 revealed).
                                                                        1 round
@@ -59,8 +61,8 @@ sigma of the difference of two floods). Over more rounds local AdamW training am
 FC-MoE's sketches are keyed by the run id and the run secret a silo draws at random: the
 uninterrupted run is given the crashed run's two (restarts.uninterrupted).
 
-Cost: 36 to 55 s a case on 2 cores (each restart is a new process: about 3.5 s), about 4.5 min for
-all six. Plain ``pytest`` runs ``SLICE`` (about 95 s); ``FCMOE_FULL_MATRIX=1`` runs all six (.ci/run
+Cost: 36 to 55 s a case on 2 cores (each restart is a new process: about 3.5 s), about 6 min for
+all eight. Plain ``pytest`` runs ``SLICE`` (about 2.5 min); ``FCMOE_FULL_MATRIX=1`` runs all eight (.ci/run
 does, after ``make test``).
 """
 
@@ -73,6 +75,7 @@ from pathlib import Path
 
 import pytest
 from restarts import aggregator_process  # noqa: F401 (a fixture)
+from fcmoe.config import FCMOE_SKETCH_VARIANT
 from restarts import K, Federation, aggregator_events, assert_same_as_uninterrupted, federation_configs, metrics_rows
 
 ROUTER = {"trainable": {"mode": "lora", "lora_rank": 4, "lora_alpha": 8, "router": True}}
@@ -80,15 +83,17 @@ SETUPS = {
     "router": (ROUTER, {"name": "fedavg"}),
     "qwen2_moe": ({"builtin": {"family": "qwen2_moe"}, "trainable": {"mode": "full", "router": True}},
                   {"name": "fedavg"}),
-    "fcmoe": (ROUTER, {"name": "fcmoe"}),
+    "fcmoe": (ROUTER, {"name": "fcmoe"}),  # the default: silo-side projection, re-anchoring, no sketch stage
+    "fcmoe_sketch": (ROUTER, {"name": "fcmoe", "fcmoe": FCMOE_SKETCH_VARIANT}),  # with its masked sketch stage
 }
 MODES = ("masking", "ckks")
 ATOL = {"masking": 1e-6, "ckks": 1e-4}
 SILOS = 3
 FULL = os.environ.get("FCMOE_FULL_MATRIX") == "1"
 # plain pytest: both modes and every model ingredient (fcmoe's model is the router set-up's, trained
-# router and all), the sketch stage included, in about 95 s; the four others take about 2.8 min more
-SLICE = {"fcmoe-masking", "qwen2_moe-ckks"}
+# router and all), the sketch stage and the default FC-MoE included, in about 2.5 min; the five others
+# take about 3.5 min more
+SLICE = {"fcmoe_sketch-masking", "qwen2_moe-ckks", "fcmoe-masking"}
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ def plans(setup: str, mode: str) -> tuple[Run, Run]:
                 # silo0's encrypted update was in: it trains round 1 afresh; in round 2 everyone's was
                 Run(2, [Kill(K.UPLOAD, 1, 1), Kill(K.DECRYPT, 2, 0, holders=1)],
                     {("silo0", 1): 1, ("silo0", 2): 1, ("silo1", 2): 1, ("silo2", 2): 1}, frozenset({1})))
-    if setup == "fcmoe":
+    if setup == "fcmoe_sketch":
         return (Run(2, [*first, Kill(K.SKETCH, 1, 2), Kill(K.CHECK, 2, 1, "sketch"), Kill(K.UNMASK, 2, 0, "sketch"),
                         Kill(K.EVALUATE, 2, 1)]),
                 # before the 1st kill silo0 had sent its sketch-stage unmask shares, before each of the 4

@@ -51,7 +51,7 @@ class FcMoe(Strategy):
                        retention_by_importance=s.importance, personal_adapter=s.retention,
                        sketch_buckets=0 if self.silo_side else s.sketch_buckets, needs_signals=s.importance,
                        silo_projection=s.consensus_direction if self.silo_side else "",
-                       reanchor_lambda=s.reanchor_lambda if self.silo_side else 0.0,
+                       reanchor_lambda=s.reanchor,
                        report_norms=self.activation_norm)
 
     def _weights(self, units: list[str], reports: Mapping[str, SiloReport]) -> tuple[list[str], np.ndarray]:
