@@ -57,14 +57,14 @@ def _passage(prompt: str, source: str) -> str:
 def pretraining_texts(labelskew: dict, held_out: set[str]) -> tuple[list[str], int]:
     """The unlabelled passages of ``labelskew``'s source and labels, minus every scene block (group)
     holding a held-out passage; and how many passages that left out."""
-    from silo_agent.data.classification import DEFAULT_LABELS, _normalise, _pool
+    from silo_agent.data.classification import DEFAULT_LABELS, normalise_text, passage_pool
 
     labels = tuple(labelskew.get("labels") or DEFAULT_LABELS[labelskew["source"]])
-    pool = _pool(labelskew["source"], labels, labelskew["spelling"], labelskew["passage_lines"],
+    pool = passage_pool(labelskew["source"], labels, labelskew["spelling"], labelskew["passage_lines"],
                  labelskew["min_chars"], labelskew["max_chars"],
                  None if labelskew.get("data_dir") is None else str(labelskew["data_dir"]))
     passages = [p for per_label in pool for p in per_label]
-    tainted = {p.group for p in passages if _normalise(p.text) in held_out}
+    tainted = {p.group for p in passages if normalise_text(p.text) in held_out}
     kept = [p.text for p in passages if p.group not in tainted]
     return kept, len(passages) - len(kept)
 

@@ -138,11 +138,11 @@ def test_global_test_is_balanced_and_all_test_sets_are_disjoint_from_training():
 
 
 def test_test_passages_share_no_scene_block_with_training():
-    from silo_agent.data.classification import _pool
+    from silo_agent.data.classification import passage_pool
 
     split = labelskew_split(num_silos=10, alpha=0.5)
     group = {p.text + CUES["shakespeare_genre"]: p.group
-             for passages in _pool("shakespeare_genre", split.labels, "modern", 4, 32, 600, None) for p in passages}
+             for passages in passage_pool("shakespeare_genre", split.labels, "modern", 4, 32, 600, None) for p in passages}
     trained = {group[e.prompt] for silo in split.train for e in silo}
     tested = {group[e.prompt] for e in [*split.global_test, *(e for silo in split.local_test for e in silo)]}
     assert trained and tested and not trained & tested

@@ -11,7 +11,7 @@ import pytest
 
 from benches.pretrained_moe import _entropy, held_out_texts, pretraining_texts
 from fcmoe.config import LabelSkewDataConfig
-from silo_agent.data.classification import DEFAULT_LABELS, _normalise, _pool
+from silo_agent.data.classification import DEFAULT_LABELS, normalise_text, passage_pool
 
 
 def test_pretraining_text_leaves_out_every_test_passage_and_its_scene_block():
@@ -22,10 +22,10 @@ def test_pretraining_text_leaves_out_every_test_passage_and_its_scene_block():
     held_out = held_out_texts(settings, seeds=2)
     assert len(held_out) >= 2 * 3 * 8  # at least the global test sets of two seeds
     texts, left_out = pretraining_texts(labelskew, held_out)
-    assert not held_out & {_normalise(t) for t in texts}
-    pool = [p for per_label in _pool("shakespeare_genre", DEFAULT_LABELS["shakespeare_genre"], "modern", 2, 40, 160,
+    assert not held_out & {normalise_text(t) for t in texts}
+    pool = [p for per_label in passage_pool("shakespeare_genre", DEFAULT_LABELS["shakespeare_genre"], "modern", 2, 40, 160,
                                      None) for p in per_label]
-    tainted = {p.group for p in pool if _normalise(p.text) in held_out}
+    tainted = {p.group for p in pool if normalise_text(p.text) in held_out}
     kept = set(texts)
     assert not any(p.text in kept for p in pool if p.group in tainted)
     assert left_out == sum(p.group in tainted for p in pool) and len(texts) + left_out == len(pool)

@@ -89,7 +89,7 @@ class Passage:
 # --- sources ----------------------------------------------------------------------------------
 
 
-def _normalise(text: str) -> str:
+def normalise_text(text: str) -> str:
     """Lines right-stripped, runs of blank lines squeezed, the whole stripped."""
     lines = [line.rstrip() for line in text.strip().splitlines()]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
@@ -156,7 +156,7 @@ def fortunes_passages(labels: Sequence[str], *, data_dir: Path | None) -> list[P
 
 
 @lru_cache(maxsize=8)
-def _pool(source: str, labels: tuple[str, ...], spelling: str, passage_lines: int, min_chars: int,
+def passage_pool(source: str, labels: tuple[str, ...], spelling: str, passage_lines: int, min_chars: int,
           max_chars: int, data_dir: str | None) -> tuple[tuple[Passage, ...], ...]:
     """The usable passages of every label (in ``labels`` order), deduplicated as the module says."""
     folder = Path(data_dir) if data_dir is not None else None
@@ -166,7 +166,7 @@ def _pool(source: str, labels: tuple[str, ...], spelling: str, passage_lines: in
         raw = fortunes_passages(labels, data_dir=folder)
     else:
         raise DataError(f"unknown labelskew source {source!r}; allowed: {', '.join(SOURCES)}")
-    kept = [Passage(_normalise(p.text), p.label, p.group) for p in raw]
+    kept = [Passage(normalise_text(p.text), p.label, p.group) for p in raw]
     kept = [p for p in kept if min_chars <= len(p.text) <= max_chars]
     labels_of: dict[str, set[str]] = {}
     for p in kept:
@@ -253,7 +253,7 @@ def labelskew_split(
     names = tuple(labels) if labels is not None else DEFAULT_LABELS.get(source, ())
     if len(names) < 2 or len(set(names)) != len(names):
         raise DataError(f"labels must be two or more distinct names, got {list(names)}")
-    pool = _pool(source, names, spelling, passage_lines, min_chars, max_chars,
+    pool = passage_pool(source, names, spelling, passage_lines, min_chars, max_chars,
                  None if data_dir is None else str(Path(data_dir).resolve()))
     per_label = balanced_counts(examples_per_silo * num_silos, len(names))
     label_ids = np.repeat(np.arange(len(names)), per_label)
