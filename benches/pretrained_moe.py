@@ -35,17 +35,22 @@ RECORD = "pretrain.json"
 def held_out_texts(settings: Sequence[dict], seeds: int) -> set[str]:
     """Every test passage (global and every silo's own) of the label-skew ``settings`` for seeds
     ``0 .. seeds-1``, the bench's own data seeds."""
-    from silo_agent.data.classification import labelskew_split
-
     out: set[str] = set()
     for setting in settings:
-        keys = {k: v for k, v in setting["labelskew"].items() if k != "seed"}
-        keys["labels"] = None if keys.get("labels") is None else tuple(keys["labels"])
         for seed in range(seeds):
-            split = labelskew_split(num_silos=setting["silos"], seed=seed, **keys)
+            split = setting_split(setting, seed)
             for e in list(split.global_test) + [e for part in split.local_test for e in part]:
-                out.add(_passage(e.prompt, keys.get("source", "shakespeare_genre")))
+                out.add(_passage(e.prompt, setting["labelskew"]["source"]))
     return out
+
+
+def setting_split(setting: dict, seed: int):  # -> LabelSkewSplit
+    """The split of a benchmark setting's ``labelskew`` data for one of the benchmark's seeds."""
+    from silo_agent.data.classification import labelskew_split
+
+    keys = {k: v for k, v in setting["labelskew"].items() if k != "seed"}
+    keys["labels"] = None if keys.get("labels") is None else tuple(keys["labels"])
+    return labelskew_split(num_silos=setting["silos"], seed=seed, **keys)
 
 
 def _passage(prompt: str, source: str) -> str:
@@ -124,7 +129,6 @@ def pretrain_moe(recipe, settings: Sequence[dict], path: Path, max_length: int) 
     from fcmoe.model.tokenizer import byte_tokenizer
     from fcmoe.model.upcycle import publish_dir
     from silo_agent.data import ByteTokenizer, Example, ExampleBatches
-    from silo_agent.data.classification import labelskew_split
     from silo_agent.training import LocalPlan, evaluate, train_locally
 
     labelled = [s for s in settings if s.get("labelskew")]
@@ -149,9 +153,7 @@ def pretrain_moe(recipe, settings: Sequence[dict], path: Path, max_length: int) 
                                      learning_rate=recipe.learning_rate, seed=recipe.seed), torch.device("cpu"))
     after = _mean_loss(evaluate(model, eval_batches, torch.device("cpu"), 32))
     first = labelled[0]
-    keys = {k: v for k, v in first["labelskew"].items() if k != "seed"}
-    keys["labels"] = None if keys.get("labels") is None else tuple(keys["labels"])
-    split = labelskew_split(num_silos=first["silos"], seed=0, **keys)
+    split = setting_split(first, 0)
     entropy = routing_entropy(model, tok, split.global_test, split.labels, recipe.builtin.num_experts)
     record = {
         "method": "every parameter trained on unlabelled passages of the label-skew source (next-token loss); "
