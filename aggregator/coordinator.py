@@ -847,8 +847,8 @@ def report_refusal(num_examples: float, reliability: float, routing_share: Mappi
                    max_examples: float | None) -> str | None:
     """Why a report cannot be weighed, or None: every number a silo reports steers its weight, so each
     is held to what an honest silo can report. Routing shares are fractions of a layer's routing mass:
-    each in [0, 1] and at most 1 per layer (below 1 where a family's top-k gate weights are not
-    renormalised, 0 where nothing was metered, e.g. under DP)."""
+    each in [0, 1] and at most 1 per layer (the meter normalises each layer to 1; 0 where nothing was
+    metered, e.g. under DP)."""
     numbers = [num_examples, reliability, *routing_share.values()]
     if not all(np.isfinite(numbers)):
         return "a non-finite number"

@@ -24,7 +24,6 @@ from fcmoe.fileio import check_writable_folder, write_atomic
 from fcmoe.logs import log_event
 from fcmoe.signals import StopRequest
 from fcmoe.model import ExpertLayout, base_fingerprint, build_model, trainable_state
-from fcmoe.model.build import num_experts
 from protos import codec
 from protos import fcmoe_pb2_grpc as pb_grpc
 
@@ -53,7 +52,7 @@ class RunningAggregator:
 def initial_state(config: Config) -> tuple[ExpertLayout, str, dict]:
     """Layout, base fingerprint and initial global unit vectors, from the model config alone."""
     model = build_model(config.model, "cpu", seed=config.run.seed)
-    layout = ExpertLayout.from_model(model, num_experts(model.config))
+    layout = ExpertLayout.from_model(model)
     return layout, base_fingerprint(model), layout.split(trainable_state(model))
 
 

@@ -137,7 +137,6 @@ def labelskew_accuracy(run_dir: Path, aggregator, silos: list) -> dict:
 
     from fcmoe.export import federated_model, locate, output_layer_name, personalised_weight
     from fcmoe.model import ExpertLayout, load_trainable_state
-    from fcmoe.model.build import num_experts
     from silo_agent.classify import classify
     from silo_agent.data import tokenizer_for
     from silo_agent.data.classification import (DEFAULT_LABELS, build_labelskew_dataset, label_word,
@@ -150,7 +149,7 @@ def labelskew_accuracy(run_dir: Path, aggregator, silos: list) -> dict:
     words = [label_word(x) for x in labels]
     test = labelskew_test_set(num_silos=len(silos), **keys)
     model, _ = federated_model(locate(run_dir, "0"))
-    layout = ExpertLayout.from_model(model, num_experts(model.config))
+    layout = ExpertLayout.from_model(model)
     curve = []
     for version in range(aggregator.federation.rounds + 1):  # version 0: the pretrained start
         load_trainable_state(model, layout.merge(locate(run_dir, str(version)).units))

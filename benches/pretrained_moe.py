@@ -93,7 +93,7 @@ def routing_entropy(model, tok, examples: Sequence, labels: Sequence[str], num_e
         for e in (e for e in examples if e.domain == label):
             ids = ([] if tok.bos_token_id is None else [tok.bos_token_id]) + tok.encode(e.prompt)
             rows.append((ids, [IGNORE_INDEX] + ids[1:]))
-        meter = RoutingMeter(num_experts)
+        meter = RoutingMeter()
         with torch.no_grad(), meter.attached(model):
             for start in range(0, len(rows), batch_size):
                 batch = collate(rows[start:start + batch_size], tok.pad_token_id)

@@ -252,7 +252,9 @@ class LocalTrainingConfig(_Strict):
     local_steps: int = Field(20, gt=0)
     batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
-    learning_rate: float = Field(3e-3, gt=0)
+    learning_rate: float = Field(
+        3e-3, ge=0, description="0 trains nothing: a run that checks the path from the checkpoint to the global "
+        "model is exact (the global model stays the start)")
     weight_decay: float = Field(0.0, ge=0)
     clip_norm: float = Field(
         1.0, ge=0, description="per-unit L2 clip of the delta; the aggregator refuses a payload over alpha * clip_norm. "

@@ -243,11 +243,10 @@ def model_spec(record: dict[str, Any]):  # -> ModelConfig
 def federated_model(source: Source):
     """The framework's own model of ``source`` (fcmoe.model.build + the checkpoint's units), and its spec."""
     from fcmoe.model import ExpertLayout, build_model, load_trainable_state
-    from fcmoe.model.build import num_experts
 
     spec = model_spec(source.record)
     model = build_model(spec, "cpu", seed=int(source.record.get("seed", 0)))
-    layout = ExpertLayout.from_model(model, num_experts(model.config))
+    layout = ExpertLayout.from_model(model)
     if source.layout_hash and source.layout_hash != layout.hash:
         raise LayoutError(f"{source.folder}: checkpoint layout {source.layout_hash[:12]} does not match the model "
                           f"rebuilt from {MODEL_RECORD} ({layout.hash[:12]})")
@@ -281,12 +280,9 @@ def _trained_modules(model) -> list[str]:
 
 def _modules_to_save(base, wanted: list[str]) -> list[str]:
     """``wanted`` as short suffixes (``mlp.gate``) when those match exactly the same modules, else full paths."""
-    if not wanted:
-        return []
-    short = sorted({re.sub(r"^(?:.*\.)?layers\.\d+\.", "", m) for m in wanted})
-    names = [n for n, _ in base.named_modules() if n]
-    matched = {n for n in names if any(n == s or n.endswith("." + s) for s in short)}
-    return short if matched == set(wanted) else list(wanted)
+    from fcmoe.model.build import short_names
+
+    return sorted(short_names(wanted, [n for n, _ in base.named_modules() if n]))
 
 
 def _untie_output(model) -> None:
@@ -307,19 +303,16 @@ def peft_model(framework, spec, personal: np.ndarray | None, base_name: str):
     """A PeftModel on a fresh base with the framework model's trained numbers, fully trained modules in
     ``modules_to_save`` (and the personalised ``lm_head``); returns (peft model, modules_to_save)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from fcmoe.model.build import EXPERT_PARAMETERS, build_base_model
+    from fcmoe.model.build import build_base_model, lora_config
 
     base = build_base_model(spec)
     head = output_layer_name(base)
     trained = _trained_modules(framework)
     wanted = trained + ([head] if personal is not None and head not in trained else [])
     to_save = _modules_to_save(base, wanted)
-    t = spec.trainable
-    config = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=0.0,
-                        target_modules=["q_proj", "v_proj"] if t.attention_lora else [],
-                        target_parameters=list(EXPERT_PARAMETERS), modules_to_save=to_save or None)
+    config = lora_config(spec.trainable, base, to_save or None)
     if personal is not None and getattr(base.config, "tie_word_embeddings", False):
         _untie_output(base)  # modules_to_save copies lm_head; keep the embeddings the base's own
     model = get_peft_model(base, config)

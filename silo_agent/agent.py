@@ -20,7 +20,6 @@ from fcmoe.fileio import check_writable_folder
 from fcmoe.logs import log_event
 from fcmoe.signals import StopRequest
 from fcmoe.model import ExpertLayout, base_fingerprint, build_model, load_trainable_state, trainable_state
-from fcmoe.model.build import num_experts
 from fcmoe.model.saved import SILO_FINAL, model_record, save_silo_model, silo_folder
 from protos import codec
 from protos import fcmoe_pb2 as pb
@@ -172,8 +171,8 @@ class SiloAgent:
         # so that a missing certificate is named before minutes of model and data loading
         self.client = transport or _client(self.silo)
         self.model = build_model(config.model, self.device, seed=config.run.seed)
-        self.layout = ExpertLayout.from_model(self.model, num_experts(self.model.config))
-        self.meter = RoutingMeter(num_experts(self.model.config))
+        self.layout = ExpertLayout.from_model(self.model)
+        self.meter = RoutingMeter()
         self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}
         self.data = load_data(config)
         self.sketch_secret = bytes.fromhex(self.silo.sketch_key) if self.silo.sketch_key else None

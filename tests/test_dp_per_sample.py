@@ -1,29 +1,44 @@
 """Exact per-sample gradients for MoE experts (fused tensors, LoRA on them, routers, attention LoRA),
-against a per-example loop, on Mixtral-, Qwen2-MoE- and OLMoE-style tiny models; and Opacus'
-DPOptimizer clipping them."""
+against a per-example loop, on Mixtral-, Qwen2-MoE-, OLMoE-, DeepSeek-V3-, GPT-OSS- and GraniteMoE-style
+tiny models; ghost clipping's norms against them; and Opacus' DPOptimizer clipping them."""
 
 from __future__ import annotations
+
+import tempfile
 
 import pytest
 import torch
 from opacus.optimizers import DPOptimizer
 
+from families import save_tiny_checkpoint
 from fcmoe.config import ModelConfig
 from fcmoe.model import build_model
 from silo_agent.data import IGNORE_INDEX
 from silo_agent.dp.per_sample import PerSampleGradients, sample_loss
 
-CASES = [(family, mode, attention) for family in ("mixtral", "qwen2_moe", "olmoe")
+BUILTIN = ("mixtral", "qwen2_moe", "olmoe")
+# more Hugging Face families, as tiny checkpoints (tests/families.py): GPT-OSS stores its stacks
+# transposed with per-expert biases, DeepSeek-V3 routes by groups with shared experts, GraniteMoE
+# keeps its experts under block_sparse_moe
+FAMILIES = ("deepseek_v3", "gpt_oss", "granitemoe")
+CASES = [(family, mode, attention) for family in BUILTIN
          for mode, attention in (("full", False), ("lora", False), ("lora", True))]
+CASES += [(family, mode, False) for family in FAMILIES for mode in ("full", "lora")]
 
 
 def tiny(family: str, mode: str, attention_lora: bool):
-    spec = ModelConfig.model_validate({
-        "source": "builtin",
-        "builtin": {"family": family, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
-                    "num_kv_heads": 2, "num_experts": 4, "top_k": 2},
-        "trainable": {"mode": mode, "router": True, "lora_rank": 4, "lora_alpha": 8, "attention_lora": attention_lora}})
-    model = build_model(spec, "cpu", seed=0)
+    trainable = {"mode": mode, "router": True, "lora_rank": 4, "lora_alpha": 8, "attention_lora": attention_lora}
+    if family in BUILTIN:
+        spec = ModelConfig.model_validate({
+            "source": "builtin",
+            "builtin": {"family": family, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
+                        "num_kv_heads": 2, "num_experts": 4, "top_k": 2},
+            "trainable": trainable})
+        model = build_model(spec, "cpu", seed=0)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            save_tiny_checkpoint(family, folder, seed=0)
+            model = build_model(ModelConfig(source="local", path=folder, trainable=trainable), "cpu", seed=0)
     with torch.no_grad():  # LoRA B starts at zero, which would leave A's gradients zero: make both count
         for name, p in model.named_parameters():
             if p.requires_grad and "lora_B" in name:
@@ -100,7 +115,7 @@ def test_a_second_engine_on_the_same_model_gives_the_same_gradients():
         torch.testing.assert_close(second[name], g)
 
 
-GHOST_CASES = [(family, mode) for family in ("mixtral", "qwen2_moe", "olmoe") for mode in ("full", "lora")]
+GHOST_CASES = [(family, mode) for family in BUILTIN + FAMILIES for mode in ("full", "lora")]
 
 
 @pytest.mark.parametrize("family,mode", GHOST_CASES)

@@ -16,7 +16,6 @@ from fcmoe.cli import main
 from fcmoe.config import ModelConfig, TrainableConfig
 from fcmoe.errors import ConfigError
 from fcmoe.model import ExpertLayout, build_model
-from fcmoe.model.build import num_experts
 from fcmoe.model.upcycle import (
     UpcycleSpec,
     parse_layers,
@@ -217,7 +216,7 @@ def test_written_checkpoint_reloads_matches_and_trains_with_lora_on_experts_and_
     # the project's own loader (model.source: local): LoRA on the fused experts + router
     spec = ModelConfig(source="local", path=out, trainable=TrainableConfig(mode="lora", router=True))
     model = build_model(spec)
-    layout = ExpertLayout.from_model(model, num_experts(model.config))
+    layout = ExpertLayout.from_model(model)
     expert_units = [k for k in layout.units if k.is_expert]
     assert sorted({k.layer for k in expert_units}) == list(layers or range(3))
     assert len(expert_units) == 4 * len(layers or range(3))

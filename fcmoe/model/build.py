@@ -2,15 +2,15 @@
 
 Both roles call :func:`build_model` with the same ``ModelConfig`` and therefore obtain the same
 trainable parameter names and shapes (the aggregator uses it for the initial global state and the
-layout, a silo for training). transformers >= 5 stores experts fused (``mlp.experts.gate_up_proj``
-``[E, 2I, H]``, ``mlp.experts.down_proj`` ``[E, H, I]``); LoRA on them goes through PEFT's
-``target_parameters``.
+layout, a silo for training). Where a family keeps its experts, routers and shared experts comes from
+:mod:`fcmoe.model.discovery`; LoRA on fused expert tensors goes through PEFT's ``target_parameters``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import warnings
 from collections.abc import Mapping
 
@@ -20,14 +20,13 @@ from torch import nn
 from fcmoe.config import BuiltinModelConfig, ModelConfig, TrainableConfig
 from fcmoe.errors import ConfigError, LayoutError
 from fcmoe.logs import log_event
+from fcmoe.model.discovery import discover
 
 log = logging.getLogger(__name__)
 # peft 0.21 calls a transformers 5 API that transformers deprecates: noise in every silo log, not ours to fix.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 BYTE_VOCAB_SIZE = 260  # 256 bytes + BOS/EOS/PAD, rounded up (see silo_agent.data.tokenize)
-EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-ROUTER_SUFFIX = "mlp.gate.weight"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -63,15 +62,6 @@ def builtin_hf_config(spec: BuiltinModelConfig):  # -> transformers.PretrainedCo
     return OlmoeConfig(**common, num_experts=spec.num_experts)
 
 
-def num_experts(hf_config) -> int:
-    """Routed experts per MoE layer, whatever the family calls the field."""
-    for field in ("num_local_experts", "num_experts", "n_routed_experts"):
-        value = getattr(hf_config, field, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    raise LayoutError(f"{type(hf_config).__name__} declares no routed experts (not an MoE model?)")
-
-
 def build_base_model(spec: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
     """The frozen base model: seeded random init for built-ins, a local checkpoint otherwise."""
     from transformers import AutoModelForCausalLM
@@ -85,7 +75,7 @@ def build_base_model(spec: ModelConfig, device: str | torch.device = "cpu") -> n
         if not spec.path.is_dir():
             raise ConfigError(f"model.path = {str(spec.path)!r}: not a directory")
         model = AutoModelForCausalLM.from_pretrained(spec.path, local_files_only=True, dtype=dtype)
-    num_experts(model.config)  # fail early on a dense model
+    discover(model)  # refuse at once a model whose experts cannot be found (one line naming its class)
     model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -93,33 +83,61 @@ def build_base_model(spec: ModelConfig, device: str | torch.device = "cpu") -> n
 
 
 def make_trainable(model: nn.Module, trainable: TrainableConfig, seed: int = 0) -> nn.Module:
-    """Apply the run's trainable choice; returns the model to train (a PeftModel for LoRA)."""
+    """Apply the run's trainable choice; returns the model to train (a PeftModel for LoRA).
+
+    What counts as an expert, a router or a shared expert comes from :func:`discover`, so every family
+    it knows trains the same way. Parameters are chosen by identity: PEFT wraps modules in place but
+    keeps the base parameters, so the choice made on the base model holds after wrapping.
+    """
+    structure = discover(model)
+    experts = [t.param for t in structure.expert_tensors]
+    if trainable.router and not structure.router_params:
+        raise ConfigError(f"model.trainable.router = true: no router found in {structure.model_class}")
     if trainable.mode == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
+
+        if structure.facts.no_lora:
+            raise ConfigError(f"model.trainable.mode = lora: not for {structure.model_class}: {structure.facts.no_lora}")
 
         torch.manual_seed(seed)  # LoRA A init; the aggregator's initial global overrides it anyway
-        config = LoraConfig(
-            r=trainable.lora_rank,
-            lora_alpha=trainable.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=["q_proj", "v_proj"] if trainable.attention_lora else [],
-            target_parameters=list(EXPERT_PARAMETERS),
-        )
-        model = get_peft_model(model, config)
-        for name, p in model.named_parameters():
-            if "lora_" not in name:
-                p.requires_grad_(False)
+        model = get_peft_model(model, lora_config(trainable, model))
+        if trainable.attention_lora and not any(n.endswith(("q_proj.lora_A.default.weight", "v_proj.lora_A.default.weight"))
+                                                for n, _ in model.named_parameters()):
+            raise ConfigError(f"model.trainable.attention_lora = true: {structure.model_class} has no attention "
+                              "projection named q_proj or v_proj")
+        chosen = {id(p) for n, p in model.named_parameters() if "lora_" in n}
     else:
-        for name, p in model.named_parameters():
-            expert = any(name.endswith(s) for s in EXPERT_PARAMETERS) or ".mlp.shared_expert" in name
-            p.requires_grad_(expert)
+        chosen = {id(p) for p in experts + structure.shared_params}
     if trainable.router:
-        for name, p in model.named_parameters():
-            if name.endswith(ROUTER_SUFFIX):
-                p.requires_grad_(True)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise LayoutError("no trainable parameters: the model has no fused experts this project recognises")
+        chosen |= {id(p) for p in structure.router_params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    if not chosen:
+        raise LayoutError(f"{structure.model_class}: nothing to train for mode {trainable.mode!r}")
     return model
+
+
+def lora_config(trainable: TrainableConfig, model: nn.Module, modules_to_save: list[str] | None = None):
+    """PEFT's config for the run's LoRA on ``model`` (the base): every expert tensor (biases left out),
+    named as briefly as names say exactly those tensors (``mlp.experts.gate_up_proj``), plus attention's
+    q/v projections when asked (``target_modules`` is always given: left unset, PEFT adds its own
+    per-family default modules)."""
+    from peft import LoraConfig
+
+    targets = [t.name for t in discover(model).expert_tensors
+               if t.param.dim() >= 2 and "bias" not in t.name.rsplit(".", 1)[-1]]
+    return LoraConfig(r=trainable.lora_rank, lora_alpha=trainable.lora_alpha, lora_dropout=0.0,
+                      target_modules=["q_proj", "v_proj"] if trainable.attention_lora else [],
+                      target_parameters=short_names(targets, [n for n, _ in model.named_parameters()]),
+                      modules_to_save=modules_to_save)
+
+
+def short_names(wanted: list[str], names: list[str]) -> list[str]:
+    """``wanted`` (full paths) with the part up to the layer index dropped (``mlp.gate``) when those
+    suffixes match exactly the same paths among ``names``, else as they are: what PEFT configs read."""
+    short = list(dict.fromkeys(re.sub(r"^(?:.*\.)?\d+\.", "", m) for m in wanted))  # in order: PEFT wraps in it
+    matched = {n for n in names if any(n == s or n.endswith("." + s) for s in short)}
+    return short if matched == set(wanted) else list(wanted)
 
 
 def build_model(spec: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:

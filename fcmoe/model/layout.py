@@ -8,6 +8,11 @@ PEFT's ``ParamWrapper`` (peft 0.21) reads a fused tensor's LoRA factors as
 ``lora_A [E*r, in] -> (E, r, in)`` (expert e owns rows e*r .. e*r+r-1) and
 ``lora_B [out, r*E] -> (out, r, E)`` (expert e owns the *interleaved* columns e, e+E, e+2E, ...).
 Slicing B in contiguous blocks would mix experts; tests/test_layout.py checks the effective weights.
+On 2-D stacked experts (``[E*I, H]``, DBRX) LoRA is one low-rank map of the whole stack: B's rows are
+per expert, A is shared by all of them and sits in the layer's shared unit.
+
+Which tensors are experts, and which decoder layer a parameter is in, come from
+:func:`fcmoe.model.discovery.discover`; tests/test_families.py checks the layout of every family.
 
 The layout is derived from the model structure alone (names and shapes, never values), so both roles
 compute it identically from the same config; its hash travels in every message.
@@ -26,8 +31,8 @@ import torch
 from torch import nn
 
 from fcmoe.errors import LayoutError
+from fcmoe.model.discovery import MoeStructure, discover
 
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 _LORA = re.compile(r"^(?P<owner>.+)\.lora_(?P<ab>[AB])\.[^.]+\.weight$")
 
 
@@ -103,7 +108,8 @@ class ExpertLayout:
         self.hash = hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
     @classmethod
-    def from_model(cls, model: nn.Module, num_experts: int) -> "ExpertLayout":
+    def from_model(cls, model: nn.Module) -> "ExpertLayout":
+        structure = discover(model)
         modules = dict(model.named_modules())
         units: dict[UnitKey, list[Slice]] = {}
         shapes: dict[str, tuple[int, ...]] = {}
@@ -112,9 +118,8 @@ class ExpertLayout:
                 continue
             shape = tuple(p.shape)
             shapes[name] = shape
-            m = _LAYER.search(name)
-            layer = int(m.group(1)) if m else -1
-            for expert, sl in _expert_slices(name, shape, modules, num_experts):
+            layer = structure.layer_of.get(id(p), -1)
+            for expert, sl in _expert_slices(name, p, modules, structure):
                 units.setdefault(UnitKey(layer, expert), []).append(sl)
         if not shapes:
             raise LayoutError("model has no trainable parameters")
@@ -171,8 +176,9 @@ class ExpertLayout:
                 raise LayoutError(f"{n}: shape {tuple(t.shape)}, layout expects {self.param_shapes[n]}")
 
 
-def _expert_slices(name: str, shape: tuple[int, ...], modules: Mapping[str, nn.Module], num_experts: int):
+def _expert_slices(name: str, param: torch.Tensor, modules: Mapping[str, nn.Module], structure: MoeStructure):
     """Yield (expert index or None, Slice) for one trainable parameter."""
+    shape = tuple(param.shape)
     lora = _LORA.match(name)
     owner = modules.get(lora.group("owner")) if lora else None
     wrapper_experts = getattr(owner, "num_experts", 1) if owner is not None else 1
@@ -181,18 +187,24 @@ def _expert_slices(name: str, shape: tuple[int, ...], modules: Mapping[str, nn.M
         if lora.group("ab") == "A":  # [E*r, in] -> (E, r, in), expert owns a contiguous row block
             if shape[0] % E:
                 raise LayoutError(f"{name}: {shape[0]} rows do not divide into {E} experts")
-            view = (E, shape[0] // E, shape[1])
-            return [(e, Slice(name, view, 0, e)) for e in range(E)]
-        if shape[1] % E:  # B: [out, r*E] -> (out, r, E), expert owns interleaved columns
-            raise LayoutError(f"{name}: {shape[1]} columns do not divide into {E} experts")
-        view = (shape[0], shape[1] // E, E)
-        return [(e, Slice(name, view, 2, e)) for e in range(E)]
-    parent = modules.get(name.rsplit(".", 1)[0])
-    if (
-        parent is not None
-        and type(parent).__name__.endswith("Experts")
-        and len(shape) == 3
-        and shape[0] == num_experts
-    ):
-        return [(e, Slice(name, shape, 0, e)) for e in range(num_experts)]
+            view, axis = (E, shape[0] // E, shape[1]), 0
+        else:  # B: [out, r*E] -> (out, r, E), expert owns interleaved columns
+            if shape[1] % E:
+                raise LayoutError(f"{name}: {shape[1]} columns do not divide into {E} experts")
+            view, axis = (shape[0], shape[1] // E, E), 2
+        return [(_expert_or_none(e, structure), Slice(name, view, axis, e)) for e in range(E)]
+    stacked = structure.expert_view(owner.get_param()) if lora and type(owner).__name__ == "ParamWrapper" else None
+    if stacked is not None:  # LoRA on experts stacked 2-D ([E*I, H], DBRX): B's rows are per expert, A is shared
+        if lora.group("ab") == "A":
+            return [(None, Slice(name, shape, None, 0))]
+        view = (stacked[0], shape[0] // stacked[0], shape[1])
+        return [(e, Slice(name, view, 0, e)) for e in range(stacked[0])]
+    view = structure.expert_view(param)
+    if view is not None:  # a whole expert tensor (full mode): expert e owns view[e]
+        return [(_expert_or_none(e, structure), Slice(name, view, 0, e)) for e in range(view[0])]
     return [(None, Slice(name, shape, None, 0))]
+
+
+def _expert_or_none(row: int, structure: MoeStructure) -> int | None:
+    """Rows past the routed experts (LongCat's zero-compute experts: never read) join the shared unit."""
+    return row if row < structure.num_experts else None

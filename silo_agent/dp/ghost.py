@@ -24,9 +24,10 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from fcmoe.model.build import ROUTER_SUFFIX
+from fcmoe.model.discovery import discover
 from silo_agent.dp.per_sample import (
     DENSE_EXPERTS,
+    dense_supported,
     make_vmap_friendly,
     lora_layers,
     register_factorised_lora,
@@ -35,19 +36,34 @@ from silo_agent.dp.per_sample import (
 
 
 def _experts(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "num_experts")]
+    return [c for c in discover(model).containers if hasattr(c, "gate_up_proj")]
 
 
 def _routers(model: nn.Module) -> list[nn.Module]:
-    return [model.get_submodule(name[: -len(".weight")]) for name, p in model.named_parameters()
-            if p.requires_grad and name.endswith(ROUTER_SUFFIX)]
+    """Trainable routers that hold their matrix themselves (``F.linear(x, weight[, bias])``, logits
+    first in their output; PhiMoE's is an ``nn.Linear`` subclass returning a tuple); plain
+    ``nn.Linear`` routers, and routers that wrap one, are among :func:`_linears`."""
+    return [r for r in discover(model).routers
+            if type(r) is not nn.Linear and isinstance(getattr(r, "weight", None), nn.Parameter)
+            and r.weight.requires_grad]
+
+
+def _stack_params(experts: nn.Module) -> list[nn.Parameter]:
+    """The expert stacks and, where the family has them (GPT-OSS), their per-expert biases."""
+    names = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+    return [p for p in (getattr(experts, n, None) for n in names) if isinstance(p, nn.Parameter)]
+
+
+def _router_bias(router: nn.Module) -> bool:
+    return isinstance(getattr(router, "bias", None), nn.Parameter) and router.bias.requires_grad
 
 
 def _linears(model: nn.Module) -> list[nn.Linear]:
     """Trainable ``nn.Linear`` layers called as such (e.g. Qwen2-MoE's shared expert and its gate in
-    full mode) — not LoRA factor holders, whose weights are reshaped, never called."""
+    full mode) — not LoRA factor holders, whose weights are reshaped, never called, nor routers."""
     factor_holders = {id(m) for layer in lora_layers(model) for m in (layer.module.lora_A[layer.adapter],
                                                                       layer.module.lora_B[layer.adapter])}
+    factor_holders |= {id(r) for r in _routers(model)}
     return [m for m in model.modules()
             if isinstance(m, nn.Linear) and m.weight.requires_grad and id(m) not in factor_holders]
 
@@ -55,15 +71,21 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
 def supports(model: nn.Module) -> bool:
     """Every trainable tensor is an expert stack, a router weight, LoRA on an expert stack or a plain
     Linear's weight/bias (LoRA on other layers, e.g. attention, goes through the vmap engine)."""
+    return (any(p.requires_grad for p in model.parameters()) and all(dense_supported(c) for c in discover(model).containers)
+            and not uncovered(model))
+
+
+def uncovered(model: nn.Module) -> list[str]:
+    """The trainable tensors ghost clipping cannot take, by name."""
     lora = lora_layers(model)
-    if any(not layer.num_experts for layer in lora):
-        return False
-    covered = {id(m.gate_up_proj) for m in _experts(model)} | {id(m.down_proj) for m in _experts(model)}
-    covered |= {id(r.weight) for r in _routers(model)}
+    plain_lora = [layer for layer in lora if not layer.num_experts]
+    if plain_lora:
+        return [f"LoRA on {plain_lora[0].base}"]
+    covered = {id(p) for m in _experts(model) for p in _stack_params(m)}
+    covered |= {id(p) for r in _routers(model) for p in (r.weight, r.bias if _router_bias(r) else None) if p is not None}
     covered |= {id(p) for m in _linears(model) for p in (m.weight, m.bias) if p is not None}
     covered |= {id(getattr(layer.module, f)[layer.adapter].weight) for layer in lora for f in ("lora_A", "lora_B")}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return bool(trainable) and all(id(p) in covered for p in trainable)
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
 
 
 def _pair(inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -81,8 +103,13 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 
 class GhostClipping:
     def __init__(self, model: nn.Module, max_grad_norm: float):
-        if make_vmap_friendly(model) != DENSE_EXPERTS or not supports(model):
-            raise ValueError("ghost clipping needs dense experts and only expert stacks and routers trainable")
+        if make_vmap_friendly(model) != DENSE_EXPERTS:
+            kinds = sorted({type(c).__name__ for c in discover(model).containers})
+            raise ValueError(f"ghost clipping runs experts densely; {', '.join(kinds)} cannot be (not a gated "
+                             "[E, 2I, H] / [E, H, I] pair, transposed or not)")
+        if not supports(model):
+            raise ValueError("ghost clipping covers expert stacks, routers, Linear layers and LoRA on experts; "
+                             f"{uncovered(model)[0]} is none of these")
         self.model, self.max_grad_norm = model, max_grad_norm
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._experts, self._routers, self._linears = _experts(model), _routers(model), _linears(model)
@@ -94,7 +121,7 @@ class GhostClipping:
         experts: list = []
         lora: list = []  # (input, low-rank output, LoRA output, scaling) per factorised adapter call
         linear: list = []  # (input, output, has_bias) of routers and trainable Linears
-        hooks = [r.register_forward_hook(lambda m, args, out: linear.append((args[0], out[0], False)))
+        hooks = [r.register_forward_hook(lambda m, args, out: linear.append((args[0], out[0], _router_bias(m))))
                  for r in self._routers]
         hooks += [m.register_forward_hook(lambda m, args, out: linear.append((args[0], out, m.bias is not None)))
                   for m in self._linears]
@@ -128,9 +155,12 @@ class GhostClipping:
         grads = iter(torch.autograd.grad(losses.sum(), outputs, retain_graph=True))
         sq = torch.zeros(b, dtype=torch.float64, device=logits.device)
         tokens = lambda v: v.reshape(b, t, *v.shape[1:]) if v.shape[0] == b * t else v  # noqa: E731
-        for x, _, gated, _ in experts if stacks else ():
+        for (x, _, gated, _), module in zip(experts, self._experts) if stacks else ():
             g_up, g_down = next(grads), next(grads)
             sq += _pair(tokens(x), tokens(g_up)) + _pair(tokens(gated), tokens(g_down))
+            for g, bias in ((g_up, "gate_up_proj_bias"), (g_down, "down_proj_bias")):
+                if getattr(module, bias, None) is not None:  # expert e's bias gradient is sum_t g_te
+                    sq += _gram(tokens(g)).sum((1, 2, 3))
         for x, low, _, scaling in lora:
             g_low, g_out = next(grads), next(grads)
             sq += _pair(tokens(x), tokens(g_low)) + scaling ** 2 * _pair(tokens(low), tokens(g_out))

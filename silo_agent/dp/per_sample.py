@@ -24,6 +24,7 @@ for full experts of large models use smaller physical batches (Opacus' BatchMemo
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fcmoe.errors import ConfigError
+from fcmoe.model.discovery import discover
 from silo_agent.data import IGNORE_INDEX
 
 
@@ -110,16 +112,25 @@ def dense_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
 
 
 def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, x_dims: str) -> torch.Tensor:
-    """``x @ W[e]^T`` for every expert e (``[N, E, out]``), plus LoRA on ``W`` kept factorised when
-    PEFT's adapters are off (PEFT folds it into ``W`` itself otherwise): per-sample gradients then
-    stay the size of the LoRA factors instead of one expert stack per sample."""
-    y = torch.einsum(f"{x_dims},eod->neo", x, getattr(experts, name))
+    """Expert e's map of ``x`` for every e (``[N, E, out]``), from ``W [E, out, in]`` or, transposed,
+    ``[E, in, out]`` (GPT-OSS), plus its bias ``[E, out]`` where the family has one, plus LoRA on ``W``
+    kept factorised when PEFT's adapters are off (PEFT folds it into ``W`` itself otherwise):
+    per-sample gradients then stay the size of the LoRA factors instead of one expert stack per sample."""
+    transposed = _transposed(experts)
+    y = torch.einsum(f"{x_dims},{'edo' if transposed else 'eod'}->neo", x, getattr(experts, name))
+    bias = getattr(experts, f"{name}_bias", None)
+    if bias is not None:
+        y = y + bias
     for layer in getattr(experts, "_fcmoe_lora", {}).get(name, ()):
         if not layer.module.disable_adapters:
             continue
         lhs, rhs = layer.factors(layer.module.lora_A[layer.adapter].weight, layer.module.lora_B[layer.adapter].weight)
-        low = torch.einsum(f"{x_dims},erd->ner", x, rhs)
-        lora = layer.scaling * torch.einsum("ner,eor->neo", low, lhs)
+        if transposed:  # delta [E, in, out] = lhs [E, in, r] @ rhs [E, r, out]
+            low = torch.einsum(f"{x_dims},edr->ner", x, lhs)
+            lora = layer.scaling * torch.einsum("ner,ero->neo", low, rhs)
+        else:  # delta [E, out, in] = lhs [E, out, r] @ rhs [E, r, in]
+            low = torch.einsum(f"{x_dims},erd->ner", x, rhs)
+            lora = layer.scaling * torch.einsum("ner,eor->neo", low, lhs)
         capture = experts.__dict__.get("_fcmoe_lora_capture")
         if capture is not None:  # ghost clipping: both factor maps' inputs and outputs
             capture.append((x, low, lora, layer.scaling))
@@ -139,21 +150,43 @@ def register_factorised_lora(layers: list[_LoraLayer]) -> None:
         experts.__dict__["_fcmoe_lora"] = registry
 
 
-def _dense_supported(experts: nn.Module) -> bool:
-    return (getattr(experts, "has_gate", False) and not getattr(experts, "has_bias", True)
-            and not getattr(experts, "is_transposed", True) and not getattr(experts, "has_post_expert_norm", True)
-            and not getattr(experts, "_is_expert_parallel", True))
+def _transposed(experts: nn.Module) -> bool | None:
+    """Whether the gate-up and down stacks are stored ``[E, in, out]`` (None: not a gated pair).
+    From transformers' own flag where the class has it, else from the shapes, which tell unambiguously:
+    ``[E, 2I, H]`` with ``[E, H, I]``, or ``[E, H, 2I]`` with ``[E, I, H]``."""
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or gate_up.dim() != 3 \
+            or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
+        return None
+    if hasattr(experts, "is_transposed"):
+        return bool(experts.is_transposed)
+    if gate_up.shape[2] == down.shape[1] and gate_up.shape[1] == 2 * down.shape[2]:
+        return False
+    if gate_up.shape[1] == down.shape[2] and gate_up.shape[2] == 2 * down.shape[1]:
+        return True
+    return None
+
+
+def dense_supported(experts: nn.Module) -> bool:
+    return (_transposed(experts) is not None and hasattr(experts, "_apply_gate")
+            and getattr(experts, "has_gate", True) and not getattr(experts, "has_post_expert_norm", False)
+            and not getattr(experts, "_is_expert_parallel", False))
 
 
 def make_vmap_friendly(model: nn.Module) -> str:
     """Dense experts where the layout allows, else transformers' ``batched_mm`` (neither has
-    data-dependent shapes), and eager attention, so ``vmap`` batches every op instead of looping."""
+    data-dependent shapes), and eager attention, so ``vmap`` batches every op instead of looping.
+    Expert classes outside transformers' experts interface (GPT-OSS) get the dense forward directly."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     if DENSE_EXPERTS not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(DENSE_EXPERTS, dense_experts_forward)
-    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "num_experts")]
-    choice = DENSE_EXPERTS if experts and all(_dense_supported(m) for m in experts) else "batched_mm"
+    experts = discover(model).containers
+    choice = DENSE_EXPERTS if experts and all(dense_supported(m) for m in experts) else "batched_mm"
+    if choice == DENSE_EXPERTS:
+        for m in experts:
+            if not hasattr(m, "is_transposed"):  # not dispatched through the interface
+                m.forward = types.MethodType(dense_experts_forward, m)
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_experts_implementation"):
