@@ -31,6 +31,7 @@ from silo_agent.ckks_round import CkksSession
 from silo_agent.distributed import check_world_size, train_distributed
 from silo_agent.dp.importance import norm_shares
 from silo_agent.dp.trainer import DpTrainer
+from silo_agent.dp.training import check_private_step
 from silo_agent.masked_round import MaskingSession
 from silo_agent.personal import PersonalAdapter
 from silo_agent.projection import (GlobalHistory, ResidualBook, instruction_refusal, opposed_units, project_units,
@@ -197,6 +198,8 @@ class SiloAgent:
         self.ckks_context = None
         self.total_rounds = 0
         self.dp = DpTrainer(self.silo.dp, self.silo.pki_dir, self.silo.name) if self.silo.dp.enabled else None
+        if self.dp is not None:
+            check_private_step(self.model, self.device)
         # this process's id: the aggregator refuses a second live process under this silo's name
         self.instance = secrets.token_hex(8)
 

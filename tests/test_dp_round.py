@@ -58,3 +58,40 @@ def test_a_silo_at_its_budget_declines_and_the_run_completes_without_it(tmp_path
     assert "privacy budget" in rows[2]["silos"]["silo2"]["declined"]
     assert len(silos[2].silo.dp.ledger.read_text().splitlines()) == 1  # nothing spent on the declined round
     assert np.isfinite(rows[-1]["global_loss"])
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "granitemoe"])
+def test_dp_silos_train_full_experts_of_hugging_face_families_with_ghost_clipping(family, tmp_path, monkeypatch):
+    """A DP run on a local checkpoint of the family: every silo's private steps go through ghost clipping
+    (GPT-OSS: transposed stacks with per-expert biases; DeepSeek-V3: shared experts; GraniteMoE:
+    experts under block_sparse_moe), and each ledger holds the run's rounds."""
+    from families import save_tiny_checkpoint
+    from silo_agent.dp.ghost import GhostClipping
+
+    save_tiny_checkpoint(family, tmp_path / family)
+    clipped = []
+    clip = GhostClipping.clip
+    monkeypatch.setattr(GhostClipping, "clip", lambda self, batch: (clipped.append(1), clip(self, batch))[1])
+    config, silos, pki = _configs(tmp_path, rounds=1)
+    local = lambda c: parse_config({**c.model_dump(mode="json"), "model": {  # noqa: E731
+        "source": "local", "path": str(tmp_path / family), "trainable": {"mode": "full", "router": True}}})
+    coordinator = run_in_process(local(config), [local(s) for s in silos])
+    assert coordinator.machine.succeeded and coordinator.metrics.rows()[-1]["updates"] == 3
+    assert len(clipped) >= 3  # every silo's steps (an empty Poisson draw skips the clipping)
+    for name, silo in zip(SILOS, silos):
+        assert [e["round"] for e in verify(silo.silo.dp.ledger, pki.silo_cert(name).read_bytes())] == [1]
+
+
+def test_a_dp_silo_on_a_family_dp_cannot_train_is_refused_at_start(tmp_path):
+    """JetMoE's experts take tokens sorted by expert with Python-side counts, which neither DP engine can
+    run: the silo says so in one line when it starts, before it joins, not in its first private round."""
+    from families import save_tiny_checkpoint
+    from fcmoe.errors import ConfigError
+
+    save_tiny_checkpoint("jetmoe", tmp_path / "jetmoe")
+    config, silos, _ = _configs(tmp_path, rounds=1)
+    local = parse_config({**silos[0].model_dump(mode="json"), "model": {
+        "source": "local", "path": str(tmp_path / "jetmoe"), "trainable": {"mode": "full"}}})
+    with pytest.raises(ConfigError, match=r"^silo.dp.enabled: JetMoeForCausalLM cannot train privately here \("):
+        run_in_process(parse_config({**config.model_dump(mode="json"), "model": local.model.model_dump(mode="json")}),
+                       [local])

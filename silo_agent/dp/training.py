@@ -47,6 +47,27 @@ def private_step_parts(model: nn.Module, step: DpStep, expected_batch_size: int,
                         expected_batch_size=expected_batch_size)
 
 
+def check_private_step(model: nn.Module, device: torch.device) -> None:
+    """Refuse at start, in one line, a model no DP engine can take (some families' layers defeat both
+    ghost clipping and ``vmap``: docs/models.md), rather than failing its first private round. One
+    clipped step on a made-up batch of two rows; nothing is stepped and every gradient is dropped."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(16, device=device) % min(vocab, 256)).reshape(2, 8)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    try:
+        engine, _ = private_step_parts(model, DpStep(1.0, 1.0, 1.0), 2, 0.0)
+        engine.clip(batch)
+    except Exception as exc:  # whatever the family's forward raises under the engine: named, not a traceback
+        detail = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"silo.dp.enabled: {type(model).__name__} cannot train privately here "
+                          f"({type(exc).__name__}: {detail}); docs/models.md lists the families DP supports") from None
+    finally:
+        for p in model.parameters():
+            p.grad = None
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+
+
 def train_privately(model: nn.Module, data: ExampleBatches, plan: LocalPlan, step: DpStep,
                     device: torch.device) -> TrainResult:
     if plan.prox_mu > 0:
