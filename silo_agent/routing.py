@@ -3,9 +3,10 @@
 Hooks read, per MoE layer, each token's chosen experts and their gate weights where the family hands
 them over (:class:`fcmoe.model.discovery.FamilyFacts`): most pass ``(top_k_index, top_k_weights)`` to
 the experts; Llama 4's router returns dense per-expert weights; JetMoE's router returns its tokens
-sorted by expert; Doge's block returns the product-key logits its experts are chosen from. The meter sums, per (layer, expert), the weight the silo's real (non-padding) tokens
-put on the expert; a layer's shares are that mass over the layer's total, so they sum to one whatever
-the family's scaling (DeepSeek-V3 multiplies its gates by 2.5). Ids of zero-compute experts (LongCat's
+sorted by expert; Doge's block returns the product-key logits its experts are chosen from. The meter
+sums, per (layer, expert), the weight the silo's real (non-padding) tokens put on the expert; a
+layer's shares are that mass over the layer's total, so they sum to one whatever the family's scaling
+(DeepSeek-V3 multiplies its gates by 2.5). Ids of zero-compute experts (LongCat's
 ids at or above the expert count) are not experts and are left out.
 
 The agent meters the evaluation of each round's global model on the silo's held-out split: the share
@@ -59,6 +60,11 @@ class RoutingMeter:
         self.mass[layer] = self.mass.get(layer, torch.zeros_like(mass)).to(mass.device) + mass
         self.tokens[layer] = self.tokens.get(layer, 0.0) + float(tokens)
 
+    def _add_per_token(self, layer: int, experts: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """``ids`` / ``weights`` ``[tokens, slots]``: each token's chosen expert ids and their weights."""
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        self._add(layer, experts, rows.reshape(-1), ids.reshape(-1), weights.reshape(-1), ids.shape[0])
+
     def _from_experts_args(self, layer: MoeLayer, experts: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             found = _index_and_weights(args, kwargs)
@@ -66,17 +72,14 @@ class RoutingMeter:
                 return
             index, weights = (t.detach() for t in found)
             index = index.reshape(-1, index.shape[-1])
-            weights = weights.float().reshape(index.shape)
-            rows = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
-            self._add(layer.index, experts, rows.reshape(-1), index.reshape(-1), weights.reshape(-1), index.shape[0])
+            self._add_per_token(layer.index, experts, index, weights.float().reshape(index.shape))
         return hook
 
     def _from_router_dense(self, layer: MoeLayer, experts: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output) -> None:
             dense = output[0].detach().float().reshape(-1, output[0].shape[-1])[:, :experts]
-            rows = torch.arange(dense.shape[0], device=dense.device)[:, None].expand_as(dense)
-            ids = torch.arange(experts, device=dense.device).expand_as(dense)
-            self._add(layer.index, experts, rows.reshape(-1), ids.reshape(-1), dense.reshape(-1), dense.shape[0])
+            self._add_per_token(layer.index, experts, torch.arange(experts, device=dense.device).expand_as(dense),
+                                dense)
         return hook
 
     def _from_router_sorted(self, layer: MoeLayer, experts: int) -> Callable:
@@ -95,9 +98,7 @@ class RoutingMeter:
             scores = (sx[..., :, None] + sy[..., None, :]).flatten(-2)
             ids = (ix[..., :, None] * keys + iy[..., None, :]).flatten(-2)
             best, where = scores.topk(top_k, dim=-1)
-            ids, weights = ids.gather(-1, where), torch.softmax(best, dim=-1)
-            rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-            self._add(layer.index, experts, rows.reshape(-1), ids.reshape(-1), weights.reshape(-1), ids.shape[0])
+            self._add_per_token(layer.index, experts, ids.gather(-1, where), torch.softmax(best, dim=-1))
         return hook
 
     @contextmanager
