@@ -204,9 +204,13 @@ def _dp_support(checkpoint, lora: bool) -> dict[str, str]:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     out = {"dp_lora": "no LoRA"}
     for key, mode in (("dp_full", "full"), ("dp_lora", "lora"))[:1 + lora]:
-        model = build_model(_local(checkpoint, mode=mode))
+        model = build_model(_local(checkpoint, mode=mode)).eval()
         try:
+            with torch.no_grad():
+                before = model(input_ids=ids).logits
             engine, _ = private_step_parts(model, DpStep(1.0, 1.0, 0.5), 2, 0.01)
+            with torch.no_grad():  # the engines' forward (dense experts, eager attention) is the family's own
+                torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-5)
             kind = "per-sample"
             if isinstance(engine, GhostClipping):  # its norms are the exact per-sample gradients' norms
                 kind = "ghost clipping, norms = per-sample"

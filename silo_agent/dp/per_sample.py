@@ -167,8 +167,15 @@ def _transposed(experts: nn.Module) -> bool | None:
     return None
 
 
+_DENSE_TENSORS = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
+
+
 def dense_supported(experts: nn.Module) -> bool:
-    return (_transposed(experts) is not None and hasattr(experts, "_apply_gate")
+    """The dense forward computes exactly what the family's does: a gated pair (either orientation),
+    biases under the names it reads, the class's own gate, and no tensor it would leave out."""
+    own = {n.rsplit(".", 1)[-1] for n, _ in experts.named_parameters() if "lora_" not in n}
+    return (_transposed(experts) is not None and hasattr(experts, "_apply_gate") and own <= _DENSE_TENSORS
+            and (not getattr(experts, "has_bias", False) or {"gate_up_proj_bias", "down_proj_bias"} <= own)
             and getattr(experts, "has_gate", True) and not getattr(experts, "has_post_expert_norm", False)
             and not getattr(experts, "_is_expert_parallel", False))
 
