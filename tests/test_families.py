@@ -2,11 +2,12 @@
 
 One case per ``model_type`` (the list is read from transformers when the tests are collected, so a
 family added upstream shows up here as a failing case until it is supported): a tiny model of the
-family is saved with a tokenizer, loaded through ``model.source: local``, its unit layout checked
-(every trainable number in exactly one unit; changing one expert's unit changes that expert only),
-LoRA on experts and router, and two federated rounds in process with FedAvg and with FC-MoE (finite,
-falling loss); with learning rate 0 the global model is the start, exactly. A family that cannot
-work is in :data:`families.EXCLUDED` with its reason (docs/models.md lists it), never skipped.
+family is saved with a tokenizer and loaded through ``model.source: local``; its unit layout is
+checked (every trainable number in exactly one unit; changing one expert's unit changes that expert
+only), and its routing meter (every MoE layer, shares summing to one); LoRA on experts and router;
+two federated rounds in process with FedAvg and with FC-MoE (finite, falling loss); with learning
+rate 0 the global model is the start, exactly; one DP step each way. A family that cannot work is in
+:data:`families.EXCLUDED` with its reason (docs/models.md lists it), never skipped.
 
 Each case also records what trains and what DP supports; ``make families-table`` writes those rows
 into docs/models.md (``FCMOE_FAMILY_ROWS=FILE`` collects them).
@@ -31,15 +32,16 @@ from fcmoe.model import ExpertLayout, build_model, load_trainable_state, trainab
 from fcmoe.model.discovery import MoeStructure, discover
 
 FAMILIES = moe_model_types()
-# DP must work here (ghost clipping of full experts and the router, and the vmap engine for LoRA)
+# DP must work here: ghost clipping of full experts and the router (norms checked), and a LoRA step
 DP_REQUIRED = {"mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe"}
 SILOS = 2
 # `make test` runs a slice that covers every way discovery reads a family (fused / transposed with biases /
-# 2-D stacked / ParallelExperts experts; routers that are modules, Linears or MLPs; meters reading the
-# experts' call, a dense or a sorted router output; zero-compute rows; hybrid and composite models);
+# 2-D stacked / ParallelExperts / embedding-table experts; routers that are modules, Linears or MLPs;
+# meters reading the experts' call, a dense or a sorted router output, product keys; zero-compute rows;
+# hybrid and composite models);
 # FCMOE_FULL_MATRIX=1 (.ci/run) runs every family transformers registers.
-SLICE = ("dbrx", "deepseek_v3", "gemma4", "gpt_oss", "granitemoe", "jetmoe", "llama4_text", "longcat_flash",
-         "mixtral", "nemotron_h", "zaya")
+SLICE = ("dbrx", "deepseek_v3", "doge", "gemma4", "gpt_oss", "granitemoe", "jetmoe", "llama4_text",
+         "longcat_flash", "mixtral", "nemotron_h", "zaya")
 FULL = os.environ.get("FCMOE_FULL_MATRIX") == "1"
 CASES = [t for t in FAMILIES if t not in EXCLUDED and (FULL or t in SLICE)]
 
