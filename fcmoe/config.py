@@ -482,8 +482,15 @@ class SiloConfig(_Strict):
     dp: DpConfig = DpConfig()
     world_size: int = Field(
         1, ge=1,
-        description="processes that share each round's local training (torch.distributed: gloo on CPU, NCCL with "
-                    "one GPU per process on CUDA); the update equals one process's")
+        description="processes (ranks) that share each round's local training, started once and kept across rounds "
+                    "(torch.distributed: gloo on CPU, NCCL with one GPU per process on CUDA; under torchrun its "
+                    "--nproc-per-node x --nnodes decides); the update equals one process's")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="how world_size > 1 processes hold the model: ddp (each a whole copy; small models) or "
+        "fsdp (FSDP2 shards every decoder layer, frozen base included: models that fit no single device)")
+    activation_checkpointing: bool = Field(
+        False, description="world_size > 1: keep only each decoder layer's input for the backward pass and "
+        "recompute the rest (less memory, about a third more compute)")
     measure_conflict: bool = Field(
         False, description="log per round how many of this silo's expert updates oppose the previous global update "
         "(cosine < 0; event update_conflict): a diagnostic of conflicting silos; keeps two global models in memory")
@@ -500,6 +507,9 @@ class SiloConfig(_Strict):
         if self.world_size > 1 and self.dp.enabled:
             raise ValueError(f"world_size={self.world_size} with dp.enabled: DP-SGD trains in one process "
                              "(set world_size: 1 or dp.enabled: false)")
+        if self.parallel == "fsdp" and self.dp.enabled:
+            raise ValueError("parallel 'fsdp' with dp.enabled: DP-SGD does not run on sharded models yet "
+                             "(set parallel: ddp and world_size: 1, or dp.enabled: false)")
         if self.world_size > 1 and self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r} with world_size={self.world_size}: use 'cuda' (process r takes "
                              "visible GPU r; pick GPUs with CUDA_VISIBLE_DEVICES)")

@@ -152,12 +152,16 @@ def run_in_process(aggregator_config: Config, silo_configs: list[Config],
         agent.run_secret = run_secret
         agent.join()
     active = list(agents)
-    while active:
-        coordinator.step()
-        for agent in list(active):
-            task = agent.client.get_task(agent.run_id, wait_s=0.0)
-            if absent is not None and absent(agent.silo.name, task):
-                continue
-            if agent.handle(task) is not None:
-                active.remove(agent)
+    try:
+        while active:
+            coordinator.step()
+            for agent in list(active):
+                task = agent.client.get_task(agent.run_id, wait_s=0.0)
+                if absent is not None and absent(agent.silo.name, task):
+                    continue
+                if agent.handle(task) is not None:
+                    active.remove(agent)
+    finally:
+        for agent in agents:
+            agent.close()
     return coordinator

@@ -15,7 +15,7 @@ import torch
 from crypto.signed_log import Receipt
 from crypto.sketch import own_agreement, sketch_units
 from fcmoe.config import Config, SiloConfig
-from fcmoe.errors import ConfigError, DataError, FcMoeError, PkiError
+from fcmoe.errors import ConfigError, DataError, FcMoeError, PkiError, RunError
 from fcmoe.fileio import check_writable_folder
 from fcmoe.logs import log_event
 from fcmoe.signals import StopRequest
@@ -28,7 +28,8 @@ from crypto.secagg import SecAggError, sketch_key
 from silo_agent.data import (ExampleBatches, Truncation, build_silo_dataset, count_truncation, encoded_length,
                              load_jsonl, tokenizer_for)
 from silo_agent.ckks_round import CkksSession
-from silo_agent.distributed import check_world_size, train_distributed
+from silo_agent.distributed import (RankSetup, SiloRanks, check_world_size, rank_device, serve_rank, torchrun_rank,
+                                    world_size_of)
 from silo_agent.dp.importance import norm_shares
 from silo_agent.dp.trainer import DpTrainer
 from silo_agent.dp.training import check_private_step
@@ -176,6 +177,12 @@ class SiloAgent:
         self.meter = RoutingMeter()
         self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}
         self.data = load_data(config)
+        self.world_size = world_size_of(self.silo)
+        if self.world_size > 1 and self.silo.dp.enabled:
+            raise ConfigError(f"silo.dp.enabled with {self.world_size} processes: DP-SGD trains in one process")
+        # the silo's training ranks, started once: each builds its model once and keeps it across rounds
+        self.ranks = (SiloRanks(self.model, RankSetup.of(config), self.data.train, self.device, progress)
+                      if self.world_size > 1 else None)
         self.sketch_secret = bytes.fromhex(self.silo.sketch_key) if self.silo.sketch_key else None
         self.run_id = ""
         self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
@@ -288,7 +295,13 @@ class SiloAgent:
             log_event(log, "silo_stopped", level=logging.ERROR, reason=str(exc))
             return 2
         finally:
-            self.client.close()
+            self.close()
+
+    def close(self) -> None:
+        """Let the silo's training ranks go and hang up."""
+        if self.ranks is not None:
+            self.ranks.close()
+        self.client.close()
 
     def _download(self, version: int, round_: int) -> dict[str, np.ndarray] | None:
         """The global model of ``version``, or None when the round moved on meanwhile."""
@@ -328,7 +341,7 @@ class SiloAgent:
         private data outside the ledger) nor with several ranks (it lives in one process)."""
         if not t.personal_adapter:
             return None
-        if self.dp is not None or self.silo.world_size > 1:
+        if self.dp is not None or self.world_size > 1:
             log_event(log, "personal_adapter_skipped", round=round_,
                       reason="dp" if self.dp is not None else "world_size > 1")
             return None
@@ -438,9 +451,14 @@ class SiloAgent:
                          seed=t.seed * 7919 + self.silo.index + 104_729 * retrain)
         if self.dp is not None and privacy is not None:
             result = self.dp.train(self.model, self.data.train, plan, privacy, self.device)
-        elif self.silo.world_size > 1:
-            result = train_distributed(self.model, self.config.model, self.data.train, plan, self.silo.world_size,
-                                       self.device, self.progress)
+        elif self.ranks is not None:
+            try:
+                result = self.ranks.train(plan)
+            except RunError as exc:  # a rank failed: this round goes on without the silo, the next gets new ranks
+                if not self.ranks.restartable:
+                    raise  # torchrun owns the ranks: the silo stops, and the launcher starts them all again
+                self._decline(task, str(exc))
+                return None
         else:
             result = train_locally(self.model, self.data.train, plan, self.device, self.progress, adapter)
         t2 = time.perf_counter()
@@ -735,6 +753,12 @@ def _client(silo: SiloConfig) -> AggregatorClient:
 
 
 def run_silo(config: Config, progress: bool = False) -> int:
+    """Run the silo's agent; under torchrun, rank 0 does and every other rank serves its training."""
+    launch = torchrun_rank()
+    if launch is not None and config.silo is not None:
+        device = rank_device(config.silo, launch.local_rank)
+        if launch.rank > 0:
+            return serve_rank(config, load_data(config).train, device)
     with StopRequest() as stop:
         status = SiloAgent(config, progress=progress).run(stop.event)
     return stop.exit_status or status

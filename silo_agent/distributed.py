@@ -1,63 +1,80 @@
-"""One round of a silo's local training shared by ``silo.world_size`` processes (data parallel).
+"""A silo's training processes ("ranks"): started once, kept across rounds; rank 0 is the agent.
 
-A silo with several GPUs (or several CPU sockets) trains faster when each process takes a share of
-every batch. The processes are started with ``torch.multiprocessing`` (spawn), meet over a
-``torch.distributed`` process group on a free loopback port (gloo on CPU, NCCL with one GPU per
-process on CUDA) and average gradients with ``DistributedDataParallel``; nothing here schedules
-processes itself. The update is the one a single process would make on the whole batch:
+A silo with several GPUs (or CPU sockets, or machines) trains each round over ``silo.world_size``
+ranks that meet in one ``torch.distributed`` process group (gloo on CPU, NCCL with one GPU per rank
+on CUDA). The ranks are either started by the agent itself (spawn, on a free loopback port) or by
+the ecosystem's launcher, ``torchrun --nproc-per-node N [--nnodes M ...] -m fcmoe silo CONFIG``,
+which also spans machines. Either way rank 0 is the agent's own process, the only one that talks to
+the aggregator; the others wait for its commands in :func:`serve_rank`.
 
-- every rank rebuilds the model from the same ``ModelConfig`` (the frozen base is the same seeded
-  init or the same checkpoint on disk) and loads the agent's trainable state;
-- every rank draws the *whole* batch with the same seeded generator, keeps a disjoint block of its
-  rows, and divides its summed token loss by the whole batch's token count, times ``world_size``
-  so that DDP's mean over ranks is the single-process token mean (ranks hold different token
-  counts, so a plain DDP average of per-rank means would not be);
-- the optimiser (AdamW on every rank, same gradients) keeps the replicas identical.
+Each rank builds its model once, on the meta device, and receives the frozen base from rank 0 one
+tensor at a time, so ranks agree on the base by construction and (under ``fsdp``) no rank other than
+rank 0 ever holds the whole model. Each round rank 0 broadcasts the plan and the round's trainable
+state (never re-read from disk); all ranks train on disjoint rows of the same seeded batches; rank 0
+ends up with the trained state. Two layouts (``silo.parallel``):
 
-Rank 0 hands back the trained state and the training figures through files in a private temporary
-folder (safetensors + JSON), and the agent loads them. A failing rank stops the others at once (its
-exit is seen by the parent, which terminates the rest) and surfaces as one :class:`RunError` line;
-the process group's timeout bounds any collective left waiting.
+- ``ddp``: every rank holds the whole model (``DistributedDataParallel``); rank 0's replica is the
+  agent's model itself;
+- ``fsdp``: FSDP2 (``fully_shard``) shards each decoder layer and the rest of the model over the
+  ranks, frozen base included; after training only the trainable tensors are gathered to rank 0.
+
+The update is the one a single process would make on the whole batch: each rank divides its summed
+token loss by the whole batch's token count, times ``world_size``, because both DDP and FSDP average
+gradients over ranks (ranks hold different token counts, so an average of per-rank means would be
+wrong); the FedProx gradient is added once after the gradients are averaged.
+
+A rank that fails or dies fails the round in one :class:`RunError` line; a silo that started its own
+ranks starts them afresh for the next round. Under torchrun the launcher owns the processes: the
+silo stops, and ``torchrun --max-restarts`` starts the group again (the silo rejoins its run).
 DP-SGD stays single-process: the config refuses ``world_size > 1`` with ``dp.enabled``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
+import signal
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
+from itertools import chain
 from pathlib import Path
+from typing import Literal, NoReturn
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from fcmoe.config import ModelConfig, SiloConfig
+from fcmoe.config import Config, ModelConfig, SiloConfig
 from fcmoe.errors import ConfigError, RunError
 from fcmoe.logs import log_event, setup_logging
-from fcmoe.model import build_model, load_trainable_state, trainable_state
+from fcmoe.model import build_model, load_trainable_state
+from fcmoe.model.discovery import discover
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
 from silo_agent.training import LocalPlan, TrainResult, token_losses, train_locally
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this means a rank is stuck: fail, do not hang
-_GRACE_S = 5.0  # after one rank fails, how long the others get to exit before they are killed
-_START, _TRAINED, _RESULT = "start.safetensors", "trained.safetensors", "result.json"
+DEFAULT_TIMEOUT_S = 600.0  # a training collective waiting longer than this means a rank is stuck: fail
+_IDLE = timedelta(days=30)  # between rounds a rank waits for rank 0 as long as the federation takes
+_GRACE_S = 5.0  # after a failure, how long a rank gets to exit (and leave its reason) before it is killed
+_TRAIN, _STOP = 1, 2
+_INTS = ("local_steps", "batch_size", "grad_accum", "seed")
+_FLOATS = ("learning_rate", "weight_decay", "prox_mu")
+Parallel = Literal["ddp", "fsdp"]
 
 
 def check_world_size(silo: SiloConfig) -> None:
     """At agent start: a CUDA silo needs one visible GPU per process (the schema cannot know the machine)."""
-    if silo.world_size > 1 and silo.device.startswith("cuda"):
+    if silo.world_size > 1 and silo.device.startswith("cuda") and torchrun_rank() is None:
         visible = torch.cuda.device_count()
         if silo.world_size > visible:
             raise ConfigError(f"silo.world_size = {silo.world_size}: only {visible} GPU(s) visible "
@@ -65,52 +82,410 @@ def check_world_size(silo: SiloConfig) -> None:
 
 
 @dataclass(frozen=True)
-class _RankJob:
-    """Everything a rank needs, handed over by spawn: pickled between this silo's own processes only (the
-    plan's numbers came from the aggregator as protobuf fields; no bytes from the network are unpickled)."""
+class Launch:
+    """Where this process stands under torchrun: its rank, the group's size and its GPU index."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def torchrun_rank() -> Launch | None:
+    """This process's place when torchrun (or any launcher setting its variables) started it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "RANK" not in os.environ:
+        return None
+    try:
+        return Launch(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"launcher environment: RANK/WORLD_SIZE missing or not a number ({exc})") from None
+
+
+def world_size_of(silo: SiloConfig) -> int:
+    """The silo's rank count: torchrun's ``WORLD_SIZE`` when launched by it (``silo.world_size`` must be
+    left at 1 or agree), else ``silo.world_size``."""
+    launch = torchrun_rank()
+    if launch is None:
+        return silo.world_size
+    if silo.world_size not in (1, launch.world_size):
+        raise ConfigError(f"silo.world_size = {silo.world_size} but torchrun started {launch.world_size} processes "
+                          "(leave silo.world_size at 1 under torchrun, or make them agree)")
+    return launch.world_size
+
+
+@dataclass(frozen=True)
+class RankSetup:
+    """What every rank needs, the same on all (handed to spawned ranks by pickling between this silo's own
+    processes; under torchrun every rank reads the same config file)."""
 
     model: ModelConfig
-    data: ExampleBatches
-    plan: LocalPlan
+    parallel: Parallel
     world_size: int
     cuda: bool
-    init_method: str
-    folder: str
-    threads: int
-    timeout_s: float
-    progress: bool
-    log_level: str
+    activation_checkpointing: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    threads: int = 1
+    log_level: str = "INFO"
+
+    @classmethod
+    def of(cls, config: Config, timeout_s: float = DEFAULT_TIMEOUT_S) -> "RankSetup":
+        assert config.silo is not None
+        world = world_size_of(config.silo)
+        return cls(model=config.model, parallel=config.silo.parallel, world_size=world,
+                   cuda=config.silo.device.startswith("cuda"),
+                   activation_checkpointing=config.silo.activation_checkpointing, timeout_s=timeout_s,
+                   threads=max(1, torch.get_num_threads() // world),
+                   log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
 
 
-def train_distributed(model: nn.Module, model_config: ModelConfig, data: ExampleBatches, plan: LocalPlan,
-                      world_size: int, device: torch.device, progress: bool = False,
-                      timeout_s: float = DEFAULT_TIMEOUT_S) -> TrainResult:
-    """Train ``model`` in place as :func:`silo_agent.training.train_locally` would, over ``world_size``
-    processes.
+class SiloRanks:
+    """Rank 0's handle on the silo's ranks: started here (or found under torchrun), trained with each
+    round, closed with the agent."""
 
-    A batch smaller than ``world_size`` leaves a process without rows: that round trains in this
-    process instead (same update), rather than stopping the silo over the aggregator's batch size."""
-    if plan.batch_size < world_size:
-        log_event(log, "training_in_one_process", level=logging.WARNING,
-                  reason=f"batch_size={plan.batch_size} is below world_size={world_size}")
-        return train_locally(model, data, plan, device, progress)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fcmoe-ranks-") as tmp:
-        folder = Path(tmp)
-        save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()}, str(folder / _START))
-        job = _RankJob(model=model_config, data=data, plan=plan, world_size=world_size, cuda=device.type == "cuda",
-                       init_method=f"tcp://127.0.0.1:{_free_port()}", folder=tmp,
-                       threads=max(1, torch.get_num_threads() // world_size), timeout_s=timeout_s,
-                       progress=progress,
-                       log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
-        _launch(job)
-        load_trainable_state(model, load_file(str(folder / _TRAINED)))
-        figures = json.loads((folder / _RESULT).read_text())
-    seconds = time.perf_counter() - start
-    log_event(log, "distributed_training_done", world_size=world_size, backend=_backend(job.cuda),
-              train_s=round(figures["seconds"], 3), total_s=round(seconds, 3))
-    # the round spent the whole time, start-up included: report that
-    return TrainResult(figures["steps"], figures["tokens"], seconds, figures["loss_first"], figures["loss_last"])
+    def __init__(self, model: nn.Module, setup: RankSetup, data: ExampleBatches, device: torch.device,
+                 progress: bool = False):
+        self.model, self.setup, self.data, self.device, self.progress = model, setup, data, device, progress
+        self.launch = torchrun_rank()
+        self._context: mp.ProcessContext | None = None
+        self._folder: Path | None = None
+        self._replica: _Replica | None = None
+        self.starts = 0  # how often the group was (re)started; ranks build their model once per start
+        self._start()
+
+    def _start(self) -> None:
+        started = time.perf_counter()
+        if self.launch is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="fcmoe-ranks-"))  # spawned ranks' one-line failure notes
+            init = f"tcp://127.0.0.1:{_free_port()}"
+            self._context = mp.start_processes(_spawned_rank, args=(self.setup, self.data, init, str(self._folder)),
+                                               nprocs=self.setup.world_size - 1, join=False, daemon=True,
+                                               start_method="spawn")
+        else:
+            init = "env://"
+        try:
+            _join_group(0, self.setup, init)
+            self._replica = _Replica(self.setup, 0, self.device, self.model)
+        except Exception as exc:
+            self._fail(exc)
+        self.starts += 1
+        log_event(log, "ranks_started", world_size=self.setup.world_size, parallel=self.setup.parallel,
+                  launcher="torchrun" if self.launch else "spawn", backend=_backend(self.setup.cuda),
+                  seconds=round(time.perf_counter() - started, 3))
+
+    def train(self, plan: LocalPlan) -> TrainResult:
+        """Train the agent's model in place over all ranks, as one process would on the whole batch.
+
+        A batch smaller than ``world_size`` leaves a rank without rows: that round trains in this
+        process instead (same update), rather than stopping the silo over the aggregator's batch size."""
+        if plan.batch_size < self.setup.world_size:
+            log_event(log, "training_in_one_process", level=logging.WARNING,
+                      reason=f"batch_size={plan.batch_size} is below world_size={self.setup.world_size}")
+            return train_locally(self.model, self.data, plan, self.device, self.progress)
+        if self._replica is None:  # the last round lost a rank: a fresh group (spawned ranks only)
+            self._start()
+        assert self._replica is not None
+        start = time.perf_counter()
+        try:
+            _send_command(_TRAIN, plan)
+            result = self._replica.train_round(self.data, plan, self.model, self.progress)
+        except Exception as exc:
+            self._fail(exc)
+        log_event(log, "distributed_training_done", world_size=self.setup.world_size, parallel=self.setup.parallel,
+                  builds=self._replica.builds_per_rank, train_s=round(result.seconds, 3),
+                  total_s=round(time.perf_counter() - start, 3))
+        return TrainResult(result.steps, result.tokens, time.perf_counter() - start, result.loss_first,
+                           result.loss_last)
+
+    @property
+    def restartable(self) -> bool:
+        """Whether a failed group can be started again here (not under torchrun: the launcher owns it)."""
+        return self.launch is None
+
+    @property
+    def builds_per_rank(self) -> list[int]:
+        """Model builds per rank in the current group, as the ranks counted them after the last round."""
+        return [] if self._replica is None else list(self._replica.builds_per_rank)
+
+    def close(self) -> None:
+        """Let the ranks go (a stop command, then leave the group); never leaves a process behind."""
+        if self._replica is not None:
+            try:
+                _send_command(_STOP)
+            except Exception as exc:  # a rank already gone: nothing to tell it
+                log_event(log, "ranks_stop_unsent", level=logging.DEBUG, reason=str(exc).splitlines()[0])
+        self._teardown()
+
+    def _fail(self, exc: Exception) -> NoReturn:
+        """One line naming the rank that failed (its own note when it left one), then a group torn down."""
+        reason = self._reason(exc)
+        log_event(log, "rank_failed", level=logging.ERROR, world_size=self.setup.world_size, reason=reason)
+        self._teardown()
+        if self.launch is not None:
+            raise RunError(f"{reason}; under torchrun the silo stops (start it with --max-restarts to go on)")
+        raise RunError(reason) from None
+
+    def _reason(self, exc: Exception) -> str:
+        if self._context is not None:
+            deadline = time.monotonic() + _GRACE_S  # a peer's failure reaches rank 0 before the peer has exited
+            while time.monotonic() < deadline and all(p.exitcode is None for p in self._context.processes):
+                time.sleep(0.05)
+            for index, process in enumerate(self._context.processes):
+                note = self._folder / f"rank{index + 1}.error" if self._folder else None
+                if note is not None and note.exists():
+                    return f"local training process {index + 1} of {self.setup.world_size} failed: {note.read_text()}"
+                if process.exitcode is not None and process.exitcode != 0:
+                    code = process.exitcode
+                    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+                    return f"local training process {index + 1} of {self.setup.world_size} failed: exited with {how}"
+        return f"local training process 0 of {self.setup.world_size} failed: {_one_line(exc)}"
+
+    def _teardown(self) -> None:
+        self._replica = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if self._context is not None:
+            for process in self._context.processes:
+                process.join(_GRACE_S)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+            for path in self._context.error_files:  # torch's traceback files of failed ranks
+                Path(path).unlink(missing_ok=True)
+            self._context = None
+        if self._folder is not None:
+            for note in self._folder.glob("*"):
+                note.unlink()
+            self._folder.rmdir()
+            self._folder = None
+
+
+def serve_rank(config: Config, data: ExampleBatches, device: torch.device) -> int:
+    """A torchrun rank other than 0: join the group, build the model once, train when rank 0 says."""
+    launch = torchrun_rank()
+    assert launch is not None and launch.rank > 0
+    setup = RankSetup.of(config)
+    _join_group(launch.rank, setup, "env://")
+    try:
+        _serve(launch.rank, setup, data, device)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def rank_device(silo: SiloConfig, local_rank: int) -> torch.device:
+    """This rank's device: GPU ``local_rank`` on a CUDA silo (made current), else the CPU."""
+    if not silo.device.startswith("cuda"):
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _spawned_rank(index: int, setup: RankSetup, data: ExampleBatches, init: str, folder: str) -> None:
+    """Entry point of a rank the agent spawned (a fresh interpreter): ranks 1 .. world_size - 1."""
+    rank = index + 1
+    try:
+        setup_logging(f"silo-rank{rank}", setup.log_level)
+        torch.set_num_threads(setup.threads)
+        device = torch.device("cpu")
+        if setup.cuda:
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+        _join_group(rank, setup, init)
+        try:
+            _serve(rank, setup, data, device)
+        finally:
+            dist.destroy_process_group()
+    except Exception as exc:
+        # one line for the agent; torch's error file keeps the traceback
+        (Path(folder) / f"rank{rank}.error").write_text(_one_line(exc))
+        raise
+
+
+def _serve(rank: int, setup: RankSetup, data: ExampleBatches, device: torch.device) -> None:
+    replica = _Replica(setup, rank, device, None)
+    while True:
+        command, plan = _receive_command()
+        if command == _STOP:
+            return
+        replica.train_round(data, plan, None, False)
+
+
+class _Replica:
+    """One rank's copy of the model for training: DDP-wrapped, or FSDP2-sharded."""
+
+    def __init__(self, setup: RankSetup, rank: int, device: torch.device, source: nn.Module | None):
+        self.setup, self.rank, self.device = setup, rank, device
+        if setup.parallel == "ddp" and source is not None:
+            self.module = source  # rank 0 under ddp: the agent's model is this rank's replica
+        else:
+            self.module = build_model(setup.model, "meta")
+            if setup.parallel == "fsdp":
+                _shard(self.module, device, setup.cuda)
+            self.module.to_empty(device=device)
+        if setup.activation_checkpointing:
+            _checkpoint_activations(self.module)
+        _broadcast_into(list(chain(self.module.named_parameters(), self.module.named_buffers())), source, device)
+        self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self.view: nn.Module = self.module
+        if setup.parallel == "ddp":
+            self.view = DistributedDataParallel(self.module, device_ids=[device.index] if setup.cuda else None,
+                                                init_sync=False)
+        counts = torch.zeros(setup.world_size, dtype=torch.int64)
+        counts[rank] = 1
+        dist.all_reduce(counts)
+        self.builds_per_rank = counts.tolist()  # one build per rank per start, checked by the tests
+
+    def train_round(self, data: ExampleBatches, plan: LocalPlan, agent_model: nn.Module | None,
+                    progress: bool) -> TrainResult:
+        """Load the round's state from rank 0, train with the others, hand the result to rank 0."""
+        _broadcast_into(self.params, agent_model, self.device)
+        result = self._train(data, plan, progress)
+        if self.setup.parallel == "fsdp":  # gather the trainable tensors only; rank 0 keeps them
+            trained = {n: p.full_tensor() for n, p in self.params}
+            if agent_model is not None:
+                load_trainable_state(agent_model, trained)
+        return result
+
+    def _train(self, data: ExampleBatches, plan: LocalPlan, progress: bool) -> TrainResult:
+        rank, world, device = self.rank, self.setup.world_size, self.device
+        params = [p for _, p in self.params]
+        anchor = [p.detach().clone() for p in params] if plan.prox_mu > 0 else None
+        optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
+        generator = torch.Generator().manual_seed(plan.seed)  # the same whole batches on every rank
+        torch.manual_seed(plan.seed)
+        self.view.train()
+        steps: range | Iterator[int] = range(plan.local_steps)
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc=f"local steps ({world} processes)", unit="step", leave=False)
+        tokens, first, last = 0, math.nan, math.nan
+        start = time.perf_counter()
+        for step in steps:
+            optimizer.zero_grad(set_to_none=True)
+            token_loss = torch.zeros((), dtype=torch.float64, device=device)  # this rank's part of the step loss
+            for micro in range(plan.grad_accum):
+                whole = data.sample(plan.batch_size, generator)
+                count = scored_tokens(whole)
+                batch = {k: v.to(device) for k, v in shard_rows(whole, rank, world).items()}
+                with self._syncing(micro == plan.grad_accum - 1):  # average gradients on the last micro-batch
+                    losses, _ = token_losses(self.view, batch)
+                    part = losses.sum() / max(count, 1)  # this rank's share of the whole batch's token mean
+                    (part * world / plan.grad_accum).backward()  # DDP and FSDP divide summed gradients by world
+                token_loss += part.detach().double() / plan.grad_accum
+                tokens += count
+            prox = _add_prox_gradient(params, anchor, plan.prox_mu) if anchor is not None else 0.0
+            optimizer.step()
+            dist.all_reduce(token_loss)
+            last = float(token_loss) + prox
+            first = last if step == 0 else first
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return TrainResult(plan.local_steps, tokens, time.perf_counter() - start, first, last)
+
+    def _syncing(self, sync: bool):
+        if self.setup.parallel == "ddp":
+            return nullcontext() if sync else self.view.no_sync()
+        self.module.set_requires_gradient_sync(sync)
+        return nullcontext()
+
+
+def _add_prox_gradient(params: list[nn.Parameter], anchor: list[torch.Tensor], mu: float) -> float:
+    """FedProx's pull ``mu (p - anchor)`` added once to the averaged gradients (the same as differentiating
+    its term on every rank); returns the term's value, summed over shards where parameters are sharded."""
+    squares = torch.zeros((), dtype=torch.float64)
+    sharded = False
+    for p, a in zip(params, anchor):
+        diff = p.detach() - a
+        if p.grad is not None:
+            p.grad.add_(diff, alpha=mu)
+        if isinstance(diff, DTensor):
+            diff, sharded = diff.to_local(), True
+        squares += (diff.double() ** 2).sum().cpu()
+    if sharded:
+        dist.all_reduce(squares)
+    return 0.5 * mu * float(squares)
+
+
+def _shard(model: nn.Module, device: torch.device, cuda: bool) -> None:
+    """FSDP2 over every decoder layer, then the rest (embeddings, norm, head) as the root group."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda \
+        else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Every element of the module list that holds the MoE layers (dense layers of hybrids included)."""
+    moe = {id(layer.decoder_layer) for layer in discover(model).layers}
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and any(id(m) in moe for m in module):
+            return list(module)
+    return []
+
+
+def _checkpoint_activations(model: nn.Module) -> None:
+    """Keep only each decoder layer's input for the backward pass (recompute the rest)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in decoder_layers(model):
+        forward = layer.forward
+        layer.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+@torch.no_grad()
+def _broadcast_into(targets: list[tuple[str, torch.Tensor]], source: nn.Module | None, device: torch.device) -> None:
+    """Rank 0 sends ``source``'s tensors of these names, one at a time; every rank copies what it keeps
+    of each (its shard under FSDP). Tensor by tensor, so no receiving rank holds more than one whole."""
+    sent = dict(chain(source.named_parameters(), source.named_buffers())) if source is not None else {}
+    for name, target in targets:
+        if source is not None:
+            whole = sent[name].detach().to(device).contiguous()
+        else:
+            whole = torch.empty(target.shape, dtype=target.dtype, device=device)
+        dist.broadcast(whole, 0)
+        if isinstance(target, DTensor):
+            target.copy_(distribute_tensor(whole.to(target.dtype), target.device_mesh, target.placements,
+                                           src_data_rank=None))
+        elif target is not sent.get(name):
+            target.copy_(whole)
+
+
+def _send_command(command: int, plan: LocalPlan | None = None) -> None:
+    ints = torch.tensor([command] + [getattr(plan, f) if plan else 0 for f in _INTS], dtype=torch.int64)
+    floats = torch.tensor([getattr(plan, f) if plan else 0.0 for f in _FLOATS], dtype=torch.float64)
+    dist.broadcast(ints, 0, group=_control())
+    dist.broadcast(floats, 0, group=_control())
+
+
+def _receive_command() -> tuple[int, LocalPlan]:
+    ints = torch.zeros(1 + len(_INTS), dtype=torch.int64)
+    floats = torch.zeros(len(_FLOATS), dtype=torch.float64)
+    dist.broadcast(ints, 0, group=_control())
+    dist.broadcast(floats, 0, group=_control())
+    values = ints.tolist()
+    plan = LocalPlan(**dict(zip(_INTS, values[1:])), **dict(zip(_FLOATS, floats.tolist())))
+    return values[0], plan
+
+
+_CONTROL: dict[str, dist.ProcessGroup] = {}
+
+
+def _join_group(rank: int, setup: RankSetup, init: str) -> None:
+    """Join the silo's process group, and its control group: gloo, waiting between rounds without end."""
+    if dist.is_initialized():
+        raise ConfigError("a process holds one silo with world_size > 1 at a time (a process group is already "
+                          "initialised here)")
+    dist.init_process_group(_backend(setup.cuda), init_method=init, rank=rank, world_size=setup.world_size,
+                            timeout=timedelta(seconds=setup.timeout_s))
+    _CONTROL["group"] = dist.new_group(backend="gloo", timeout=_IDLE)
+
+
+def _control() -> dist.ProcessGroup:
+    return _CONTROL["group"]
 
 
 def _backend(cuda: bool) -> str:
@@ -124,58 +499,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(job: _RankJob) -> None:
-    """Start the ranks, wait for all of them, and never leave one behind; a failure becomes one line."""
-    context = mp.start_processes(_rank_main, args=(job,), nprocs=job.world_size, join=False, daemon=True,
-                                 start_method="spawn")
-    try:
-        while not context.join(grace_period=_GRACE_S):
-            pass
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        raise RunError(_failure(job, exc)) from None
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
-        for path in context.error_files:  # torch leaves a failed rank's traceback file behind
-            Path(path).unlink(missing_ok=True)
-
-
-def _failure(job: _RankJob, exc: mp.ProcessRaisedException | mp.ProcessExitedException) -> str:
-    rank = exc.error_index
-    note = Path(job.folder) / f"rank{rank}.error"
-    if note.exists():
-        reason = note.read_text().strip()
-    elif isinstance(exc, mp.ProcessExitedException):
-        reason = f"exited with {'signal ' + exc.signal_name if exc.signal_name else f'code {exc.exit_code}'}"
-    else:
-        reason = (str(exc).strip().splitlines() or ["failed"])[-1]
-    log_event(log, "rank_failed", level=logging.ERROR, rank=rank, world_size=job.world_size, reason=reason)
-    log_event(log, "rank_traceback", level=logging.DEBUG, rank=rank, traceback=str(exc).strip())
-    return f"local training process {rank} of {job.world_size} failed: {reason}"
-
-
-def _rank_main(rank: int, job: _RankJob) -> None:
-    """Entry point of one rank (a fresh interpreter): join the group, train, leave the group."""
-    try:
-        setup_logging(f"silo-rank{rank}", job.log_level)
-        torch.set_num_threads(job.threads)
-        device = torch.device("cuda", rank) if job.cuda else torch.device("cpu")
-        if job.cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group(_backend(job.cuda), init_method=job.init_method, rank=rank,
-                                world_size=job.world_size, timeout=timedelta(seconds=job.timeout_s))
-        try:
-            _train_rank(rank, job, device)
-            dist.barrier()  # nobody leaves while a peer still talks to it: gloo aborts on a vanished peer
-        finally:
-            dist.destroy_process_group()
-    except Exception as exc:
-        # one line for the agent; torch's error file carries the traceback (logged at DEBUG by the parent)
-        message = (str(exc).strip().splitlines() or [""])[0]
-        (Path(job.folder) / f"rank{rank}.error").write_text(f"{type(exc).__name__}: {message}")
-        raise
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def shard_rows(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
@@ -187,67 +512,3 @@ def shard_rows(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> di
 def scored_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Positions whose next-token loss counts (what :func:`token_losses` masks in)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def _train_rank(rank: int, job: _RankJob, device: torch.device) -> None:
-    plan, world = job.plan, job.world_size
-    model = build_model(job.model, device)
-    load_trainable_state(model, load_file(str(Path(job.folder) / _START)))
-    replica = DistributedDataParallel(model, device_ids=[device.index] if job.cuda else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if plan.prox_mu > 0 else None
-    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
-    generator = torch.Generator().manual_seed(plan.seed)  # the same whole batches on every rank
-    torch.manual_seed(plan.seed)
-    model.train()
-    steps = range(plan.local_steps)
-    if job.progress and rank == 0:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc=f"local steps ({world} processes)", unit="step", leave=False)
-    tokens, first, last = 0, math.nan, math.nan
-    start = time.perf_counter()
-    for step in steps:
-        optimizer.zero_grad(set_to_none=True)
-        token_loss = torch.zeros((), dtype=torch.float64, device=device)  # this rank's part of the step loss
-        prox_loss = 0.0
-        for micro in range(plan.grad_accum):
-            whole = job.data.sample(plan.batch_size, generator)
-            count = scored_tokens(whole)
-            batch = {k: v.to(device) for k, v in shard_rows(whole, rank, world).items()}
-            # DDP all-reduces on the last micro-batch only; earlier ones accumulate locally
-            with replica.no_sync() if micro < plan.grad_accum - 1 else nullcontext():
-                part, prox = _backward(replica, batch, count, world, plan, params, anchor)
-            token_loss += part / plan.grad_accum
-            prox_loss += prox / plan.grad_accum
-            tokens += count
-        optimizer.step()
-        dist.all_reduce(token_loss)
-        last = float(token_loss) + prox_loss
-        first = last if step == 0 else first
-    if job.cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    if rank == 0:
-        _write_outputs(Path(job.folder), model, TrainResult(plan.local_steps, tokens, seconds, first, last))
-
-
-def _backward(replica: nn.Module, batch: dict[str, torch.Tensor], count: int, world: int, plan: LocalPlan,
-              params: list[nn.Parameter], anchor: list[torch.Tensor] | None) -> tuple[torch.Tensor, float]:
-    """One micro-batch's backward pass on this rank's rows; returns its share of the token loss and
-    the FedProx term (the same on every rank: the replicas are identical)."""
-    losses, _ = token_losses(replica, batch)
-    part = losses.sum() / max(count, 1)  # this rank's share of the whole batch's token mean
-    loss = part * world  # DDP divides the summed gradients by world_size
-    prox = 0.0
-    if anchor is not None:
-        term = 0.5 * plan.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-        loss = loss + term
-        prox = term.item()
-    (loss / plan.grad_accum).backward()
-    return part.detach().double(), prox
-
-
-def _write_outputs(folder: Path, model: nn.Module, result: TrainResult) -> None:
-    save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()}, str(folder / _TRAINED))
-    (folder / _RESULT).write_text(json.dumps(asdict(result)))

@@ -20,7 +20,7 @@ from fcmoe.errors import ConfigError, RunError
 from fcmoe.inprocess import run_in_process
 from fcmoe.model import build_model, load_trainable_state, trainable_state
 from silo_agent.data import ByteTokenizer, Example, ExampleBatches, build_silo_dataset
-from silo_agent.distributed import check_world_size, scored_tokens, shard_rows, train_distributed
+from silo_agent.distributed import RankSetup, SiloRanks, check_world_size, scored_tokens, shard_rows
 from silo_agent.training import LocalPlan, train_locally
 
 TOLERANCE = 1e-5  # max abs difference of any trained number
@@ -43,18 +43,24 @@ def _start_state(model_config: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def _train(model_config: ModelConfig, start: dict[str, torch.Tensor], data: ExampleBatches, plan: LocalPlan,
-           world_size: int):
+           world_size: int, parallel: str = "ddp"):
     model = build_model(model_config)
     load_trainable_state(model, start)
     if world_size == 1:
         result = train_locally(model, data, plan, CPU)
     else:
-        result = train_distributed(model, model_config, data, plan, world_size, CPU)
+        ranks = SiloRanks(model, RankSetup(model_config, parallel, world_size, cuda=False), data, CPU)
+        try:
+            result = ranks.train(plan)
+        finally:
+            ranks.close()
     return trainable_state(model), result
 
 
-def test_two_processes_give_the_one_process_update_with_accumulation_prox_and_full_experts():
-    model_config = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": "full", "router": True}})
+@pytest.mark.parametrize("parallel,mode", [("ddp", "full"), ("fsdp", "full"), ("ddp", "lora"), ("fsdp", "lora")])
+def test_two_processes_give_the_one_process_update_with_accumulation_and_prox(parallel, mode):
+    """LoRA on the experts or whole experts, the router trained too, each sharded (fsdp) or replicated (ddp)."""
+    model_config = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": mode, "router": True}})
     data = _data()
     plan = LocalPlan(local_steps=2, batch_size=5, grad_accum=2, learning_rate=0.01, prox_mu=0.5, seed=5)
     # the first batch splits 3 + 2 rows with unequal token counts: a mean of per-rank means would be wrong
@@ -62,7 +68,7 @@ def test_two_processes_give_the_one_process_update_with_accumulation_prox_and_fu
     assert scored_tokens(shard_rows(first, 0, 2)) != scored_tokens(shard_rows(first, 1, 2))
     start = _start_state(model_config)
     one, one_result = _train(model_config, start, data, plan, 1)
-    two, two_result = _train(model_config, start, data, plan, 2)
+    two, two_result = _train(model_config, start, data, plan, 2, parallel)
     assert set(one) == set(two)
     gap = max(float((one[k] - two[k]).abs().max()) for k in one)
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
@@ -98,11 +104,14 @@ def test_a_failing_rank_is_one_error_line_not_a_hang():
     # two rows, two ranks: exactly one rank holds the broken row; the other waits in DDP's all-reduce
     data = ExampleBatches([Example("ab=", "ba", "copy"), Example("cd=", "!!", "copy")], _BrokenTokenizer(), 24)
     model = build_model(model_config)
-    began = time.monotonic()
-    with pytest.raises(RunError) as caught:
-        train_distributed(model, model_config, data, LocalPlan(local_steps=2, batch_size=2), 2, CPU,
-                          timeout_s=120)
-    assert time.monotonic() - began < 60  # the failure, not the process group's timeout, ended it
+    ranks = SiloRanks(model, RankSetup(model_config, "ddp", 2, cuda=False, timeout_s=120), data, CPU)
+    try:
+        began = time.monotonic()
+        with pytest.raises(RunError) as caught:
+            ranks.train(LocalPlan(local_steps=2, batch_size=2))
+        assert time.monotonic() - began < 60  # the failure, not the process group's timeout, ended it
+    finally:
+        ranks.close()
     message = str(caught.value)
     assert "\n" not in message and "of 2 failed" in message and "IndexError" in message
     assert multiprocessing.active_children() == []

@@ -63,23 +63,37 @@ def builtin_hf_config(spec: BuiltinModelConfig):  # -> transformers.PretrainedCo
 
 
 def build_base_model(spec: ModelConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """The frozen base model: seeded random init for built-ins, a local checkpoint otherwise."""
+    """The frozen base model: seeded random init for built-ins, a local checkpoint otherwise; on the
+    ``meta`` device, its shapes only (nothing allocated, nothing read but the checkpoint's config)."""
     from transformers import AutoModelForCausalLM
 
     dtype = _DTYPES[spec.dtype]
-    if spec.source == "builtin":
-        torch.manual_seed(spec.builtin.seed)
-        model = AutoModelForCausalLM.from_config(builtin_hf_config(spec.builtin), dtype=dtype)
-    else:
+    if spec.source == "local":
         assert spec.path is not None
         if not spec.path.is_dir():
             raise ConfigError(f"model.path = {str(spec.path)!r}: not a directory")
+    if torch.device(device).type == "meta":  # shapes only: a rank that receives its weights from rank 0
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(_hf_config(spec), dtype=dtype)
+    elif spec.source == "builtin":
+        torch.manual_seed(spec.builtin.seed)
+        model = AutoModelForCausalLM.from_config(builtin_hf_config(spec.builtin), dtype=dtype)
+    else:
         model = AutoModelForCausalLM.from_pretrained(spec.path, local_files_only=True, dtype=dtype)
     discover(model)  # refuse at once a model whose experts cannot be found (one line naming its class)
-    model.to(device)
+    if torch.device(device).type != "meta":
+        model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _hf_config(spec: ModelConfig):  # -> transformers.PretrainedConfig
+    if spec.source == "builtin":
+        return builtin_hf_config(spec.builtin)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(spec.path, local_files_only=True)
 
 
 def make_trainable(model: nn.Module, trainable: TrainableConfig, seed: int = 0) -> nn.Module:
