@@ -17,7 +17,7 @@ from crypto.sketch import own_agreement, sketch_units
 from fcmoe.config import Config, SiloConfig
 from fcmoe.errors import ConfigError, DataError, FcMoeError, PkiError, RunError
 from fcmoe.fileio import check_writable_folder
-from fcmoe.logs import log_event
+from fcmoe.logs import log_event, setup_logging
 from fcmoe.signals import StopRequest
 from fcmoe.model import ExpertLayout, base_fingerprint, build_model, load_trainable_state, trainable_state
 from fcmoe.model.saved import SILO_FINAL, model_record, save_silo_model, silo_folder
@@ -758,6 +758,7 @@ def run_silo(config: Config, progress: bool = False) -> int:
     if launch is not None and config.silo is not None:
         device = rank_device(config.silo, launch.local_rank)
         if launch.rank > 0:
+            setup_logging(f"silo-rank{launch.rank}", config.run.log_level)
             return serve_rank(config, load_data(config).train, device)
     with StopRequest() as stop:
         status = SiloAgent(config, progress=progress).run(stop.event)

@@ -67,6 +67,7 @@ DEFAULT_TIMEOUT_S = 600.0  # a training collective waiting longer than this mean
 _IDLE = timedelta(days=30)  # between rounds a rank waits for rank 0 as long as the federation takes
 _GRACE_S = 5.0  # after a failure, how long a rank gets to exit (and leave its reason) before it is killed
 _TRAIN, _STOP = 1, 2
+_BUILDS = [0]  # replicas this process has built: a rank builds its model once, however many rounds it trains
 _INTS = ("local_steps", "batch_size", "grad_accum", "seed")
 _FLOATS = ("learning_rate", "weight_decay", "prox_mu")
 Parallel = Literal["ddp", "fsdp"]
@@ -149,6 +150,8 @@ class SiloRanks:
         self._folder: Path | None = None
         self._replica: _Replica | None = None
         self.starts = 0  # how often the group was (re)started; ranks build their model once per start
+        self._builds_before = _BUILDS[0]
+        self.builds_per_rank: list[int] = []  # model builds per rank process, as the ranks counted after the last round
         self._start()
 
     def _start(self) -> None:
@@ -187,10 +190,11 @@ class SiloRanks:
         try:
             _send_command(_TRAIN, plan)
             result = self._replica.train_round(self.data, plan, self.model, self.progress)
+            self.builds_per_rank = _count_builds(self.setup.world_size, 0, _BUILDS[0] - self._builds_before)
         except Exception as exc:
             self._fail(exc)
         log_event(log, "distributed_training_done", world_size=self.setup.world_size, parallel=self.setup.parallel,
-                  builds=self._replica.builds_per_rank, train_s=round(result.seconds, 3),
+                  builds="/".join(map(str, self.builds_per_rank)), train_s=round(result.seconds, 3),
                   total_s=round(time.perf_counter() - start, 3))
         return TrainResult(result.steps, result.tokens, time.perf_counter() - start, result.loss_first,
                            result.loss_last)
@@ -201,9 +205,9 @@ class SiloRanks:
         return self.launch is None
 
     @property
-    def builds_per_rank(self) -> list[int]:
-        """Model builds per rank in the current group, as the ranks counted them after the last round."""
-        return [] if self._replica is None else list(self._replica.builds_per_rank)
+    def pids(self) -> list[int]:
+        """The spawned ranks' process ids (none under torchrun)."""
+        return [p.pid for p in self._context.processes] if self._context is not None else []
 
     def close(self) -> None:
         """Let the ranks go (a stop command, then leave the group); never leaves a process behind."""
@@ -307,6 +311,14 @@ def _serve(rank: int, setup: RankSetup, data: ExampleBatches, device: torch.devi
         if command == _STOP:
             return
         replica.train_round(data, plan, None, False)
+        _count_builds(setup.world_size, rank, _BUILDS[0])
+
+
+def _count_builds(world_size: int, rank: int, builds: int) -> list[int]:
+    counts = torch.zeros(world_size, dtype=torch.int64)
+    counts[rank] = builds
+    dist.all_reduce(counts)
+    return counts.tolist()
 
 
 class _Replica:
@@ -329,10 +341,7 @@ class _Replica:
         if setup.parallel == "ddp":
             self.view = DistributedDataParallel(self.module, device_ids=[device.index] if setup.cuda else None,
                                                 init_sync=False)
-        counts = torch.zeros(setup.world_size, dtype=torch.int64)
-        counts[rank] = 1
-        dist.all_reduce(counts)
-        self.builds_per_rank = counts.tolist()  # one build per rank per start, checked by the tests
+        _BUILDS[0] += 1
 
     def train_round(self, data: ExampleBatches, plan: LocalPlan, agent_model: nn.Module | None,
                     progress: bool) -> TrainResult:

@@ -7,15 +7,22 @@ interpreter and model start-up, so the cases are few and each covers several fea
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import silo_config, smoke_config
+from conftest import ROOT, silo_config, smoke_config
 
-from fcmoe.config import ModelConfig, SiloConfig, parse_config
+from fcmoe.config import ModelConfig, SiloConfig, dump_config, parse_config
 from fcmoe.errors import ConfigError, RunError
 from fcmoe.inprocess import run_in_process
 from fcmoe.model import build_model, load_trainable_state, trainable_state
@@ -138,3 +145,119 @@ def test_a_batch_smaller_than_world_size_trains_in_one_process():
     two, two_result = _train(model_config, start, data, plan, 2)  # no process started
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert (two_result.tokens, two_result.loss_last) == (one_result.tokens, one_result.loss_last)
+
+
+def test_ranks_persist_across_rounds_and_a_rank_killed_mid_round_costs_that_round_only():
+    """fsdp, LoRA on experts and router: three rounds on the same rank processes (one model build each),
+    then SIGKILL to rank 1 while it trains: one error line, and the next round runs on fresh ranks and
+    still gives the one-process update."""
+    model_config = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": "lora", "router": True}})
+    data, start = _data(), _start_state(model_config)
+    plan = LocalPlan(local_steps=2, batch_size=4, learning_rate=0.01, seed=3)
+    model = build_model(model_config)
+    load_trainable_state(model, start)
+    ranks = SiloRanks(model, RankSetup(model_config, "fsdp", 2, cuda=False), data, CPU)
+    try:
+        pids = ranks.pids
+        for _ in range(3):
+            ranks.train(plan)
+            assert ranks.pids == pids and ranks.builds_per_rank == [1, 1] and ranks.starts == 1
+        reference = build_model(model_config)  # the one-process model trained the same three rounds
+        load_trainable_state(reference, start)
+        for _ in range(3):
+            train_locally(reference, data, plan, CPU)
+        assert _gap(trainable_state(model), trainable_state(reference)) < TOLERANCE
+
+        killer = threading.Timer(1.0, os.kill, (pids[0], signal.SIGKILL))
+        killer.start()
+        began = time.monotonic()
+        with pytest.raises(RunError) as caught:
+            ranks.train(LocalPlan(local_steps=100_000, batch_size=4, seed=4))  # far longer than the timer
+        killer.join()
+        assert time.monotonic() - began < 30  # the death, not a timeout, ended the round
+        assert str(caught.value) == "local training process 1 of 2 failed: exited with signal SIGKILL"
+
+        load_trainable_state(model, start)  # the next round starts from the global model again
+        ranks.train(plan)
+        assert ranks.starts == 2 and ranks.pids != pids and ranks.builds_per_rank == [2, 1]
+        once = build_model(model_config)
+        load_trainable_state(once, start)
+        train_locally(once, data, plan, CPU)
+        assert _gap(trainable_state(model), trainable_state(once)) < TOLERANCE
+    finally:
+        ranks.close()
+    assert multiprocessing.active_children() == []
+
+
+def _gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _silo_process(command: list[str], path, log_path) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command + ["silo", str(path), "--no-progress"], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+
+
+def test_a_silo_under_torchrun_keeps_its_ranks_through_a_real_federation(tmp_path, pki, aggregator_factory):
+    """Three rounds over real gRPC + mutual TLS: silo0 is ``torchrun --nproc-per-node 2 -m fcmoe silo``
+    with its model sharded (fsdp, router trained), the others are plain silos. Every round takes all three
+    updates; silo0's ranks start once and each builds its model once."""
+    data = smoke_config(tmp_path, min_silos=3, rounds=3).model_dump(mode="json")
+    data["model"]["trainable"]["router"] = True
+    config = parse_config(data)
+    agg = aggregator_factory(config)
+    procs = []
+    try:
+        for index, name in enumerate(["silo0", "silo1", "silo2"]):
+            silo = silo_config(config, name, agg.port, index=index).model_dump(mode="json")
+            command = [sys.executable, "-m", "fcmoe"]
+            if index == 0:
+                silo["silo"]["parallel"] = "fsdp"
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "fcmoe"]
+            dump_config(parse_config(silo), tmp_path / f"{name}.yaml")
+            procs.append(_silo_process(command, tmp_path / f"{name}.yaml", tmp_path / f"{name}.log"))
+        statuses = [proc.wait(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    logs = [(tmp_path / f"silo{i}.log").read_text() for i in range(3)]
+    assert statuses == [0, 0, 0], [text[-3000:] for text in logs]
+    rows = [json.loads(line) for line in (config.run.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["updates"] == 3 for r in rows[1:])
+    assert logs[0].count("event=ranks_started") == 1 and "launcher=torchrun" in logs[0]
+    assert logs[0].count("event=distributed_training_done") == 3
+    assert logs[0].count("builds=1/1 ") == 3
+
+
+def test_a_silo_whose_rank_dies_sits_out_that_round_and_trains_the_next(tmp_path, caplog):
+    """In a federation of three (silo0 on two ranks), rank 1 of silo0 is killed as round 2 reaches it:
+    silo0 declines round 2 in one line, the round goes on with the other two, and round 3 has all three."""
+    config = smoke_config(tmp_path, min_silos=2, rounds=3)
+    silos = []
+    for index in range(3):
+        data = silo_config(config, f"silo{index}", 0, index=index).model_dump(mode="json")
+        data["silo"]["world_size"] = 2 if index == 0 else 1
+        silos.append(parse_config(data))
+    agents: list = []
+
+    def kill_rank_at_round_2(silo: str, task) -> bool:
+        if silo == "silo0" and task.kind == task.TRAIN and task.round == 2 and agents[0].ranks.starts == 1:
+            os.kill(agents[0].ranks.pids[0], signal.SIGKILL)
+        return False
+
+    with caplog.at_level(logging.WARNING, logger="silo_agent.agent"):
+        coordinator = run_in_process(config, silos, kill_rank_at_round_2, agents=agents)
+    assert coordinator.machine.succeeded
+    rows = [json.loads(line) for line in (config.run.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["updates"] for r in rows[1:]] == [3, 2, 3]
+    declined = [r.getMessage() for r in caplog.records
+                if r.name == "silo_agent.agent" and "event=round_declined" in r.getMessage()]
+    assert len(declined) == 1 and "round=2" in declined[0]
+    assert "local training process 1 of 2 failed: exited with signal SIGKILL" in declined[0]
+    assert agents[0].ranks.starts == 2 and multiprocessing.active_children() == []

@@ -1,0 +1,7 @@
+"""``python -m fcmoe`` (and ``torchrun ... -m fcmoe silo CONFIG``) runs the ``fcmoe`` command."""
+
+import sys
+
+from fcmoe.cli import main
+
+sys.exit(main())
