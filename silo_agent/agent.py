@@ -19,7 +19,8 @@ from fcmoe.errors import ConfigError, DataError, FcMoeError, PkiError, RunError
 from fcmoe.fileio import check_writable_folder
 from fcmoe.logs import log_event, setup_logging
 from fcmoe.signals import StopRequest
-from fcmoe.model import ExpertLayout, base_fingerprint, build_model, load_trainable_state, trainable_state
+from fcmoe.model import (ExpertLayout, base_fingerprint, build_model, checkpoint_activations, load_trainable_state,
+                         trainable_state)
 from fcmoe.model.saved import SILO_FINAL, model_record, save_silo_model, silo_folder
 from protos import codec
 from protos import fcmoe_pb2 as pb
@@ -173,6 +174,8 @@ class SiloAgent:
         # so that a missing certificate is named before minutes of model and data loading
         self.client = transport or _client(self.silo)
         self.model = build_model(config.model, self.device, seed=config.run.seed)
+        if self.silo.activation_checkpointing:
+            checkpoint_activations(self.model)
         self.layout = ExpertLayout.from_model(self.model)
         self.meter = RoutingMeter()
         self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}

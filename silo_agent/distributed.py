@@ -56,7 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fcmoe.config import Config, ModelConfig, SiloConfig
 from fcmoe.errors import ConfigError, RunError
 from fcmoe.logs import log_event, setup_logging
-from fcmoe.model import build_model, load_trainable_state
+from fcmoe.model import build_model, checkpoint_activations, load_trainable_state
 from fcmoe.model.discovery import discover
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
 from silo_agent.training import LocalPlan, TrainResult, token_losses, train_locally
@@ -152,6 +152,7 @@ class SiloRanks:
         self.starts = 0  # how often the group was (re)started; ranks build their model once per start
         self._builds_before = _BUILDS[0]
         self.builds_per_rank: list[int] = []  # model builds per rank process, as the ranks counted after the last round
+        self.peak_bytes_per_rank: list[int] = []  # each rank's peak memory so far (GPU allocations, else process RSS)
         self._start()
 
     def _start(self) -> None:
@@ -190,11 +191,13 @@ class SiloRanks:
         try:
             _send_command(_TRAIN, plan)
             result = self._replica.train_round(self.data, plan, self.model, self.progress)
-            self.builds_per_rank = _count_builds(self.setup.world_size, 0, _BUILDS[0] - self._builds_before)
+            self.builds_per_rank, self.peak_bytes_per_rank = _rank_figures(self.setup.world_size, 0,
+                                                                           _BUILDS[0] - self._builds_before, self.device)
         except Exception as exc:
             self._fail(exc)
         log_event(log, "distributed_training_done", world_size=self.setup.world_size, parallel=self.setup.parallel,
-                  builds="/".join(map(str, self.builds_per_rank)), train_s=round(result.seconds, 3),
+                  builds="/".join(map(str, self.builds_per_rank)),
+                  peak_mib="/".join(str(b >> 20) for b in self.peak_bytes_per_rank), train_s=round(result.seconds, 3),
                   total_s=round(time.perf_counter() - start, 3))
         return TrainResult(result.steps, result.tokens, time.perf_counter() - start, result.loss_first,
                            result.loss_last)
@@ -311,14 +314,25 @@ def _serve(rank: int, setup: RankSetup, data: ExampleBatches, device: torch.devi
         if command == _STOP:
             return
         replica.train_round(data, plan, None, False)
-        _count_builds(setup.world_size, rank, _BUILDS[0])
+        _rank_figures(setup.world_size, rank, _BUILDS[0], device)
 
 
-def _count_builds(world_size: int, rank: int, builds: int) -> list[int]:
-    counts = torch.zeros(world_size, dtype=torch.int64)
-    counts[rank] = builds
-    dist.all_reduce(counts)
-    return counts.tolist()
+def _rank_figures(world_size: int, rank: int, builds: int, device: torch.device) -> tuple[list[int], list[int]]:
+    """Every rank's model builds and peak memory, gathered to all: what the round's log line reports."""
+    figures = torch.zeros(2, world_size, dtype=torch.int64)
+    figures[0, rank] = builds
+    figures[1, rank] = peak_memory_bytes(device)
+    dist.all_reduce(figures)
+    return figures[0].tolist(), figures[1].tolist()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory: the GPU allocator's on CUDA, else the resident set's high-water mark."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kilobytes on Linux
 
 
 class _Replica:
@@ -334,7 +348,7 @@ class _Replica:
                 _shard(self.module, device, setup.cuda)
             self.module.to_empty(device=device)
         if setup.activation_checkpointing:
-            _checkpoint_activations(self.module)
+            checkpoint_activations(self.module)
         _broadcast_into(list(chain(self.module.named_parameters(), self.module.named_buffers())), source, device)
         self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         self.view: nn.Module = self.module
@@ -420,8 +434,9 @@ def _shard(model: nn.Module, device: torch.device, cuda: bool) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda \
-        else MixedPrecisionPolicy()
+    # each tensor computes in its own dtype, as in one process (a bf16 base in bf16, LoRA in float32);
+    # on GPUs gradients are reduced in float32, so a bf16 model loses nothing summing over ranks
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32 if cuda else None)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -434,15 +449,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, nn.ModuleList) and any(id(m) in moe for m in module):
             return list(module)
     return []
-
-
-def _checkpoint_activations(model: nn.Module) -> None:
-    """Keep only each decoder layer's input for the backward pass (recompute the rest)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in decoder_layers(model):
-        forward = layer.forward
-        layer.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
 @torch.no_grad()

@@ -134,3 +134,36 @@ def test_bfloat16_training_on_cuda_learns(tmp_path):
     after = evaluate(model, data.eval, GPU, 8)
     assert np.isfinite(adapter.gain) and np.isfinite(_mean(evaluate(model, data.eval, GPU, 8, adapter)))
     assert _mean(after) < _mean(before) - 0.1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fsdp over two ranks needs two GPUs")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gpu_ranks_give_the_one_gpu_update(parallel):
+    """NCCL between two GPUs, the model sharded (fsdp) or replicated (ddp): the one-GPU update."""
+    from test_distributed import TINY, _data, _start_state
+
+    from fcmoe.config import ModelConfig
+    from fcmoe.model import load_trainable_state
+    from silo_agent.distributed import RankSetup, SiloRanks
+
+    spec = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": "lora", "router": True}})
+    data, start, cuda = _data(), _start_state(spec), torch.device("cuda", 0)
+    plan = LocalPlan(local_steps=2, batch_size=6, grad_accum=2, learning_rate=0.01, prox_mu=0.5, seed=5)
+    trained = []
+    for world_size in (1, 2):
+        model = build_model(spec, cuda)
+        load_trainable_state(model, start)
+        if world_size == 1:
+            train_locally(model, data, plan, cuda)
+        else:
+            ranks = SiloRanks(model, RankSetup(spec, parallel, 2, cuda=True), data, cuda)
+            try:
+                ranks.train(plan)
+                assert ranks.builds_per_rank == [1, 1]
+            finally:
+                ranks.close()
+        trained.append({k: v.cpu() for k, v in trainable_state(model).items()})
+    one, two = trained
+    gap = sum(float(((two[k] - one[k]).double() ** 2).sum()) for k in one) ** 0.5
+    moved = sum(float(((one[k] - start[k]).double() ** 2).sum()) for k in one) ** 0.5
+    assert gap <= 1e-3 * moved, (gap, moved)

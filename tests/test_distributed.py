@@ -50,13 +50,14 @@ def _start_state(model_config: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def _train(model_config: ModelConfig, start: dict[str, torch.Tensor], data: ExampleBatches, plan: LocalPlan,
-           world_size: int, parallel: str = "ddp"):
+           world_size: int, parallel: str = "ddp", checkpointing: bool = False):
     model = build_model(model_config)
     load_trainable_state(model, start)
     if world_size == 1:
         result = train_locally(model, data, plan, CPU)
     else:
-        ranks = SiloRanks(model, RankSetup(model_config, parallel, world_size, cuda=False), data, CPU)
+        setup = RankSetup(model_config, parallel, world_size, cuda=False, activation_checkpointing=checkpointing)
+        ranks = SiloRanks(model, setup, data, CPU)
         try:
             result = ranks.train(plan)
         finally:
@@ -64,9 +65,11 @@ def _train(model_config: ModelConfig, start: dict[str, torch.Tensor], data: Exam
     return trainable_state(model), result
 
 
-@pytest.mark.parametrize("parallel,mode", [("ddp", "full"), ("fsdp", "full"), ("ddp", "lora"), ("fsdp", "lora")])
-def test_two_processes_give_the_one_process_update_with_accumulation_and_prox(parallel, mode):
-    """LoRA on the experts or whole experts, the router trained too, each sharded (fsdp) or replicated (ddp)."""
+@pytest.mark.parametrize("parallel,mode,checkpointing", [("ddp", "full", False), ("fsdp", "full", False),
+                                                         ("ddp", "lora", False), ("fsdp", "lora", True)])
+def test_two_processes_give_the_one_process_update_with_accumulation_and_prox(parallel, mode, checkpointing):
+    """LoRA on the experts or whole experts, the router trained too, each sharded (fsdp) or replicated (ddp);
+    activation checkpointing recomputes the same numbers."""
     model_config = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": mode, "router": True}})
     data = _data()
     plan = LocalPlan(local_steps=2, batch_size=5, grad_accum=2, learning_rate=0.01, prox_mu=0.5, seed=5)
@@ -75,7 +78,7 @@ def test_two_processes_give_the_one_process_update_with_accumulation_and_prox(pa
     assert scored_tokens(shard_rows(first, 0, 2)) != scored_tokens(shard_rows(first, 1, 2))
     start = _start_state(model_config)
     one, one_result = _train(model_config, start, data, plan, 1)
-    two, two_result = _train(model_config, start, data, plan, 2, parallel)
+    two, two_result = _train(model_config, start, data, plan, 2, parallel, checkpointing)
     assert set(one) == set(two)
     gap = max(float((one[k] - two[k]).abs().max()) for k in one)
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
@@ -132,6 +135,10 @@ def test_world_size_settings_are_checked():
     check_world_size(SiloConfig(name="s", device="cpu", world_size=4))  # CPU: any number of processes
     with pytest.raises(ConfigError, match="world_size=2 with dp.enabled"):
         parse_config({"silo": {"name": "s", "world_size": 2, "dp": {"enabled": True, "noise_multiplier": 1.0}}})
+    with pytest.raises(ConfigError, match="parallel 'fsdp' with dp.enabled: DP-SGD does not run on sharded models"):
+        parse_config({"silo": {"name": "s", "parallel": "fsdp", "dp": {"enabled": True, "noise_multiplier": 1.0}}})
+    with pytest.raises(ConfigError, match="silo.parallel"):
+        parse_config({"silo": {"name": "s", "world_size": 2, "parallel": "zero3"}})
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES"):
         parse_config({"silo": {"name": "s", "device": "cuda:1", "world_size": 2}})
     with pytest.raises(ConfigError, match="silo.world_size = 0"):

@@ -163,6 +163,14 @@ def build_model(spec: ModelConfig, device: str | torch.device = "cpu", seed: int
     return model
 
 
+def checkpoint_activations(model: nn.Module) -> None:
+    """Keep only each decoder layer's input for the backward pass and recompute the rest: LoRA on fused
+    experts saves every layer's merged expert weights for backward otherwise, which can outweigh the base."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # through PEFT's wrapper
+    hf.config.use_cache = False  # no key/value cache in training (transformers warns when it must turn it off)
+    hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached float32 copies of every trainable parameter, by name."""
     return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
