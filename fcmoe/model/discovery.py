@@ -136,7 +136,7 @@ def _logical_modules(root: nn.Module, prefix: str = "") -> Iterator[tuple[str, n
         yield from _logical_modules(child, f"{prefix}.{name}" if prefix else name)
 
 
-def _is_attention(path: str, module: nn.Module) -> bool:
+def is_attention(path: str, module: nn.Module) -> bool:
     last = path.rsplit(".", 1)[-1].lower()
     return "attention" in type(module).__name__.lower() or "attn" in last or "attention" in last
 
@@ -223,7 +223,7 @@ def discover(model: nn.Module) -> MoeStructure:
     num_experts = None
     attention: set[int] = set()
     for path, module in modules:
-        if id(module) in attention or _is_attention(path, module):
+        if id(module) in attention or is_attention(path, module):
             attention.update(id(_unwrapped(m)) for m in module.modules())
             continue
         if not _is_container(path, module, facts):
@@ -279,7 +279,7 @@ def _find_router(block: nn.Module, skip: set[int], experts: int) -> nn.Module | 
     candidates = []
     for name, child in block.named_children():
         child = _unwrapped(child)
-        if id(child) in skip or any(id(m) in skip for m in child.modules()) or _is_attention(name, child):
+        if id(child) in skip or any(id(m) in skip for m in child.modules()) or is_attention(name, child):
             continue
         if getattr(child, "num_experts", None) == experts:
             return child
