@@ -38,7 +38,7 @@ demo: venv
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: venv
-	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+	$(BIN)/python -m pytest -q --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 # docs/models.md's table of Hugging Face MoE families, from what the family tests measure (every family)
 families-table: venv

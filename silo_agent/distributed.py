@@ -31,6 +31,8 @@ DP-SGD stays single-process: the config refuses ``world_size > 1`` with ``dp.ena
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import math
 import os
@@ -345,6 +347,17 @@ def _rank_figures(world_size: int, rank: int, builds: int, device: torch.device)
     return figures[0].tolist(), figures[1].tolist()
 
 
+def release_host_memory() -> None:
+    """Hand the round's freed host memory back to the system. glibc keeps what a round's gathers and
+    activations freed in its arenas, scattered so that the next round does not reuse it all: measured,
+    a CPU rank's resident set grew by about 0.6 GB a round without this, and stays flat with it."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """This process's peak memory: the GPU allocator's on CUDA, else the resident set's high-water mark."""
     if device.type == "cuda":
@@ -374,6 +387,7 @@ class _Replica:
         if setup.activation_checkpointing:
             checkpoint_activations(self.module)
         _broadcast_into(list(chain(self.module.named_parameters(), self.module.named_buffers())), source, device)
+        release_host_memory()
         self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         self.view: nn.Module = self.module
         if setup.parallel == "ddp":
@@ -390,6 +404,7 @@ class _Replica:
             trained = {n: p.full_tensor() for n, p in self.params}
             if agent_model is not None:
                 load_trainable_state(agent_model, trained)
+        release_host_memory()
         return result
 
     def _train(self, data: ExampleBatches, plan: LocalPlan, progress: bool) -> TrainResult:
