@@ -17,6 +17,20 @@ consistency check and unmask, the silos' agreement scores): ``fcmoe_modes`` and 
 
 Silos run one after another in one process, so a round's time is the sum of every silo's work plus
 the aggregator's; on real sites silos work in parallel and only one silo's share of it counts.
+
+The modes run at once and take turns (benches/interleave.py): one federation per mode, all in this
+thread, a step of each in turn (a step: one silo's task, or the coordinator's), kept in step so
+that round k of every mode runs while the others run theirs; each coordinator's clock runs only
+during its own steps, so its round times and deadlines are its own. Whatever load comes and goes on
+the machine weighs on every mode alike: a mode's ratio to mode none is computed per round, against
+the plaintext round run beside it, and summarised (``round_ratio``: median, quartiles, min, max;
+``round_ratio_to_none`` is that median); ``round_seconds`` gives the spread of the round times.
+The dropout round and the final evaluation run one federation after another (they wait for a
+deadline; not measured). ``--repeats`` does it all again with fresh federations (default 2). A mode
+whose run aborts (a deadline passed, an error) is reported with ``"status": "aborted"`` and its
+reason and not run again; the others go on, and the exit status is 0 unless every mode aborted.
+``--load N`` runs N CPU-bound processes beside the benchmark (benches/load_robust.py compares the
+ratios with and without); ``--upload-timeout ckks=SECONDS`` replaces a mode's size-based deadline.
 """
 
 from __future__ import annotations
@@ -24,21 +38,37 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import torch
 
+from aggregator.server import build_coordinator
+from benches.interleave import (
+    Aborted,
+    PausableClock,
+    Runs,
+    add_load_argument,
+    background_load,
+    exit_code,
+    order_for,
+    ratio_summary,
+    spread,
+    take_turns,
+)
 from crypto.pki import ensure_pki
 from fcmoe.config import FCMOE_SKETCH_VARIANT, Config, parse_config
-from fcmoe.inprocess import run_in_process
+from fcmoe.inprocess import InProcessTransport
 from fcmoe.logs import setup_logging
 from protos import fcmoe_pb2 as pb
+from silo_agent.agent import SiloAgent
 
 MODES = ("none", "masking", "ckks")
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,19 +94,23 @@ def strategy_section(strategy: str) -> dict:
 
 
 def configs(mode: str, silos: int, params: int, rounds: int, local_steps: int, out: Path,
-            strategy: str = "fedavg") -> tuple[Config, list[Config]]:
+            strategy: str = "fedavg", upload_timeout: float | None = None,
+            tag: str = "", threads: int = 2) -> tuple[Config, list[Config]]:
+    """``upload_timeout`` replaces :func:`upload_timeout_s`; ``tag`` names the run's own folder (a repeat);
+    ``threads``: the silos' torch threads."""
     hidden = hidden_size_for(params, experts=8, layers=2)
     names = [f"silo{i}" for i in range(silos)]
     ensure_pki(out / "certs", names)
+    deadline = upload_timeout_s(mode, silos, params) if upload_timeout is None else upload_timeout
     data = {
-        "run": {"name": f"secagg-{mode}", "output_dir": str(out / strategy / mode), "log_level": "WARNING"},
+        "run": {"name": f"secagg-{mode}", "output_dir": str(out / strategy / mode / tag), "log_level": "WARNING"},
         "model": {"source": "builtin", "builtin": {"family": "mixtral", "hidden_size": hidden,
                                                    "intermediate_size": 2 * hidden, "num_layers": 2, "num_heads": 4,
                                                    "num_kv_heads": 2, "num_experts": 8, "top_k": 2},
                   "trainable": {"mode": "full", "router": False}},
         "data": {"builtin": {"samples_per_silo": 256, "eval_fraction": 0.125}, "max_length": 24},
         "federation": {"rounds": rounds, "min_silos": silos, "quorum": silos - 1, "min_group_size": 3,
-                       "round_timeout_s": 600, "upload_timeout_s": upload_timeout_s(mode, silos, params),
+                       "round_timeout_s": 600, "upload_timeout_s": deadline,
                        # FC-MoE's groups can be as small as min_group_size: a dropout may leave one short,
                        # and the round is then redone without the silo (nothing unmasked)
                        "max_round_retries": 0 if strategy == "fedavg" else 1, "strategy": strategy_section(strategy),
@@ -85,7 +119,7 @@ def configs(mode: str, silos: int, params: int, rounds: int, local_steps: int, o
         "aggregator": {"pki_dir": str(out / "certs")},
     }
     aggregator = parse_config(data)
-    silo_configs = [parse_config({**data, "silo": {"name": n, "index": i, "num_silos": silos, "threads": 2,
+    silo_configs = [parse_config({**data, "silo": {"name": n, "index": i, "num_silos": silos, "threads": threads,
                                                    "pki_dir": str(out / "certs"), "accept_modes": [mode],
                                                    "sketch_key": "5a" * 32}})
                     for i, n in enumerate(names)]
@@ -108,9 +142,20 @@ def _round_figures(row: dict, trainable: int) -> dict:
     }
 
 
-def run_mode(mode: str, silos: int, params: int, rounds: int, local_steps: int, out: Path,
-             strategy: str = "fedavg") -> dict:
-    aggregator, silo_configs = configs(mode, silos, params, rounds, local_steps, out, strategy)
+def federation(mode: str, silos: int, params: int, rounds: int, local_steps: int, out: Path,
+               strategy: str = "fedavg", upload_timeout: float | None = None,
+               tag: str = "", threads: int = 2) -> Generator[int, None, dict]:
+    """One federation of ``rounds`` rounds in ``mode``, a step at a time: yields the rounds completed
+    after every step of its driver loop (as :func:`fcmoe.inprocess.run_in_process`'s: every silo does
+    its task, one step each, then the coordinator steps) until the last measured round is done, then
+    runs the dropout round and the final evaluation in one go; returns its figures (medians over
+    rounds 2 .. R-1).
+
+    The coordinator runs on a :class:`PausableClock` that stops while the generator is suspended, so
+    that when several federations take turns, each one's round times and deadlines count its own
+    work only."""
+    aggregator, silo_configs = configs(mode, silos, params, rounds, local_steps, out, strategy, upload_timeout, tag,
+                                       threads)
     dropped = silo_configs[-1].silo.name  # type: ignore[union-attr]
 
     redone = []  # FC-MoE: a redo of the last round (its dropout left a group short) goes on without a dropout
@@ -121,8 +166,34 @@ def run_mode(mode: str, silos: int, params: int, rounds: int, local_steps: int, 
         return silo == dropped and task.kind == pb.Task.UPLOAD and task.round == rounds and not redone
 
     start = time.perf_counter()
-    coordinator = run_in_process(aggregator, silo_configs, absent=absent)
-    wall = time.perf_counter() - start
+    fresh = aggregator.aggregator.model_copy(update={"resume": False})  # a new run every time
+    coordinator = build_coordinator(aggregator.model_copy(update={"aggregator": fresh}))
+    clock = PausableClock()
+    coordinator.clock = clock  # its deadlines and round times count only this federation's turns
+    agents = [SiloAgent(c, transport=InProcessTransport(coordinator, c.silo.name))  # type: ignore[union-attr]
+              for c in silo_configs]
+    for agent in agents:
+        agent.join()
+    active, last_measured = list(agents), False
+    coordinator.step()
+    while active:
+        for agent in list(active):
+            task = agent.client.get_task(agent.run_id, wait_s=0.0)
+            if absent(agent.silo.name, task):
+                continue
+            if agent.handle(task) is not None:
+                active.remove(agent)
+            if not last_measured:  # a turn: one silo's task
+                clock.pause()
+                yield coordinator.machine.version
+                clock.resume()
+        coordinator.step()  # where a round closes the next one opens: its silos wait for the others' round
+        if active and not last_measured:
+            last_measured = coordinator.machine.version >= rounds - 1  # then the rest in one go
+            clock.pause()
+            yield coordinator.machine.version
+            clock.resume()
+    clock.pause()
     trainable = sum(coordinator.unit_sizes.values())
     per_round = [_round_figures(r, trainable) for r in coordinator.metrics.rows() if r["round"] >= 1]
     full = [r for r in per_round if 1 < r["round"] < rounds]  # round 1 warms up (allocations, caches)
@@ -144,8 +215,20 @@ def run_mode(mode: str, silos: int, params: int, rounds: int, local_steps: int, 
         "dropout_round": {**(per_round[-1] if per_round and per_round[-1]["round"] == rounds else {}),
                           "dropped": dropped},
         "per_round": per_round,
-        "wall_seconds": wall,
+        "busy_seconds": clock.busy_seconds,  # this federation's own turns
+        "wall_seconds": time.perf_counter() - start,  # others' turns included when federations take turns
     }
+
+
+def run_mode(mode: str, silos: int, params: int, rounds: int, local_steps: int, out: Path,
+             strategy: str = "fedavg", upload_timeout: float | None = None, tag: str = "", threads: int = 2) -> dict:
+    """One federation of ``rounds`` rounds in ``mode`` on its own: its figures (see :func:`federation`)."""
+    steps = federation(mode, silos, params, rounds, local_steps, out, strategy, upload_timeout, tag, threads)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def flower_secaggplus(silos: int, params: int, python: str | None) -> dict:
@@ -171,41 +254,112 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+# figures of a mode: the median over its repeats of each repeat's own figure
+_REPEAT_MEDIANS = ("silo_secure_seconds_median", "aggregator_secure_seconds_median", "protocol_seconds_sequential",
+                   "secure_share_of_round", "upload_bytes_per_parameter", "all_bytes_up_per_parameter",
+                   "silo_train_seconds_median")
+
+
+def measured_rounds(runs: Runs, rounds: int) -> dict[tuple[int, int], float]:
+    """{(repeat, round): round seconds} over the measured rounds (2 .. R-1) of every completed repeat."""
+    return {(k, row["round"]): row["round_seconds"] for k, result in zip(runs.repeats, runs.results)
+            for row in result["per_round"] if 1 < row["round"] < rounds and row["round_seconds"] is not None}
+
+
+def mode_summary(runs: Runs, none: Runs | None, rounds: int) -> dict:
+    """A mode over its repeats: medians, the spread of its round times, its ratio to mode none per
+    round (round k of a repeat against round k of that repeat's plaintext federation, which ran at
+    the same time, the two taking turns)."""
+    results = runs.results
+    own = measured_rounds(runs, rounds)
+    out: dict = {**runs.status_fields(), "completed": not runs.aborted and bool(results),
+                 "outcome": runs.reason if runs.aborted else (results[-1]["outcome"] if results else None),
+                 "repeats_completed": len(results),
+                 "trainable_parameters": results[0]["trainable_parameters"] if results else None,
+                 "median_round_seconds": statistics.median(own.values()) if own else None,
+                 "round_seconds": spread(list(own.values()))}
+    for key in _REPEAT_MEDIANS:
+        values = list(runs.by_repeat(key).values())
+        out[key] = statistics.median(values) if values else None
+    ratio = ratio_summary(own, measured_rounds(none, rounds)) if none is not None else None
+    out["round_ratio_to_none"] = ratio["median"] if ratio else None
+    out["round_ratio"] = ratio
+    out["dropout_round"] = results[-1]["dropout_round"] if results else None
+    out["busy_seconds"] = sum(r["busy_seconds"] for r in results)
+    out["repeats"] = [{"repeat": k, **r} for k, r in zip(runs.repeats, results)]
+    return out
+
+
+def parse_timeouts(values: list[str], parser: argparse.ArgumentParser) -> dict[str, float]:
+    out = {}
+    for value in values:
+        mode, _, seconds = value.partition("=")
+        try:
+            out[mode] = float(seconds)
+        except ValueError:
+            parser.error(f"--upload-timeout {value!r}: expected MODE=SECONDS, e.g. ckks=120")
+        if mode not in MODES or out[mode] <= 0:
+            parser.error(f"--upload-timeout {value!r}: MODE is one of {', '.join(MODES)}, SECONDS > 0")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--silos", type=int, default=8)
     parser.add_argument("--params", type=int, default=4_000_000, help="trainable parameters (expert units)")
     parser.add_argument("--rounds", type=int, default=6, help="round 1 warms up; the last one has a dropout")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="times every mode's federation runs, the modes taking turns (default 2)")
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--upload-timeout", action="append", default=[], metavar="MODE=SECONDS",
+                        help="upload deadline of a mode's rounds instead of the size-based one (repeatable)")
     parser.add_argument("--no-flower", action="store_true", help="skip timing Flower's SecAgg+")
     parser.add_argument("--fcmoe", action="store_true",
                         help="also time FC-MoE rounds (modes none and masking: the masked sketch stage)")
     parser.add_argument("--flower-python", help="python of a venv with flwr (make flower-venv: .flwr-venv/bin/python)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="the silos' torch threads (default 2); 1 keeps the ratios the same under load")
+    add_load_argument(parser)
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error("--rounds must be at least 3: a warm-up round, a measured round and a dropout round")
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be at least 1")
+    timeouts = parse_timeouts(args.upload_timeout, parser)
     setup_logging("bench", "WARNING")
     torch.manual_seed(0)
-    results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="fcmoe-secagg-") as tmp:
-        for mode in args.modes:
-            results[mode] = run_mode(mode, args.silos, args.params, args.rounds, args.local_steps, Path(tmp))
+    modes = list(dict.fromkeys(args.modes))
+    names = modes + ([f"fcmoe:{m}" for m in ("none", "masking")] if args.fcmoe else [])
+    load: dict = {"processes": 0}
+    with background_load(args.load, load, args.load_period), tempfile.TemporaryDirectory(prefix="fcmoe-secagg-") as tmp:
+        def start(name: str, repeat: int) -> Generator[int, None, dict]:
+            strategy, _, mode = name.rpartition(":")
+            result = yield from federation(mode, args.silos, args.params, args.rounds, args.local_steps, Path(tmp),
+                                           strategy or "fedavg", timeouts.get(mode), f"repeat{repeat}", args.threads)
+            if not result["completed"]:
+                raise Aborted(f"repeat {repeat}: {result['outcome']}")
+            return result
+
+        def progress(name: str, repeat: int, result: dict) -> None:
             if not args.json:
-                print(f"{mode}: {json.dumps(results[mode])}", file=sys.stderr)
-        fcmoe_results = {mode: run_mode(mode, args.silos, args.params, args.rounds, args.local_steps, Path(tmp),
-                                        "fcmoe") for mode in ("none", "masking") if args.fcmoe}
-    for group in (results, fcmoe_results):
-        base = group.get("none", {}).get("median_round_seconds")
-        for mode, r in group.items():
-            r["round_ratio_to_none"] = r["median_round_seconds"] / base if base and r["median_round_seconds"] else None
-    flower: dict = {"available": False, "reason": "skipped (--no-flower)"}
-    if not args.no_flower:
-        flower = flower_secaggplus(args.silos, args.params, args.flower_python)
-        ours = results.get("masking", {}).get("protocol_seconds_sequential")
-        if flower.get("available") and ours:
-            flower["ratio_to_fcmoe_masking_protocol"] = flower["round_seconds"] / ours
+                print(f"repeat {repeat} {name}: median round {result['median_round_seconds']} s, "
+                      f"{result['outcome']}", file=sys.stderr)
+
+        runs = {name: Runs(name) for name in names}
+        for repeat in range(args.repeats):  # every mode's federation at once, a step of each in turn
+            take_turns(order_for(names, repeat), lambda name, k=repeat: start(name, k), runs, repeat,
+                       on_result=progress)
+        flower: dict = {"available": False, "reason": "skipped (--no-flower)"}
+        if not args.no_flower:  # a reference figure, timed once after the modes (not interleaved)
+            flower = flower_secaggplus(args.silos, args.params, args.flower_python)
+    results = {m: mode_summary(runs[m], runs.get("none"), args.rounds) for m in modes}
+    fcmoe_results = {m: mode_summary(runs[f"fcmoe:{m}"], runs["fcmoe:none"], args.rounds) for m in ("none", "masking")
+                     if args.fcmoe}
+    ours = results.get("masking", {}).get("protocol_seconds_sequential")
+    if flower.get("available") and ours:
+        flower["ratio_to_fcmoe_masking_protocol"] = flower["round_seconds"] / ours
     masking = results.get("masking", {})
     fcmoe_ratio = fcmoe_results.get("masking", {}).get("round_ratio_to_none")
     summary = {
@@ -214,19 +368,25 @@ def main(argv: list[str] | None = None) -> int:
         "params": args.params,
         "rounds": args.rounds,
         "local_steps": args.local_steps,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "schedule": "every mode's federation at once, a step of each in turn, rounds in step; "
+                    "ratio per round against the plaintext round run beside it, median and spread",
+        "load": load,
         "modes": results,
         "fcmoe_modes": fcmoe_results,
+        "aborted": {name: r.reason for name, r in runs.items() if r.aborted},
         "flower_secaggplus": flower,
         "target": {"masking_round_ratio_max": 1.25,
                    "masking_round_ratio": masking.get("round_ratio_to_none"),
                    "fcmoe_masking_round_ratio": fcmoe_ratio,
                    "met": (masking.get("round_ratio_to_none") or math.inf) <= 1.25
                    and (fcmoe_ratio is None or fcmoe_ratio <= 1.25)},
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__},
     }
     print(json.dumps(summary))
-    return 0 if all(r["completed"] for r in (*results.values(), *fcmoe_results.values())) else 1
+    return exit_code(list(runs.values()))
 
 
 if __name__ == "__main__":

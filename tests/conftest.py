@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,14 @@ from fcmoe.config import Config, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def kill_process_groups(procs: Iterable[subprocess.Popen | None]) -> None:
+    """SIGKILL what is still running of each process's group (tests start theirs in new sessions) and reap it."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def smoke_config(tmp_path: Path, strategy: dict | None = None, **federation) -> Config:

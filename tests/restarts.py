@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TaskDriver, silo_config, smoke_config
+from conftest import ROOT, TaskDriver, kill_process_groups, silo_config, smoke_config
 from safetensors.numpy import load_file
 
 from crypto.pki import ensure_pki
@@ -75,9 +75,7 @@ class AggregatorProcess:
         self.start()
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        kill_process_groups([self.proc])
 
 
 @pytest.fixture

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, silo_config, smoke_config
+from conftest import ROOT, kill_process_groups, silo_config, smoke_config
 from restarts import aggregator_process  # noqa: F401 (a fixture)
 from restarts import K, Federation, aggregator_events, assert_same_as_uninterrupted, federation_configs, metrics_rows
 
@@ -148,10 +147,7 @@ def test_silos_left_to_themselves_ride_out_a_kill_mid_round(tmp_path, aggregator
         agg.restart()
         statuses = [proc.wait(timeout=240) for proc in procs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        kill_process_groups(procs)
     assert statuses == [0, 0, 0], [(tmp_path / f"{c.silo.name}.log").read_text()[-2000:] for c in silos]
     assert agg.proc.wait(timeout=60) == 0
     rows = metrics_rows(aggregator.run.output_dir)

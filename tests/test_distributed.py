@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, silo_config, smoke_config
+from conftest import ROOT, kill_process_groups, silo_config, smoke_config
 
 from fcmoe.config import ModelConfig, SiloConfig, dump_config, parse_config
 from fcmoe.errors import ConfigError, RunError
@@ -229,10 +229,7 @@ def test_a_silo_under_torchrun_keeps_its_ranks_through_a_real_federation(tmp_pat
             procs.append(_silo_process(command, tmp_path / f"{name}.yaml", tmp_path / f"{name}.log"))
         statuses = [proc.wait(timeout=300) for proc in procs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        kill_process_groups(procs)
     logs = [(tmp_path / f"silo{i}.log").read_text() for i in range(3)]
     assert statuses == [0, 0, 0], [text[-3000:] for text in logs]
     rows = [json.loads(line) for line in (config.run.output_dir / "metrics.jsonl").read_text().splitlines()]

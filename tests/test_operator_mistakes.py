@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, silo_config, smoke_config
+from conftest import ROOT, kill_process_groups, silo_config, smoke_config
 
 from crypto.pki import ensure_pki
 from fcmoe.config import Config, dump_config, parse_config
@@ -185,6 +185,4 @@ def test_a_signal_stops_the_aggregator_with_one_line_and_the_same_command_resume
         proc = start()
         assert f"event=run_resumed run_id={record['run_id']}" in log.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        kill_process_groups([proc])

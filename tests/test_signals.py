@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, kill_process_groups
 from restarts import aggregator_events, aggregator_process, federation_configs, metrics_rows  # noqa: F401
 
 from fcmoe.config import Config, dump_config
@@ -59,10 +59,7 @@ def test_sigterm_to_the_aggregator_and_sigint_to_a_silo_mid_run_lose_nothing(tmp
         procs["silo1"] = _start_silo(silos[1], tmp_path)
         statuses = {name: proc.wait(timeout=300) for name, proc in procs.items()}
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        kill_process_groups(procs.values())
     assert statuses == {"silo0": 0, "silo1": 0, "silo2": 0}, {
         name: (tmp_path / f"{name}.log").read_text()[-2000:] for name in statuses}
     assert agg.proc.wait(timeout=60) == 0
