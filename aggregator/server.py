@@ -14,6 +14,7 @@ import grpc
 from aggregator.checkpoint import resume_point
 from aggregator.coordinator import Coordinator
 from aggregator.metrics import final_table
+from aggregator.monitor import StatusServer, read_basic_auth
 from aggregator.service import FederationService
 from aggregator.strategies import build_strategy
 from crypto.pki import PkiPaths
@@ -47,6 +48,15 @@ class RunningAggregator:
     server: grpc.Server
     coordinator: Coordinator
     port: int
+    status: StatusServer | None = None  # aggregator.status_port: /metrics, /api/status, the status page
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving silos (in-flight RPCs get ``grace`` seconds), then the status endpoint."""
+        try:
+            self.server.stop(grace).wait()
+        finally:
+            if self.status is not None:
+                self.status.close()
 
 
 def initial_state(config: Config) -> tuple[ExpertLayout, str, dict]:
@@ -110,7 +120,10 @@ def start_aggregator(config: Config, resume: bool = False) -> RunningAggregator:
         check_writable_folder(config.run.output_dir, "run.output_dir")
         if config.aggregator.port_file is not None:
             check_writable_folder(config.aggregator.port_file.parent, "aggregator.port_file")
+        auth = read_basic_auth(config.aggregator.status_auth_file) if config.aggregator.status_auth_file else None
         coordinator = build_coordinator(config, resume=resume)
+        status = (StatusServer(coordinator.status, config.aggregator.status_host, config.aggregator.status_port, auth)
+                  if config.aggregator.status_port is not None else None)
     except BaseException:
         server.stop(0)
         raise
@@ -129,7 +142,7 @@ def start_aggregator(config: Config, resume: bool = False) -> RunningAggregator:
               layout=coordinator.layout_hash[:12], units=len(coordinator.unit_sizes),
               parameters=sum(coordinator.unit_sizes.values()),
               strategy=config.federation.strategy.name, rounds=config.federation.rounds)
-    return RunningAggregator(server, coordinator, port)
+    return RunningAggregator(server, coordinator, port, status)
 
 
 def drive(coordinator: Coordinator, stop: threading.Event | None = None, tick_s: float = 0.05,
@@ -160,8 +173,10 @@ def run_aggregator(config: Config, progress: bool = True, resume: bool = False) 
             drive(running.coordinator, stop.event, progress=progress)
             if stop.signal is None:
                 time.sleep(0.5)  # let silos collect their DONE task
+            if running.status is not None and running.coordinator.done:  # the final state, for one more scrape
+                stop.event.wait(config.aggregator.status_linger_s)
         finally:
-            running.server.stop(grace=2).wait()
+            running.stop(grace=2)
     coordinator = running.coordinator
     if stop.signal is not None and not coordinator.done:
         log_event(log, "stopped", level=logging.WARNING, signal=stop.signal.name, run_id=coordinator.run_id,

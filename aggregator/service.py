@@ -14,6 +14,7 @@ import grpc
 
 from aggregator.coordinator import Coordinator
 from aggregator.receipts import RECEIPTS_FILE, ReceiptBook, to_message
+from aggregator.status import Traffic
 from crypto.tls import peer_certificate_pem, peer_common_name
 from fcmoe.errors import FcMoeError, ProtocolError
 from fcmoe.logs import log_event
@@ -44,7 +45,7 @@ def status_for(exc: FcMoeError) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT  # codec, layout, config and other input errors
 
 
-def _refuse(context: grpc.ServicerContext, rpc: str, silo: str, exc: Exception):
+def _refuse(context: grpc.ServicerContext, rpc: str, silo: str, exc: Exception, traffic: Traffic):
     if isinstance(exc, _Refused):
         code, message = exc.code, str(exc)
     elif isinstance(exc, FcMoeError):
@@ -54,6 +55,7 @@ def _refuse(context: grpc.ServicerContext, rpc: str, silo: str, exc: Exception):
         log.exception("rpc %s failed", rpc)
     log_event(log, "rpc_refused", level=logging.WARNING, rpc=rpc, silo=silo or "?", code=code.name,
               reason=message)
+    traffic.add_refused(rpc, code.name)
     context.abort(code, message)
 
 
@@ -67,7 +69,7 @@ def _rpc(name: str):
                 silo = _identify(context)
                 return handler(self, silo, request, context)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-                _refuse(context, name, silo, exc)
+                _refuse(context, name, silo, exc, self.coordinator.traffic)
 
         method.__name__ = method.__qualname__ = name
         return method
@@ -172,7 +174,7 @@ class FederationService(pb_grpc.FederationServicer):
             silo = _identify(context)
             units = self.coordinator.global_model(silo, request)
         except Exception as exc:  # noqa: BLE001
-            _refuse(context, "DownloadGlobal", silo, exc)
+            _refuse(context, "DownloadGlobal", silo, exc, self.coordinator.traffic)
             return
         sent = 0
         for chunk in codec.encode(units, self.chunk_bytes):

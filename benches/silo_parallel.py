@@ -21,8 +21,9 @@ whose first step divides each gradient by its own size, so elements with gradien
 their sign from rounding; one process on 1 thread against 2 threads differed by 3e-6 after one
 round of this bench and by 0.26 after three); round
 times and ``respawn_over_persistent`` (median round time when respawning over persistent). Memory is
-the process's resident set (``ru_maxrss``), interpreter and libraries included, the same in every
-variant; on CUDA the figures would be the allocator's peaks instead.
+the process's resident-set high-water mark (``VmHWM``; ``ru_maxrss`` would carry the parent's over a
+spawn), interpreter and libraries included, the same in every variant; on CUDA the figures would be
+the allocator's peaks instead.
 """
 
 from __future__ import annotations

@@ -260,9 +260,9 @@ def certificate_common_name(cert_pem: bytes) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def verify_issued_by(cert_pem: bytes, ca_cert_pem: bytes) -> None:
+def verify_issued_by(cert_pem: bytes, ca_cert_pem: bytes, at: datetime | None = None) -> None:
     """Raise :class:`PkiError` (one line) unless ``cert_pem`` is signed by ``ca_cert_pem`` and is
-    within its validity period now."""
+    within its validity period at ``at`` (default now; an auditor checks a past release at its time)."""
     cert = _load_cert(cert_pem)
     ca = _load_cert(ca_cert_pem, "CA certificate")
     subject = cert.subject.rfc4514_string()
@@ -278,7 +278,7 @@ def verify_issued_by(cert_pem: bytes, ca_cert_pem: bytes) -> None:
         raise PkiError(
             f"certificate {subject!r} does not verify against CA {ca.subject.rfc4514_string()!r}: {detail}"
         ) from None
-    now = _now()
+    now = at or _now()
     if now < cert.not_valid_before_utc:
         raise PkiError(f"certificate {subject!r} is not valid before {cert.not_valid_before_utc.isoformat()}")
     if now > cert.not_valid_after_utc:

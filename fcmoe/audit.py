@@ -1,27 +1,34 @@
 """``fcmoe audit``: what an auditor runs on a silo's privacy ledger, without trusting the silo's code.
 
-``verify``: the chain, indices and every signature against the silo's certificate
+``verify``: the silo's certificate against the federation's CA (issued by it, valid when the last
+release was written); the chain, indices and every signature against that certificate
 (crypto/signed_log.py); then epsilon recomputed from the logged mechanism parameters with Google's
 dp-accounting — an implementation independent of the Opacus accountant that wrote the ledger — and
 compared with the logged epsilon (RDP: within 1e-6 relative, both evaluate the same integer Renyi
 orders exactly; PRV: the logged value must be at least dp-accounting's PLD epsilon minus its stated
-error), and with the logged budget. Prints one row per release; the first problem ends it with one
-``FAILED: ...`` line naming the file and line, and status 1 — whatever the file holds (not JSON,
-NaN, a missing or mistyped field, a key file given as certificate), never a traceback. With
-``--receipts`` (the aggregator's ``receipts.jsonl``) every receipt of this silo is checked against
-its certificate and the ledger must reach each one: a cut tail, invisible in the ledger alone, fails.
+error), and with the logged budget. A ledger without releases fails: it proves nothing. Prints one
+row per release (``--json``: one object with the verdict and every release: round, sigma, q, steps,
+epsilon after it, digests); the first problem ends it with one ``FAILED: ...`` line naming the file
+and line, and status 1 — whatever the files hold (not JSON, NaN, a missing or mistyped field, a key
+file given as certificate, another federation's CA), never a traceback. With ``--receipts`` (the
+aggregator's ``receipts.jsonl``) every receipt of this silo is checked against its certificate and
+the ledger must reach each one: a cut tail, invisible in the ledger alone, fails.
 
-``report``: a PNG of epsilon over rounds, one line per silo ledger.
+``report``: verifies every ledger as ``verify`` does and refuses to draw from one that fails; then a
+PNG of epsilon per round, one line per silo, and the same figures as CSV and JSON for the records.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from crypto.pki import certificate_common_name
+from crypto.pki import certificate_common_name, verify_issued_by
 from crypto.signed_log import (LedgerError, Receipt, compare_with_receipt, finite_number, line_digest, parse_line,
                                read_lines, verify, verify_receipt)
 from fcmoe.errors import FcMoeError, PkiError
@@ -45,6 +52,9 @@ class AuditRow:
     logged_epsilon: float
     recomputed_epsilon: float
     budget: float
+    time: str | None  # when the silo wrote the release (UTC)
+    released_sha256: str | None  # digest of the privatised delta the release's items come from
+    line_sha256: str  # digest of the ledger line (the next line's prev, a receipt's head_hash)
 
 
 def _event(sigma: float, rate: float):
@@ -74,6 +84,10 @@ def _show(value: Any, limit: int = 60) -> str:
     """A field's value for a one-line message, however long the value an edited ledger holds."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _check_fields(entry: dict[str, Any], where: str) -> None:
@@ -121,7 +135,12 @@ REQUIRED = ("kind", "run_id", "round", "noise_multiplier", "sample_rate", "steps
 
 
 def audit(ledger: Path, cert_pem: bytes) -> list[AuditRow]:
+    """One row per release after checking the chain, signatures, fields and epsilon (AuditError or
+    LedgerError naming the line otherwise); an empty ledger gives no rows."""
     entries = verify(ledger, cert_pem)
+    digests = [line_digest(line) for line in read_lines(ledger)]
+    if len(digests) != len(entries):
+        raise AuditError(f"{ledger}: changed while it was being read")
     rows, releases = [], []
     for number, entry in enumerate(entries, start=1):
         where = f"{ledger}: line {number}"
@@ -136,7 +155,8 @@ def audit(ledger: Path, cert_pem: bytes) -> list[AuditRow]:
         _check(entry, recomputed, where)
         rows.append(AuditRow(number, entry["run_id"], int(entry["round"]), float(entry["noise_multiplier"]),
                              float(entry["sample_rate"]), int(entry["steps"]), float(entry["epsilon"]), recomputed,
-                             float(entry["epsilon_budget"])))
+                             float(entry["epsilon_budget"]), _text(entry.get("time")),
+                             _text(entry.get("released_sha256")), digests[number - 1]))
     return rows
 
 
@@ -178,58 +198,144 @@ def check_receipts(ledger: Path, receipts: list[Receipt]) -> None:
             raise LedgerError(f"{ledger}: {problem}")
 
 
-def _certificate(cert: Path) -> tuple[bytes, str]:
+def _read(path: Path, what: str) -> bytes:
     try:
-        pem = cert.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
-        raise LedgerError(f"{cert}: cannot read ({exc.strerror or type(exc).__name__})") from None
+        raise LedgerError(f"{path}: cannot read {what} ({exc.strerror or type(exc).__name__})") from None
+
+
+def _certificate(cert: Path, what: str = "certificate", usual: str = "silo-NAME.pem") -> tuple[bytes, str]:
+    """The PEM bytes and common name; LedgerError naming the file for anything else (a key file, say)."""
+    pem = _read(cert, f"the {what}")
     try:
         return pem, certificate_common_name(pem)
     except PkiError:
-        hint = " (that is a private key; pass the certificate silo-NAME.pem)" if b"PRIVATE KEY" in pem else ""
-        raise LedgerError(f"{cert}: not a PEM X.509 certificate{hint}") from None
+        hint = f" (that is a private key; pass the {what} {usual})" if b"PRIVATE KEY" in pem else ""
+        raise LedgerError(f"{cert}: not a PEM X.509 {what}{hint}") from None
 
 
-def run_verify(ledger: Path, cert: Path, receipts: Path | None = None) -> int:
-    """Exit status 0 (every check passed) or 1 with exactly one ``FAILED: ...`` line."""
+def _release_time(rows: list[AuditRow]) -> datetime | None:
+    """When the last release was written (its ``time`` field), for checking the certificate then."""
     try:
-        cert_pem, silo = _certificate(cert)
-        rows = audit(ledger, cert_pem)
-        held = load_receipts(receipts, silo, cert_pem) if receipts is not None else []
-        check_receipts(ledger, held)
+        return datetime.strptime(rows[-1].time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except (IndexError, TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A ledger that passed every check: whose it is and what it released."""
+
+    ledger: Path
+    silo: str
+    rows: list[AuditRow]
+    receipts: int | None  # receipts of this silo the ledger reaches; None without --receipts
+
+    def as_json(self) -> dict[str, Any]:
+        return {"verdict": "ok", "ledger": str(self.ledger), "silo": self.silo, "releases": [asdict(r) for r in self.rows],
+                "epsilon": self.rows[-1].logged_epsilon, "epsilon_budget": self.rows[-1].budget,
+                "receipts_checked": self.receipts}
+
+
+def verify_ledger(ledger: Path, cert: Path, ca: Path, receipts: Path | None = None) -> Verified:
+    """Every check an auditor needs, in order: the certificate is a certificate issued by the CA (valid
+    when the last release was written), the ledger holds at least one release, its chain, signatures,
+    fields and epsilon (:func:`audit`), and with ``receipts`` that no tail was cut. LedgerError or
+    AuditError (one line, naming the file) for the first failure."""
+    cert_pem, silo = _certificate(cert)
+    ca_pem, _ = _certificate(ca, "CA certificate", "ca.pem")
+    rows = audit(ledger, cert_pem)
+    try:
+        verify_issued_by(cert_pem, ca_pem, at=_release_time(rows))
+    except PkiError as exc:
+        raise AuditError(f"{cert}: {exc}") from None
+    held = load_receipts(receipts, silo, cert_pem) if receipts is not None else None
+    check_receipts(ledger, held or [])  # first: an emptied ledger the receipts contradict says so
+    if not rows:
+        raise AuditError(f"{ledger}: no releases (an empty ledger proves nothing; with --receipts a cut one shows)"
+                         if receipts is None else f"{ledger}: no releases, and the aggregator holds no receipt of "
+                         f"silo {silo}")
+    return Verified(ledger, silo, rows, None if held is None else len(held))
+
+
+def run_verify(ledger: Path, cert: Path, ca: Path, receipts: Path | None = None, as_json: bool = False) -> int:
+    """Exit status 0 (every check passed) or 1 with exactly one ``FAILED: ...`` line (with ``as_json``,
+    one JSON object either way)."""
+    try:
+        verified = verify_ledger(ledger, cert, ca, receipts)
     except (LedgerError, AuditError) as exc:
-        print(f"FAILED: {exc}")
+        print(json.dumps({"verdict": "failed", "ledger": str(ledger), "reason": str(exc)}) if as_json
+              else f"FAILED: {exc}")
         return 1
-    if rows:
-        print(table(rows))
-    anchored = (f", reaches all {len(held)} aggregator receipts" if receipts is not None
+    if as_json:
+        print(json.dumps(verified.as_json()))
+        return 0
+    rows = verified.rows
+    print(table(rows))
+    anchored = (f", reaches all {verified.receipts} aggregator receipts" if verified.receipts is not None
                 else "; no --receipts given: a cut tail would not show")
-    print(f"OK: {len(rows)} releases, chain and signatures verify, epsilon reproduced"
-          + (f", {rows[-1].logged_epsilon:.6g} of {rows[-1].budget:g} spent" if rows else "")
-          + anchored)
+    print(f"OK: {len(rows)} releases of silo {verified.silo}, certificate issued by the CA, chain and signatures "
+          f"verify, epsilon reproduced, {rows[-1].logged_epsilon:.6g} of {rows[-1].budget:g} spent" + anchored)
     return 0
 
 
-def run_report(ledgers: list[Path], out: Path) -> int:
-    import json
+CSV_FIELDS = ("silo", "ledger", *(f.name for f in fields(AuditRow)))
 
+
+def run_report(ledgers: list[Path], certs: list[Path], ca: Path, out: Path) -> int:
+    """Verify every ledger first (one ``FAILED`` line and status 1, nothing written, if any fails);
+    then epsilon per round, one line per silo: ``out`` (PNG), and the same figures as CSV and JSON
+    beside it."""
+    if len(certs) != len(ledgers):
+        print(f"FAILED: {len(ledgers)} ledgers but {len(certs)} certificates (--cert, one per ledger, in order)")
+        return 1
+    try:
+        verified = [verify_ledger(ledger, cert, ca) for ledger, cert in zip(ledgers, certs)]
+    except (LedgerError, AuditError) as exc:
+        print(f"FAILED: {exc}")
+        return 1
+    csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _plot(verified, out)
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, CSV_FIELDS)
+            writer.writeheader()
+            for v in verified:
+                writer.writerows({"silo": v.silo, "ledger": str(v.ledger), **asdict(r)} for r in v.rows)
+        json_path.write_text(json.dumps({"ledgers": [v.as_json() for v in verified]}, indent=1) + "\n")
+    except OSError as exc:
+        print(f"FAILED: {exc.filename or out}: cannot write ({exc.strerror or type(exc).__name__})")
+        return 1
+    print(f"verified {len(verified)} ledgers; wrote {out}, {csv_path}, {json_path}")
+    return 0
+
+
+def _plot(verified: list[Verified], out: Path) -> None:
+    """Epsilon after each round, one line per silo told apart by colour, marker and dash (readable in
+    grey print too), integer round ticks; a ledger spanning several runs is drawn per release."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for ledger in ledgers:
-        entries = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
-        ax.plot(range(1, len(entries) + 1), [e["epsilon"] for e in entries], marker="o",
-                label=entries[0].get("silo", ledger.stem) if entries else ledger.stem)
-        if entries:
-            ax.axhline(entries[-1]["epsilon_budget"], linestyle=":", linewidth=1, color="grey")
-    ax.set_xlabel("release (training round)")
-    ax.set_ylabel("epsilon")
-    ax.set_title("privacy spent per silo (dotted: budget)")
+    markers, dashes = "osD^vP*X", ["-", "--", "-.", ":"]
+    by_release = any(len({r.run_id for r in v.rows}) > 1 for v in verified)
+    names = [v.silo for v in verified]
+    for i, v in enumerate(verified):
+        label = v.silo if names.count(v.silo) == 1 else f"{v.silo} ({v.ledger.name})"
+        xs = list(range(1, len(v.rows) + 1)) if by_release else [r.round for r in v.rows]
+        line, = ax.plot(xs, [r.logged_epsilon for r in v.rows], marker=markers[i % len(markers)],
+                        linestyle=dashes[i % len(dashes)], label=label)
+        ax.axhline(v.rows[-1].budget, linestyle=":", linewidth=1, color=line.get_color(), alpha=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("release (the ledger spans several runs)" if by_release else "round")
+    ax.set_ylabel("epsilon spent")
+    ax.set_title("privacy spent per silo (dotted: each silo's budget)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
-    return 0
+    plt.close(fig)

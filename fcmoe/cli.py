@@ -1,4 +1,4 @@
-"""The ``fcmoe`` command: certs, aggregator, silo, simulate, audit, upcycle, export, plan-memory."""
+"""The ``fcmoe`` command: certs, aggregator, silo, simulate, status, audit, upcycle, export, plan-memory."""
 
 from __future__ import annotations
 
@@ -23,10 +23,16 @@ def _parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser("verify", help="chain, signatures, epsilon recomputed independently, budget")
     verify.add_argument("ledger", type=Path)
     verify.add_argument("--cert", type=Path, required=True, help="the silo's certificate (silo-NAME.pem)")
+    verify.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (ca.pem)")
     verify.add_argument("--receipts", type=Path, help="the aggregator's receipts.jsonl: also catches a cut tail")
-    report = audit_sub.add_parser("report", help="PNG of epsilon over rounds, one line per ledger")
+    verify.add_argument("--json", action="store_true", help="one JSON object: the verdict and every release")
+    report = audit_sub.add_parser("report", help="verify, then epsilon per round: PNG, CSV and JSON")
     report.add_argument("ledgers", type=Path, nargs="+")
-    report.add_argument("--out", type=Path, default=Path("epsilon.png"))
+    report.add_argument("--cert", type=Path, nargs="+", required=True,
+                        help="each ledger's silo certificate, in the ledgers' order")
+    report.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (ca.pem)")
+    report.add_argument("--out", type=Path, default=Path("epsilon.png"),
+                        help="the PNG; the CSV and JSON go beside it (default epsilon.png)")
 
     upcycle = sub.add_parser("upcycle", help="dense Llama checkpoint -> MoE checkpoint (sparse upcycling)")
     upcycle.add_argument("src", type=Path, nargs="?", help="dense Llama checkpoint directory (or use --from)")
@@ -48,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--silo", help="export this silo's saved model (run_dir/silo-NAME) instead of the global one")
     export.add_argument("--local", action="store_true",
                         help="a silo's local model without its personal adapter (default: the personalised one)")
+
+    status = sub.add_parser("status", help="a running aggregator's round, phase, silos and losses (its status_port)")
+    status.add_argument("address", help="HOST:PORT of aggregator.status_host / status_port")
+    status.add_argument("--watch", action="store_true", help="redraw every --interval seconds until the run is done")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (default 2)")
+    status.add_argument("--auth-file", type=Path, help="USER:PASSWORD file when the endpoint asks for basic auth")
+    status.add_argument("--json", action="store_true", help="print /api/status as one JSON object")
 
     plan = sub.add_parser("plan-memory", help="per-GPU memory of a silo's training, from the model's config alone")
     plan.add_argument("config", type=Path, help="a config whose model section names the checkpoint (config.json only)")
@@ -88,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             from fcmoe.audit import run_report, run_verify
 
             if args.audit_command == "verify":
-                return run_verify(args.ledger, args.cert, args.receipts)
-            return run_report(args.ledgers, args.out)
+                return run_verify(args.ledger, args.cert, args.ca, args.receipts, args.json)
+            return run_report(args.ledgers, args.cert, args.ca, args.out)
         if args.command == "upcycle":
             from fcmoe.model.upcycle import run_upcycle
 
@@ -100,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             from fcmoe.export import run_export
 
             return run_export(args.run_dir, args.out, args.round_, args.merged, args.silo, args.local)
+        if args.command == "status":
+            from fcmoe.status_view import run_status_view
+
+            return run_status_view(args.address, args.watch, args.interval, args.auth_file, args.json)
         if args.command == "plan-memory":
             from fcmoe.model.memory_plan import run_plan_memory
 

@@ -431,6 +431,16 @@ class AggregatorConfig(_Strict):
         True, description="restart from run.output_dir's last completed round when it holds a run of this model "
         "and strategy that crashed or was stopped (same run id; silos rejoin on their own); one that aborted needs "
         "--resume, a finished one is never resumed; false starts a new run")
+    status_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics (Prometheus), /api/status and a status page over HTTP on "
+        "this port (0: a free one, logged as status_listening); off when unset")
+    status_host: str = Field("127.0.0.1", description="the status endpoint's address; open it wider only behind "
+                             "status_auth_file or a proxy")
+    status_linger_s: float = Field(
+        15.0, ge=0, description="after the run ends, keep the status endpoint up this long so that a scrape "
+        "(Prometheus: every 15 s by default) sees the final state")
+    status_auth_file: Path | None = Field(
+        None, description="a file holding one line USER:PASSWORD: the status endpoint then asks for HTTP basic auth")
 
 
 class DpConfig(_Strict):

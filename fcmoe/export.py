@@ -446,7 +446,7 @@ def _facts(source: Source, spec, to_save: list[str], parts: list[str], base: str
         privacy = "this silo did not train under DP-SGD"
     else:
         privacy = ("unknown to the aggregator: whether silos trained under DP-SGD is their own setting; if they did, "
-                   "the epsilon figures live in each silo's privacy ledger (`fcmoe audit verify LEDGER --cert ...`)")
+                   "the epsilon figures live in each silo's privacy ledger (`fcmoe audit verify LEDGER --cert ... --ca ...`)")
     t = spec.trainable
     trained = (f"LoRA r={t.lora_rank}, alpha={t.lora_alpha} on the fused experts"
                + (" and attention q/v" if t.attention_lora else "") if t.mode == "lora" else "full expert weights")

@@ -504,6 +504,9 @@ class SiloAgent:
             evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(personal_eval)),
             unit_norm=[unit_norm[u] for u in self.specs] if t.report_norms else [],
         )
+        if self.dp is not None:  # for the operator's status page; the signed ledger is the proof
+            report.privacy.CopyFrom(pb.PrivacySpent(epsilon=self.dp.budget.spent, delta=self.silo.dp.delta,
+                                                    epsilon_budget=self.silo.dp.epsilon_budget))
         log_event(log, "trained", round=task.round, global_loss=_mean_loss(global_eval), local_loss=_mean_loss(personal_eval),
                   reliability=round(rel, 4), train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()),
                   evaluated=not skip, eval_examples=self.evaluated_examples - examples_before,

@@ -67,7 +67,7 @@ class InProcessAggregator:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=10)
-        self.running.server.stop(0).wait()
+        self.running.stop(0)
 
 
 @pytest.fixture

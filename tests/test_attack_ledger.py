@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, TaskDriver, silo_config, smoke_config
@@ -50,7 +51,8 @@ def _ledger_with_receipts(tmp_path, pki):
 
 
 def _verify(capsys, ledger, cert, receipts=None) -> tuple[int, list[str]]:
-    argv = ["audit", "verify", str(ledger), "--cert", str(cert)] + (["--receipts", str(receipts)] if receipts else [])
+    argv = ["audit", "verify", str(ledger), "--cert", str(cert), "--ca", str(Path(cert).parent / "ca.pem")]
+    argv += ["--receipts", str(receipts)] if receipts else []
     status = main(argv)
     return status, capsys.readouterr().out.splitlines()
 
@@ -72,9 +74,30 @@ def test_attack_cut_tail_is_caught_by_audit_with_the_aggregators_receipts(tmp_pa
     ledger.write_bytes(b"")  # ... or empties it
     status, out = _verify(capsys, ledger, cert, receipts)
     assert status == 1 and len(out) == 1 and "ledger has 0 entries but the aggregator holds a receipt for 4" in out[0]
-    status, out = _verify(capsys, ledger, cert)
-    assert status == 0 and out == ["OK: 0 releases, chain and signatures verify, epsilon reproduced; "
-                                   "no --receipts given: a cut tail would not show"]
+    status, out = _verify(capsys, ledger, cert)  # without receipts an empty ledger still proves nothing
+    assert status == 1 and out == [f"FAILED: {ledger}: no releases (an empty ledger proves nothing; with "
+                                   "--receipts a cut one shows)"]
+
+
+def test_attack_a_ledger_rewritten_under_a_self_made_certificate_fails_against_the_federations_ca(
+        tmp_path, pki, capsys):
+    """The operator rewrites the whole ledger (less noise spent, every line re-signed and chained) under a
+    certificate for 'silo0' from a CA of their own, and hands the auditor both files."""
+    forged = ensure_pki(tmp_path / "forged", ["silo0"])
+    path = tmp_path / "l.jsonl"
+    ledger = PrivacyLedger(path, forged.directory, "silo0")
+    spent = PrivacyBudget("rdp", 1e-5, 20.0)
+    for round_, release in enumerate(RELEASES[:2], start=1):
+        ledger.record_training(run_id="run1", round_=round_, session=round_ << 16, release=release,
+                               max_grad_norm=1.0, delta=1e-5, accountant="rdp", epsilon=spent.record(release),
+                               budget=20.0, units={})
+    argv = ["audit", "verify", str(path), "--cert", str(forged.silo_cert("silo0"))]
+    assert main(argv + ["--ca", str(forged.ca_cert)]) == 0  # consistent in itself ...
+    capsys.readouterr()
+    assert main(argv + ["--ca", str(pki.ca_cert)]) == 1  # ... but not issued by the federation's CA
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith(f"FAILED: {forged.silo_cert('silo0')}: certificate 'CN=silo0")
+    assert "does not verify against CA" in out[0]
 
 
 def test_attack_shorter_or_forged_receipt_is_refused_by_the_aggregator(tmp_path, pki, caplog):
@@ -147,7 +170,7 @@ def test_attack_malformed_line_gives_one_failed_line(tmp_path, pki, capsys, how)
 def test_attack_nan_line_through_the_real_cli_gives_one_failed_line_no_traceback(tmp_path, pki):
     path = _tamper(tmp_path, pki, "nan")
     done = subprocess.run([sys.executable, "-m", "fcmoe.cli", "audit", "verify", str(path), "--cert",
-                           str(pki.silo_cert("silo0")), "--receipts", str(tmp_path / RECEIPTS_FILE)],
+                           str(pki.silo_cert("silo0")), "--ca", str(pki.ca_cert), "--receipts", str(tmp_path / RECEIPTS_FILE)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 1, done.stderr
     assert done.stdout.splitlines() == [f"FAILED: {path}: line 2: not a JSON line (NaN is not a JSON number)"]
@@ -208,6 +231,7 @@ def test_attack_silo_restarted_from_a_cut_ledger_refuses_to_rejoin(tmp_path, agg
     assert "Traceback" not in done.stderr
     assert len(ledger.read_bytes().splitlines()) == 1  # nothing trained, nothing released
 
-    status = main(["audit", "verify", str(ledger), "--cert", str(PkiPaths(config.aggregator.pki_dir).silo_cert("silo0")),
+    paths = PkiPaths(config.aggregator.pki_dir)
+    status = main(["audit", "verify", str(ledger), "--cert", str(paths.silo_cert("silo0")), "--ca", str(paths.ca_cert),
                    "--receipts", str(receipts)])
     assert status == 1

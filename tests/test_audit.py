@@ -42,9 +42,9 @@ def test_a_true_ledger_verifies_and_epsilon_is_reproduced_within_1e_6(tmp_path, 
     for r in rows:
         assert abs(r.logged_epsilon - r.recomputed_epsilon) <= 1e-6 * r.logged_epsilon
     assert rows[-1].logged_epsilon > rows[0].logged_epsilon
-    assert main(["audit", "verify", str(path), "--cert", str(pki.silo_cert("silo0"))]) == 0
+    assert main(["audit", "verify", str(path), "--cert", str(pki.silo_cert("silo0")), "--ca", str(pki.ca_cert)]) == 0
     out = capsys.readouterr().out
-    assert "OK: 4 releases" in out and "recomputed" in out
+    assert "OK: 4 releases of silo silo0, certificate issued by the CA" in out and "recomputed" in out
 
 
 def test_prv_ledger_verifies_against_an_independent_pld(tmp_path, pki):
@@ -54,7 +54,7 @@ def test_prv_ledger_verifies_against_an_independent_pld(tmp_path, pki):
 
 
 def _fails(path, pki, match, capsys):
-    assert main(["audit", "verify", str(path), "--cert", str(pki.silo_cert("silo0"))]) == 1
+    assert main(["audit", "verify", str(path), "--cert", str(pki.silo_cert("silo0")), "--ca", str(pki.ca_cert)]) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAILED") and match in out, out
 
@@ -101,10 +101,83 @@ def test_spending_past_the_budget_fails(tmp_path, pki, capsys):
     _fails(path, pki, "exceeds the budget", capsys)
 
 
-def test_report_draws_epsilon_per_silo(tmp_path, pki):
+def test_json_verdict_lists_every_release_and_its_epsilon_is_dp_accountings(tmp_path, pki, capsys):
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     path = write_ledger(tmp_path / "l.jsonl", pki)
-    assert main(["audit", "report", str(path), "--out", str(tmp_path / "eps.png")]) == 0
-    assert (tmp_path / "eps.png").stat().st_size > 1000
+    assert main(["audit", "verify", str(path), "--cert", str(pki.silo_cert("silo0")), "--ca", str(pki.ca_cert),
+                 "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1
+    verdict = json.loads(out[0])
+    assert verdict["verdict"] == "ok" and verdict["silo"] == "silo0" and len(verdict["releases"]) == 4
+    logged = [json.loads(line) for line in lines(path)]
+    low, high = logged[0]["rdp_orders"]
+    accountant = rdp_privacy_accountant.RdpAccountant(orders=list(range(low, high + 1)))
+    for release, (sigma, q, steps), entry in zip(verdict["releases"], RELEASES, logged):
+        accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+        assert (release["round"], release["noise_multiplier"], release["sample_rate"], release["steps"]) == (
+            entry["round"], sigma, q, steps)
+        assert release["logged_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+        assert release["released_sha256"] == entry["released_sha256"]
+    assert verdict["releases"][1]["line_sha256"] == logged[2]["prev"]
+    assert verdict["epsilon"] == verdict["releases"][-1]["logged_epsilon"]
+
+
+def test_a_ledger_with_no_release_fails(tmp_path, pki, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    assert main(["audit", "verify", str(path), "--cert", str(pki.silo_cert("silo0")), "--ca", str(pki.ca_cert)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"FAILED: {path}: no releases (an empty ledger proves nothing; with --receipts a cut one shows)"]
+    assert main(["audit", "verify", str(path), "--cert", str(pki.silo_cert("silo0")), "--ca", str(pki.ca_cert),
+                 "--json"]) == 1
+    assert json.loads(capsys.readouterr().out) == {"verdict": "failed", "ledger": str(path), "reason": (
+        f"{path}: no releases (an empty ledger proves nothing; with --receipts a cut one shows)")}
+
+
+def test_a_certificate_from_another_ca_or_a_ca_that_is_not_a_certificate_fails(tmp_path, pki, capsys):
+    path = write_ledger(tmp_path / "l.jsonl", pki)
+    other = ensure_pki(tmp_path / "other", ["silo0"])
+    for ca, expected in ((other.ca_cert, "does not verify against CA"),
+                         (tmp_path / "absent.pem", "cannot read the CA certificate (No such file or directory)"),
+                         (pki.ca_key, "not a PEM X.509 CA certificate")):
+        assert main(["audit", "verify", str(path), "--cert", str(pki.silo_cert("silo0")), "--ca", str(ca)]) == 1
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 1 and out[0].startswith("FAILED: ") and expected in out[0], out
+
+
+def test_report_verifies_then_writes_png_csv_and_json_one_line_per_silo(tmp_path, pki, capsys):
+    first = write_ledger(tmp_path / "silo0.jsonl", pki)
+    second = write_ledger(tmp_path / "silo0-again.jsonl", pki, releases=RELEASES[:2])
+    out = tmp_path / "report" / "eps.png"
+    assert main(["audit", "report", str(first), str(second), "--cert", str(pki.silo_cert("silo0")),
+                 str(pki.silo_cert("silo0")), "--ca", str(pki.ca_cert), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("verified 2 ledgers; wrote")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert rows[0].startswith("silo,ledger,line,run_id,round,") and len(rows) == 1 + 4 + 2
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [len(v["releases"]) for v in saved["ledgers"]] == [4, 2]
+
+
+def test_report_refuses_a_tampered_ledger_and_writes_nothing(tmp_path, pki, capsys):
+    good = write_ledger(tmp_path / "good.jsonl", pki)
+    bad = write_ledger(tmp_path / "bad.jsonl", pki)
+    data = lines(bad)
+    bad.write_bytes(b"".join(data[:2] + [data[2].replace(b'"steps":25', b'"steps":5')] + data[3:]))
+    out = tmp_path / "eps.png"
+    cert = str(pki.silo_cert("silo0"))
+    assert main(["audit", "report", str(good), str(bad), "--cert", cert, cert, "--ca", str(pki.ca_cert),
+                 "--out", str(out)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"FAILED: {bad}: line 3: signature does not verify against the certificate"]
+    assert main(["audit", "report", str(good), str(bad), "--cert", cert, "--ca", str(pki.ca_cert),
+                 "--out", str(out)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "FAILED: 2 ledgers but 1 certificates (--cert, one per ledger, in order)"]
+    assert list(tmp_path.glob("eps.*")) == []
 
 
 def test_a_restarted_silo_resumes_its_epsilon_from_the_ledger_and_refuses_a_broken_one(tmp_path, pki):

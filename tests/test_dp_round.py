@@ -44,6 +44,9 @@ def test_dp_run_writes_signed_ledgers_whose_epsilon_the_accountant_reproduces(tm
         rows = audit(silo.silo.dp.ledger, pki.silo_cert(name).read_bytes())  # the auditor's independent check
         assert [r.round for r in rows] == [1, 2] and rows[-1].recomputed_epsilon == pytest.approx(rows[-1].logged_epsilon,
                                                                                                   rel=1e-6)
+        reported = coordinator.status()["privacy"][name]  # what the operator's status page shows
+        assert reported == {"epsilon": entries[-1]["epsilon"], "epsilon_budget": entries[-1]["epsilon_budget"],
+                            "delta": 1e-5, "round": 2}
 
 
 def test_a_silo_at_its_budget_declines_and_the_run_completes_without_it(tmp_path):

@@ -149,9 +149,13 @@ def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator
         (report(routing_share=[1e6] * len(units)), grpc.StatusCode.INVALID_ARGUMENT, "outside [0, 1]"),
         (report(routing_share=[1.0] * len(units)), grpc.StatusCode.INVALID_ARGUMENT, "sum to"),
         (report(reliability=7.0), grpc.StatusCode.INVALID_ARGUMENT, "reliability 7 outside [0, 1]"),
+        (report(privacy=pb.PrivacySpent(epsilon=float("nan"), epsilon_budget=8.0, delta=1e-5)),
+         grpc.StatusCode.INVALID_ARGUMENT, "report.privacy"),
     ]:
         err = _refused(lambda: stub.SubmitReport(bad, timeout=10))
         assert err.code() == status and words in err.details(), err.details()
+    refused = {(r["rpc"], r["code"]): r["count"] for r in coord.status()["refused"]}  # the status endpoint's count
+    assert refused[("SubmitReport", "INVALID_ARGUMENT")] == 9 and refused[("SubmitReport", "FAILED_PRECONDITION")] == 1
     stub.SubmitReport(report(), timeout=10)
     err = _refused(lambda: stub.SubmitReport(report(), timeout=10))
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
