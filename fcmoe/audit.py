@@ -298,7 +298,7 @@ def run_report(ledgers: list[Path], certs: list[Path], ca: Path, out: Path) -> i
     csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _plot(verified, out)
+        plot_epsilon(verified, out)
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, CSV_FIELDS)
             writer.writeheader()
@@ -312,9 +312,10 @@ def run_report(ledgers: list[Path], certs: list[Path], ca: Path, out: Path) -> i
     return 0
 
 
-def _plot(verified: list[Verified], out: Path) -> None:
+def plot_epsilon(verified: list[Verified], out: Path) -> list[float]:
     """Epsilon after each round, one line per silo told apart by colour, marker and dash (readable in
-    grey print too), integer round ticks; a ledger spanning several runs is drawn per release."""
+    grey print too), integer round ticks (returned: the x ticks drawn); a ledger spanning several runs
+    is drawn per release."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,4 +339,7 @@ def _plot(verified: list[Verified], out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    low, high = ax.get_xlim()
+    ticks = [float(t) for t in ax.get_xticks() if low <= t <= high]
     plt.close(fig)
+    return ticks

@@ -8,7 +8,7 @@ import pytest
 
 from crypto.pki import ensure_pki, read_pem
 from crypto.signed_log import SignedLog
-from fcmoe.audit import audit
+from fcmoe.audit import audit, plot_epsilon, verify_ledger
 from fcmoe.cli import main
 from silo_agent.dp.accounting import PrivacyBudget
 from silo_agent.dp.ledger import PrivacyLedger
@@ -160,6 +160,8 @@ def test_report_verifies_then_writes_png_csv_and_json_one_line_per_silo(tmp_path
     assert rows[0].startswith("silo,ledger,line,run_id,round,") and len(rows) == 1 + 4 + 2
     saved = json.loads(out.with_suffix(".json").read_text())
     assert [len(v["releases"]) for v in saved["ledgers"]] == [4, 2]
+    ticks = plot_epsilon([verify_ledger(first, pki.silo_cert("silo0"), pki.ca_cert)], tmp_path / "one.png")
+    assert ticks and all(t == int(t) for t in ticks)  # whole rounds, never 1.5
 
 
 def test_report_refuses_a_tampered_ledger_and_writes_nothing(tmp_path, pki, capsys):
