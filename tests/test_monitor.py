@@ -233,6 +233,12 @@ def test_metrics_and_the_page_in_a_browser_during_a_real_run_count_rounds_and_sh
                 assert metrics["fcmoe_silo_state"][(("silo", "silo0"), ("state", "late"))] == 0.0
                 status = json.loads(_get(f"http://127.0.0.1:{status_port}/api/status")[1])
                 assert status["late"] == ["silo2"] and status["silos"]["silo2"]["state"] == "late"
+                # what it serves of a silo: liveness and byte counts, no loss, update or data of its own
+                assert {key for entry in status["silos"].values() for key in entry} == {
+                    "state", "last_seen_seconds", "bytes_received"}
+                assert set(status) == {"run_id", "strategy", "secure_aggregation", "rounds", "round",
+                                       "rounds_completed", "phase", "attempt", "deadline_seconds", "outcome",
+                                       "min_silos", "silos", "late", "losses", "privacy", "refused"}
                 if CHROMIUM is not None:
                     _page_in_chromium(f"http://127.0.0.1:{status_port}/", rounds, tmp_path)
             time.sleep(0.2)
