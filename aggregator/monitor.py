@@ -135,12 +135,15 @@ def page_html() -> bytes:
 
 
 class StatusServer:
-    """The HTTP endpoint on its own threads; :meth:`close` stops it."""
+    """The HTTP endpoint: constructing it binds the port (a port in use fails before anything else
+    starts), :meth:`serve` answers from a status callable on threads of its own, :meth:`close` stops it."""
 
-    def __init__(self, status: Callable[[], dict[str, Any]], host: str, port: int, auth: str | None = None):
+    def __init__(self, host: str, port: int, auth: str | None = None):
+        self._status: Callable[[], dict[str, Any]] | None = None
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Snapshot(status))
+        registry.register(_Snapshot(self.status))
         page = page_html()
+        status = self.status
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "fcmoe-status"
@@ -184,12 +187,23 @@ class StatusServer:
             raise ConfigError(f"aggregator.status_port = {port}: cannot listen on {host}:{port} "
                               f"({exc.strerror or exc}); choose another port or leave it unset") from None
         self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
+        self.address, self.port, self.auth = host, self.httpd.server_address[1], auth is not None
+        self._thread: threading.Thread | None = None
+
+    def status(self) -> dict[str, Any]:
+        if self._status is None:
+            raise RuntimeError("the status endpoint is not serving yet")
+        return self._status()
+
+    def serve(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="status-http", daemon=True)
         self._thread.start()
-        log_event(log, "status_listening", address=f"{host}:{self.port}", auth="basic" if auth else "none")
+        log_event(log, "status_listening", address=f"{self.address}:{self.port}",
+                  auth="basic" if self.auth else "none")
 
     def close(self) -> None:
-        self.httpd.shutdown()
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join(timeout=10)
         self.httpd.server_close()
-        self._thread.join(timeout=10)

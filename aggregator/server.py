@@ -51,12 +51,16 @@ class RunningAggregator:
     status: StatusServer | None = None  # aggregator.status_port: /metrics, /api/status, the status page
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop serving silos (in-flight RPCs get ``grace`` seconds), then the status endpoint."""
-        try:
-            self.server.stop(grace).wait()
-        finally:
-            if self.status is not None:
-                self.status.close()
+        _stop_serving(self.server, self.status, grace)
+
+
+def _stop_serving(server: grpc.Server, status: StatusServer | None, grace: float | None) -> None:
+    """Stop serving silos (in-flight RPCs get ``grace`` seconds), then the status endpoint."""
+    try:
+        server.stop(grace).wait()
+    finally:
+        if status is not None:
+            status.close()
 
 
 def initial_state(config: Config) -> tuple[ExpertLayout, str, dict]:
@@ -116,21 +120,24 @@ def start_aggregator(config: Config, resume: bool = False) -> RunningAggregator:
     if port == 0:
         raise ConfigError(f"aggregator.port = {config.aggregator.port}: cannot listen on {address} (in use, e.g. by "
                           "another aggregator, or not an address of this machine); stop it or choose another port")
+    status: StatusServer | None = None
     try:
         check_writable_folder(config.run.output_dir, "run.output_dir")
         if config.aggregator.port_file is not None:
             check_writable_folder(config.aggregator.port_file.parent, "aggregator.port_file")
-        auth = read_basic_auth(config.aggregator.status_auth_file) if config.aggregator.status_auth_file else None
+        if config.aggregator.status_port is not None:  # bound now: a port in use fails before any write
+            auth = read_basic_auth(config.aggregator.status_auth_file) if config.aggregator.status_auth_file else None
+            status = StatusServer(config.aggregator.status_host, config.aggregator.status_port, auth)
         coordinator = build_coordinator(config, resume=resume)
-        status = (StatusServer(coordinator.status, config.aggregator.status_host, config.aggregator.status_port, auth)
-                  if config.aggregator.status_port is not None else None)
-    except BaseException:
-        server.stop(0)
+        pb_grpc.add_FederationServicer_to_server(FederationService(coordinator), server)
+        server.start()
+        if status is not None:
+            status.serve(coordinator.status)
+        if config.aggregator.port_file is not None:
+            write_atomic(config.aggregator.port_file, str(port))
+    except BaseException:  # nothing of a failed start keeps serving
+        _stop_serving(server, status, 0)
         raise
-    pb_grpc.add_FederationServicer_to_server(FederationService(coordinator), server)
-    server.start()
-    if config.aggregator.port_file is not None:
-        write_atomic(config.aggregator.port_file, str(port))
     if not handshake_failures_logged():
         log_event(log, "tls_refusals_hidden", level=logging.WARNING,
                   reason="GRPC_VERBOSITY hides gRPC's one-line record of refused client certificates")

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, kill_process_groups
+from conftest import ROOT, kill_process_groups, smoke_config
 from prometheus_client.parser import text_string_to_metric_families
 from restarts import aggregator_process, federation_configs, free_port, metrics_rows  # noqa: F401 (a fixture)
 
@@ -118,7 +119,8 @@ def test_endpoint_serves_metrics_status_and_page_asks_for_basic_auth_and_survive
         return run_status(_machine(time.time()), time.time(), run_id="r", strategy="fedavg", mode="none",
                           min_group_size=3, rows=[], traffic=Traffic())
 
-    server = StatusServer(status, "127.0.0.1", 0, good)
+    server = StatusServer("127.0.0.1", 0, good)
+    server.serve(status)
     base = f"http://127.0.0.1:{server.port}"
     try:
         assert _get(base + "/metrics")[0] == 401  # nothing without the password, not even the page
@@ -255,3 +257,38 @@ def test_metrics_and_the_page_in_a_browser_during_a_real_run_count_rounds_and_sh
     if CHROMIUM is None:  # everything above ran; only the browser's view of the page could not be checked
         pytest.skip("no chromium for the status page: `make venv` installs Debian's chromium as root "
                     "(apt-get install chromium)")
+
+
+def test_a_status_port_in_use_fails_the_start_in_one_line_and_writes_nothing(tmp_path, pki):
+    from aggregator.server import start_aggregator
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        data = smoke_config(tmp_path).model_dump(mode="json")
+        grpc_port = free_port()
+        data["aggregator"].update({"port": grpc_port, "status_port": busy})
+        with pytest.raises(ConfigError, match=rf"aggregator.status_port = {busy}: cannot listen on 127.0.0.1:{busy}"):
+            start_aggregator(parse_config(data))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was written
+
+
+def test_status_watch_follows_the_run_until_it_is_done(capsys):
+    calls = []
+
+    def status():
+        calls.append(1)
+        m = _machine(time.time())
+        m.phase = Phase.DONE if len(calls) >= 3 else Phase.TRAINING
+        m.outcome = "completed 5 rounds" if m.phase == Phase.DONE else ""
+        return run_status(m, time.time(), run_id="r", strategy="fedavg", mode="none", min_group_size=3, rows=[],
+                          traffic=Traffic())
+
+    server = StatusServer("127.0.0.1", 0)
+    server.serve(status)
+    try:
+        assert main(["status", f"127.0.0.1:{server.port}", "--watch", "--interval", "0.05"]) == 0
+    finally:
+        server.close()
+    assert len(calls) == 3 and "completed 5 rounds" in capsys.readouterr().out
