@@ -154,6 +154,11 @@ def load_public_key(cert_pem: bytes, what: str = "the certificate") -> ec.Ellipt
 
 def verify(path: Path, cert_pem: bytes) -> list[dict[str, Any]]:
     """Every entry of the log, after checking chain, indices and signatures; LedgerError names the line."""
+    return [entry for entry, _ in verify_with_digests(path, cert_pem)]
+
+
+def verify_with_digests(path: Path, cert_pem: bytes) -> list[tuple[dict[str, Any], str]]:
+    """:func:`verify`, each entry with its line's digest (the next line's ``prev``, a receipt's head)."""
     public = load_public_key(cert_pem)
     entries, prev = [], GENESIS
     for number, (entry, line) in enumerate(_lines(path), start=1):
@@ -176,8 +181,8 @@ def verify(path: Path, cert_pem: bytes) -> list[dict[str, Any]]:
             public.verify(base64.b64decode(signature, validate=True), canonical(body), ec.ECDSA(hashes.SHA256()))
         except (InvalidSignature, ValueError):
             raise LedgerError(f"{where}: signature does not verify against the certificate") from None
-        entries.append(entry)
         prev = line_digest(line)
+        entries.append((entry, prev))
     return entries
 
 

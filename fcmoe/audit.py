@@ -30,7 +30,7 @@ from typing import Any
 
 from crypto.pki import certificate_common_name, verify_issued_by
 from crypto.signed_log import (LedgerError, Receipt, compare_with_receipt, finite_number, line_digest, parse_line,
-                               read_lines, verify, verify_receipt)
+                               read_lines, verify_receipt, verify_with_digests)
 from fcmoe.errors import FcMoeError, PkiError
 
 RDP_TOLERANCE = 1e-6
@@ -137,12 +137,8 @@ REQUIRED = ("kind", "run_id", "round", "noise_multiplier", "sample_rate", "steps
 def audit(ledger: Path, cert_pem: bytes) -> list[AuditRow]:
     """One row per release after checking the chain, signatures, fields and epsilon (AuditError or
     LedgerError naming the line otherwise); an empty ledger gives no rows."""
-    entries = verify(ledger, cert_pem)
-    digests = [line_digest(line) for line in read_lines(ledger)]
-    if len(digests) != len(entries):
-        raise AuditError(f"{ledger}: changed while it was being read")
     rows, releases = [], []
-    for number, entry in enumerate(entries, start=1):
+    for number, (entry, digest) in enumerate(verify_with_digests(ledger, cert_pem), start=1):
         where = f"{ledger}: line {number}"
         _check_fields(entry, where)
         releases.append(entry)
@@ -156,7 +152,7 @@ def audit(ledger: Path, cert_pem: bytes) -> list[AuditRow]:
         rows.append(AuditRow(number, entry["run_id"], int(entry["round"]), float(entry["noise_multiplier"]),
                              float(entry["sample_rate"]), int(entry["steps"]), float(entry["epsilon"]), recomputed,
                              float(entry["epsilon_budget"]), _text(entry.get("time")),
-                             _text(entry.get("released_sha256")), digests[number - 1]))
+                             _text(entry.get("released_sha256")), digest))
     return rows
 
 

@@ -16,6 +16,8 @@ from crypto.pki import PkiPaths, ensure_pki
 from fcmoe.config import Config, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# .ci/run sets it: the whole of each slow matrix; plain pytest (make test) runs a representative slice
+FULL_MATRIX = os.environ.get("FCMOE_FULL_MATRIX") == "1"
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 

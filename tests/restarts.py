@@ -39,6 +39,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_silo_process(config: Config, folder: Path) -> subprocess.Popen:
+    """``fcmoe silo CONFIG`` as its own process group, logging to FOLDER/NAME.log (the caller kills it:
+    conftest.kill_process_groups)."""
+    path = folder / f"{config.silo.name}.yaml"
+    dump_config(config, path)
+    with open(folder / f"{config.silo.name}.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "silo", str(path), "--no-progress"], cwd=ROOT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
 class AggregatorProcess:
     """``fcmoe aggregator CONFIG`` as its own process group; killed, restarted, always cleaned up."""
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, kill_process_groups, silo_config, smoke_config
+from conftest import FULL_MATRIX, ROOT, kill_process_groups, silo_config, smoke_config
 
 from fcmoe.config import ModelConfig, SiloConfig, dump_config, parse_config
 from fcmoe.errors import ConfigError, RunError
@@ -66,9 +66,8 @@ def _train(model_config: ModelConfig, start: dict[str, torch.Tensor], data: Exam
     return trainable_state(model), result
 
 
-FULL = os.environ.get("FCMOE_FULL_MATRIX") == "1"
-_IN_CI_ONLY = pytest.mark.skipif(not FULL, reason="runs in .ci/run (FCMOE_FULL_MATRIX=1); make test runs ddp-full "
-                                 "and fsdp-lora")
+_IN_CI_ONLY = pytest.mark.skipif(not FULL_MATRIX, reason="runs in .ci/run (FCMOE_FULL_MATRIX=1); make test runs "
+                                 "ddp-full and fsdp-lora")
 
 
 @pytest.mark.parametrize("parallel,mode,checkpointing", [

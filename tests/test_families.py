@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import silo_config, smoke_config
+from conftest import FULL_MATRIX, silo_config, smoke_config
 from families import EXCLUDED, moe_model_types, save_tiny_checkpoint
 from fcmoe.config import ModelConfig, parse_config
 from fcmoe.errors import ConfigError, LayoutError
@@ -42,8 +42,7 @@ SILOS = 2
 # FCMOE_FULL_MATRIX=1 (.ci/run) runs every family transformers registers.
 SLICE = ("dbrx", "deepseek_v3", "doge", "gemma4", "gpt_oss", "granitemoe", "jetmoe", "llama4_text",
          "longcat_flash", "mixtral", "nemotron_h", "zaya")
-FULL = os.environ.get("FCMOE_FULL_MATRIX") == "1"
-CASES = [t for t in FAMILIES if t not in EXCLUDED and (FULL or t in SLICE)]
+CASES = [t for t in FAMILIES if t not in EXCLUDED and (FULL_MATRIX or t in SLICE)]
 
 
 def test_the_case_list_is_every_moe_family_of_the_installed_transformers():

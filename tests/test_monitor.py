@@ -11,22 +11,22 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, kill_process_groups, smoke_config
+from conftest import kill_process_groups, smoke_config
 from prometheus_client.parser import text_string_to_metric_families
-from restarts import aggregator_process, federation_configs, free_port, metrics_rows  # noqa: F401 (a fixture)
+from restarts import (aggregator_process, federation_configs, free_port, metrics_rows,  # noqa: F401 (a fixture)
+                      start_silo_process)
 
 from aggregator.monitor import SERIES, StatusServer, metric_families
 from aggregator.rounds import Phase, RoundMachine
 from aggregator.status import Traffic, run_status, silo_states
 from fcmoe.cli import main
-from fcmoe.config import Config, dump_config, parse_config
+from fcmoe.config import parse_config
 from fcmoe.errors import ConfigError
 
 
@@ -156,15 +156,6 @@ def test_endpoint_serves_metrics_status_and_page_asks_for_basic_auth_and_survive
         read_basic_auth(tmp_path / "absent")
 
 
-def _start_silo(config: Config, tmp_path: Path) -> subprocess.Popen:
-    path = tmp_path / f"{config.silo.name}.yaml"
-    dump_config(config, path)
-    with open(tmp_path / f"{config.silo.name}.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "silo", str(path), "--no-progress"], cwd=ROOT,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
 def _scrape(port: int) -> dict[str, dict[tuple, float]]:
     code, body, _ = _get(f"http://127.0.0.1:{port}/metrics")
     assert code == 200
@@ -217,7 +208,7 @@ def test_metrics_and_the_page_in_a_browser_during_a_real_run_count_rounds_and_sh
     completed, late_seen = [], None
     try:
         for config in silos:
-            procs[config.silo.name] = _start_silo(config, tmp_path)
+            procs[config.silo.name] = start_silo_process(config, tmp_path)
         end = time.monotonic() + 300
         while agg.proc.poll() is None and time.monotonic() < end:
             try:

@@ -69,11 +69,11 @@ does, after ``make test``).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import FULL_MATRIX
 from restarts import aggregator_process  # noqa: F401 (a fixture)
 from fcmoe.config import FCMOE_SKETCH_VARIANT
 from restarts import K, Federation, aggregator_events, assert_same_as_uninterrupted, federation_configs, metrics_rows
@@ -89,7 +89,6 @@ SETUPS = {
 MODES = ("masking", "ckks")
 ATOL = {"masking": 1e-6, "ckks": 1e-4}
 SILOS = 3
-FULL = os.environ.get("FCMOE_FULL_MATRIX") == "1"
 # plain pytest: both modes and every model ingredient (FC-MoE's model is the router set-up's, trained
 # router and all) and FC-MoE with its sketch stage, in about 2 min; the six others (the default FC-MoE
 # among them) take about 4 min more
@@ -183,7 +182,7 @@ def _run(folder: Path, make_aggregator, setup: str, mode: str, run: Run):
 
 
 CASES = [pytest.param(setup, mode, id=f"{setup}-{mode}",
-                      marks=pytest.mark.skipif(not FULL and f"{setup}-{mode}" not in SLICE,
+                      marks=pytest.mark.skipif(not FULL_MATRIX and f"{setup}-{mode}" not in SLICE,
                                                reason="full restart matrix runs in .ci/run (FCMOE_FULL_MATRIX=1)"))
          for setup in SETUPS for mode in MODES]
 

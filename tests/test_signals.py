@@ -7,23 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-from conftest import ROOT, kill_process_groups
-from restarts import aggregator_events, aggregator_process, federation_configs, metrics_rows  # noqa: F401
-
-from fcmoe.config import Config, dump_config
-
-
-def _start_silo(config: Config, tmp_path: Path) -> subprocess.Popen:
-    path = tmp_path / f"{config.silo.name}.yaml"
-    dump_config(config, path)
-    with open(tmp_path / f"{config.silo.name}.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "silo", str(path)], cwd=ROOT,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+from conftest import kill_process_groups
+from restarts import (aggregator_events, aggregator_process, federation_configs, metrics_rows,  # noqa: F401
+                      start_silo_process)
 
 
 def _wait_for(condition, what: str, timeout_s: float = 240) -> None:
@@ -40,7 +28,7 @@ def test_sigterm_to_the_aggregator_and_sigint_to_a_silo_mid_run_lose_nothing(tmp
     procs: dict[str, subprocess.Popen] = {}
     try:
         for config in silos:
-            procs[config.silo.name] = _start_silo(config, tmp_path)
+            procs[config.silo.name] = start_silo_process(config, tmp_path)
         _wait_for(lambda: aggregator_events(agg.log, "update_accepted"), "a first update")
 
         os.killpg(agg.proc.pid, signal.SIGTERM)  # mid-round, while updates arrive
@@ -56,7 +44,7 @@ def test_sigterm_to_the_aggregator_and_sigint_to_a_silo_mid_run_lose_nothing(tmp
         assert "Traceback" not in silo1_log
 
         agg.start()  # the same commands again
-        procs["silo1"] = _start_silo(silos[1], tmp_path)
+        procs["silo1"] = start_silo_process(silos[1], tmp_path)
         statuses = {name: proc.wait(timeout=300) for name, proc in procs.items()}
     finally:
         kill_process_groups(procs.values())
