@@ -3,7 +3,7 @@
     python -m benches.convergence --config configs/bench_conflict.yaml --seeds 3 --json
 
 Each run is a whole federation in one process (real coordinator and silo agents, codec on every
-tensor, no sockets: fcmoe.inprocess); runs go to ``benchmark.workers`` processes. Prints, last, one
+tensor, no sockets: fcmoe.launch.inprocess); runs go to ``benchmark.workers`` processes. Prints, last, one
 JSON object: per setting and method, the final global held-out loss (mean over domains), the mean
 personalised (the silos' own models after local training) held-out loss, and the rounds needed to
 reach FedAvg's final global loss, each averaged over seeds; the targets of the FC-MoE issue, checked;
@@ -73,7 +73,7 @@ def run_configs(base: dict, setting: dict, method: str, seed: int, out_dir: str,
     else:
         data["data"]["builtin"].update({"seed": seed, "partition": setting["partition"], "alpha": setting["alpha"],
                                         "domains": setting["domains"]})
-    strategy = {**data["federation"].get("strategy", {}), **METHOD_STRATEGY[method]}
+    strategy = dict(METHOD_STRATEGY[method])  # each method with its own settings only
     if method == "fedadam":
         strategy["server_lr"] = base["benchmark"]["fedadam_server_lr"]
     data["federation"].update({"strategy": strategy, "min_silos": setting["silos"]})
@@ -92,7 +92,7 @@ def one_run(job: tuple[dict, dict, str, int]) -> dict:
     base, setting, method, seed = job
     import torch
 
-    from fcmoe.inprocess import run_in_process
+    from fcmoe.launch.inprocess import run_in_process
     from fcmoe.logs import setup_logging
 
     threads = max(1, (os.cpu_count() or 1) // base["benchmark"]["workers"])  # the cores, shared by the workers

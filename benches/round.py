@@ -36,7 +36,7 @@ import torch
 
 from fcmoe.config import load_config, parse_config
 from fcmoe.logs import setup_logging
-from fcmoe.simulate import simulate
+from fcmoe.launch.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 

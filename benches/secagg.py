@@ -65,7 +65,7 @@ from benches.interleave import (
 )
 from crypto.pki import ensure_pki
 from fcmoe.config import FCMOE_SKETCH_VARIANT, Config, parse_config
-from fcmoe.inprocess import InProcessTransport
+from fcmoe.launch.inprocess import InProcessTransport
 from fcmoe.logs import setup_logging
 from protos import fcmoe_pb2 as pb
 from silo_agent.agent import SiloAgent
@@ -146,7 +146,7 @@ def federation(mode: str, silos: int, params: int, rounds: int, local_steps: int
                strategy: str = "fedavg", upload_timeout: float | None = None,
                tag: str = "", threads: int = 2) -> Generator[int, None, dict]:
     """One federation of ``rounds`` rounds in ``mode``, a step at a time: yields the rounds completed
-    after every step of its driver loop (as :func:`fcmoe.inprocess.run_in_process`'s: every silo does
+    after every step of its driver loop (as :func:`fcmoe.launch.inprocess.run_in_process`'s: every silo does
     its task, one step each, then the coordinator steps) until the last measured round is done, then
     runs the dropout round and the final evaluation in one go; returns its figures (medians over
     rounds 2 .. R-1).

@@ -45,7 +45,12 @@ MODEL = {"builtin": {"family": "mixtral", "hidden_size": 1024, "intermediate_siz
          "trainable": {"mode": "lora", "lora_rank": 8, "lora_alpha": 16, "router": True}}
 
 
-def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, checkpointing: bool) -> dict:
+def _model(intermediate_size: int) -> dict:
+    return {**MODEL, "builtin": {**MODEL["builtin"], "intermediate_size": intermediate_size}}
+
+
+def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, checkpointing: bool,
+             intermediate_size: int) -> dict:
     """One variant, in this (fresh) process: trains ``rounds`` rounds and saves the trained state."""
     from safetensors.torch import save_file
 
@@ -56,7 +61,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     from silo_agent.training import LocalPlan, train_locally
 
     torch.set_num_threads(1)
-    spec = ModelConfig.model_validate(MODEL)
+    spec = ModelConfig.model_validate(_model(intermediate_size))
     train, _ = build_silo_dataset(silo_index=0, num_silos=1, domains=["shift_up", "copy", "reverse"],
                                   partition="domain", alpha=0.5, samples_per_silo=64, eval_fraction=0.25, seed=0)
     data = ExampleBatches(train, ByteTokenizer(), 32)
@@ -98,10 +103,12 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def _run_variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, checkpointing: bool) -> dict:
+def _run_variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, checkpointing: bool,
+                 intermediate_size: int) -> dict:
     flag = ["--activation-checkpointing"] if checkpointing else []
     proc = subprocess.run([sys.executable, "-m", "benches.silo_parallel", "--variant", variant, "--rounds", str(rounds),
-                           "--steps", str(steps), "--batch-size", str(batch_size), "--out", str(out)] + flag,
+                           "--steps", str(steps), "--batch-size", str(batch_size), "--out", str(out),
+                           "--intermediate-size", str(intermediate_size)] + flag,
                           cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"variant {variant} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -131,6 +138,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="local steps per round")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--intermediate-size", type=int, default=MODEL["builtin"]["intermediate_size"],
+                        help="each expert's hidden width (512: 371 M parameters; 1024: 676 M)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["one", "fsdp", "respawn"], help=argparse.SUPPRESS)
@@ -138,22 +147,23 @@ def main() -> int:
     args = parser.parse_args()
     if args.variant:  # one variant in this fresh process, for the parent
         print(json.dumps(_variant(args.variant, args.rounds, args.steps, args.batch_size, args.out,
-                                  args.activation_checkpointing)))
+                                  args.activation_checkpointing, args.intermediate_size)))
         return 0
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fcmoe-silo-parallel-") as tmp:
         out = Path(tmp)
         sizes = (args.rounds, args.steps, args.batch_size, out)
-        runs = {v: _run_variant(v, *sizes, False) for v in ("one", "fsdp", "respawn")}
-        checkpointed = {v: _run_variant(v, *sizes, True) for v in ("one", "fsdp")}
+        runs = {v: _run_variant(v, *sizes, False, args.intermediate_size) for v in ("one", "fsdp", "respawn")}
+        checkpointed = {v: _run_variant(v, *sizes, True, args.intermediate_size) for v in ("one", "fsdp")}
         diffs = {"plain": _relative_diff(out, ""), "checkpointed": _relative_diff(out, "-ckpt")}
     memory = {name: _memory(variants) for name, variants in (("plain", runs), ("checkpointed", checkpointed))}
     persistent = statistics.median(runs["fsdp"]["round_seconds"][1:] or runs["fsdp"]["round_seconds"])
     respawn = statistics.median(runs["respawn"]["round_seconds"])
     best = memory["checkpointed"]["memory_ratio"]
     result = {
-        "bench": "silo_parallel", "parameters": runs["one"]["parameters"], "rounds": args.rounds,
+        "bench": "silo_parallel", "parameters": runs["one"]["parameters"],
+        "intermediate_size": args.intermediate_size, "rounds": args.rounds,
         "local_steps": args.steps, "batch_size": args.batch_size, "world_size": 2, "parallel": "fsdp",
         "memory": memory, "memory_ratio": best, "memory_target": 0.65, "memory_target_met": best <= 0.65,
         "update_relative_diff": max(diffs.values()), "update_relative_diffs": diffs,

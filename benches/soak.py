@@ -50,7 +50,7 @@ from pathlib import Path
 from fcmoe.config import Config, dump_config, load_config, parse_config
 from fcmoe.fileio import write_atomic
 from fcmoe.logs import log_event, setup_logging
-from fcmoe.simulate import role_configs, silo_names
+from fcmoe.launch.simulate import role_configs, silo_names
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fcmoe.bench.soak")
@@ -204,7 +204,7 @@ def _launch(config: Config, silo_procs: int, launch: Launch) -> None:
     (out / "aggregator.port").unlink(missing_ok=True)
     agg_config, _ = role_configs(config, 0)
     dump_config(agg_config, roles / "aggregator.yaml")
-    launch.aggregator = _spawn([sys.executable, "-m", "fcmoe.cli", "aggregator", str(roles / "aggregator.yaml"),
+    launch.aggregator = _spawn([sys.executable, "-m", "fcmoe", "aggregator", str(roles / "aggregator.yaml"),
                                 "--no-progress"], logs / "aggregator.log")
     port = _wait_for_port(out / "aggregator.port", launch.aggregator, timeout_s=300)
     _, silo_configs = role_configs(config, port, secrets.token_hex(32))

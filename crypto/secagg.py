@@ -37,6 +37,7 @@ from crypto.key_agreement import (
     seal,
 )
 from crypto.shamir import Share
+from fcmoe.config import masking_threshold
 
 SHARE_TAG = "fcmoe/shares/v1"
 RUN_SECRET_TAG = "fcmoe/run-secret/v1"
@@ -52,11 +53,10 @@ class SecAggError(KeyAgreementError):
 
 
 def threshold_for(num_silos: int, fraction: float) -> int:
-    """``t = max(2, ceil(fraction * n))``, at most ``n``: fewer than ``t`` silos learn nothing of a
-    dropped silo's keys, and up to ``n - t`` silos may drop out after sending their shares."""
+    """The masking threshold (:func:`fcmoe.config.masking_threshold`) of a round of ``num_silos``."""
     if num_silos < 2:
         raise SecAggError(f"masking needs at least 2 silos, got {num_silos}")
-    return min(num_silos, max(2, math.ceil(fraction * num_silos - 1e-9)))
+    return masking_threshold(num_silos, fraction)
 
 
 def mask_label(run_id: str, session: int, unit: str, group: int, stage: str = "update") -> str:

@@ -1,8 +1,9 @@
 """FC-MoE: conflict-aware federated fine-tuning of Mixture-of-Experts LLMs across silos.
 
-Shared, role-neutral pieces live here (config schema, model building and the expert layout,
-structured logging, the command line). The two roles, ``silo_agent`` and ``aggregator``,
-import this package, ``crypto`` and ``protos``, never each other.
+The ground every other package stands on (errors, config schema, model building and the expert
+layout, structured logs, file I/O): it imports nothing else of the project. ``crypto`` and
+``protos`` import it; the two roles, ``silo_agent`` and ``aggregator``, import those and never each
+other; ``fcmoe.launch`` (the commands) puts them together. tests/test_layers.py holds everyone to it.
 """
 
 __version__ = "0.1.0"

@@ -2,6 +2,6 @@
 
 import sys
 
-from fcmoe.cli import main
+from fcmoe.launch.cli import main
 
 sys.exit(main())

@@ -11,11 +11,12 @@ Relative paths are taken relative to the current working directory.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from fcmoe.errors import ConfigError
 from fcmoe.fileio import write_atomic
@@ -319,15 +320,61 @@ FCMOE_SKETCH_VARIANT = {"importance_measure": "routing_reliability", "projection
                         "reanchor_lambda": 0.0}
 
 
-class StrategyConfig(_Strict):
-    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "local", "fcmoe", "fedmoe"] = "fedavg"
-    server_lr: float = Field(1.0, gt=0)
+class _StrategySettings(_Strict):
+    """What every strategy has; each adds its own settings, and ``name`` picks the class (an unknown name,
+    or a setting of another strategy, is refused at load)."""
+
+    server_lr: float = Field(1.0, gt=0, description="server step size on the combined update")
+
+
+class FedAvgConfig(_StrategySettings):
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FedProxConfig(_StrategySettings):
+    name: Literal["fedprox"] = "fedprox"
+    prox_mu: float = Field(0.01, ge=0, description="the proximal term's weight in local training")
+
+
+class FedAvgMConfig(_StrategySettings):
+    name: Literal["fedavgm"] = "fedavgm"
     momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class FedAdamConfig(_StrategySettings):
+    name: Literal["fedadam"] = "fedadam"
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
-    prox_mu: float = Field(0.01, ge=0)
+
+
+class LocalOnlyConfig(_StrategySettings):
+    name: Literal["local"] = "local"
+
+
+class FedMoeConfig(_StrategySettings):
+    name: Literal["fedmoe"] = "fedmoe"
+
+
+class FcMoeStrategyConfig(_StrategySettings):
+    name: Literal["fcmoe"] = "fcmoe"
     fcmoe: FcMoeConfig = FcMoeConfig()
+
+
+STRATEGY_CONFIGS: dict[str, type[_StrategySettings]] = {
+    c.model_fields["name"].default: c
+    for c in (FedAvgConfig, FedProxConfig, FedAvgMConfig, FedAdamConfig, LocalOnlyConfig, FcMoeStrategyConfig,
+              FedMoeConfig)}
+
+
+def _strategy_name(value: Any) -> str | None:
+    """The tag that picks a strategy's settings class: ``name``, FedAvg when it is left out."""
+    return value.get("name", "fedavg") if isinstance(value, dict) else getattr(value, "name", None)
+
+
+StrategyConfig = Annotated[
+    Union[tuple(Annotated[c, Tag(name)] for name, c in STRATEGY_CONFIGS.items())],  # type: ignore[valid-type]
+    Discriminator(_strategy_name)]
 
 
 class EvaluationConfig(_Strict):
@@ -341,6 +388,13 @@ class EvaluationConfig(_Strict):
         None, gt=0, description="held-out examples per silo each evaluation uses: the same fixed subset every round "
         "(seeded, independent of the run); null: all of them")
     final: bool = Field(True, description="every silo evaluates the final global model after the last round")
+
+
+def masking_threshold(num_silos: int, fraction: float) -> int:
+    """``t = max(2, ceil(fraction * n))``, at most ``n``: fewer than ``t`` silos learn nothing of a dropped
+    silo's keys, and up to ``n - t`` silos may drop out after sending their shares. Here, beside the
+    setting, so that the config can refuse a quorum below it at load."""
+    return min(num_silos, max(2, math.ceil(fraction * num_silos - 1e-9)))
 
 
 class SecureAggregationConfig(_Strict):
@@ -372,7 +426,7 @@ class FederationConfig(_Strict):
         120.0, gt=0, description="a joined silo not heard from for this long is left out of new rounds "
         "(silos long-poll at least every 35 s while idle)")
     local: LocalTrainingConfig = LocalTrainingConfig()
-    strategy: StrategyConfig = StrategyConfig()
+    strategy: StrategyConfig = FedAvgConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
 
@@ -401,9 +455,7 @@ class FederationConfig(_Strict):
                              f"closing with {quorum} updates has no group the aggregator may open; raise {what} "
                              f"to at least {self.min_group_size} or lower min_group_size")
         if mode == "masking":
-            from crypto.secagg import threshold_for
-
-            survivors = threshold_for(self.min_silos, self.secure_aggregation.threshold)
+            survivors = masking_threshold(self.min_silos, self.secure_aggregation.threshold)
             if quorum < survivors:
                 raise ValueError(f"{what} = {quorum} is below the {survivors} survivors that secure_aggregation."
                                  f"threshold = {self.secure_aggregation.threshold} needs to unmask a round of "
@@ -659,20 +711,48 @@ def _placeholder_keys(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix.rstrip("."), tree)] if isinstance(tree, str) and SILO_PLACEHOLDER in tree else []
 
 
-def _describe(error: dict[str, Any], config: BaseModel | type[BaseModel]) -> str:
-    loc = ".".join(str(p) for p in error["loc"]) or "(top level)"
+def _members(annotation: Any) -> dict[str, Any]:
+    """A tagged union's classes by tag (pydantic puts each tag in the error's location)."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    members = {}
+    for member in get_args(annotation):
+        if get_origin(member) is Annotated:
+            cls, *meta = get_args(member)
+            members.update({m.tag: cls for m in meta if isinstance(m, Tag)})
+    return members
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[str, Any]:
+    """The error's location as the user wrote it (union tags dropped), and the section class it ends in."""
+    parts: list[str] = []
+    node: Any = Config
+    for part in map(str, loc):
+        if isinstance(node, dict) and part in node:  # a union tag: the class it picked, not a key of the file
+            node = node[part]
+            continue
+        parts.append(part)
+        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        annotation = getattr(field, "annotation", None)
+        candidates = [a for a in get_args(annotation) or (annotation,) if isinstance(a, type)]
+        node = _members(annotation) or next((a for a in candidates if issubclass(a, BaseModel)), None)
+    return ".".join(parts) or "(top level)", node
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc, _ = _walk(error["loc"])
     if not error["loc"] and error["type"] == "value_error":  # a check across sections: its message names the keys
         return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        parent: Any = Config
-        for part in error["loc"][:-1]:
-            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
-            annotation = getattr(field, "annotation", None)
-            candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
-            parent = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        _, parent = _walk(error["loc"][:-1])
         allowed = ", ".join(parent.model_fields) if isinstance(parent, type) else "?"
         return f"{loc}: unknown key (allowed: {allowed})"
+    if error["type"] == "union_tag_invalid":  # e.g. strategy.name: the classes' names, as a Literal lists them
+        *others, last = error["ctx"]["expected_tags"].split(", ")
+        return f"{loc}.name = {error['ctx']['tag']!r}: Input should be {', '.join(others)} or {last}"
     value = error.get("input")
+    if error["type"] == "union_tag_not_found":
+        return f"{loc} = {value!r}: Input should be a mapping with a name"
     msg = error["msg"].removeprefix("Value error, ")
     if isinstance(value, dict):  # a check across keys of a section: the message names them
         return f"{loc}: {msg}"
@@ -691,7 +771,7 @@ def parse_config(data: Any, origin: str = "<config>") -> Config:
         first = exc.errors()[0]
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-        raise ConfigError(f"{origin}: {_describe(first, Config)}{suffix}") from None
+        raise ConfigError(f"{origin}: {_describe(first)}{suffix}") from None
 
 
 def load_config(path: str | Path) -> Config:

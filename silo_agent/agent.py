@@ -170,7 +170,7 @@ class SiloAgent:
             check_writable_folder(self.silo.dp.ledger.parent, "silo.dp.ledger")
         if self.silo.save != "none":  # silo.save keeps this silo's models in run.output_dir/silo-NAME
             check_writable_folder(config.run.output_dir, "run.output_dir")
-        # the gRPC client, or anything with its methods (fcmoe.inprocess for many-run experiments); first,
+        # the gRPC client, or anything with its methods (fcmoe.launch.inprocess for many-run experiments); first,
         # so that a missing certificate is named before minutes of model and data loading
         self.client = transport or _client(self.silo)
         self.model = build_model(config.model, self.device, seed=config.run.seed)

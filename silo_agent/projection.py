@@ -10,7 +10,7 @@ The silo uploads ``kept`` (masked like any update: the projection ran before mas
 under secure aggregation) and keeps ``removed`` to itself. The consensus direction here is the
 previous round's global update, ``G_{r-1} - G_{r-2}``, which every silo downloads anyway
 (:class:`GlobalHistory`); docs/algorithm.md says why the round's sketch sums cannot stand in for it.
-The aggregator-side variant (projection of group sums) is aggregator/projection.py.
+The aggregator-side variant (projection of group sums) is aggregator/strategies/fcmoe/projection.py.
 """
 
 from __future__ import annotations

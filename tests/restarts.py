@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 
 from crypto.pki import ensure_pki
 from fcmoe.config import Config, dump_config, parse_config
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 from protos import fcmoe_pb2 as pb
 from silo_agent.agent import SiloAgent
 
@@ -45,7 +45,7 @@ def start_silo_process(config: Config, folder: Path) -> subprocess.Popen:
     path = folder / f"{config.silo.name}.yaml"
     dump_config(config, path)
     with open(folder / f"{config.silo.name}.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "silo", str(path), "--no-progress"], cwd=ROOT,
+        return subprocess.Popen([sys.executable, "-m", "fcmoe", "silo", str(path), "--no-progress"], cwd=ROOT,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
@@ -65,7 +65,7 @@ class AggregatorProcess:
         self.port_file.unlink(missing_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "aggregator", str(self.path),
+            self.proc = subprocess.Popen([sys.executable, "-m", "fcmoe", "aggregator", str(self.path),
                                           "--no-progress"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         self.starts += 1
@@ -184,7 +184,7 @@ def checkpoints(output_dir: Path) -> dict[int, dict[str, np.ndarray]]:
 
 def uninterrupted(aggregator: Config, silos: list[Config], output_dir: Path, *, run_id: str | None = None,
                   run_secret: bytes | None = None):
-    """The same federation run without a crash, in this process (fcmoe.inprocess), its output in
+    """The same federation run without a crash, in this process (fcmoe.launch.inprocess), its output in
     ``output_dir``; returns the finished coordinator.
 
     FC-MoE's keyed sketches in mode masking are keyed by the run id and by the run secret that one

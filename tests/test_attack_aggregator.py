@@ -152,8 +152,8 @@ def test_attack_a_round_redone_after_its_unmask_gets_fresh_updates(tmp_path, mon
     to read that silo's update from the difference of the two sums). Silos whose contribution was in an
     unmasked sum train afresh for the redo instead of resending: the difference is two different
     trainings, never one silo's update. Under DP the fresh training is a second release, in the ledger."""
-    from fcmoe.audit import audit
-    from fcmoe.inprocess import run_in_process
+    from fcmoe.launch.audit import audit
+    from fcmoe.launch.inprocess import run_in_process
     from silo_agent.masked_round import MaskingSession
 
     config = smoke_config(tmp_path, min_silos=3, rounds=1, min_group_size=3, strategy={"name": "fedavg"},
@@ -196,7 +196,7 @@ def test_attack_a_round_redone_after_its_unmask_gets_fresh_updates(tmp_path, mon
 def test_attack_a_silo_inflating_its_sample_count_is_left_out(tmp_path, monkeypatch):
     """A silo reporting 1e9 training examples would take all of FedAvg's weight: over 10x the round's
     median (no operator cap set), its report is left out of the round with one log line."""
-    from fcmoe.inprocess import run_in_process
+    from fcmoe.launch.inprocess import run_in_process
     from silo_agent.agent import SiloAgent
 
     config = smoke_config(tmp_path, min_silos=4, quorum=3, rounds=1, min_group_size=3, strategy={"name": "fedavg"},

@@ -54,7 +54,7 @@ def test_attack_silo_named_unlike_its_certificate_stops_with_one_line(tmp_path):
         SiloAgent(silo)
     path = tmp_path / "silo0.yaml"
     dump_config(silo, path)
-    done = subprocess.run([sys.executable, "-m", "fcmoe.cli", "silo", str(path), "--no-progress"],
+    done = subprocess.run([sys.executable, "-m", "fcmoe", "silo", str(path), "--no-progress"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("fcmoe: error:")]

@@ -18,7 +18,7 @@ from conftest import ROOT, TaskDriver, silo_config, smoke_config
 from aggregator.receipts import RECEIPTS_FILE, ReceiptBook, to_message
 from crypto.pki import PkiPaths, ensure_pki, read_pem
 from crypto.signed_log import SignedLog
-from fcmoe.cli import main
+from fcmoe.launch.cli import main
 from fcmoe.config import Config, dump_config, parse_config
 from fcmoe.errors import ProtocolError
 from protos import fcmoe_pb2 as pb
@@ -169,7 +169,7 @@ def test_attack_malformed_line_gives_one_failed_line(tmp_path, pki, capsys, how)
 
 def test_attack_nan_line_through_the_real_cli_gives_one_failed_line_no_traceback(tmp_path, pki):
     path = _tamper(tmp_path, pki, "nan")
-    done = subprocess.run([sys.executable, "-m", "fcmoe.cli", "audit", "verify", str(path), "--cert",
+    done = subprocess.run([sys.executable, "-m", "fcmoe", "audit", "verify", str(path), "--cert",
                            str(pki.silo_cert("silo0")), "--ca", str(pki.ca_cert), "--receipts", str(tmp_path / RECEIPTS_FILE)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 1, done.stderr
@@ -220,7 +220,7 @@ def test_attack_silo_restarted_from_a_cut_ledger_refuses_to_rejoin(tmp_path, agg
     ledger.write_bytes(lines[0])  # the operator cuts round 2's release: epsilon would resume lower
     cfg = tmp_path / "silo0.yaml"
     dump_config(silo, cfg)
-    done = subprocess.run([sys.executable, "-m", "fcmoe.cli", "silo", str(cfg), "--no-progress"],
+    done = subprocess.run([sys.executable, "-m", "fcmoe", "silo", str(cfg), "--no-progress"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("fcmoe: error:")]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from opacus.accountants import PRVAccountant
 
 from crypto.pki import ensure_pki, read_pem
 from crypto.signed_log import SignedLog
-from fcmoe.audit import audit, plot_epsilon, verify_ledger
-from fcmoe.cli import main
+from fcmoe.launch.audit import audit, plot_epsilon, verify_ledger
+from fcmoe.launch.cli import main
 from silo_agent.dp.accounting import PrivacyBudget
 from silo_agent.dp.ledger import PrivacyLedger
 
@@ -50,7 +51,15 @@ def test_a_true_ledger_verifies_and_epsilon_is_reproduced_within_1e_6(tmp_path, 
 def test_prv_ledger_verifies_against_an_independent_pld(tmp_path, pki):
     path = write_ledger(tmp_path / "prv.jsonl", pki, accountant="prv", releases=RELEASES[:2])
     rows = audit(path, read_pem(pki.silo_cert("silo0")))
-    assert len(rows) == 2 and rows[-1].logged_epsilon > 0
+    assert [r.round for r in rows] == [1, 2]
+    for row, upto in zip(rows, (1, 2)):  # the silo's figure is Opacus's PRV accountant's
+        accountant = PRVAccountant()
+        for noise, rate, steps in RELEASES[:upto]:
+            accountant.history.append((noise, rate, steps))
+        assert row.logged_epsilon == pytest.approx(accountant.get_epsilon(1e-5, eps_error=0.01), rel=1e-9)
+        # never below the independent figure by more than that error (overstating is safe), and near it
+        assert row.recomputed_epsilon * 0.99 <= row.logged_epsilon <= row.recomputed_epsilon * 1.05
+    assert rows[1].logged_epsilon > rows[0].logged_epsilon
 
 
 def _fails(path, pki, match, capsys):

@@ -10,7 +10,7 @@ from aggregator.checkpoint import (RunRecord, archive_previous, resume_point, sa
 from crypto.pki import ensure_pki
 from fcmoe.config import parse_config
 from fcmoe.errors import ConfigError
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 
 
 def _save(root, version, value=0.0):

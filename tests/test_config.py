@@ -74,7 +74,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("federation:\n  rounds: -3\n")
-    proc = subprocess.run([sys.executable, "-m", "fcmoe.cli", "aggregator", str(cfg)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "fcmoe", "aggregator", str(cfg)], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -22,7 +22,7 @@ from restarts import aggregator_process  # noqa: F401 (a fixture)
 from restarts import K, Federation, aggregator_events, assert_same_as_uninterrupted, federation_configs, metrics_rows
 
 from crypto.pki import ensure_pki
-from fcmoe.audit import audit
+from fcmoe.launch.audit import audit
 from fcmoe.config import dump_config, parse_config
 from silo_agent.agent import SiloAgent
 
@@ -137,7 +137,7 @@ def test_silos_left_to_themselves_ride_out_a_kill_mid_round(tmp_path, aggregator
             path = tmp_path / f"{config.silo.name}.yaml"
             dump_config(config, path)
             with open(tmp_path / f"{config.silo.name}.log", "ab") as log:
-                procs.append(subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "silo", str(path), "--no-progress"],
+                procs.append(subprocess.Popen([sys.executable, "-m", "fcmoe", "silo", str(path), "--no-progress"],
                                               cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log,
                                               stderr=subprocess.STDOUT, start_new_session=True))
         end = time.monotonic() + 240
@@ -175,7 +175,7 @@ def test_a_run_with_a_trained_router_resumes_with_units_in_layout_order(tmp_path
         silo = silo_config(config, f"silo{i}", 0, i, 3).model_dump(mode="json")
         silo["silo"]["sketch_key"] = "cd" * 32
         silos.append(parse_config(silo))
-    from fcmoe.inprocess import InProcessTransport
+    from fcmoe.launch.inprocess import InProcessTransport
 
     agents = [SiloAgent(c, transport=InProcessTransport(resumed, c.silo.name)) for c in silos]
     for agent in agents:

@@ -14,7 +14,7 @@ from test_dp_per_sample import GHOST_CASES, batch, tiny
 
 from aggregator.server import initial_state
 from fcmoe.config import parse_config
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 from fcmoe.model import build_model
 from fcmoe.model.build import trainable_state
 from silo_agent.agent import load_data

@@ -24,7 +24,7 @@ from conftest import FULL_MATRIX, ROOT, kill_process_groups, silo_config, smoke_
 
 from fcmoe.config import ModelConfig, SiloConfig, dump_config, parse_config
 from fcmoe.errors import ConfigError, RunError
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 from fcmoe.model import build_model, load_trainable_state, trainable_state
 from silo_agent.data import ByteTokenizer, Example, ExampleBatches, build_silo_dataset
 from silo_agent.distributed import RankSetup, SiloRanks, check_world_size, scored_tokens, shard_rows

@@ -10,9 +10,9 @@ from conftest import silo_config, smoke_config
 
 from crypto.pki import ensure_pki
 from crypto.signed_log import verify
-from fcmoe.audit import audit
+from fcmoe.launch.audit import audit
 from fcmoe.config import parse_config
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 from silo_agent.dp.accounting import epsilon
 
 SILOS = ["silo0", "silo1", "silo2"]

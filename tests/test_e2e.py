@@ -44,7 +44,7 @@ def test_simulate_three_silos_two_rounds(tmp_path, strategy, mode):
     from fcmoe.config import parse_config
 
     dump_config(parse_config(data), cfg)
-    proc = subprocess.run([sys.executable, "-m", "fcmoe.cli", "simulate", str(cfg), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "fcmoe", "simulate", str(cfg), "--no-progress"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(mean)" in proc.stdout and "report:" in proc.stdout
@@ -243,7 +243,7 @@ def test_silo_with_foreign_ca_certificate_is_refused_and_both_sides_log_why(tmp_
     agg_cfg = tmp_path / "aggregator.yaml"
     dump_config(parse_config(data), agg_cfg)
     agg_log = open(tmp_path / "aggregator.log", "wb")
-    aggregator = subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "aggregator", str(agg_cfg), "--no-progress"],
+    aggregator = subprocess.Popen([sys.executable, "-m", "fcmoe", "aggregator", str(agg_cfg), "--no-progress"],
                                   stdout=agg_log, stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
     try:
         deadline = time.monotonic() + 120
@@ -258,7 +258,7 @@ def test_silo_with_foreign_ca_certificate_is_refused_and_both_sides_log_why(tmp_
         rogue["silo"]["pki_dir"] = str(rogue_dir)
         rogue_cfg = tmp_path / "rogue.yaml"
         dump_config(parse_config(rogue), rogue_cfg)
-        silo = subprocess.run([sys.executable, "-m", "fcmoe.cli", "silo", str(rogue_cfg), "--no-progress"],
+        silo = subprocess.run([sys.executable, "-m", "fcmoe", "silo", str(rogue_cfg), "--no-progress"],
                               capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
         assert silo.returncode != 0
         stopped = [line for line in silo.stderr.splitlines() if "event=silo_stopped" in line]
@@ -288,7 +288,7 @@ def test_simulate_stops_at_once_when_a_silo_dies(tmp_path):
 
     dump_config(parse_config(data), cfg)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "fcmoe.cli", "simulate", str(cfg), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "fcmoe", "simulate", str(cfg), "--no-progress"],
                           capture_output=True, text=True, timeout=200, cwd=ROOT, env=_env())
     assert proc.returncode == 2 and time.monotonic() - start < 100  # not the 180 s join timeout
     error = [line for line in proc.stderr.splitlines() if line.startswith("fcmoe: error:")]
@@ -311,7 +311,7 @@ def test_a_second_aggregator_on_a_taken_port_stops_with_one_line_and_touches_not
 
     dump_config(parse_config(data), cfg)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "fcmoe.cli", "aggregator", str(cfg), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "fcmoe", "aggregator", str(cfg), "--no-progress"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
     elapsed = time.monotonic() - started
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fcmoe: error:")]
@@ -340,7 +340,7 @@ def test_a_silo_that_does_not_trust_the_aggregators_certificate_stops_at_once(tm
 
     dump_config(parse_config(silo), cfg)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "fcmoe.cli", "silo", str(cfg), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "fcmoe", "silo", str(cfg), "--no-progress"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
     print(f"stopped after {time.monotonic() - started:.1f} s (connect_timeout_s 600)")
     stopped = [line for line in proc.stderr.splitlines() if "event=silo_stopped" in line]

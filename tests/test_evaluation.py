@@ -9,7 +9,7 @@ from conftest import silo_config, smoke_config
 from aggregator.coordinator import evaluates
 from aggregator.rounds import Event, Phase, RoundMachine
 from fcmoe.config import FCMOE_SKETCH_VARIANT, parse_config
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 from silo_agent.data import ByteTokenizer, Example, ExampleBatches
 
 

@@ -22,7 +22,7 @@ import torch
 from conftest import InProcessAggregator, TaskDriver, silo_config, smoke_config
 
 from crypto.pki import ensure_pki
-from fcmoe.cli import main
+from fcmoe.launch.cli import main
 from fcmoe.config import parse_config
 from fcmoe.export import export_model, federated_model, locate
 

@@ -27,7 +27,7 @@ from conftest import FULL_MATRIX, silo_config, smoke_config
 from families import EXCLUDED, moe_model_types, save_tiny_checkpoint
 from fcmoe.config import ModelConfig, parse_config
 from fcmoe.errors import ConfigError, LayoutError
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 from fcmoe.model import ExpertLayout, build_model, load_trainable_state, trainable_state
 from fcmoe.model.discovery import MoeStructure, discover
 

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from aggregator import consensus
+from aggregator.strategies.fcmoe import consensus
 from aggregator.accumulate import GroupSum
-from aggregator.projection import combine, project_off
+from aggregator.strategies.fcmoe.projection import combine, project_off
 from aggregator.strategies import FcMoe, SiloReport
 from crypto.sketch import AGREEMENT_STEP, SketchError, count_sketch, derive_key, own_agreement, sketch_units
 from fcmoe.config import FCMOE_SKETCH_VARIANT, FcMoeConfig, LocalTrainingConfig

@@ -7,8 +7,8 @@ from conftest import silo_config, smoke_config
 
 from aggregator.accumulate import PlaintextAccumulator, floor_coefficients
 from aggregator.strategies import FedAvg, FedMoe, SiloReport, build_strategy
-from fcmoe.config import LocalTrainingConfig, StrategyConfig
-from fcmoe.inprocess import run_in_process
+from fcmoe.config import FedMoeConfig, LocalTrainingConfig
+from fcmoe.launch.inprocess import run_in_process
 from fcmoe.model.layout import UnitKey
 
 UNITS = ["L0.shared", "L0.E0", "L0.E1", "L0.E2"]
@@ -65,7 +65,7 @@ def test_a_unit_nobody_activated_stays_unchanged_also_when_floored():
 def test_round_plan_asks_for_routing_without_sketches_and_builder():
     plan = FedMoe().configure_round(2, LocalTrainingConfig(), seed=0)
     assert plan.needs_signals and plan.sketch_buckets == 0 and plan.retention_lambda == 0.0
-    assert build_strategy(StrategyConfig(name="fedmoe")).name == "fedmoe"
+    assert build_strategy(FedMoeConfig()).name == "fedmoe"
 
 
 def test_in_process_federation_meters_routing_shares(tmp_path, monkeypatch):

@@ -109,7 +109,7 @@ def test_every_rpc_refuses_malformed_messages_while_honest_silos_finish(tmp_path
         for i in range(3):
             path = tmp_path / f"silo{i}.yaml"
             dump_config(silo_config(config, f"silo{i}", agg.port, index=i, num_silos=3), path)
-            procs.append(subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "silo", str(path), "--no-progress"],
+            procs.append(subprocess.Popen([sys.executable, "-m", "fcmoe", "silo", str(path), "--no-progress"],
                                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           env=dict(os.environ, OMP_NUM_THREADS="1")))
         creds = channel_credentials(pki.ca_cert, pki.silo_cert("fuzzer"), pki.silo_key("fuzzer"))

@@ -4,7 +4,7 @@ import numpy as np
 from conftest import silo_config, smoke_config
 
 from fcmoe.config import FCMOE_SKETCH_VARIANT, parse_config
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 
 
 def _configs(tmp_path, strategy, **federation):

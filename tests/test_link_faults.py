@@ -18,7 +18,7 @@ from conftest import TaskDriver, silo_config, smoke_config
 
 from crypto.pki import ensure_pki
 from fcmoe.config import Config, parse_config
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.agent import SiloAgent

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcmoe.cli import main
+from fcmoe.launch.cli import main
 from fcmoe.config import BuiltinModelConfig, ModelConfig, TrainableConfig
 from fcmoe.model.build import build_model
 from fcmoe.model.memory_plan import GIB, Plan, activation_bytes, plan_memory, read_model
@@ -166,7 +166,7 @@ def test_docs_table_is_current(checkpoints):
 
 def test_command(tmp_path, checkpoints, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    done = subprocess.run([sys.executable, "-m", "fcmoe.cli", "plan-memory", "configs/checkpoints/olmoe-1b-7b.yaml",
+    done = subprocess.run([sys.executable, "-m", "fcmoe", "plan-memory", "configs/checkpoints/olmoe-1b-7b.yaml",
                            "--gpus", "1", "8", "--batch-size", "4", "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr

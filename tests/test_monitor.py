@@ -25,7 +25,7 @@ from restarts import (aggregator_process, federation_configs, free_port, metrics
 from aggregator.monitor import SERIES, StatusServer, metric_families
 from aggregator.rounds import Phase, RoundMachine
 from aggregator.status import Traffic, run_status, silo_states
-from fcmoe.cli import main
+from fcmoe.launch.cli import main
 from fcmoe.config import parse_config
 from fcmoe.errors import ConfigError
 

@@ -19,7 +19,7 @@ from conftest import ROOT, kill_process_groups, silo_config, smoke_config
 
 from crypto.pki import ensure_pki
 from fcmoe.config import Config, dump_config, parse_config
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 
 
 def _env() -> dict[str, str]:
@@ -42,7 +42,7 @@ def _write(config: Config | dict, path: Path) -> Path:
 
 def _fcmoe(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """The command as an operator types it (no progress flag: stderr is a pipe here, not a terminal)."""
-    return subprocess.run([sys.executable, "-m", "fcmoe.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fcmoe", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=_env())
 
 
@@ -165,7 +165,7 @@ def test_a_signal_stops_the_aggregator_with_one_line_and_the_same_command_resume
     def start() -> subprocess.Popen:
         (tmp_path / "port").unlink(missing_ok=True)
         with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "fcmoe.cli", "aggregator", str(path)],
+            proc = subprocess.Popen([sys.executable, "-m", "fcmoe", "aggregator", str(path)],
                                     cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         end = time.monotonic() + 120
         while not (tmp_path / "port").exists():

@@ -11,9 +11,9 @@ import pytest
 from conftest import silo_config, smoke_config
 from pydantic import ValidationError
 
-from aggregator import consensus
+from aggregator.strategies.fcmoe import consensus
 from aggregator.accumulate import GroupSum
-from aggregator.consensus import CONFLICT, CONSENSUS
+from aggregator.strategies.fcmoe.consensus import CONFLICT, CONSENSUS
 from aggregator.coordinator import norm_refusal
 from aggregator.strategies import FcMoe, SiloReport
 from fcmoe.config import FCMOE_SKETCH_VARIANT, FcMoeConfig, LocalTrainingConfig
@@ -241,7 +241,7 @@ def test_opposed_units_count_the_updates_with_a_negative_cosine_by_hand():
 @pytest.mark.parametrize("mode", ["none", "masking"])
 def test_silo_side_projection_and_reanchoring_in_process(tmp_path, caplog, mode):
     from crypto.pki import ensure_pki
-    from fcmoe.inprocess import run_in_process
+    from fcmoe.launch.inprocess import run_in_process
 
     strategy = {"name": "fcmoe", "fcmoe": {"importance_measure": "activation_norm", "projection_side": "silo",
                                            "reanchor_lambda": 0.5}}

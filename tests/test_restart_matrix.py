@@ -30,7 +30,7 @@ therefore cannot end with the model of an uninterrupted run, by design. So each 
 
 1. "compared": killed in every phase that comes before any reveal. Every silo resends what it trained
    (asserted: no silo trained any round twice), and the global model at every version on disk, the
-   final one included, equals the uninterrupted in-process run's (fcmoe.inprocess), atol below.
+   final one included, equals the uninterrupted in-process run's (fcmoe.launch.inprocess), atol below.
 2. "after a reveal": killed in every phase that follows a reveal. Checked for completion: every round
    completes with all three updates, the final evaluation is pooled, every silo exits 0, and exactly
    the exposed silos trained the redone round afresh (``retrains``: how many times per silo and round).

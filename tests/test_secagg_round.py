@@ -9,7 +9,7 @@ from conftest import silo_config, smoke_config
 from aggregator.server import build_coordinator
 from crypto.pki import ensure_pki
 from fcmoe.config import parse_config
-from fcmoe.inprocess import run_in_process
+from fcmoe.launch.inprocess import run_in_process
 from protos import fcmoe_pb2 as pb
 
 SILOS = [f"silo{i}" for i in range(4)]

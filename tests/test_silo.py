@@ -68,7 +68,7 @@ def test_fedprox_term_keeps_model_closer_to_start(tmp_path):
 
 
 def test_certs_command_creates_and_keeps_pki(tmp_path):
-    cmd = [sys.executable, "-m", "fcmoe.cli", "certs", "--dir", str(tmp_path / "pki"), "--silos", "a,b"]
+    cmd = [sys.executable, "-m", "fcmoe", "certs", "--dir", str(tmp_path / "pki"), "--silos", "a,b"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert first.returncode == 0, first.stderr
     names = sorted(p.name for p in (tmp_path / "pki").iterdir())

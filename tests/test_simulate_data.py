@@ -14,7 +14,7 @@ from conftest import ROOT, SMOKE
 
 from fcmoe.config import dump_config, load_config, parse_config
 from fcmoe.errors import ConfigError
-from fcmoe.simulate import missing_data_files, role_configs, simulate
+from fcmoe.launch.simulate import missing_data_files, role_configs, simulate
 
 EXAMPLE = ROOT / "configs" / "examples" / "simulate_files.yaml"
 TASKS = {"silo0": ("upper", str.upper), "silo1": ("reverse", lambda w: w[::-1]),
@@ -51,7 +51,7 @@ def _smoke(tmp_path: Path, data: dict, **federation) -> dict:
 
 def _run(cfg: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "fcmoe.cli", "simulate", str(cfg), "--no-progress"],
+    return subprocess.run([sys.executable, "-m", "fcmoe", "simulate", str(cfg), "--no-progress"],
                           capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
 
 

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from aggregator.accumulate import Coefficients, PlaintextAccumulator
-from aggregator.strategies import FedAdam, FedAvg, FedAvgM, FedProx, LocalOnly, SiloReport, build_strategy
-from fcmoe.config import LocalTrainingConfig, StrategyConfig
-from fcmoe.errors import ProtocolError
+from aggregator.strategies import (STRATEGIES, FedAdam, FedAvg, FedAvgM, FedProx, LocalOnly, SiloReport,
+                                   build_strategy)
+from fcmoe.config import (STRATEGY_CONFIGS, FcMoeStrategyConfig, FedAvgConfig, LocalTrainingConfig,
+                          parse_config)
+from fcmoe.errors import ConfigError, ProtocolError
 
 
 def _sums(strategy, updates):
@@ -70,7 +72,7 @@ def test_fedadam_by_hand():
     np.testing.assert_allclose(clone.aggregate(3, x2, d3)["u"], s.aggregate(3, x2, d3)["u"])
 
 
-def test_round_plans_and_builder():
+def test_round_plans():
     assert FedProx(prox_mu=0.1).configure_round(2, LocalTrainingConfig(), seed=0).prox_mu == 0.1
     plain = FedAvg().configure_round(2, LocalTrainingConfig(), seed=0)
     assert plain.prox_mu == 0.0 and plain.retention_lambda == 0.0 and plain.sketch_buckets == 0
@@ -78,8 +80,23 @@ def test_round_plans_and_builder():
     assert local.retention_lambda == 1.0 and not local.retention_by_importance
     x = {"u": np.ones(2, np.float32)}
     assert LocalOnly().aggregate(1, x, _sums(FedAvg(), [(1, [5.0, 5.0])]))["u"].tolist() == [1.0, 1.0]
-    for name in ("fedavg", "fedprox", "fedavgm", "fedadam", "local", "fcmoe"):
-        assert build_strategy(StrategyConfig(name=name)).name == name
+
+
+def test_every_strategy_the_config_names_is_registered_and_gets_its_own_settings():
+    assert set(STRATEGIES) == set(STRATEGY_CONFIGS)  # no name in the schema without a strategy, nor the reverse
+    for name, settings in STRATEGY_CONFIGS.items():
+        assert type(build_strategy(settings())) is STRATEGIES[name]
+    config = parse_config({"federation": {"strategy": {"name": "fedadam", "server_lr": 0.05, "beta1": 0.5}}})
+    adam = build_strategy(config.federation.strategy)
+    assert isinstance(adam, FedAdam) and (adam.server_lr, adam.beta1, adam.beta2) == (0.05, 0.5, 0.99)
+    prox = build_strategy(parse_config({"federation": {"strategy": {"name": "fedprox", "prox_mu": 0.3}}}).federation.strategy)
+    assert prox.configure_round(1, LocalTrainingConfig(), seed=0).prox_mu == 0.3
+    fcmoe = build_strategy(FcMoeStrategyConfig(fcmoe={"importance": False}), min_group_size=4)
+    assert not fcmoe.settings.importance and fcmoe.min_group_size == 4
+    with pytest.raises(ConfigError, match=r"federation.strategy.name = 'fedsgd': no such strategy \(known: fedavg, "):
+        build_strategy(FedAvgConfig().model_copy(update={"name": "fedsgd"}))
+    with pytest.raises(ConfigError, match=r"federation.strategy.prox_mu: unknown key \(allowed: server_lr, name\)"):
+        parse_config({"federation": {"strategy": {"name": "fedavg", "prox_mu": 0.1}}})
 
 
 def test_accumulator_refuses_bad_payloads_and_keeps_only_group_sums():
@@ -96,8 +113,36 @@ def test_accumulator_refuses_bad_payloads_and_keeps_only_group_sums():
         acc.add("b", {"v": np.ones(2, np.float32)})
     result = acc.result()
     assert set(result["u"]) == {0} and result["u"][0].count == 1  # refused payloads left no trace
-    assert not hasattr(acc, "payloads") and set(vars(acc)) == {"_plan", "_clip", "_sizes", "_sums", "_weights",
-                                                                "_counts", "_members"}
+
+
+def _arrays(value, seen=None):
+    """Every array reachable from ``value``'s attributes and containers."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, np.ndarray):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _arrays(item, seen)
+    elif isinstance(value, (list, tuple, set)):
+        for item in value:
+            yield from _arrays(item, seen)
+    elif hasattr(value, "__dict__"):
+        yield from _arrays(vars(value), seen)
+
+
+def test_accumulator_keeps_group_sums_never_one_silos_payload():
+    payloads = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([10.0, 0.0], np.float32),
+                "c": np.array([0.0, 30.0], np.float32)}
+    plan = Coefficients({s: {"u": 1.0} for s in payloads}, {s: {"u": 0} for s in payloads})
+    acc = PlaintextAccumulator({"u": 2}, plan)
+    for silo, payload in payloads.items():
+        acc.add(silo, {"u": payload.copy()})
+    held = list(_arrays(acc))
+    assert held and not any(np.array_equal(h, p) for h in held for p in payloads.values())
+    np.testing.assert_allclose(acc.result()["u"][0].vector, [11.0, 32.0])
 
 
 def test_accumulator_bounds_payload_norm_by_alpha_times_clip():

@@ -12,7 +12,7 @@ import string
 import pytest
 import torch
 
-from fcmoe.cli import main
+from fcmoe.launch.cli import main
 from fcmoe.config import ModelConfig, TrainableConfig
 from fcmoe.errors import ConfigError
 from fcmoe.model import ExpertLayout, build_model

@@ -1,4 +1,5 @@
-"""Aggregation strategies, one per file, behind :class:`~aggregator.strategies.base.Strategy`."""
+"""Aggregation strategies, one per file (FC-MoE's pieces in one folder), behind
+:class:`~aggregator.strategies.base.Strategy`, registered by the name the config picks them with."""
 
 from aggregator.strategies.base import RoundPlan, SiloReport, Strategy
 from aggregator.strategies.fcmoe import FcMoe
@@ -8,23 +9,20 @@ from aggregator.strategies.fedopt import FedAdam, FedAvgM
 from aggregator.strategies.fedprox import FedProx
 from aggregator.strategies.local import LocalOnly
 from fcmoe.config import StrategyConfig
+from fcmoe.errors import ConfigError
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, LocalOnly,
+                                                                    FcMoe, FedMoe)}
 
 
 def build_strategy(config: StrategyConfig, min_group_size: int = 3) -> Strategy:
-    if config.name == "fedavg":
-        return FedAvg(config.server_lr)
-    if config.name == "fedprox":
-        return FedProx(config.prox_mu, config.server_lr)
-    if config.name == "fedavgm":
-        return FedAvgM(config.server_lr, config.momentum)
-    if config.name == "local":
-        return LocalOnly(config.server_lr)
-    if config.name == "fcmoe":
-        return FcMoe(config.fcmoe, min_group_size, config.server_lr)
-    if config.name == "fedmoe":
-        return FedMoe(config.server_lr)
-    return FedAdam(config.server_lr, config.beta1, config.beta2, config.tau)
+    """The strategy ``config.name`` names, from its settings; a name without one is an error, never a default."""
+    cls = STRATEGIES.get(config.name)
+    if cls is None:
+        raise ConfigError(f"federation.strategy.name = {config.name!r}: no such strategy "
+                          f"(known: {', '.join(STRATEGIES)})")
+    return cls.from_config(config, min_group_size)
 
 
-__all__ = ["FcMoe", "FedAdam", "FedAvg", "FedAvgM", "FedMoe", "FedProx", "LocalOnly", "RoundPlan", "SiloReport",
-           "Strategy", "build_strategy"]
+__all__ = ["STRATEGIES", "FcMoe", "FedAdam", "FedAvg", "FedAvgM", "FedMoe", "FedProx", "LocalOnly", "RoundPlan",
+           "SiloReport", "Strategy", "build_strategy"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -52,11 +53,16 @@ class SiloReport:
 
 
 class Strategy(ABC):
-    name: str = "strategy"
+    name: str = "strategy"  # the config's ``federation.strategy.name`` that picks this class
 
     def __init__(self, server_lr: float = 1.0):
         self.server_lr = server_lr
         self.diagnostics: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, config: Any, min_group_size: int) -> "Strategy":
+        """This strategy from its own settings class (fcmoe.config.STRATEGY_CONFIGS[name])."""
+        return cls(config.server_lr)
 
     def configure_round(self, round_: int, local: LocalTrainingConfig, seed: int) -> RoundPlan:
         return RoundPlan(round=round_, local=local, seed=seed * 1_000_003 + round_)

@@ -8,6 +8,7 @@ import numpy as np
 
 from aggregator.server_optim import adam_step, momentum_step
 from aggregator.strategies.base import Strategy
+from fcmoe.config import FedAdamConfig, FedAvgMConfig
 
 
 class _StatefulStrategy(Strategy):
@@ -39,6 +40,10 @@ class FedAvgM(_StatefulStrategy):
         super().__init__(server_lr)
         self.momentum = momentum
 
+    @classmethod
+    def from_config(cls, config: FedAvgMConfig, min_group_size: int) -> "FedAvgM":
+        return cls(config.server_lr, config.momentum)
+
     def apply(self, unit: str, x: np.ndarray, update: np.ndarray) -> np.ndarray:
         buf = self._buffers["momentum"]
         out, buf[unit] = momentum_step(x, update, buf.get(unit), self.server_lr, self.momentum)
@@ -52,6 +57,10 @@ class FedAdam(_StatefulStrategy):
     def __init__(self, server_lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
         super().__init__(server_lr)
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
+
+    @classmethod
+    def from_config(cls, config: FedAdamConfig, min_group_size: int) -> "FedAdam":
+        return cls(config.server_lr, config.beta1, config.beta2, config.tau)
 
     def apply(self, unit: str, x: np.ndarray, update: np.ndarray) -> np.ndarray:
         m, v = self._buffers["m"], self._buffers["v"]

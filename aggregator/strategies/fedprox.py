@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from aggregator.strategies.base import RoundPlan, Strategy
-from fcmoe.config import LocalTrainingConfig
+from fcmoe.config import FedProxConfig, LocalTrainingConfig
 
 
 class FedProx(Strategy):
@@ -14,6 +14,10 @@ class FedProx(Strategy):
     def __init__(self, prox_mu: float, server_lr: float = 1.0):
         super().__init__(server_lr)
         self.prox_mu = prox_mu
+
+    @classmethod
+    def from_config(cls, config: FedProxConfig, min_group_size: int) -> "FedProx":
+        return cls(config.prox_mu, config.server_lr)
 
     def configure_round(self, round_: int, local: LocalTrainingConfig, seed: int) -> RoundPlan:
         return replace(super().configure_round(round_, local, seed), prox_mu=self.prox_mu)

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"certificates in {paths.directory.resolve()}")
             return 0
         if args.command == "audit":
-            from fcmoe.audit import run_report, run_verify
+            from fcmoe.launch.audit import run_report, run_verify
 
             if args.audit_command == "verify":
                 return run_verify(args.ledger, args.cert, args.ca, args.receipts, args.json)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_export(args.run_dir, args.out, args.round_, args.merged, args.silo, args.local)
         if args.command == "status":
-            from fcmoe.status_view import run_status_view
+            from fcmoe.launch.status_view import run_status_view
 
             return run_status_view(args.address, args.watch, args.interval, args.auth_file, args.json)
         if args.command == "plan-memory":
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             from silo_agent.agent import run_silo
 
             return run_silo(config, progress=progress)
-        from fcmoe.simulate import simulate
+        from fcmoe.launch.simulate import simulate
 
         return simulate(config, progress=progress, resume=args.resume)
     except FcMoeError as exc:

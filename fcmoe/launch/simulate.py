@@ -95,7 +95,7 @@ def _spawn(role: str, config_path: Path, log_path: Path, threads: int, *extra: s
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     log_file = open(log_path, "ab")
     try:
-        return subprocess.Popen([sys.executable, "-m", "fcmoe.cli", role, str(config_path), "--no-progress", *extra],
+        return subprocess.Popen([sys.executable, "-m", "fcmoe", role, str(config_path), "--no-progress", *extra],
                                 stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     finally:
         log_file.close()

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from aggregator.accumulate import GroupSum
-from aggregator.consensus import CONFLICT, CONSENSUS
+from aggregator.strategies.fcmoe.consensus import CONFLICT, CONSENSUS
 
 
 def project_off(vector: np.ndarray, direction: np.ndarray) -> np.ndarray:

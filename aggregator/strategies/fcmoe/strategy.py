@@ -19,11 +19,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from aggregator import consensus
+from aggregator.strategies.fcmoe import consensus
 from aggregator.accumulate import Coefficients, GroupSum
-from aggregator.projection import combine
+from aggregator.strategies.fcmoe.projection import combine
 from aggregator.strategies.base import RoundPlan, SiloReport, Strategy
-from fcmoe.config import FcMoeConfig, LocalTrainingConfig
+from fcmoe.config import FcMoeConfig, FcMoeStrategyConfig, LocalTrainingConfig
 
 
 class FcMoe(Strategy):
@@ -33,6 +33,10 @@ class FcMoe(Strategy):
         super().__init__(server_lr)
         self.settings = settings
         self.min_group_size = min_group_size
+
+    @classmethod
+    def from_config(cls, config: FcMoeStrategyConfig, min_group_size: int) -> "FcMoe":
+        return cls(config.fcmoe, min_group_size, config.server_lr)
 
     @property
     def silo_side(self) -> bool:
