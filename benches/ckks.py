@@ -6,6 +6,13 @@ Prints, last, one JSON object: encrypt, add, scale and decrypt throughput in flo
 (serialization and parsing included, since every ciphertext crosses the network as bytes), bytes
 per float of fresh and scaled ciphertexts, and the largest absolute error of an 8-silo weighted
 sum of vectors uniform in [-1, 1] with weights in (0, 1], computed under the public context.
+
+Measured on one core of a 2-core x86 VM at the earlier 40-bit-scale parameters with
+``--floats 1000000``: a fresh ciphertext was about 81 bytes per float (a float32 is 4) and is about
+88 at the 58-bit scale, 57 after one ``scale``; the public context is about 465 kB. Encryption runs
+at about 0.84 M floats/s, ``add`` of two serialized vectors at about 1.7 M and ``scale`` at about
+2.4 M; ``decrypt_sum`` decodes complex slots too (about 2.5 ms per 5000-float vector). Each chunk is
+a separate TenSEAL vector, so these calls use one core.
 """
 
 from __future__ import annotations

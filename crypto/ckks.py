@@ -59,16 +59,8 @@ a group sum, e.g. 6.6e-6 for 3 contributors with weights up to 1 and 7.6e-6 for 
 7.5e-6, largest of 5300 coordinates 2.8e-5, tests/test_attack_ckks.py); after division by the
 group's total weight the global model moves by about that much per coordinate.
 
-Sizes and speed, measured on one core of a 2-core x86 VM at the earlier 40-bit-scale parameters with
-``python -m benches.ckks --floats 1000000`` (serialization and parsing included): a fresh
-ciphertext was about 81 bytes per float (a float32 is 4) and is about 88 at the 58-bit scale, 57
-after one :func:`scale`; the public context is about 465 kB. Encryption runs at about 0.84 M
-floats/s, :func:`add` of two serialized vectors at about 1.7 M and :func:`scale` at about 2.4 M;
-:func:`decrypt_sum` now decodes complex slots too (about 2.5 ms per 5000-float vector). Each chunk is
-a separate TenSEAL vector, so these calls use one core.
-
 Untrusted bytes. Every context or ciphertext that arrives from elsewhere is size-limited by
-``max_ciphertext_bytes``, its protobuf layout is checked here before TenSEAL sees it (TenSEAL
+``max_ciphertext_bytes``, its protobuf layout is checked (crypto/ckks_layout.py) before TenSEAL sees it (TenSEAL
 indexes chunk sizes and ciphertexts without bounds checks), and every TenSEAL or SEAL exception
 becomes a :class:`CkksError`. TenSEAL parses protobuf and SEAL's own binary format; nothing is
 unpickled. CKKS has no integrity: a silo (or the aggregator) can add anything to a sum, and
@@ -85,7 +77,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,7 +91,7 @@ from crypto.key_agreement import (
     sign_as_silo,
     verify_silo_signature,
 )
-from fcmoe.errors import FcMoeError
+from crypto.ckks_layout import CkksError, check_context_layout, chunk_layout
 
 MAX_CIPHERTEXT_BYTES = 2_000_000
 STATISTICAL_SECURITY_BITS = 40  # flooding: sigma = 2**(40 / 2) * the decryption-error bound
@@ -110,15 +101,9 @@ NOISE_BOUND_BITS = 20
 CONTRIBUTION_TAG = "fcmoe/ckks-contribution/v1"
 CHUNKS_TAG = "fcmoe/ckks-chunks/v1"
 _MIN_DEGREE, _MAX_DEGREE = 1024, 32768
-_MAX_VARINT_BYTES = 10
-_WIRE_VARINT, _WIRE_FIXED64, _WIRE_BYTES, _WIRE_FIXED32 = 0, 1, 2, 5
 # What TenSEAL and SEAL raise (std::invalid_argument, std::logic_error and I/O errors arrive as
 # ValueError or RuntimeError through pybind11); anything else is a bug here, not bad input.
 _TENSEAL_ERRORS = (RuntimeError, ValueError, TypeError, OverflowError, MemoryError, IndexError)
-
-
-class CkksError(FcMoeError):
-    """Bad CKKS parameters, context, ciphertext or decryption request."""
 
 
 def _is_int(value: object) -> bool:
@@ -178,61 +163,6 @@ class CkksParams:
 DEFAULT_PARAMS = CkksParams()
 
 
-# --- minimal protobuf wire reader: enough to check a layout before TenSEAL indexes it -----------
-
-def _read_varint(data: memoryview, pos: int, what: str) -> tuple[int, int]:
-    """``(value, next position)`` of the base-128 varint at ``pos``."""
-    value = 0
-    for i in range(_MAX_VARINT_BYTES):
-        if pos + i >= len(data):
-            raise CkksError(f"{what} is not well-formed protobuf: truncated varint")
-        byte = data[pos + i]
-        value |= (byte & 0x7F) << (7 * i)
-        if not byte & 0x80:
-            return value, pos + i + 1
-    raise CkksError(f"{what} is not well-formed protobuf: varint longer than {_MAX_VARINT_BYTES} bytes")
-
-
-def _wire_fields(data: bytes | memoryview, what: str) -> list[tuple[int, int, int | memoryview]]:
-    """Top-level ``(field number, wire type, value)`` triples; varints as int, the rest as bytes views."""
-    view = memoryview(data)
-    fields: list[tuple[int, int, int | memoryview]] = []
-    pos = 0
-    while pos < len(view):
-        key, pos = _read_varint(view, pos, what)
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise CkksError(f"{what} is not well-formed protobuf: field number 0")
-        if wire == _WIRE_VARINT:
-            value, pos = _read_varint(view, pos, what)
-            fields.append((field, wire, value))
-            continue
-        if wire == _WIRE_BYTES:
-            length, pos = _read_varint(view, pos, what)
-        elif wire in (_WIRE_FIXED64, _WIRE_FIXED32):
-            length = 8 if wire == _WIRE_FIXED64 else 4
-        else:
-            raise CkksError(f"{what} is not well-formed protobuf: wire type {wire} in field {field}")
-        if pos + length > len(view):
-            raise CkksError(f"{what} is not well-formed protobuf: field {field} runs past the end")
-        fields.append((field, wire, view[pos : pos + length]))
-        pos += length
-    return fields
-
-
-def _packed_varints(data: memoryview, what: str) -> list[int]:
-    out = []
-    pos = 0
-    while pos < len(data):
-        value, pos = _read_varint(data, pos, what)
-        out.append(value)
-    return out
-
-
-def _double(value: int | memoryview) -> float:
-    return struct.unpack("<d", bytes(value))[0]
-
-
 def _check_bytes(data: object, max_bytes: int, what: str) -> bytes:
     """``data`` as bytes, refusing other types and anything longer than ``max_bytes`` before parsing."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -250,44 +180,6 @@ def _one_line(error: BaseException) -> str:
 
 
 # --- contexts ------------------------------------------------------------------------------------
-
-def _check_context_layout(data: bytes, secret: bool) -> None:
-    """Refuse, before TenSEAL parses it, a context with the wrong kind of key material.
-
-    A public context must carry exactly a public key: no private part (the secret key lives there)
-    and no relinearization or Galois keys, which ``mode: ckks`` never uses and whose size an
-    attacker controls. A secret context must carry the private part. Both must use public-key
-    encryption, which is what lets silos other than the key holder encrypt.
-    """
-    what = "secret context" if secret else "public context"
-    has_private = False
-    public_key = False
-    for field, wire, value in _wire_fields(data, what):
-        if field == 1 and wire == _WIRE_BYTES:
-            continue  # encryption parameters, checked after parsing
-        if field == 2 and wire == _WIRE_BYTES:
-            for inner, inner_wire, inner_value in _wire_fields(value, what):
-                if inner == 1 and inner_wire == _WIRE_BYTES:
-                    public_key = len(inner_value) > 0
-                elif inner in (4, 5) and inner_wire == _WIRE_BYTES:
-                    if len(inner_value):
-                        raise CkksError(f"{what} carries evaluation keys, which mode ckks never uses")
-                elif (inner, inner_wire) not in ((2, _WIRE_VARINT), (3, _WIRE_FIXED64)):
-                    raise CkksError(f"{what} has unexpected field {inner} (wire type {inner_wire})")
-        elif field == 3 and wire == _WIRE_BYTES:
-            has_private = True
-        elif field == 4 and wire == _WIRE_VARINT:
-            if value != 0:
-                raise CkksError(f"{what} uses symmetric encryption; silos need a public key")
-        else:
-            raise CkksError(f"{what} has unexpected field {field} (wire type {wire})")
-    if has_private and not secret:
-        raise CkksError("public context carries a secret key; refusing it")
-    if secret and not has_private:
-        raise CkksError("secret context carries no secret key")
-    if not public_key:
-        raise CkksError(f"{what} carries no public key")
-
 
 def _context_degree(ctx: ts.Context) -> int:
     return int(ctx.seal_context().data.key_context_data().parms().poly_modulus_degree())
@@ -322,7 +214,7 @@ def _set_auto_flags(ctx: ts.Context) -> ts.Context:
 def _load_context(data: object, params: CkksParams, secret: bool) -> ts.Context:
     what = "secret context" if secret else "public context"
     raw = _check_bytes(data, params.max_ciphertext_bytes, what)
-    _check_context_layout(raw, secret)
+    check_context_layout(raw, secret)
     try:
         ctx = ts.context_from(raw)
     except _TENSEAL_ERRORS as error:
@@ -409,40 +301,11 @@ def _global_scale(ctx: ts.Context) -> float:
         raise CkksError("context has no global scale; build it with new_secret_context") from None
 
 
-def _chunk_layout(data: bytes, slots: int, expected_scale: float) -> int:
-    """Number of floats in one serialized chunk, refusing anything but one ciphertext at ``expected_scale``.
-
-    TenSEAL's vector format lists chunk sizes and ciphertexts separately and indexes one by the
-    other without bounds checks, so a mismatched or oversized list reads out of bounds.
-    """
-    sizes: list[int] = []
-    ciphertexts = 0
-    scales: list[float] = []
-    for field, wire, value in _wire_fields(data, "ciphertext"):
-        if field == 1 and wire == _WIRE_VARINT:
-            sizes.append(int(value))
-        elif field == 1 and wire == _WIRE_BYTES:
-            sizes.extend(_packed_varints(value, "ciphertext"))
-        elif field == 2 and wire == _WIRE_BYTES:
-            ciphertexts += 1
-        elif field == 3 and wire == _WIRE_FIXED64:
-            scales.append(_double(value))
-        else:
-            raise CkksError(f"ciphertext has unexpected field {field} (wire type {wire})")
-    if ciphertexts != 1 or len(sizes) != 1:
-        raise CkksError(f"ciphertext chunk must hold 1 ciphertext and 1 size, got {ciphertexts} and {len(sizes)}")
-    if not 1 <= sizes[0] <= slots:
-        raise CkksError(f"ciphertext chunk claims {sizes[0]} floats, limit is {slots}")
-    if scales != [expected_scale]:
-        raise CkksError(f"ciphertext chunk has scale {scales}, expected {expected_scale!r}")
-    return sizes[0]
-
-
 def _load_chunk(ctx: ts.Context, data: object, max_bytes: int) -> ts.CKKSVector:
     """Parse one untrusted chunk, checking size, layout and what SEAL decoded."""
     raw = _check_bytes(data, max_bytes, "ciphertext")
     expected_scale = _global_scale(ctx)
-    length = _chunk_layout(raw, _slots(ctx), expected_scale)
+    length = chunk_layout(raw, _slots(ctx), expected_scale)
     try:
         vector = ts.ckks_vector_from(ctx, raw)
         ciphertexts = vector.ciphertext()

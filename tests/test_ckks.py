@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from crypto import ckks
+from crypto import ckks, ckks_layout
 from crypto.ckks import CkksError, CkksParams
 
 LENGTH = 5000  # two chunks of 4096 slots at the default parameters
@@ -52,7 +52,7 @@ def _vector_proto(sizes: list[int], ciphertexts: list[bytes], scale: float) -> b
 
 
 def _seal_ciphertext(chunk: bytes) -> bytes:
-    (ct,) = [bytes(v) for f, _, v in ckks._wire_fields(chunk, "test") if f == 2]
+    (ct,) = [bytes(v) for f, _, v in ckks_layout._wire_fields(chunk, "test") if f == 2]
     return ct
 
 

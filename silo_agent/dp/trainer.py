@@ -1,7 +1,7 @@
 """A silo's DP-SGD across rounds: its ledger and budget, each round's parameters, its releases.
 
-The agent asks :meth:`DpTrainer.plan` before training (None: the round would pass the budget, with
-the reason), trains with :meth:`DpTrainer.train`, and calls :meth:`DpTrainer.record` before anything
+The agent asks :meth:`DpTrainer.plan` before training (a reason instead of parameters when the
+round would pass the budget), trains with :meth:`DpTrainer.train`, and calls :meth:`DpTrainer.record` before anything
 computed from the round leaves the silo.
 """
 
