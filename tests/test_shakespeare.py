@@ -16,22 +16,17 @@ from fcmoe.errors import ConfigError, DataError
 from fcmoe.model import build_model
 from silo_agent.agent import load_data
 from silo_agent.data.shakespeare import (
-    BLOCK_LINES,
-    INSTALL_HINT,
     SiloSplit,
-    Speech,
     Unit,
-    Work,
     assign,
     build_shakespeare_dataset,
     held_out_blocks,
-    load_works,
-    locate_texts,
     partition_silos,
     passages,
     role_units,
     split_silo,
 )
+from silo_agent.data.shakespeare_text import BLOCK_LINES, INSTALL_HINT, Speech, Work, load_works, locate_texts
 from silo_agent.training import evaluate
 
 PARTITIONS = ("genre", "era", "play", "role")

@@ -98,7 +98,8 @@ def normalise_text(text: str) -> str:
 def shakespeare_passages(labels: Sequence[str], *, spelling: str, passage_lines: int,
                          data_dir: Path | None) -> list[Passage]:
     """Passages of every work of the chosen genres, grouped by (work, block)."""
-    from .shakespeare import GENRES, load_works, passages  # parses ~9.5 MB: only when used
+    from .shakespeare import passages
+    from .shakespeare_text import GENRES, load_works  # parses ~9.5 MB: only when used
 
     unknown = [label for label in labels if label not in GENRES]
     if unknown:
