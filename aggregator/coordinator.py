@@ -13,7 +13,6 @@ import time
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,11 @@ from aggregator.checkpoint import (ResumePoint, RunRecord, archive_previous, sav
                                    write_run_record)
 from aggregator.ckks_round import CkksKeys, CkksRound
 from aggregator.masked_round import MaskedRound
-from aggregator.metrics import DomainPool, MetricsLog
+from aggregator.metrics import DomainPool, MetricsLog, round_stats
 from aggregator.rounds import Event, Phase, RoundMachine
 from aggregator.status import Traffic, run_status
 from aggregator.strategies import RoundPlan, SiloReport, Strategy
+from aggregator.uploads import UpdateStream, UploadStreams
 from crypto.pki import PkiPaths, read_pem
 from fcmoe.config import Config
 from fcmoe.errors import ConfigError, ProtocolError
@@ -41,15 +41,6 @@ from protos.codec import TensorSpec
 log = logging.getLogger(__name__)
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a given run id: it becomes part of key labels and folder names
 MEDIAN_EXAMPLES_FACTOR = 10.0  # without aggregator.max_examples: refuse a report over this times the median
-
-
-@dataclass
-class UpdateStream:
-    """One silo's update being received; kept when its link breaks, so it can resume where it stopped."""
-
-    key: tuple  # (session, phase, payload digest, units, sizes): a resume must match all of them
-    assembler: codec.TensorAssembler
-    deadline: float = 0.0
 
 
 class Coordinator:
@@ -111,8 +102,7 @@ class Coordinator:
         self._bytes_down: dict[str, int] = {}
         self.traffic = Traffic()  # bytes in per silo and refused RPCs, for the status endpoint
         self._privacy: dict[str, dict[str, float]] = {}  # DP silos' last reported epsilon, for the same
-        self._uploading: set[str] = set()  # silos with an update stream in flight (one each)
-        self._interrupted: dict[str, UpdateStream] = {}  # cut streams of the open phase, for a resume
+        self.uploads = UploadStreams()  # update streams in flight, and cut ones kept for a resume
         self._cv = threading.Condition()
         if run_id is not None and not RUN_ID.fullmatch(run_id):
             raise ConfigError(f"run id {run_id[:80]!r}: 1 to 64 letters, digits, '_' or '-'")
@@ -341,22 +331,11 @@ class Coordinator:
             phase = self._update_phase()
             self.machine.check(phase, silo, header.round, self.clock())
             specs = self._update_specs(phase, header)
-            if silo in self._uploading:  # e.g. its link broke and this end has not noticed yet: retry shortly
-                raise ProtocolError(f"silo {silo!r} still has an update stream open", "UNAVAILABLE")
-            key = self._stream_key(phase, header)
-            kept = self._interrupted.pop(silo, None)
-            if header.resume_chunks:
-                held = kept.assembler.chunks_received if kept is not None and kept.key == key else 0
-                if held != header.resume_chunks:
-                    raise ProtocolError(f"cannot resume at chunk {header.resume_chunks}: {held} chunks of this "
-                                        "payload are held; send it from the start")
-                stream = kept
-                log_event(log, "update_resumed", silo=silo, round=header.round, chunk=held)
-            else:
-                stream = UpdateStream(key, codec.TensorAssembler(specs))
-            self._uploading.add(silo)
-            stream.deadline = self.machine.deadline
-            return stream
+            stream, resumed = self.uploads.admit(silo, self._stream_key(phase, header), specs, header.resume_chunks,
+                                                 self.machine.deadline)
+        if resumed:
+            log_event(log, "update_resumed", silo=silo, round=header.round, chunk=header.resume_chunks)
+        return stream
 
     def _stream_key(self, phase: Phase, header: pb.UpdateHeader) -> tuple:
         return (self.machine.session, phase, bytes(header.payload_sha256), tuple(header.units), tuple(header.sizes))
@@ -366,7 +345,7 @@ class Coordinator:
         session, phase, payload = stream.key[:3]
         with self._cv:
             if payload and self.machine.phase == phase and self.machine.session == session:
-                self._interrupted[silo] = stream
+                self.uploads.keep(silo, stream)
         log_event(log, "update_interrupted", level=logging.WARNING, silo=silo, chunks=stream.assembler.chunks_received)
 
     def upload_status(self, silo: str, header: pb.UpdateHeader) -> pb.UploadProgress:
@@ -376,10 +355,8 @@ class Coordinator:
         with self._cv:
             if silo not in self.machine.joined:
                 raise ProtocolError(f"silo {silo!r} has not joined this run (join first)")
-            kept = self._interrupted.get(silo)
-            if kept is None or kept.key != self._stream_key(self._update_phase(), header):
-                return pb.UploadProgress()
-            return pb.UploadProgress(chunks=kept.assembler.chunks_received, bytes=kept.assembler.bytes_received)
+            chunks, nbytes = self.uploads.progress(silo, self._stream_key(self._update_phase(), header))
+            return pb.UploadProgress(chunks=chunks, bytes=nbytes)
 
     def _update_phase(self) -> Phase:
         """Streams carry uploads, sketches (FC-MoE's sketch stage) or, mode ckks, the key holder's sums."""
@@ -409,7 +386,7 @@ class Coordinator:
 
     def end_update(self, silo: str) -> None:
         with self._cv:
-            self._uploading.discard(silo)
+            self.uploads.close(silo)
 
     def add_update(self, silo: str, header: pb.UpdateHeader, payload: Mapping[str, np.ndarray],
                    nbytes: int) -> None:
@@ -562,7 +539,7 @@ class Coordinator:
         self._sketch_plan, self._sketch_sums, self._agreement, self._check = None, None, {}, None
         self._sketch_started = self._sketch_seconds = 0.0
         self._plan_seconds = 0.0
-        self._interrupted = {}
+        self.uploads.forget_interrupted()
         self._unmask, self._decrypt = None, None
         self._secure = self._new_secure_round()
         self._round_started = self.clock()
@@ -602,7 +579,7 @@ class Coordinator:
         sketch stage when the strategy asks for sketches (FC-MoE) and the mode can sum them (not ckks)."""
         m, now, timeout = self.machine, self.clock(), self.secure.phase_timeout_s
         secure = self._secure
-        self._interrupted = {}  # what a closed phase left unfinished is never resumed
+        self.uploads.forget_interrupted()  # what a closed phase left unfinished is never resumed
         if event == Event.REPORTS_CLOSED:
             if evaluates(m.round, self.config.federation.evaluation.every):
                 log_event(log, "global_evaluated", version=m.round - 1, silos=len(m.reported),
@@ -756,26 +733,10 @@ class Coordinator:
         self.global_units = new_global
         elapsed = self.clock() - self._round_started
         rec = self.metrics.record(m.round)
-        trained = [s for s in rec.per_silo.values() if "train_seconds" in s]  # not those that declined
-        slowest = max((s["train_seconds"] for s in trained), default=0.0)
-        tokens = sum(s["tokens"] for s in trained)
-        train_s = sum(s["train_seconds"] for s in trained)
-        rec.stats = {**{k: float(v) for k, v in self.strategy.diagnostics.items()},
-            "updates": contributors,
-            "round_seconds": elapsed,
-            "slowest_train_seconds": slowest,
-            "overhead": (elapsed - slowest) / elapsed if elapsed > 0 else 0.0,
-            "bytes_up_mean": float(np.mean([s.get("bytes_up", 0) + s["report_bytes"] + s.get("secure_bytes", 0)
-                                            for s in trained])) if trained else 0.0,
-            "bytes_down_mean": float(np.mean([s["bytes_down"] for s in trained])) if trained else 0.0,
-            "aggregator_secure_seconds": self._secure.seconds if self._secure is not None else 0.0,
-            # the strategy's maths: planning (FC-MoE: importance, sketch consensus, groups) and
-            # aggregation (FC-MoE: projection and combination of group sums, the server step)
-            "plan_seconds": self._plan_seconds,
-            "sketch_stage_seconds": self._sketch_seconds,  # FC-MoE: masked sketches, their unmask, agreement
-            "aggregate_seconds": aggregate_seconds,
-            "train_tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
-        }
+        rec.stats = round_stats(rec.per_silo, contributors, elapsed, self.strategy.diagnostics,
+                                secure_seconds=self._secure.seconds if self._secure is not None else 0.0,
+                                plan_seconds=self._plan_seconds, sketch_stage_seconds=self._sketch_seconds,
+                                aggregate_seconds=aggregate_seconds)
         m.complete_round(self.clock())
         self._checkpoint()
         self.metrics.write()

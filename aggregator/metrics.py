@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fcmoe.fileio import write_atomic
 from protos import fcmoe_pb2 as pb
 
@@ -113,6 +115,32 @@ class MetricsLog:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def round_stats(per_silo: Mapping[str, Mapping[str, float]], contributors: int, elapsed: float,
+                diagnostics: Mapping[str, float], *, secure_seconds: float, plan_seconds: float,
+                sketch_stage_seconds: float, aggregate_seconds: float) -> dict[str, float]:
+    """A closed round's statistics row, from what each silo reported and what the aggregator timed.
+    Silos that declined (no ``train_seconds``) count in none of the means."""
+    trained = [s for s in per_silo.values() if "train_seconds" in s]
+    slowest = max((s["train_seconds"] for s in trained), default=0.0)
+    tokens = sum(s["tokens"] for s in trained)
+    train_s = sum(s["train_seconds"] for s in trained)
+    return {**{k: float(v) for k, v in diagnostics.items()},
+            "updates": contributors,
+            "round_seconds": elapsed,
+            "slowest_train_seconds": slowest,
+            "overhead": (elapsed - slowest) / elapsed if elapsed > 0 else 0.0,
+            "bytes_up_mean": float(np.mean([s.get("bytes_up", 0) + s["report_bytes"] + s.get("secure_bytes", 0)
+                                            for s in trained])) if trained else 0.0,
+            "bytes_down_mean": float(np.mean([s["bytes_down"] for s in trained])) if trained else 0.0,
+            "aggregator_secure_seconds": secure_seconds,
+            # the strategy's maths: planning (FC-MoE: importance, sketch consensus, groups) and
+            # aggregation (FC-MoE: projection and combination of group sums, the server step)
+            "plan_seconds": plan_seconds,
+            "sketch_stage_seconds": sketch_stage_seconds,  # FC-MoE: masked sketches, their unmask, agreement
+            "aggregate_seconds": aggregate_seconds,
+            "train_tokens_per_s": tokens / train_s if train_s > 0 else 0.0}
 
 
 def final_table(rows: list[Mapping[str, object]]) -> str:

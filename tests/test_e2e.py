@@ -198,13 +198,13 @@ def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator
 
     first = stub.SubmitUpdate.future(slow(), timeout=60)
     deadline = time.monotonic() + 20
-    while "silo1" not in coord._uploading and time.monotonic() < deadline:
+    while not coord.uploads.is_open("silo1") and time.monotonic() < deadline:
         time.sleep(0.05)
     err = _submit(stub, header, good)
     # retryable: a silo whose link broke retries until this end notices and keeps the cut stream
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "still has an update stream open" in err.details()
     release.set()
-    assert first.result().accepted and "silo1" not in coord._uploading
+    assert first.result().accepted and not coord.uploads.is_open("silo1")
     task = stub.GetTask(pb.TaskRequest(run_id=run_id, wait_s=25), timeout=40)
     assert task.kind == pb.Task.EVALUATE and task.round == 1
     stub.ReportEvaluation(pb.EvalReport(run_id=run_id, round=1, layout_hash=coord.layout_hash), timeout=10)

@@ -154,7 +154,7 @@ def test_an_upload_cut_mid_stream_resumes_after_the_last_chunk_the_aggregator_ho
                                        CHUNK)))
         assert chunks >= 8
         # cut once the aggregator reads silo0's stream (it then holds some chunks to resume after)
-        proxy.arm(after_bytes=payload * 3 // 4, before_cut=lambda: "silo0" in agg.coordinator._uploading)
+        proxy.arm(after_bytes=payload * 3 // 4, before_cut=lambda: agg.coordinator.uploads.is_open("silo0"))
         driver.run_until(K.UPLOAD, 1, answered=1)  # silo0's upload: cut halfway, then resumed
         driver.finish()
     finally:
