@@ -2,8 +2,9 @@
 
     python -m benches.silo_parallel --json
 
-A built-in Mixtral-style MoE of about 365 M parameters (24 layers of 8 experts, hidden 1024; fp32 on
-the CPU, about 1.5 GB; LoRA rank 8 on the experts, router trained) trains the same rounds three ways,
+A built-in Mixtral-style MoE of 371 M parameters (24 layers of 8 experts, hidden 1024, expert width
+512; fp32 on the CPU, about 1.5 GB; 676 M with ``--intermediate-size 1024``; LoRA rank 8 on the
+experts, router trained) trains the same rounds three ways,
 each in a fresh interpreter so that its memory high-water mark is its own:
 
 - ``one``: one process (``world_size: 1``);
@@ -13,7 +14,9 @@ each in a fresh interpreter so that its memory high-water mark is its own:
 
 Reported, last, as one JSON object: each rank's peak resident memory and ``memory_ratio`` = a training
 rank's peak (rank 1, which holds only its shard) over the one process's peak; ``rank0_memory_ratio``
-for rank 0, which is also the agent and keeps the whole model for evaluation and the update; both
+for rank 0, which is also the agent and keeps the whole model for evaluation and the update;
+``above_base_ratio``, the same ratio after taking off each process's memory before its model was
+built (interpreter, libraries, data: ``base_mib``), which is what a GPU allocator's peaks compare; both
 with and without activation checkpointing (``memory_ratio`` itself: with it, on both sides);
 ``update_relative_diff`` = |update_fsdp - update_one| / |update_one| over the trainable numbers after
 the first round (later rounds drift apart as any two float orders do: each round starts a fresh AdamW,
@@ -57,7 +60,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     from fcmoe.config import ModelConfig
     from fcmoe.model import build_model, checkpoint_activations, load_trainable_state, trainable_state
     from silo_agent.data import ByteTokenizer, ExampleBatches, build_silo_dataset
-    from silo_agent.distributed import RankSetup, SiloRanks, peak_memory_bytes
+    from silo_agent.distributed import RankSetup, SiloRanks, memory_bytes, peak_memory_bytes
     from silo_agent.training import LocalPlan, train_locally
 
     torch.set_num_threads(1)
@@ -66,6 +69,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
                                   partition="domain", alpha=0.5, samples_per_silo=64, eval_fraction=0.25, seed=0)
     data = ExampleBatches(train, ByteTokenizer(), 32)
     cpu = torch.device("cpu")
+    bases = [memory_bytes(cpu)]  # before the model: interpreter, libraries, data
     model = build_model(spec, cpu)
     if checkpointing:
         checkpoint_activations(model)
@@ -89,7 +93,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
                     ranks = SiloRanks(model, setup, data, cpu)
                 assert ranks is not None
                 ranks.train(plan)
-                peaks = ranks.peak_bytes_per_rank
+                peaks, bases = ranks.peak_bytes_per_rank, ranks.base_bytes_per_rank
                 if variant == "respawn":
                     ranks.close()
                     ranks = None
@@ -99,7 +103,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     finally:
         if ranks is not None:
             ranks.close()
-    return {"round_seconds": [round(s, 3) for s in seconds], "peak_bytes": peaks,
+    return {"round_seconds": [round(s, 3) for s in seconds], "peak_bytes": peaks, "base_bytes": bases,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -127,10 +131,13 @@ def _relative_diff(out: Path, suffix: str) -> float:
 
 def _memory(runs: dict) -> dict:
     """Peaks of one setting: the one process, each rank, and the ratios a rank reaches."""
-    one = runs["one"]["peak_bytes"][0]
+    one, one_base = runs["one"]["peak_bytes"][0], runs["one"]["base_bytes"][0]
     rank0, rank1 = runs["fsdp"]["peak_bytes"]
+    rank1_base = runs["fsdp"]["base_bytes"][1]
     return {"one_process_peak_mib": one >> 20, "rank_peak_mib": [rank0 >> 20, rank1 >> 20],
-            "memory_ratio": round(rank1 / one, 3), "rank0_memory_ratio": round(rank0 / one, 3)}
+            "memory_ratio": round(rank1 / one, 3), "rank0_memory_ratio": round(rank0 / one, 3),
+            "base_mib": [one_base >> 20, rank1_base >> 20],
+            "above_base_ratio": round((rank1 - rank1_base) / (one - one_base), 3)}
 
 
 def main() -> int:

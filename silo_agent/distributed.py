@@ -154,6 +154,7 @@ class SiloRanks:
         self._builds_before = _BUILDS[0]
         self.builds_per_rank: list[int] = []  # model builds per rank process, as the ranks counted after the last round
         self.peak_bytes_per_rank: list[int] = []  # each rank's peak memory so far (GPU allocations, else process RSS)
+        self.base_bytes_per_rank: list[int] = []  # each rank's memory before it built its replica
         self._start()
 
     def _start(self) -> None:
@@ -209,8 +210,8 @@ class SiloRanks:
         try:
             _send_command(_TRAIN, plan)
             result = self._replica.train_round(self.data, plan, self.model, self.progress)
-            self.builds_per_rank, self.peak_bytes_per_rank = _rank_figures(self.setup.world_size, 0,
-                                                                           _BUILDS[0] - self._builds_before, self.device)
+            self.builds_per_rank, self.peak_bytes_per_rank, self.base_bytes_per_rank = _rank_figures(
+                self.setup.world_size, 0, _BUILDS[0] - self._builds_before, self.device, self._replica.base_bytes)
         except Exception as exc:
             self._fail(exc)
         log_event(log, "distributed_training_done", world_size=self.setup.world_size, parallel=self.setup.parallel,
@@ -335,16 +336,16 @@ def _serve(rank: int, setup: RankSetup, data: ExampleBatches, device: torch.devi
         if command == _STOP:
             return
         replica.train_round(data, plan, None, False)
-        _rank_figures(setup.world_size, rank, _BUILDS[0], device)
+        _rank_figures(setup.world_size, rank, _BUILDS[0], device, replica.base_bytes)
 
 
-def _rank_figures(world_size: int, rank: int, builds: int, device: torch.device) -> tuple[list[int], list[int]]:
-    """Every rank's model builds and peak memory, gathered to all: what the round's log line reports."""
-    figures = torch.zeros(2, world_size, dtype=torch.int64)
-    figures[0, rank] = builds
-    figures[1, rank] = peak_memory_bytes(device)
+def _rank_figures(world_size: int, rank: int, builds: int, device: torch.device,
+                  base: int) -> tuple[list[int], list[int], list[int]]:
+    """Every rank's model builds, peak memory and memory before its replica, gathered to all."""
+    figures = torch.zeros(3, world_size, dtype=torch.int64)
+    figures[:, rank] = torch.tensor([builds, peak_memory_bytes(device), base])
     dist.all_reduce(figures)
-    return figures[0].tolist(), figures[1].tolist()
+    return figures[0].tolist(), figures[1].tolist(), figures[2].tolist()
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -381,15 +382,31 @@ def map_large_blocks_directly() -> None:
         log_event(log, "mmap_threshold_unset", level=logging.DEBUG)
 
 
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":")), None)
+
+
+def memory_bytes(device: torch.device) -> int:
+    """This process's memory now: the GPU allocator's on CUDA, else the resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _status_bytes("VmRSS") or 0
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """This process's peak memory: the GPU allocator's on CUDA, else the resident set's high-water mark."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     # the high-water mark of this process's own memory map: getrusage's ru_maxrss would also count the
     # parent's resident set at the moment it spawned this process (Linux carries it across exec)
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource  # not Linux: the nearest figure there is
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -400,6 +417,7 @@ class _Replica:
 
     def __init__(self, setup: RankSetup, rank: int, device: torch.device, source: nn.Module | None):
         self.setup, self.rank, self.device = setup, rank, device
+        self.base_bytes = memory_bytes(device)  # before the replica: interpreter, libraries (and the agent)
         if setup.parallel == "ddp" and source is not None:
             self.module = source  # rank 0 under ddp: the agent's model is this rank's replica
         else:
