@@ -8,11 +8,12 @@ messages appear here, so the round logic is testable without a network.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-import re
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from aggregator.masked_round import MaskedRound
 from aggregator.metrics import DomainPool, MetricsLog, round_stats
 from aggregator.rounds import Event, Phase, RoundMachine
 from aggregator.status import Traffic, run_status
-from aggregator.strategies import RoundPlan, SiloReport, Strategy
+from aggregator.strategies import SiloReport, Strategy
 from aggregator.uploads import UpdateStream, UploadStreams
 from crypto.pki import PkiPaths, read_pem
 from fcmoe.config import Config
@@ -34,9 +35,11 @@ from fcmoe.errors import ConfigError, ProtocolError
 from fcmoe.logs import log_event
 from fcmoe.model import UnitKey
 from fcmoe.model.saved import write_model_record
+from fcmoe.plan import RoundPlan
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
+from protos.plan import to_message as plan_message
 
 log = logging.getLogger(__name__)
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a given run id: it becomes part of key labels and folder names
@@ -205,17 +208,9 @@ class Coordinator:
             if view.kind in ("TRAIN", "EVALUATE"):
                 task.eval_max_examples = self.config.federation.evaluation.max_examples or 0
             if view.kind == "TRAIN" and self.plan is not None:
-                plan, local = self.plan, self.plan.local
-                task.train.CopyFrom(pb.TrainInstructions(
-                    local_steps=local.local_steps, batch_size=local.batch_size, grad_accum=local.grad_accum,
-                    learning_rate=local.learning_rate, weight_decay=local.weight_decay,
-                    prox_mu=plan.prox_mu, clip_norm=local.clip_norm, seed=plan.seed,
-                    retention_lambda=plan.retention_lambda, retention_by_importance=plan.retention_by_importance,
-                    personal_adapter=plan.personal_adapter, sketch_buckets=plan.sketch_buckets,
-                    secure_mode=self.secure.mode, session=self.machine.session,
-                    skip_evaluation=not evaluates(view.round, self.config.federation.evaluation.every),
-                    needs_signals=plan.needs_signals, silo_projection=plan.silo_projection,
-                    reanchor_lambda=plan.reanchor_lambda, report_norms=plan.report_norms))
+                attempt = replace(self.plan, secure_mode=self.secure.mode, session=self.machine.session,
+                                  skip_evaluation=not evaluates(view.round, self.config.federation.evaluation.every))
+                task.train.CopyFrom(plan_message(attempt))
             if view.kind == "SHARE" and self._secure is not None:
                 task.share.CopyFrom(self._secure.share_instructions())
             if view.kind in ("UPLOAD", "SKETCH"):
@@ -280,7 +275,7 @@ class Coordinator:
                                 "INVALID_ARGUMENT")
         unit_norm = None
         if self.plan is not None and self.plan.report_norms:
-            refusal = norm_refusal(list(report.unit_norm), len(units), self.plan.local.clip_norm)
+            refusal = norm_refusal(list(report.unit_norm), len(units), self.plan.clip_norm)
             if refusal:
                 log_event(log, "report_refused", level=logging.WARNING, silo=silo, round=report.round, reason=refusal)
                 raise ProtocolError(f"report refused: {refusal}", "INVALID_ARGUMENT")
@@ -707,7 +702,7 @@ class Coordinator:
         m.open_phase(Phase.UPLOADING, secure.peers, minimum, self.clock(), m.upload_timeout_s)
 
     def _clip_norm(self) -> float:
-        return self.plan.local.clip_norm if self.plan else 0.0
+        return self.plan.clip_norm if self.plan else 0.0
 
     def _fail(self, reason: str) -> None:
         """This attempt cannot complete: redo the round (fresh keys and masks) or give up; nothing applied."""

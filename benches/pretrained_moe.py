@@ -128,8 +128,9 @@ def pretrain_moe(recipe, settings: Sequence[dict], path: Path, max_length: int) 
     from fcmoe.model.build import build_base_model
     from fcmoe.model.tokenizer import byte_tokenizer
     from fcmoe.model.upcycle import publish_dir
+    from fcmoe.plan import RoundPlan
     from silo_agent.data import ByteTokenizer, Example, ExampleBatches
-    from silo_agent.training import LocalPlan, evaluate, train_locally
+    from silo_agent.training import evaluate, train_locally
 
     labelled = [s for s in settings if s.get("labelskew")]
     if not labelled:
@@ -149,7 +150,7 @@ def pretrain_moe(recipe, settings: Sequence[dict], path: Path, max_length: int) 
     eval_batches = ExampleBatches(evaluation, tok, max_length)
     before = _mean_loss(evaluate(model, eval_batches, torch.device("cpu"), 32))
     result = train_locally(model, ExampleBatches(train, tok, max_length),
-                           LocalPlan(local_steps=recipe.steps, batch_size=recipe.batch_size,
+                           RoundPlan(local_steps=recipe.steps, batch_size=recipe.batch_size,
                                      learning_rate=recipe.learning_rate, seed=recipe.seed), torch.device("cpu"))
     after = _mean_loss(evaluate(model, eval_batches, torch.device("cpu"), 32))
     first = labelled[0]

@@ -59,9 +59,10 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
 
     from fcmoe.config import ModelConfig
     from fcmoe.model import build_model, checkpoint_activations, load_trainable_state, trainable_state
+    from fcmoe.plan import RoundPlan
     from silo_agent.data import ByteTokenizer, ExampleBatches, build_silo_dataset
     from silo_agent.distributed import RankSetup, SiloRanks, memory_bytes, peak_memory_bytes
-    from silo_agent.training import LocalPlan, train_locally
+    from silo_agent.training import train_locally
 
     torch.set_num_threads(1)
     spec = ModelConfig.model_validate(_model(intermediate_size))
@@ -77,7 +78,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     load_trainable_state(model, {k: v + 0.02 * torch.randn(v.shape, generator=generator)
                                  for k, v in trainable_state(model).items()})
     save_file(trainable_state(model), str(out / "start.safetensors"))
-    plan = LocalPlan(local_steps=steps, batch_size=batch_size, learning_rate=1e-3, seed=7)
+    plan = RoundPlan(local_steps=steps, batch_size=batch_size, learning_rate=1e-3, seed=7)
     setup = RankSetup(spec, "fsdp", 2, cuda=False, activation_checkpointing=checkpointing)
     seconds, peaks = [], []
     ranks = SiloRanks(model, setup, data, cpu) if variant == "fsdp" else None

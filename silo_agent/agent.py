@@ -22,8 +22,10 @@ from fcmoe.signals import StopRequest
 from fcmoe.model import (ExpertLayout, base_fingerprint, build_model, checkpoint_activations, load_trainable_state,
                          trainable_state)
 from fcmoe.model.saved import SILO_FINAL, model_record, save_silo_model, silo_folder
+from fcmoe.plan import RoundPlan
 from protos import codec
 from protos import fcmoe_pb2 as pb
+from protos.plan import from_message as plan_from_message
 from silo_agent.client import AggregatorClient, RpcFailure
 from crypto.secagg import SecAggError, sketch_key
 from silo_agent.data import (ExampleBatches, Truncation, build_silo_dataset, count_truncation, encoded_length,
@@ -40,7 +42,7 @@ from silo_agent.projection import (GlobalHistory, ResidualBook, instruction_refu
                                    reanchor)
 from silo_agent.retention import anchor, importance_scale
 from silo_agent.routing import RoutingMeter
-from silo_agent.training import LocalPlan, evaluate, train_locally
+from silo_agent.training import evaluate, train_locally
 from silo_agent.update import clip_units, scaled_payload, unit_deltas
 
 log = logging.getLogger(__name__)
@@ -339,7 +341,7 @@ class SiloAgent:
         return evaluate(self.model, self.data.eval, self.device, self.config.data.eval_batch_size, adapter, meter,
                         max_examples)
 
-    def _personal_adapter(self, t: pb.TrainInstructions, round_: int) -> PersonalAdapter | None:
+    def _personal_adapter(self, t: RoundPlan, round_: int) -> PersonalAdapter | None:
         """The adapter to train this round, created on first use. Not under DP (it would learn from the
         private data outside the ledger) nor with several ranks (it lives in one process)."""
         if not t.personal_adapter:
@@ -363,7 +365,7 @@ class SiloAgent:
         log_event(log, "round_refused", level=logging.WARNING, round=task.round, reason=reason)
 
     def _train_and_report(self, task: pb.Task) -> None:
-        t = task.train
+        t = plan_from_message(task.train, task.round)
         mode = t.secure_mode or "none"
         if mode not in self.silo.accept_modes:
             self._refuse_round(task, f"secure_aggregation mode {mode!r} is not in this silo's accept_modes "
@@ -410,7 +412,7 @@ class SiloAgent:
                download_seconds: float, retrain: int = 0) -> TrainedRound | None:
         """Evaluate the global model, train from it (under DP when configured: the ledger records the
         release first), evaluate the result; the round's report without key advert. None: declined."""
-        t = task.train
+        t = plan_from_message(task.train, task.round)
         refusal = instruction_refusal(t.silo_projection, t.reanchor_lambda)
         if refusal is not None:
             self._decline(task, refusal)
@@ -449,9 +451,7 @@ class SiloAgent:
             log_event(log, "reanchored", round=task.round, lam=t.reanchor_lambda,
                       residual_norm=round(sum(float(np.linalg.norm(r)) for r in residual.values()), 6))
         adapter = self._personal_adapter(t, task.round)
-        plan = LocalPlan(local_steps=t.local_steps, batch_size=t.batch_size, grad_accum=max(1, t.grad_accum),
-                         learning_rate=t.learning_rate, weight_decay=t.weight_decay, prox_mu=t.prox_mu,
-                         seed=t.seed * 7919 + self.silo.index + 104_729 * retrain)
+        plan = t.for_silo(self.silo.index, retrain)
         if self.dp is not None and privacy is not None:
             result = self.dp.train(self.model, self.data.train, plan, privacy, self.device)
         elif self.ranks is not None:

@@ -59,8 +59,9 @@ from fcmoe.errors import ConfigError, RunError
 from fcmoe.logs import log_event, setup_logging
 from fcmoe.model import build_model, checkpoint_activations, load_trainable_state
 from fcmoe.model.discovery import discover
+from fcmoe.plan import RoundPlan
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
-from silo_agent.training import LocalPlan, TrainResult, token_losses, train_locally
+from silo_agent.training import TrainResult, token_losses, train_locally
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class SiloRanks:
                 raise RunError(f"the ranks did not all start within {self.setup.timeout_s:.0f} s")
             time.sleep(0.05)
 
-    def train(self, plan: LocalPlan) -> TrainResult:
+    def train(self, plan: RoundPlan) -> TrainResult:
         """Train the agent's model in place over all ranks, as one process would on the whole batch.
 
         A batch smaller than ``world_size`` leaves a rank without rows: that round trains in this
@@ -436,7 +437,7 @@ class _Replica:
                                                 init_sync=False)
         _BUILDS[0] += 1
 
-    def train_round(self, data: ExampleBatches, plan: LocalPlan, agent_model: nn.Module | None,
+    def train_round(self, data: ExampleBatches, plan: RoundPlan, agent_model: nn.Module | None,
                     progress: bool) -> TrainResult:
         """Load the round's state from rank 0, train with the others, hand the result to rank 0."""
         _broadcast_into(self.params, agent_model, self.device)
@@ -448,7 +449,7 @@ class _Replica:
         release_host_memory()
         return result
 
-    def _train(self, data: ExampleBatches, plan: LocalPlan, progress: bool) -> TrainResult:
+    def _train(self, data: ExampleBatches, plan: RoundPlan, progress: bool) -> TrainResult:
         rank, world, device = self.rank, self.setup.world_size, self.device
         params = [p for _, p in self.params]
         anchor = [p.detach().clone() for p in params] if plan.prox_mu > 0 else None
@@ -549,20 +550,20 @@ def _broadcast_into(targets: list[tuple[str, torch.Tensor]], source: nn.Module |
             target.copy_(whole)
 
 
-def _send_command(command: int, plan: LocalPlan | None = None) -> None:
+def _send_command(command: int, plan: RoundPlan | None = None) -> None:
     ints = torch.tensor([command] + [getattr(plan, f) if plan else 0 for f in _INTS], dtype=torch.int64)
     floats = torch.tensor([getattr(plan, f) if plan else 0.0 for f in _FLOATS], dtype=torch.float64)
     dist.broadcast(ints, 0, group=_control())
     dist.broadcast(floats, 0, group=_control())
 
 
-def _receive_command() -> tuple[int, LocalPlan]:
+def _receive_command() -> tuple[int, RoundPlan]:
     ints = torch.zeros(1 + len(_INTS), dtype=torch.int64)
     floats = torch.zeros(len(_FLOATS), dtype=torch.float64)
     dist.broadcast(ints, 0, group=_control())
     dist.broadcast(floats, 0, group=_control())
     values = ints.tolist()
-    plan = LocalPlan(**dict(zip(_INTS, values[1:])), **dict(zip(_FLOATS, floats.tolist())))
+    plan = RoundPlan(**dict(zip(_INTS, values[1:])), **dict(zip(_FLOATS, floats.tolist())))
     return values[0], plan
 
 

@@ -10,20 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fcmoe.plan import RoundPlan
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
 from silo_agent.personal import PersonalAdapter, attached
 from silo_agent.routing import RoutingMeter
-
-
-@dataclass(frozen=True)
-class LocalPlan:
-    local_steps: int
-    batch_size: int
-    grad_accum: int = 1
-    learning_rate: float = 3e-3
-    weight_decay: float = 0.0
-    prox_mu: float = 0.0
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,7 +44,7 @@ def logit_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[
     return losses * mask, mask
 
 
-def train_locally(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torch.device,
+def train_locally(model: nn.Module, data: ExampleBatches, plan: RoundPlan, device: torch.device,
                   progress: bool = False, adapter: PersonalAdapter | None = None) -> TrainResult:
     """AdamW on the model's loss; with ``adapter``, every step also trains the silo's personal adapter
     on the same batch (detached: the model's gradients are those it would have without it)."""
@@ -62,7 +52,7 @@ def train_locally(model: nn.Module, data: ExampleBatches, plan: LocalPlan, devic
         return _train(model, data, plan, device, progress, adapter)
 
 
-def _train(model: nn.Module, data: ExampleBatches, plan: LocalPlan, device: torch.device, progress: bool,
+def _train(model: nn.Module, data: ExampleBatches, plan: RoundPlan, device: torch.device, progress: bool,
            adapter: PersonalAdapter | None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.prox_mu > 0 else None

@@ -17,16 +17,17 @@ from fcmoe.config import parse_config
 from fcmoe.launch.inprocess import run_in_process
 from fcmoe.model import build_model
 from fcmoe.model.build import trainable_state
+from fcmoe.plan import RoundPlan
 from silo_agent.agent import load_data
 from silo_agent.dp.ghost import GhostClipping
 from silo_agent.dp.per_sample import PerSampleGradients
 from silo_agent.personal import PersonalAdapter
-from silo_agent.training import LocalPlan, evaluate, train_locally
+from silo_agent.training import evaluate, train_locally
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
-PLAN = LocalPlan(local_steps=8, batch_size=8, grad_accum=2, learning_rate=0.01, prox_mu=0.01, seed=3)
+PLAN = RoundPlan(local_steps=8, batch_size=8, grad_accum=2, learning_rate=0.01, prox_mu=0.01, seed=3)
 
 
 def _close_updates(after: dict, reference: dict, start: dict, rel: float = 1e-2) -> None:
@@ -129,7 +130,7 @@ def test_bfloat16_training_on_cuda_learns(tmp_path):
     data = load_data(config)
     adapter = PersonalAdapter.for_model(model, 0.01)  # float32, on a bfloat16 model's features
     before = evaluate(model, data.eval, GPU, 8)
-    train_locally(model, data.train, LocalPlan(local_steps=20, batch_size=8, learning_rate=0.01, seed=0), GPU,
+    train_locally(model, data.train, RoundPlan(local_steps=20, batch_size=8, learning_rate=0.01, seed=0), GPU,
                   adapter=adapter)
     after = evaluate(model, data.eval, GPU, 8)
     assert np.isfinite(adapter.gain) and np.isfinite(_mean(evaluate(model, data.eval, GPU, 8, adapter)))
@@ -148,7 +149,7 @@ def test_two_gpu_ranks_give_the_one_gpu_update(parallel):
 
     spec = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": "lora", "router": True}})
     data, start, cuda = _data(), _start_state(spec), torch.device("cuda", 0)
-    plan = LocalPlan(local_steps=2, batch_size=6, grad_accum=2, learning_rate=0.01, prox_mu=0.5, seed=5)
+    plan = RoundPlan(local_steps=2, batch_size=6, grad_accum=2, learning_rate=0.01, prox_mu=0.5, seed=5)
     trained = []
     for world_size in (1, 2):
         model = build_model(spec, cuda)

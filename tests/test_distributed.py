@@ -26,9 +26,10 @@ from fcmoe.config import ModelConfig, SiloConfig, dump_config, parse_config
 from fcmoe.errors import ConfigError, RunError
 from fcmoe.launch.inprocess import run_in_process
 from fcmoe.model import build_model, load_trainable_state, trainable_state
+from fcmoe.plan import RoundPlan
 from silo_agent.data import ByteTokenizer, Example, ExampleBatches, build_silo_dataset
 from silo_agent.distributed import RankSetup, SiloRanks, check_world_size, scored_tokens, shard_rows
-from silo_agent.training import LocalPlan, train_locally
+from silo_agent.training import train_locally
 
 TOLERANCE = 1e-5  # max abs difference of any trained number, one round
 ROUNDS_TOLERANCE = 1e-3  # relative difference of the update over several rounds
@@ -50,7 +51,7 @@ def _start_state(model_config: ModelConfig) -> dict[str, torch.Tensor]:
             for k, v in trainable_state(build_model(model_config)).items()}
 
 
-def _train(model_config: ModelConfig, start: dict[str, torch.Tensor], data: ExampleBatches, plan: LocalPlan,
+def _train(model_config: ModelConfig, start: dict[str, torch.Tensor], data: ExampleBatches, plan: RoundPlan,
            world_size: int, parallel: str = "ddp", checkpointing: bool = False):
     model = build_model(model_config)
     load_trainable_state(model, start)
@@ -78,7 +79,7 @@ def test_two_processes_give_the_one_process_update_with_accumulation_and_prox(pa
     activation checkpointing recomputes the same numbers."""
     model_config = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": mode, "router": True}})
     data = _data()
-    plan = LocalPlan(local_steps=2, batch_size=5, grad_accum=2, learning_rate=0.01, prox_mu=0.5, seed=5)
+    plan = RoundPlan(local_steps=2, batch_size=5, grad_accum=2, learning_rate=0.01, prox_mu=0.5, seed=5)
     # the first batch splits 3 + 2 rows with unequal token counts: a mean of per-rank means would be wrong
     first = data.sample(plan.batch_size, torch.Generator().manual_seed(plan.seed))
     assert scored_tokens(shard_rows(first, 0, 2)) != scored_tokens(shard_rows(first, 1, 2))
@@ -124,7 +125,7 @@ def test_a_failing_rank_is_one_error_line_not_a_hang():
     try:
         began = time.monotonic()
         with pytest.raises(RunError) as caught:
-            ranks.train(LocalPlan(local_steps=2, batch_size=2))
+            ranks.train(RoundPlan(local_steps=2, batch_size=2))
         assert time.monotonic() - began < 60  # the failure, not the process group's timeout, ended it
     finally:
         ranks.close()
@@ -153,7 +154,7 @@ def test_world_size_settings_are_checked():
 
 def test_a_batch_smaller_than_world_size_trains_in_one_process():
     model_config = ModelConfig.model_validate({"builtin": TINY})
-    start, data, plan = _start_state(model_config), _data(), LocalPlan(local_steps=2, batch_size=1)
+    start, data, plan = _start_state(model_config), _data(), RoundPlan(local_steps=2, batch_size=1)
     one, one_result = _train(model_config, start, data, plan, 1)
     two, two_result = _train(model_config, start, data, plan, 2)  # no process started
     assert all(torch.equal(one[k], two[k]) for k in one)
@@ -166,7 +167,7 @@ def test_ranks_persist_across_rounds_and_a_rank_killed_mid_round_costs_that_roun
     still gives the one-process update."""
     model_config = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": "lora", "router": True}})
     data, start = _data(), _start_state(model_config)
-    plan = LocalPlan(local_steps=2, batch_size=4, learning_rate=0.01, seed=3)
+    plan = RoundPlan(local_steps=2, batch_size=4, learning_rate=0.01, seed=3)
     model = build_model(model_config)
     load_trainable_state(model, start)
     ranks = SiloRanks(model, RankSetup(model_config, "fsdp", 2, cuda=False), data, CPU)
@@ -187,7 +188,7 @@ def test_ranks_persist_across_rounds_and_a_rank_killed_mid_round_costs_that_roun
         killer.start()
         began = time.monotonic()
         with pytest.raises(RunError) as caught:
-            ranks.train(LocalPlan(local_steps=100_000, batch_size=4, seed=4))  # far longer than the timer
+            ranks.train(RoundPlan(local_steps=100_000, batch_size=4, seed=4))  # far longer than the timer
         killer.join()
         assert time.monotonic() - began < 30  # the death, not a timeout, ended the round
         assert str(caught.value) == "local training process 1 of 2 failed: exited with signal SIGKILL"

@@ -95,7 +95,7 @@ def test_a_wrong_import_is_caught(module: str, source: str, expected: str) -> No
     ("fcmoe.launch.cli", "from aggregator.server import serve\nfrom silo_agent.agent import SiloAgent"),
     ("fcmoe.__main__", "from fcmoe.launch.cli import main"),
     ("aggregator.coordinator", "from crypto.secagg import mask_label\nfrom protos import codec\nfrom fcmoe import errors"),
-    ("silo_agent.dp.trainer", "from ..training import LocalPlan\nimport torch"),
+    ("silo_agent.dp.trainer", "from ..training import TrainResult\nimport torch"),
     ("crypto.pki", "from fcmoe.errors import PkiError"),
 ])
 def test_allowed_imports_pass(module: str, source: str) -> None:

@@ -10,12 +10,13 @@ from fcmoe.config import parse_config
 from fcmoe.errors import LayoutError
 from fcmoe.model import build_model
 from fcmoe.model.build import load_trainable_state, trainable_state
+from fcmoe.plan import RoundPlan
 from silo_agent.agent import load_data
 from silo_agent.personal import PersonalAdapter, output_layer
-from silo_agent.training import LocalPlan, evaluate, train_locally
+from silo_agent.training import evaluate, train_locally
 
 CPU = torch.device("cpu")
-PLAN = LocalPlan(local_steps=12, batch_size=8, learning_rate=0.01, seed=5)
+PLAN = RoundPlan(local_steps=12, batch_size=8, learning_rate=0.01, seed=5)
 
 
 def _silo(tmp_path):

@@ -9,9 +9,10 @@ from conftest import ROOT, smoke_config
 
 from fcmoe.config import parse_config
 from fcmoe.model import build_model
+from fcmoe.plan import RoundPlan
 from silo_agent.agent import load_data
 from silo_agent.data import Example, write_jsonl
-from silo_agent.training import LocalPlan, evaluate, train_locally
+from silo_agent.training import evaluate, train_locally
 from silo_agent.update import clip_units, scaled_payload, unit_deltas
 
 
@@ -45,7 +46,7 @@ def test_jsonl_silo_trains_and_evaluates_per_domain(tmp_path):
     model = build_model(config.model)
     cpu = torch.device("cpu")
     before = evaluate(model, data.eval, cpu, 8)
-    result = train_locally(model, data.train, LocalPlan(local_steps=15, batch_size=4, learning_rate=0.02), cpu)
+    result = train_locally(model, data.train, RoundPlan(local_steps=15, batch_size=4, learning_rate=0.02), cpu)
     after = evaluate(model, data.eval, cpu, 8)
     assert result.steps == 15 and result.tokens > 0 and result.loss_last < result.loss_first
     for domain in ("maths", "prose"):
@@ -60,7 +61,7 @@ def test_fedprox_term_keeps_model_closer_to_start(tmp_path):
     for mu in (0.0, 50.0):
         model = build_model(config.model)
         start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        train_locally(model, data.train, LocalPlan(local_steps=10, batch_size=4, learning_rate=0.02, prox_mu=mu),
+        train_locally(model, data.train, RoundPlan(local_steps=10, batch_size=4, learning_rate=0.02, prox_mu=mu),
                       torch.device("cpu"))
         trained = [p.detach() for p in model.parameters() if p.requires_grad]
         distances.append(sum(float(((a - b) ** 2).sum()) for a, b in zip(trained, start)))

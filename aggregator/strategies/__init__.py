@@ -1,7 +1,7 @@
 """Aggregation strategies, one per file (FC-MoE's pieces in one folder), behind
 :class:`~aggregator.strategies.base.Strategy`, registered by the name the config picks them with."""
 
-from aggregator.strategies.base import RoundPlan, SiloReport, Strategy
+from aggregator.strategies.base import SiloReport, Strategy
 from aggregator.strategies.fcmoe import FcMoe
 from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.fedmoe import FedMoe
@@ -24,5 +24,5 @@ def build_strategy(config: StrategyConfig, min_group_size: int = 3) -> Strategy:
     return cls.from_config(config, min_group_size)
 
 
-__all__ = ["STRATEGIES", "FcMoe", "FedAdam", "FedAvg", "FedAvgM", "FedMoe", "FedProx", "LocalOnly", "RoundPlan",
-           "SiloReport", "Strategy", "build_strategy"]
+__all__ = ["STRATEGIES", "FcMoe", "FedAdam", "FedAvg", "FedAvgM", "FedMoe", "FedProx", "LocalOnly", "SiloReport",
+           "Strategy", "build_strategy"]

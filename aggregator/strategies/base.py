@@ -22,24 +22,7 @@ import numpy as np
 from aggregator.accumulate import Coefficients, UnitSums, total_weight, weighted_mean
 from aggregator.server_optim import sgd_step
 from fcmoe.config import LocalTrainingConfig
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What every silo is asked to do in one round."""
-
-    round: int
-    local: LocalTrainingConfig
-    prox_mu: float = 0.0
-    seed: int = 0
-    retention_lambda: float = 0.0
-    retention_by_importance: bool = False
-    personal_adapter: bool = False
-    sketch_buckets: int = 0
-    needs_signals: bool = False  # weighs by routing share and reliability: measured on rounds without evaluation too
-    silo_projection: str = ""  # FC-MoE projection_side silo: the consensus direction silos project against
-    reanchor_lambda: float = 0.0  # ... and how much of what it removed each silo re-anchors next round
-    report_norms: bool = False  # silos report each unit's clipped delta norm (importance_measure activation_norm)
+from fcmoe.plan import RoundPlan
 
 
 @dataclass(frozen=True)
@@ -65,7 +48,7 @@ class Strategy(ABC):
         return cls(config.server_lr)
 
     def configure_round(self, round_: int, local: LocalTrainingConfig, seed: int) -> RoundPlan:
-        return RoundPlan(round=round_, local=local, seed=seed * 1_000_003 + round_)
+        return RoundPlan.for_round(round_, local, seed)
 
     def sketch_weights(self, round_: int, units: list[str], reports: Mapping[str, SiloReport]) -> Coefficients:
         """Weights of the sketch sums (only asked for when :attr:`RoundPlan.sketch_buckets` > 0)."""

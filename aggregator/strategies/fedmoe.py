@@ -20,8 +20,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from aggregator.accumulate import Coefficients
-from aggregator.strategies.base import RoundPlan, SiloReport, Strategy
+from aggregator.strategies.base import SiloReport, Strategy
 from fcmoe.config import LocalTrainingConfig
+from fcmoe.plan import RoundPlan
 
 
 class FedMoe(Strategy):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from aggregator.strategies.base import RoundPlan, Strategy
+from aggregator.strategies.base import Strategy
 from fcmoe.config import FedProxConfig, LocalTrainingConfig
+from fcmoe.plan import RoundPlan
 
 
 class FedProx(Strategy):

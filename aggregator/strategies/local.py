@@ -12,8 +12,9 @@ from dataclasses import replace
 import numpy as np
 
 from aggregator.accumulate import UnitSums
-from aggregator.strategies.base import RoundPlan, Strategy
+from aggregator.strategies.base import Strategy
 from fcmoe.config import LocalTrainingConfig
+from fcmoe.plan import RoundPlan
 
 
 class LocalOnly(Strategy):

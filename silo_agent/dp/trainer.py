@@ -18,11 +18,12 @@ from torch import nn
 
 from fcmoe.config import DpConfig
 from fcmoe.logs import log_event
+from fcmoe.plan import RoundPlan
 from silo_agent.data import ExampleBatches
 from silo_agent.dp.accounting import PrivacyBudget, Release, noise_for_target
 from silo_agent.dp.ledger import PrivacyLedger
 from silo_agent.dp.training import DpStep, train_privately
-from silo_agent.training import LocalPlan, TrainResult
+from silo_agent.training import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class DpTrainer:
                     f"> epsilon_budget {s.epsilon_budget:g} (delta {s.delta:g})")
         return RoundPrivacy(DpStep(self.noise_multiplier, s.max_grad_norm, rate), release)
 
-    def train(self, model: nn.Module, data: ExampleBatches, plan: LocalPlan, privacy: RoundPrivacy,
+    def train(self, model: nn.Module, data: ExampleBatches, plan: RoundPlan, privacy: RoundPrivacy,
               device: torch.device) -> TrainResult:
         return train_privately(model, data, plan, privacy.step, device)
 

@@ -21,10 +21,11 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
 from fcmoe.errors import ConfigError
+from fcmoe.plan import RoundPlan
 from silo_agent.data import ExampleBatches
 from silo_agent.dp import ghost
 from silo_agent.dp.per_sample import PerSampleGradients
-from silo_agent.training import LocalPlan, TrainResult
+from silo_agent.training import TrainResult
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def check_private_step(model: nn.Module, device: torch.device) -> None:
                 del p.grad_sample
 
 
-def train_privately(model: nn.Module, data: ExampleBatches, plan: LocalPlan, step: DpStep,
+def train_privately(model: nn.Module, data: ExampleBatches, plan: RoundPlan, step: DpStep,
                     device: torch.device) -> TrainResult:
     if plan.prox_mu > 0:
         raise ConfigError("FedProx's proximal term is not supported with DP-SGD (use fedavg, fedadam or fcmoe)")

@@ -22,8 +22,9 @@ import numpy as np
 from aggregator.strategies.fcmoe import consensus
 from aggregator.accumulate import Coefficients, GroupSum
 from aggregator.strategies.fcmoe.projection import combine
-from aggregator.strategies.base import RoundPlan, SiloReport, Strategy
+from aggregator.strategies.base import SiloReport, Strategy
 from fcmoe.config import FcMoeConfig, FcMoeStrategyConfig, LocalTrainingConfig
+from fcmoe.plan import RoundPlan
 
 
 class FcMoe(Strategy):
