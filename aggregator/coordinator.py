@@ -35,7 +35,7 @@ from fcmoe.errors import ConfigError, ProtocolError
 from fcmoe.logs import log_event
 from fcmoe.model import UnitKey
 from fcmoe.model.saved import write_model_record
-from fcmoe.plan import RoundPlan
+from fcmoe.plan import RoundPlan, start_version
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
@@ -299,7 +299,7 @@ class Coordinator:
             if self._secure is not None:
                 self._secure.keep_advert(silo, report.advert)
             self.machine.record(Phase.TRAINING, silo, report.round, self.clock())
-            self.metrics.record(report.round - 1).global_pool.add(report.evaluation.global_model)
+            self.metrics.record(start_version(report.round)).global_pool.add(report.evaluation.global_model)
             cur = self.metrics.record(report.round)
             cur.local_pool.add(report.evaluation.local_model)
             cur.per_silo[silo] = {
@@ -539,7 +539,7 @@ class Coordinator:
         self._secure = self._new_secure_round()
         self._round_started = self.clock()
         self._bytes_down = {}
-        self.metrics.record(m.round - 1).global_pool = DomainPool()  # a retried round reports afresh
+        self.metrics.record(start_version(m.round)).global_pool = DomainPool()  # a retried round reports afresh
         current = self.metrics.record(m.round)
         current.local_pool, current.per_silo = DomainPool(), {}
         # on disk before any task of this attempt goes out: a restart never reuses its session
@@ -577,8 +577,8 @@ class Coordinator:
         self.uploads.forget_interrupted()  # what a closed phase left unfinished is never resumed
         if event == Event.REPORTS_CLOSED:
             if evaluates(m.round, self.config.federation.evaluation.every):
-                log_event(log, "global_evaluated", version=m.round - 1, silos=len(m.reported),
-                          global_loss=self.metrics.record(m.round - 1).global_pool.mean())
+                log_event(log, "global_evaluated", version=start_version(m.round), silos=len(m.reported),
+                          global_loss=self.metrics.record(start_version(m.round)).global_pool.mean())
             self._refuse_outlying_reports()
             if secure is not None:
                 secure.open_sharing(set(self._reports))
@@ -782,7 +782,7 @@ def evaluates(round_: int, every: int) -> bool:
     """Whether round ``round_`` evaluates the global model it receives (version ``round_ - 1``):
     versions 0, every, 2 * every, ... (federation.evaluation.every); the final model is evaluated
     by the final evaluation (federation.evaluation.final)."""
-    return (round_ - 1) % every == 0
+    return start_version(round_) % every == 0
 
 
 MAX_DOMAINS = 256

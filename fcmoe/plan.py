@@ -55,3 +55,9 @@ class RoundPlan:
         """What silo ``index`` trains with: its own seed (another one for each retraining of the round)."""
         return replace(self, grad_accum=max(1, self.grad_accum),
                        seed=self.seed * _SILO_SEED_FACTOR + index + _RETRAIN_SEED_FACTOR * retrain)
+
+
+def start_version(round_: int) -> int:
+    """The global model version round ``round_`` starts from (and evaluates): version 0 is the initial
+    model, and round r's aggregate becomes version r."""
+    return round_ - 1

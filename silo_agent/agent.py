@@ -12,30 +12,30 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from crypto.secagg import SecAggError, sketch_key
 from crypto.signed_log import Receipt
 from crypto.sketch import own_agreement, sketch_units
 from fcmoe.config import Config, SiloConfig
-from fcmoe.errors import ConfigError, DataError, FcMoeError, PkiError, RunError
+from fcmoe.errors import ConfigError, FcMoeError, PkiError, RunError
 from fcmoe.fileio import check_writable_folder
 from fcmoe.logs import log_event, setup_logging
-from fcmoe.signals import StopRequest
 from fcmoe.model import (ExpertLayout, base_fingerprint, build_model, checkpoint_activations, load_trainable_state,
                          trainable_state)
 from fcmoe.model.saved import SILO_FINAL, model_record, save_silo_model, silo_folder
-from fcmoe.plan import RoundPlan
+from fcmoe.plan import RoundPlan, start_version
+from fcmoe.signals import StopRequest
 from protos import codec
 from protos import fcmoe_pb2 as pb
 from protos.plan import from_message as plan_from_message
-from silo_agent.client import AggregatorClient, RpcFailure
-from crypto.secagg import SecAggError, sketch_key
-from silo_agent.data import (ExampleBatches, Truncation, build_silo_dataset, count_truncation, encoded_length,
-                             load_jsonl, tokenizer_for)
 from silo_agent.ckks_round import CkksSession
+from silo_agent.client import AggregatorClient, RpcFailure
+from silo_agent.data.loading import load_data
 from silo_agent.distributed import (RankSetup, SiloRanks, check_world_size, rank_device, serve_rank, torchrun_rank,
                                     world_size_of)
 from silo_agent.dp.importance import norm_shares
 from silo_agent.dp.trainer import DpTrainer
 from silo_agent.dp.training import check_private_step
+from silo_agent.evaluation import domain_losses, mean_loss, reliability
 from silo_agent.masked_round import MaskingSession
 from silo_agent.personal import PersonalAdapter
 from silo_agent.projection import (GlobalHistory, ResidualBook, instruction_refusal, opposed_units, project_units,
@@ -46,84 +46,6 @@ from silo_agent.training import evaluate, train_locally
 from silo_agent.update import clip_units, scaled_payload, unit_deltas
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SiloData:
-    train: ExampleBatches
-    eval: ExampleBatches
-    num_train: int
-
-
-def load_data(config: Config) -> SiloData:
-    silo, data = config.silo, config.data
-    assert silo is not None
-    if data.builtin is not None:
-        b = data.builtin
-        train, held_out = build_silo_dataset(
-            silo_index=silo.index, num_silos=silo.num_silos, domains=b.domains, partition=b.partition,
-            alpha=b.alpha, samples_per_silo=b.samples_per_silo, eval_fraction=b.eval_fraction, seed=b.seed)
-    elif data.shakespeare is not None:
-        from silo_agent.data.shakespeare import build_shakespeare_dataset  # parses ~9.5 MB: only when used
-        train, held_out = build_shakespeare_dataset(
-            silo_index=silo.index, num_silos=silo.num_silos, **data.shakespeare.model_dump())
-    elif data.labelskew is not None:
-        from silo_agent.data.classification import build_labelskew_dataset
-        train, held_out = build_labelskew_dataset(
-            silo_index=silo.index, num_silos=silo.num_silos, **data.labelskew.model_dump())
-    else:
-        assert data.train_file is not None and data.eval_file is not None
-        train, held_out = load_jsonl(data.train_file), load_jsonl(data.eval_file)
-    tokenizer = tokenizer_for(config.model)
-    for name, examples in ((("train", train), ("held_out", held_out)) if data.labelskew is not None else ()):
-        cut = count_truncation([encoded_length(tokenizer, e) for e in examples], data.max_length)
-        if cut.cut:  # a cut classification record loses its label word
-            raise DataError(f"data.labelskew: {cut.cut} {name} record(s) longer than data.max_length={data.max_length} "
-                            f"would lose their label; set max_length to {cut.longest}")
-    splits = {name: ExampleBatches(examples, tokenizer, data.max_length)
-              for name, examples in (("train", train), ("held_out", held_out))}
-    for name, batches in splits.items():
-        log_split(name, batches.truncation)
-    return SiloData(splits["train"], splits["held_out"], len(train))
-
-
-def log_split(split: str, truncation: Truncation) -> None:
-    """One line per split when a silo builds its data: INFO ``data_loaded`` when ``data.max_length``
-    keeps every record whole, WARNING ``data_truncated`` when it cuts some (a cut record loses its
-    end and its EOS, so the model is never taught to stop there; raise max_length to ``longest``)."""
-    if truncation.cut:
-        log_event(log, "data_truncated", level=logging.WARNING, split=split, **truncation.fields(),
-                  to_fix=f"set data.max_length to {truncation.longest} or shorten the records")
-    else:
-        log_event(log, "data_loaded", split=split, **truncation.fields())
-
-
-def _domain_losses(result: dict[str, tuple[float, int]]) -> list[pb.DomainLoss]:
-    return [pb.DomainLoss(domain=d, loss_sum=s, tokens=n) for d, (s, n) in sorted(result.items())]
-
-
-def _mean_loss(result: dict[str, tuple[float, int]]) -> float:
-    losses = [s / n for s, n in result.values() if n]
-    return float(np.mean(losses)) if losses else float("nan")
-
-
-def _token_loss(result: dict[str, tuple[float, int]]) -> float:
-    tokens = sum(n for _, n in result.values())
-    return sum(s for s, _ in result.values()) / tokens if tokens else float("nan")
-
-
-def reliability(global_eval: dict[str, tuple[float, int]], local_eval: dict[str, tuple[float, int]]) -> float:
-    """Relative reduction of the silo's held-out token loss by local training, bounded to [0, 1].
-
-    Pooled over the held-out tokens, not averaged over domains: a minor domain (a few examples of a
-    rule that conflicts with the silo's main one, in a Dirichlet split) keeps a minimum of held-out
-    examples and would otherwise weigh as much as the main domain. Averaged, local training looked
-    harmful to every silo of the Dirichlet benchmark from its third round on, and reliability
-    screened them all out."""
-    before, after = _token_loss(global_eval), _token_loss(local_eval)
-    if not (np.isfinite(before) and np.isfinite(after)) or before <= 0:
-        return 0.0
-    return float(min(1.0, max(0.0, (before - after) / before)))
 
 
 @dataclass
@@ -372,7 +294,7 @@ class SiloAgent:
                                      f"{self.silo.accept_modes}")
             return
         t0 = time.perf_counter()
-        global_units = self._download(task.round - 1, task.round)
+        global_units = self._download(start_version(task.round), task.round)
         if global_units is None:
             return
         key = training_key(self.run_id, task, global_units)
@@ -501,13 +423,13 @@ class SiloAgent:
                                 num_examples=self.data.num_train, eval_seconds=eval_seconds,
                                 download_seconds=download_seconds,
                                 eval_examples=self.evaluated_examples - examples_before),
-            evaluation=pb.Evaluation(global_model=_domain_losses(global_eval), local_model=_domain_losses(personal_eval)),
+            evaluation=pb.Evaluation(global_model=domain_losses(global_eval), local_model=domain_losses(personal_eval)),
             unit_norm=[unit_norm[u] for u in self.specs] if t.report_norms else [],
         )
         if self.dp is not None:  # for the operator's status page; the signed ledger is the proof
             report.privacy.CopyFrom(pb.PrivacySpent(epsilon=self.dp.budget.spent, delta=self.silo.dp.delta,
                                                     epsilon_budget=self.silo.dp.epsilon_budget))
-        log_event(log, "trained", round=task.round, global_loss=_mean_loss(global_eval), local_loss=_mean_loss(personal_eval),
+        log_event(log, "trained", round=task.round, global_loss=mean_loss(global_eval), local_loss=mean_loss(personal_eval),
                   reliability=round(rel, 4), train_s=round(result.seconds, 3), max_unit_norm=max(norms.values()),
                   evaluated=not skip, eval_examples=self.evaluated_examples - examples_before,
                   reliability_reused=not measure_reliability)
@@ -516,8 +438,8 @@ class SiloAgent:
     def _measure_conflict(self, round_: int, global_units: dict[str, np.ndarray],
                           deltas: dict[str, np.ndarray]) -> None:
         """silo.measure_conflict: how many expert updates oppose the previous global update."""
-        self.globals_seen.keep(round_ - 1, global_units)
-        direction, since = self.globals_seen.direction(round_ - 1)
+        self.globals_seen.keep(start_version(round_), global_units)
+        direction, since = self.globals_seen.direction(start_version(round_))
         experts = [str(k) for k in self.layout.units if k.is_expert]
         opposed, compared = opposed_units(deltas, direction, experts)
         self.conflicts[round_] = (opposed, compared)
@@ -527,8 +449,8 @@ class SiloAgent:
                  consensus: str) -> dict[str, np.ndarray]:
         """Silo-side projection: each unit's delta that opposes the consensus direction loses its component
         along it (before masking, so exactly); the removed part stays here for re-anchoring."""
-        self.globals_seen.keep(round_ - 1, global_units)
-        direction, since = self.globals_seen.direction(round_ - 1)
+        self.globals_seen.keep(start_version(round_), global_units)
+        direction, since = self.globals_seen.direction(start_version(round_))
         kept, removed = project_units(deltas, direction)
         self.residuals.keep(round_, removed)
         removed_norm = {u: float(np.linalg.norm(r.astype(np.float64))) for u, r in removed.items()}
@@ -742,10 +664,10 @@ class SiloAgent:
         self._load(units)
         result = self._evaluate(max_examples=task.eval_max_examples or None)
         report = pb.EvalReport(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
-                               evaluation=pb.Evaluation(global_model=_domain_losses(result)))
+                               evaluation=pb.Evaluation(global_model=domain_losses(result)))
         if self._refused("evaluation", task.round, lambda: self.client.report(report)):
             return
-        log_event(log, "final_evaluation_sent", version=task.round, global_loss=_mean_loss(result))
+        log_event(log, "final_evaluation_sent", version=task.round, global_loss=mean_loss(result))
 
 
 def _client(silo: SiloConfig) -> AggregatorClient:

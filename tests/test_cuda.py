@@ -18,7 +18,7 @@ from fcmoe.launch.inprocess import run_in_process
 from fcmoe.model import build_model
 from fcmoe.model.build import trainable_state
 from fcmoe.plan import RoundPlan
-from silo_agent.agent import load_data
+from silo_agent.data.loading import load_data
 from silo_agent.dp.ghost import GhostClipping
 from silo_agent.dp.per_sample import PerSampleGradients
 from silo_agent.personal import PersonalAdapter

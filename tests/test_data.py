@@ -394,7 +394,7 @@ def test_silo_logs_what_max_length_cuts_at_start(tmp_path: Path, caplog: pytest.
 
 
 def test_silo_logs_data_loaded_when_nothing_is_cut(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from silo_agent.agent import load_data
+    from silo_agent.data.loading import load_data
 
     caplog.set_level(logging.INFO, logger="silo_agent.agent")
     load_data(_silo_with_jsonl(tmp_path, max_length=21))  # the longest record exactly fits

@@ -14,7 +14,7 @@ import torch
 from fcmoe.config import parse_config
 from fcmoe.errors import ConfigError, DataError
 from fcmoe.model import build_model
-from silo_agent.agent import load_data
+from silo_agent.data.loading import load_data
 from silo_agent.classify import classify, label_accuracy, score_label_words, target_indices
 from silo_agent.data import ByteTokenizer, Example
 from silo_agent.data.classification import (

@@ -11,7 +11,7 @@ from fcmoe.errors import LayoutError
 from fcmoe.model import build_model
 from fcmoe.model.build import load_trainable_state, trainable_state
 from fcmoe.plan import RoundPlan
-from silo_agent.agent import load_data
+from silo_agent.data.loading import load_data
 from silo_agent.personal import PersonalAdapter, output_layer
 from silo_agent.training import evaluate, train_locally
 

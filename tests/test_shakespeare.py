@@ -14,7 +14,7 @@ import torch
 from fcmoe.config import parse_config
 from fcmoe.errors import ConfigError, DataError
 from fcmoe.model import build_model
-from silo_agent.agent import load_data
+from silo_agent.data.loading import load_data
 from silo_agent.data.shakespeare import (
     SiloSplit,
     Unit,

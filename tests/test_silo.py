@@ -10,7 +10,7 @@ from conftest import ROOT, smoke_config
 from fcmoe.config import parse_config
 from fcmoe.model import build_model
 from fcmoe.plan import RoundPlan
-from silo_agent.agent import load_data
+from silo_agent.data.loading import load_data
 from silo_agent.data import Example, write_jsonl
 from silo_agent.training import evaluate, train_locally
 from silo_agent.update import clip_units, scaled_payload, unit_deltas
@@ -167,7 +167,7 @@ def test_a_redone_attempt_reuses_training_only_for_the_same_model_and_instructio
 
 
 def test_reliability_is_the_gain_on_all_held_out_tokens_not_a_mean_over_domains():
-    from silo_agent.agent import reliability
+    from silo_agent.evaluation import reliability
 
     # the silo's main domain (100 held-out tokens) improves, its 8-token minor domain gets worse
     before = {"main": (300.0, 100), "minor": (24.0, 8)}

@@ -84,7 +84,7 @@ def test_simulate_each_silo_reads_its_own_files(tmp_path):
 def test_shipped_example_data_loads_per_silo(monkeypatch):
     """configs/examples/simulate_files.yaml (the README's snippet) from the repository root: each silo's
     role config reads its own shipped pair whole (the launcher path itself runs in the test above)."""
-    from silo_agent.agent import load_data
+    from silo_agent.data.loading import load_data
 
     monkeypatch.chdir(ROOT)  # the example's paths are relative to the repository root
     _, silos = role_configs(load_config(EXAMPLE), port=1)
