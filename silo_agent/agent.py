@@ -7,7 +7,9 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +48,7 @@ from silo_agent.training import evaluate, train_locally
 from silo_agent.update import clip_units, scaled_payload, unit_deltas
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -232,11 +235,11 @@ class SiloAgent:
 
     def _download(self, version: int, round_: int) -> dict[str, np.ndarray] | None:
         """The global model of ``version``, or None when the round moved on meanwhile."""
-        fetched: list[tuple[dict[str, np.ndarray], int]] = []
-        if self._refused("download", round_, lambda: fetched.append(
-                self.client.download(self.run_id, version, self.layout.hash, self.specs))):
+        fetched = self._fetch("download", round_,
+                              lambda: self.client.download(self.run_id, version, self.layout.hash, self.specs))
+        if fetched is None:
             return None
-        units, nbytes = fetched[0]
+        units, nbytes = fetched
         log_event(log, "global_received", version=version, bytes=nbytes)
         return units
 
@@ -580,11 +583,10 @@ class SiloAgent:
             header.ledger.CopyFrom(pb.LedgerReceipt(silo=receipt.silo, run_id=receipt.run_id, round=receipt.round,
                                                     length=receipt.length, head_hash=receipt.head_hash,
                                                     signature=receipt.signature))
-        replies: list[pb.SubmitReply] = []
-        if self._refused(what, task.round, lambda: replies.append(
-                self.client.submit(header, payload, self.silo.upload_chunk_bytes))):
+        reply = self._fetch(what, task.round, lambda: self.client.submit(header, payload, self.silo.upload_chunk_bytes))
+        if reply is None:
             return False
-        log_event(log, f"{what}_sent", round=task.round, bytes=replies[0].bytes_received)
+        log_event(log, f"{what}_sent", round=task.round, bytes=reply.bytes_received)
         return True
 
     def _share(self, task: pb.Task) -> None:
@@ -635,27 +637,31 @@ class SiloAgent:
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
-        fetched: list[tuple[dict[str, np.ndarray], int]] = []
-        if self._refused("encrypted_sums", task.round, lambda: fetched.append(self.client.download(
-                self.run_id, task.round, self.layout.hash, specs, encrypted_sums=True))):
+        fetched = self._fetch("encrypted_sums", task.round, lambda: self.client.download(
+            self.run_id, task.round, self.layout.hash, specs, encrypted_sums=True))
+        if fetched is None:
             return
         try:
-            plain = secure.decrypt(task.decrypt, fetched[0][0])
+            plain = secure.decrypt(task.decrypt, fetched[0])
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
         self._send_update(task, "decryption", plain)
 
-    def _refused(self, what: str, round_: int, send) -> bool:
-        """Send; a refusal because the round moved on is logged and survived, anything else raised."""
+    def _fetch(self, what: str, round_: int, call: Callable[[], T]) -> T | None:
+        """``call()``'s answer; None when the aggregator refused it because the round moved on (logged and
+        survived). Any other failure is raised."""
         try:
-            send()
+            return call()
         except RpcFailure as exc:
             if exc.code is None or exc.code.name not in ("FAILED_PRECONDITION", "DEADLINE_EXCEEDED", "ALREADY_EXISTS"):
                 raise
             log_event(log, f"{what}_refused", level=logging.WARNING, round=round_, reason=str(exc))
-            return True
-        return False
+            return None
+
+    def _refused(self, what: str, round_: int, send: Callable[[], object]) -> bool:
+        """Send; True when the round had moved on (see :meth:`_fetch`)."""
+        return self._fetch(what, round_, lambda: send() or True) is None
 
     def _final_evaluation(self, task: pb.Task) -> None:
         units = self._download(task.round, task.round)
