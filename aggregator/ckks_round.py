@@ -23,6 +23,8 @@ import numpy as np
 import tenseal as ts
 
 from aggregator.accumulate import Coefficients, GroupSum, UnitSums, clip_bound
+from aggregator.round_mode import Next, check_units
+from aggregator.rounds import Phase
 from aggregator.secure_round import SecureRound, bad_input
 from crypto import ckks
 from crypto.ckks import CkksError
@@ -59,6 +61,9 @@ def chunk_names(unit: str, size: int) -> list[str]:
 
 class CkksRound(SecureRound):
     """One attempt of one CKKS round, driven by the coordinator phase by phase."""
+
+    mode = "ckks"
+    can_sketch = False  # the key holder would decrypt the sketch sums too
 
     def __init__(self, run_id: str, session: int, unit_sizes: Mapping[str, int], settings: SecureAggregationConfig,
                  min_group_size: int, ca_pem: bytes, keys: CkksKeys):
@@ -104,6 +109,14 @@ class CkksRound(SecureRound):
             raise ProtocolError("no CKKS public context yet: the dealer did not answer the share phase")
         self.plan_groups(sharers, plan, minimum)
         self._clip = clip_norm
+
+    def start_stage(self, stage: str, silos: set[str], plan: Coefficients, clip_norm: float, quorum: int,
+                    sketch_buckets: int = 0) -> tuple[set[str], int]:
+        if stage != "update":
+            raise self._none(f"{stage} stage")
+        self.open_upload(silos, plan, clip_norm, quorum)
+        self.stage = stage
+        return set(self.peers), quorum
 
     def upload_instructions(self, silo: str) -> pb.UploadInstructions:
         instructions = super().upload_instructions(silo)
@@ -179,6 +192,23 @@ class CkksRound(SecureRound):
     def decryption_specs(self) -> dict[str, TensorSpec]:
         return {sum_name(unit, group): TensorSpec("float32", (self.unit_sizes[unit],))
                 for unit, group in sorted(self._sums)}
+
+    def payload_specs(self, phase: Phase, header: pb.UpdateHeader) -> dict[str, TensorSpec]:
+        if phase == Phase.DECRYPTING:
+            return check_units(header, self.decryption_specs())
+        if phase != Phase.UPLOADING:
+            raise self._none(phase.value)
+        return self.update_specs(header)
+
+    def take_payload(self, phase: Phase, silo: str, payload: Mapping[str, np.ndarray],
+                     header: pb.UpdateHeader) -> None:
+        if phase == Phase.DECRYPTING:
+            self.add_decryption(silo, payload)
+        else:  # the silo's signed digests ride in the header
+            self.add(silo, payload, header.contributions)
+
+    def after_stage(self) -> Next:
+        return Next.DECRYPT
 
     def add_decryption(self, silo: str, payload: Mapping[str, np.ndarray]) -> None:
         if silo != self.key_holder:

@@ -1,6 +1,7 @@
-"""The aggregator's run: round machine + global model + strategy + accumulator + metrics + checkpoints.
+"""The aggregator's run: round machine + global model + strategy + round mode + metrics + checkpoints.
 
-Thread-safe (one condition variable); the gRPC service calls into it from worker threads and a
+Each attempt's aggregation is a :class:`~aggregator.round_mode.RoundMode` of the configured secure
+mode; the coordinator drives its phases without asking which mode it is. Thread-safe (one condition variable); the gRPC service calls into it from worker threads and a
 single driver thread advances time (:meth:`Coordinator.step`). No gRPC types beyond the protobuf
 messages appear here, so the round logic is testable without a network.
 """
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.accumulate import (Coefficients, PlaintextAccumulator, UnitSums, floor_coefficients,
-                                   merge_small_groups)
+from aggregator.accumulate import Coefficients, UnitSums, floor_coefficients
 from aggregator.checkpoint import (ResumePoint, RunRecord, archive_previous, save_checkpoint, save_ckks_keys,
                                    write_run_record)
 from aggregator.ckks_round import CkksKeys, CkksRound
 from aggregator.masked_round import MaskedRound
+from aggregator.plain_round import PlainRound
+from aggregator.round_mode import Next, RoundMode
 from aggregator.metrics import DomainPool, MetricsLog, round_stats
 from aggregator.rounds import Event, Phase, RoundMachine
 from aggregator.status import Traffic, run_status
@@ -87,11 +89,10 @@ class Coordinator:
         self.plan: RoundPlan | None = None
         self._reports: dict[str, SiloReport] = {}
         self._coefficients: Coefficients | None = None
-        self._accumulator: PlaintextAccumulator | MaskedRound | CkksRound | None = None
         self.secure = fed.secure_aggregation
         # secure modes: the aggregator checks key adverts against the CA before relaying them
         self._ca_pem = read_pem(PkiPaths(config.aggregator.pki_dir).ca_cert) if self.secure.mode != "none" else b""
-        self._secure: MaskedRound | CkksRound | None = None  # this attempt's secure-aggregation state
+        self._round: RoundMode | None = None  # this attempt's aggregation, in the configured mode
         self._ckks_keys = CkksKeys()  # mode ckks: the run's public context and sealed key, once dealt
         self._unmask: pb.UnmaskInstructions | None = None
         self._decrypt: pb.DecryptInstructions | None = None
@@ -151,11 +152,6 @@ class Coordinator:
                 f"federation.strategy.fcmoe.sketch_buckets = {buckets}: the sketch sums of {len(self.unit_sizes)} units "
                 f"would take ~{size} bytes, over the {codec.MAX_MESSAGE_BYTES}-byte message limit; use fewer buckets")
 
-    # -- specs ---------------------------------------------------------------------------------
-    def unit_specs(self) -> dict[str, TensorSpec]:
-        return {k: TensorSpec("float32", (n,)) for k, n in self.unit_sizes.items()}
-
-
     # -- RPC entry points ----------------------------------------------------------------------
     def join(self, silo: str, request: pb.JoinRequest) -> pb.JoinReply:
         if request.layout_hash != self.layout_hash:
@@ -211,8 +207,8 @@ class Coordinator:
                 attempt = replace(self.plan, secure_mode=self.secure.mode, session=self.machine.session,
                                   skip_evaluation=not evaluates(view.round, self.config.federation.evaluation.every))
                 task.train.CopyFrom(plan_message(attempt))
-            if view.kind == "SHARE" and self._secure is not None:
-                task.share.CopyFrom(self._secure.share_instructions())
+            if view.kind == "SHARE" and self._round is not None:
+                task.share.CopyFrom(self._round.share_instructions())
             if view.kind in ("UPLOAD", "SKETCH"):
                 task.upload.CopyFrom(self._upload_instructions(silo))
             if view.kind == "CHECK" and self._check is not None:
@@ -227,15 +223,8 @@ class Coordinator:
 
     def _upload_instructions(self, silo: str) -> pb.UploadInstructions:
         """What ``silo`` multiplies by and, in secure modes, with whom it masks, in this stage."""
-        if self._secure is not None:
-            return self._secure.upload_instructions(silo)
-        sketching = self.machine.phase == Phase.SKETCHING
-        plan = self._sketch_plan if sketching else self._coefficients
-        assert plan is not None
-        units = list(self.unit_sizes)
-        return pb.UploadInstructions(units=units, coefficients=[plan.alpha[silo][u] for u in units],
-                                     stage="sketch" if sketching else "update",
-                                     sketch_buckets=self.plan.sketch_buckets if sketching and self.plan else 0)
+        assert self._round is not None
+        return self._round.upload_instructions(silo)
 
     def global_model(self, silo: str, request: pb.DownloadRequest) -> dict[str, np.ndarray]:
         self._check_run(request.run_id)
@@ -244,10 +233,9 @@ class Coordinator:
             if silo not in self.machine.joined:
                 raise ProtocolError(f"silo {silo!r} has not joined this run (join first)", "FAILED_PRECONDITION")
             if request.encrypted_sums:
-                if (not isinstance(self._secure, CkksRound) or self.machine.phase != Phase.DECRYPTING
-                        or request.round != self.machine.round):
+                if self._round is None or self.machine.phase != Phase.DECRYPTING or request.round != self.machine.round:
                     raise ProtocolError("no encrypted sums to decrypt now")
-                return self._secure.encrypted_sums(silo)
+                return self._round.encrypted_sums(silo)
             if request.round != self.machine.version:
                 raise ProtocolError(
                     f"model version {request.round} unavailable (current {self.machine.version})")
@@ -287,17 +275,10 @@ class Coordinator:
             self.machine.check(Phase.TRAINING, silo, report.round, self.clock())
             if privacy is not None:
                 self._privacy[silo] = privacy | {"round": report.round}
-            if self._secure is not None:
-                if not report.HasField("advert"):
-                    raise ProtocolError(f"secure aggregation ({self.secure.mode}) needs a key advert in the report",
-                                        "INVALID_ARGUMENT")
-                self._secure.check_advert(silo, report.advert)
-            elif report.HasField("advert"):
-                raise ProtocolError("no key advert was asked for this round", "INVALID_ARGUMENT")
+            assert self._round is not None
+            self._round.take_advert(silo, report)
             self._reports[silo] = SiloReport(report.num_examples, report.reliability,
                                              dict(zip(units, report.routing_share)), unit_norm)
-            if self._secure is not None:
-                self._secure.keep_advert(silo, report.advert)
             self.machine.record(Phase.TRAINING, silo, report.round, self.clock())
             self.metrics.record(start_version(report.round)).global_pool.add(report.evaluation.global_model)
             cur = self.metrics.record(report.round)
@@ -359,25 +340,12 @@ class Coordinator:
         return phase if phase in (Phase.DECRYPTING, Phase.SKETCHING) else Phase.UPLOADING
 
     def _update_specs(self, phase: Phase, header: pb.UpdateHeader) -> dict[str, TensorSpec]:
-        secure = self._secure
         expected = {Phase.SKETCHING: ("sketch",), Phase.UPLOADING: ("update", "")}.get(phase, ("",))
         if header.stage not in expected:
             raise ProtocolError(f"a {header.stage or 'unnamed'!r} stream while the aggregator is {phase.value}",
                                 "INVALID_ARGUMENT")
-        if phase == Phase.DECRYPTING:
-            assert isinstance(secure, CkksRound)
-            specs = secure.decryption_specs()
-        elif isinstance(secure, CkksRound):
-            return secure.update_specs(header)
-        elif isinstance(secure, MaskedRound):
-            specs = secure.update_specs()
-        elif phase == Phase.SKETCHING:
-            specs = self._sketch_specs()
-        else:
-            specs = self.unit_specs()
-        if list(header.units) != list(specs):
-            raise ProtocolError("update lists tensors that differ from what this phase expects", "INVALID_ARGUMENT")
-        return specs
+        assert self._round is not None
+        return self._round.payload_specs(phase, header)
 
     def end_update(self, silo: str) -> None:
         with self._cv:
@@ -391,20 +359,13 @@ class Coordinator:
             now = self.clock()  # one reading: a payload is either refused or counted, never both
             phase = self._update_phase()
             self.machine.check(phase, silo, header.round, now)
-            if phase == Phase.DECRYPTING:
-                assert isinstance(self._secure, CkksRound)
-                self._secure.add_decryption(silo, payload)
-            else:
-                assert self._accumulator is not None
-                if isinstance(self._accumulator, CkksRound):  # the silo's signed digests ride in the header
-                    self._accumulator.add(silo, payload, header.contributions)
-                else:
-                    self._accumulator.add(silo, payload)
+            assert self._round is not None
+            self._round.take_payload(phase, silo, payload, header)
             self.machine.record(phase, silo, header.round, now)
             stats = self.metrics.record(header.round).per_silo.setdefault(silo, {})
             what = {Phase.UPLOADING: "bytes_up", Phase.SKETCHING: "sketch_bytes"}.get(phase, "decryption_bytes")
             stats[what] = nbytes
-            if self._secure is not None and np.isfinite(header.secure_seconds) and header.secure_seconds >= 0:
+            if self.secure.mode != "none" and np.isfinite(header.secure_seconds) and header.secure_seconds >= 0:
                 stats["secure_seconds"] = header.secure_seconds
             self._cv.notify_all()
         self.traffic.add_received(silo, nbytes)
@@ -418,26 +379,23 @@ class Coordinator:
 
     def add_unmask(self, silo: str, submission: pb.UnmaskSubmission) -> None:
         """Masking, UNMASK phase: one survivor's revealed shares."""
-        self._secure_answer(Phase.UNMASKING, silo, submission, lambda secure: secure.add_reveal(silo, submission),
-                            masking_only=True)
+        self._secure_answer(Phase.UNMASKING, silo, submission, lambda secure: secure.add_reveal(silo, submission))
         log_event(log, "unmask_shares_accepted", silo=silo, round=submission.round)
 
     def add_check(self, silo: str, submission: pb.CheckSubmission) -> None:
         """Masking, CHECK phase: a survivor's signature over the stage's view and survivor list."""
-        self._secure_answer(Phase.CHECKING, silo, submission, lambda secure: secure.add_check(silo, submission),
-                            masking_only=True)
+        self._secure_answer(Phase.CHECKING, silo, submission, lambda secure: secure.add_check(silo, submission))
         log_event(log, "consistency_signature_accepted", silo=silo, round=submission.round)
 
-    def _secure_answer(self, phase: Phase, silo: str, submission, take: Callable, masking_only: bool = False) -> None:
+    def _secure_answer(self, phase: Phase, silo: str, submission, take: Callable[[RoundMode], None]) -> None:
         """One silo's answer to a secure-aggregation phase: checked against the round, handed to this
-        attempt's secure round, recorded and counted."""
+        attempt's round (which refuses a phase its mode has not), recorded and counted."""
         self._check_run(submission.run_id)
         with self._cv:
             now = self.clock()
             self.machine.check(phase, silo, submission.round, now)
-            if self._secure is None or (masking_only and not isinstance(self._secure, MaskedRound)):
-                raise ProtocolError(f"no {phase.value} in mode {self.secure.mode}")
-            take(self._secure)
+            assert self._round is not None
+            take(self._round)
             self.machine.record(phase, silo, submission.round, now)
             self._count_secure_bytes(silo, submission.round, submission.ByteSize())
             self._cv.notify_all()
@@ -530,13 +488,13 @@ class Coordinator:
     def _open_round(self, event: Event) -> None:
         m = self.machine
         self.plan = self.strategy.configure_round(m.round, self.config.federation.local, self.config.run.seed)
-        self._reports, self._coefficients, self._accumulator = {}, None, None
+        self._reports, self._coefficients = {}, None
         self._sketch_plan, self._sketch_sums, self._agreement, self._check = None, None, {}, None
         self._sketch_started = self._sketch_seconds = 0.0
         self._plan_seconds = 0.0
         self.uploads.forget_interrupted()
         self._unmask, self._decrypt = None, None
-        self._secure = self._new_secure_round()
+        self._round = self._new_round()
         self._round_started = self.clock()
         self._bytes_down = {}
         self.metrics.record(start_version(m.round)).global_pool = DomainPool()  # a retried round reports afresh
@@ -556,15 +514,15 @@ class Coordinator:
         self.metrics.record(m.version).global_pool = DomainPool()  # every silo evaluates afresh
         log_event(log, Event.EVALUATION_STARTED.value, version=m.version, silos=len(m.participants))
 
-    def _new_secure_round(self) -> MaskedRound | CkksRound | None:
-        """Fresh state for this attempt (new keys, seeds and sums); None in mode none."""
+    def _new_round(self) -> RoundMode:
+        """Fresh state for this attempt in the configured mode (new keys, seeds and sums)."""
         args = (self.run_id, self.machine.session, self.unit_sizes, self.secure,
                 self.config.federation.min_group_size, self._ca_pem)
         if self.secure.mode == "masking":
             return MaskedRound(*args)
         if self.secure.mode == "ckks":
             return CkksRound(*args, keys=self._ckks_keys)
-        return None
+        return PlainRound(self.unit_sizes, self.config.federation.min_group_size)
 
     def _next_phase(self, event: Event) -> None:
         """A collecting phase closed: plan and open the next one, or aggregate the round.
@@ -573,54 +531,52 @@ class Coordinator:
         [check -> unmask | decrypt] -> aggregate: the bracketed steps run in secure modes, and the
         sketch stage when the strategy asks for sketches (FC-MoE) and the mode can sum them (not ckks)."""
         m, now, timeout = self.machine, self.clock(), self.secure.phase_timeout_s
-        secure = self._secure
+        mode = self._round
+        assert mode is not None
         self.uploads.forget_interrupted()  # what a closed phase left unfinished is never resumed
         if event == Event.REPORTS_CLOSED:
             if evaluates(m.round, self.config.federation.evaluation.every):
                 log_event(log, "global_evaluated", version=start_version(m.round), silos=len(m.reported),
                           global_loss=self.metrics.record(start_version(m.round)).global_pool.mean())
             self._refuse_outlying_reports()
-            if secure is not None:
-                secure.open_sharing(set(self._reports))
-                minimum = secure.threshold if isinstance(secure, MaskedRound) else m.quorum
+            if mode.has_sharing:
+                minimum = mode.start_sharing(set(self._reports), m.quorum)
                 m.open_phase(Phase.SHARING, set(self._reports), minimum, now, timeout)
             else:
                 self._open_sketches_or_uploads(set(self._reports))
         elif event == Event.SHARES_CLOSED:
-            assert secure is not None
-            if isinstance(secure, CkksRound) and self._ckks_keys.public_bytes and not self._ckks_keys.saved:
+            if self._ckks_keys.public_bytes and not self._ckks_keys.saved:  # mode ckks, the run's first keys
                 save_ckks_keys(self.checkpoints, self._ckks_keys.public_bytes, self._ckks_keys.sealed_secret)
                 self._ckks_keys.saved = True  # before anything is encrypted under it
             self._open_sketches_or_uploads(m.answered[Phase.SHARING])
-        elif event == Event.SKETCHES_CLOSED and isinstance(secure, MaskedRound):
-            self._open_check()
-        elif event == Event.SKETCHES_CLOSED:
-            assert isinstance(self._accumulator, PlaintextAccumulator)
-            self._open_agreement(self._accumulator.result(), self._accumulator.members)
+        elif event in (Event.SKETCHES_CLOSED, Event.UPLOADS_CLOSED):
+            step = mode.after_stage()
+            if step == Next.CHECK:
+                self._open_check()
+            elif step == Next.DECRYPT:
+                self._decrypt = mode.decrypt_instructions()
+                m.open_phase(Phase.DECRYPTING, [mode.key_holder], 1, now, timeout)
+                log_event(log, "decryption_requested", round=m.round, key_holder=mode.key_holder,
+                          sums=len(self._decrypt.sums))
+            else:
+                self._stage_summed(mode)
         elif event == Event.CHECK_CLOSED:
-            assert isinstance(secure, MaskedRound)
-            self._unmask = secure.unmask_instructions()
-            m.open_phase(Phase.UNMASKING, secure.signers, secure.threshold, now, timeout)
-            log_event(log, "unmask_requested", round=m.round, stage=secure.stage, survivors=len(self._unmask.survivors),
+            self._unmask = mode.unmask_instructions()
+            m.open_phase(Phase.UNMASKING, mode.signers, mode.threshold, now, timeout)
+            log_event(log, "unmask_requested", round=m.round, stage=mode.stage, survivors=len(self._unmask.survivors),
                       dropped=len(self._unmask.dropped), signatures=len(self._unmask.signatures))
-        elif event == Event.UNMASK_CLOSED and isinstance(secure, MaskedRound) and secure.stage == "sketch":
-            self._open_agreement(secure.result(), secure.members)
         elif event == Event.AGREEMENT_CLOSED:
             self._open_uploads(m.answered[Phase.AGREEING])
-        elif event == Event.UPLOADS_CLOSED and isinstance(secure, MaskedRound):
-            self._open_check()
-        elif event == Event.UPLOADS_CLOSED and isinstance(secure, CkksRound):
-            self._decrypt = secure.decrypt_instructions()
-            m.open_phase(Phase.DECRYPTING, [secure.key_holder], 1, now, timeout)
-            log_event(log, "decryption_requested", round=m.round, key_holder=secure.key_holder,
-                      sums=len(self._decrypt.sums))
-        elif event == Event.UPLOADS_CLOSED:
-            assert isinstance(self._accumulator, PlaintextAccumulator)
-            sums = merge_small_groups(self._accumulator.result(), self.config.federation.min_group_size)
-            self._close_round(sums, len(self._accumulator.members))
-        else:  # the update stage's UNMASK_CLOSED, or DECRYPT_CLOSED
-            assert secure is not None
-            self._close_round(secure.result(), len(secure.members))
+        else:  # UNMASK_CLOSED or DECRYPT_CLOSED: the stage's sums are open
+            self._stage_summed(mode)
+
+    def _stage_summed(self, mode: RoundMode) -> None:
+        """The open stage's group sums are known: the sketch sums go back to the silos, the update sums
+        make the next global model."""
+        if mode.stage == "sketch":
+            self._open_agreement(mode.result(), mode.members)
+        else:
+            self._close_round(mode.result(), len(mode.members))
 
     def _refuse_outlying_reports(self) -> None:
         """Without an operator's cap, a report claiming over 10x the round's median sample count would
@@ -638,52 +594,43 @@ class Coordinator:
     def _open_sketches_or_uploads(self, silos: set[str]) -> None:
         """FC-MoE sums importance-weighted sketches first (not in mode ckks, which cannot sum them
         unseen by the key holder); every other strategy goes straight to uploads."""
-        m = self.machine
+        m, mode = self.machine, self._round
+        assert mode is not None
         reports = {s: r for s, r in self._reports.items() if s in silos}
-        if not (self.plan and self.plan.sketch_buckets) or isinstance(self._secure, CkksRound):
+        if not (self.plan and self.plan.sketch_buckets) or not mode.can_sketch:
             self._open_uploads(silos)
             return
         self._sketch_started = self.clock()
         self._sketch_plan = self._floored(self.strategy.sketch_weights(m.round, list(self.unit_sizes), reports))
-        if isinstance(self._secure, MaskedRound):
-            self._secure.open_stage("sketch", set(reports), self._sketch_plan, self._clip_norm(), m.quorum,
-                                    self.plan.sketch_buckets)
-            self._accumulator = self._secure
-            minimum = max(self._secure.threshold, m.quorum)
-        else:
-            self._accumulator = PlaintextAccumulator(self._sketch_sizes(), self._sketch_plan, self._clip_norm())
-            minimum = m.quorum
-        m.open_phase(Phase.SKETCHING, set(reports), minimum, self.clock(), m.upload_timeout_s)
+        asked, minimum = mode.start_stage("sketch", set(reports), self._sketch_plan, self._clip_norm(), m.quorum,
+                                          self.plan.sketch_buckets)
+        m.open_phase(Phase.SKETCHING, asked, minimum, self.clock(), m.upload_timeout_s)
 
     def _floored(self, plan: Coefficients) -> Coefficients:
         """Every plan, in every mode, with no member under ``min_weight_ratio`` of its group's largest
         (the silos' weight policy); secure rounds floor again after merging groups (plan_groups)."""
         return floor_coefficients(plan, self.secure.min_weight_ratio)
 
-    def _sketch_sizes(self) -> dict[str, int]:
-        return {u: self.plan.sketch_buckets if self.plan else 0 for u in self.unit_sizes}
-
-    def _sketch_specs(self) -> dict[str, TensorSpec]:
-        return {u: TensorSpec("float32", (n,)) for u, n in self._sketch_sizes().items()}
-
     def _open_check(self) -> None:
-        secure, m = self._secure, self.machine
-        assert isinstance(secure, MaskedRound)
-        self._check = secure.check_instructions()
-        m.open_phase(Phase.CHECKING, self._check.survivors, secure.threshold, self.clock(), self.secure.phase_timeout_s)
-        log_event(log, "consistency_check_requested", round=m.round, stage=secure.stage,
+        mode, m = self._round, self.machine
+        assert mode is not None
+        self._check = mode.check_instructions()
+        m.open_phase(Phase.CHECKING, self._check.survivors, mode.threshold, self.clock(), self.secure.phase_timeout_s)
+        log_event(log, "consistency_check_requested", round=m.round, stage=mode.stage,
                   survivors=len(self._check.survivors), dropped=len(self._check.dropped))
 
     def _open_agreement(self, sums: UnitSums, contributors: frozenset[str]) -> None:
         """Send every contributor the sketch sums; each answers with its own agreement scores."""
+        assert self._round is not None
         self._sketch_sums = {u: groups[0].vector for u, groups in sums.items() if 0 in groups}
         m = self.machine
-        threshold = self._secure.threshold if isinstance(self._secure, MaskedRound) else 0
-        m.open_phase(Phase.AGREEING, contributors, max(m.quorum, threshold), self.clock(), self.secure.phase_timeout_s)
+        m.open_phase(Phase.AGREEING, contributors, max(m.quorum, self._round.threshold), self.clock(),
+                     self.secure.phase_timeout_s)
         log_event(log, "sketch_sums_sent", round=m.round, silos=len(contributors))
 
     def _open_uploads(self, silos: set[str]) -> None:
-        m, secure = self.machine, self._secure
+        m, mode = self.machine, self._round
+        assert mode is not None
         if self._sketch_started:  # FC-MoE's sketch stage: from its opening to the coefficients
             self._sketch_seconds = self.clock() - self._sketch_started
         reports = {s: r for s, r in self._reports.items() if s in silos}
@@ -692,14 +639,8 @@ class Coordinator:
                                                                       self._agreement or None))
         self._plan_seconds = time.perf_counter() - started
         log_event(log, "coefficients_planned", round=m.round, silos=len(reports), **self.strategy.diagnostics)
-        if secure is None:
-            self._accumulator = PlaintextAccumulator(self.unit_sizes, self._coefficients, self._clip_norm())
-            m.open_phase(Phase.UPLOADING, set(reports), m.quorum, self.clock(), m.upload_timeout_s)
-            return
-        secure.open_upload(set(reports), self._coefficients, self._clip_norm(), m.quorum)
-        self._accumulator = secure
-        minimum = max(secure.threshold, m.quorum) if isinstance(secure, MaskedRound) else m.quorum
-        m.open_phase(Phase.UPLOADING, secure.peers, minimum, self.clock(), m.upload_timeout_s)
+        asked, minimum = mode.start_stage("update", set(reports), self._coefficients, self._clip_norm(), m.quorum)
+        m.open_phase(Phase.UPLOADING, asked, minimum, self.clock(), m.upload_timeout_s)
 
     def _clip_norm(self) -> float:
         return self.plan.clip_norm if self.plan else 0.0
@@ -729,7 +670,7 @@ class Coordinator:
         elapsed = self.clock() - self._round_started
         rec = self.metrics.record(m.round)
         rec.stats = round_stats(rec.per_silo, contributors, elapsed, self.strategy.diagnostics,
-                                secure_seconds=self._secure.seconds if self._secure is not None else 0.0,
+                                secure_seconds=self._round.seconds if self._round is not None else 0.0,
                                 plan_seconds=self._plan_seconds, sketch_stage_seconds=self._sketch_seconds,
                                 aggregate_seconds=aggregate_seconds)
         m.complete_round(self.clock())

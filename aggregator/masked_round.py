@@ -22,6 +22,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from aggregator.accumulate import Coefficients, GroupSum, UnitSums, clip_bound
+from aggregator.round_mode import Next, check_units
+from aggregator.rounds import Phase
 from aggregator.secure_round import SecureRound, bad_input
 from crypto import shamir
 from crypto.fixed_point import FixedPoint, FixedPointError, plan_fixed_point
@@ -41,6 +43,8 @@ SEALED_SHARE_BYTES = NONCE_BYTES + PACKED_SHARES_BYTES + TAG_BYTES
 
 class MaskedRound(SecureRound):
     """One attempt of one masked round, driven by the coordinator phase by phase."""
+
+    mode = "masking"
 
     def __init__(self, run_id: str, session: int, unit_sizes: Mapping[str, int], settings: SecureAggregationConfig,
                  min_group_size: int, ca_pem: bytes):
@@ -63,6 +67,10 @@ class MaskedRound(SecureRound):
     def open_sharing(self, reporters: set[str], force_dealer: bool = False) -> None:
         super().open_sharing(reporters, force_dealer)
         self.threshold = threshold_for(len(self.reporters), self.settings.threshold)
+
+    def start_sharing(self, reporters: set[str], quorum: int) -> int:
+        self.open_sharing(reporters)
+        return self.threshold  # who may drop out after sharing is the threshold's business, not the quorum's
 
     def share_instructions(self) -> pb.ShareInstructions:
         instructions = super().share_instructions()
@@ -111,6 +119,11 @@ class MaskedRound(SecureRound):
     def open_upload(self, sharers: set[str], plan: Coefficients, clip_norm: float, minimum: int = 0) -> None:
         self.open_stage("update", sharers, plan, clip_norm, minimum)
 
+    def start_stage(self, stage: str, silos: set[str], plan: Coefficients, clip_norm: float, quorum: int,
+                    sketch_buckets: int = 0) -> tuple[set[str], int]:
+        self.open_stage(stage, silos, plan, clip_norm, quorum, sketch_buckets)
+        return set(self.peers), max(self.threshold, quorum)
+
     def upload_instructions(self, silo: str) -> pb.UploadInstructions:
         assert self.fixed is not None and self.view is not None
         instructions = super().upload_instructions(silo)
@@ -125,6 +138,18 @@ class MaskedRound(SecureRound):
     def update_specs(self) -> dict[str, TensorSpec]:
         bits = self.settings.fixed_point_bits
         return {u: TensorSpec(f"uint{bits}", (n,)) for u, n in self._sizes.items()}
+
+    def payload_specs(self, phase: Phase, header: pb.UpdateHeader) -> dict[str, TensorSpec]:
+        if phase not in (Phase.UPLOADING, Phase.SKETCHING):
+            raise self._none(phase.value)
+        return check_units(header, self.update_specs())
+
+    def take_payload(self, phase: Phase, silo: str, payload: Mapping[str, np.ndarray],
+                     header: pb.UpdateHeader) -> None:
+        self.add(silo, payload)
+
+    def after_stage(self) -> Next:
+        return Next.CHECK
 
     @timed
     def add(self, silo: str, payload: Mapping[str, np.ndarray]) -> None:

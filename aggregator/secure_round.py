@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from aggregator.accumulate import Coefficients, floor_coefficients, regroup
+from aggregator.round_mode import RoundMode
 from crypto.key_agreement import NONCE_BYTES, TAG_BYTES, AdvertError, verify_advert
 from crypto.secagg import RUN_SECRET_BYTES, advert_of
 from fcmoe.config import SecureAggregationConfig
@@ -28,8 +29,10 @@ def bad_input(message: str) -> ProtocolError:
     return ProtocolError(message, "INVALID_ARGUMENT")
 
 
-class SecureRound:
+class SecureRound(RoundMode):
     """Adverts, dealing of the run secret, and the plan of who uploads in which group."""
+
+    has_sharing = True
 
     def __init__(self, run_id: str, session: int, unit_sizes: Mapping[str, int], settings: SecureAggregationConfig,
                  min_group_size: int, ca_pem: bytes):
@@ -62,6 +65,17 @@ class SecureRound:
 
     def keep_advert(self, silo: str, advert: pb.KeyAdvert) -> None:
         self._adverts[silo] = advert
+
+    def take_advert(self, silo: str, report: pb.RoundReport) -> None:
+        if not report.HasField("advert"):
+            raise ProtocolError(f"secure aggregation ({self.mode}) needs a key advert in the report",
+                                "INVALID_ARGUMENT")
+        self.check_advert(silo, report.advert)
+        self.keep_advert(silo, report.advert)
+
+    def start_sharing(self, reporters: set[str], quorum: int) -> int:
+        self.open_sharing(reporters)
+        return quorum
 
     # -- SHARING -------------------------------------------------------------------------------
     def open_sharing(self, reporters: set[str], force_dealer: bool = False) -> None:
