@@ -1,9 +1,10 @@
 """The aggregator's run: round machine + global model + strategy + round mode + metrics + checkpoints.
 
 Each attempt's aggregation is a :class:`~aggregator.round_mode.RoundMode` of the configured secure
-mode; the coordinator drives its phases without asking which mode it is. Thread-safe (one condition variable); the gRPC service calls into it from worker threads and a
-single driver thread advances time (:meth:`Coordinator.step`). No gRPC types beyond the protobuf
-messages appear here, so the round logic is testable without a network.
+mode; the coordinator drives its phases without asking which mode it is. Thread-safe (one condition
+variable); the gRPC service calls into it from worker threads and a single driver thread advances
+time (:meth:`Coordinator.step`). No gRPC types beyond the protobuf messages appear here, so the
+round logic is testable without a network.
 """
 
 from __future__ import annotations
