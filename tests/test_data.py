@@ -372,7 +372,7 @@ def _silo_with_jsonl(tmp_path: Path, max_length: int):
 
 def _data_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
     return [(r.levelname, r.getMessage()) for r in caplog.records
-            if r.name == "silo_agent.agent"
+            if r.name == "silo_agent.data.loading"
             and r.getMessage().startswith(("event=data_truncated", "event=data_loaded"))]
 
 
@@ -381,7 +381,7 @@ def test_silo_logs_what_max_length_cuts_at_start(tmp_path: Path, caplog: pytest.
     from silo_agent.agent import SiloAgent
 
     ensure_pki(tmp_path / "certs", ["silo0"])
-    caplog.set_level(logging.INFO, logger="silo_agent.agent")
+    caplog.set_level(logging.INFO, logger="silo_agent.data.loading")
     agent = SiloAgent(_silo_with_jsonl(tmp_path, max_length=12))  # real certificates; connects only when run
     agent.client.close()
     assert _data_lines(caplog) == [
@@ -396,7 +396,7 @@ def test_silo_logs_what_max_length_cuts_at_start(tmp_path: Path, caplog: pytest.
 def test_silo_logs_data_loaded_when_nothing_is_cut(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from silo_agent.data.loading import load_data
 
-    caplog.set_level(logging.INFO, logger="silo_agent.agent")
+    caplog.set_level(logging.INFO, logger="silo_agent.data.loading")
     load_data(_silo_with_jsonl(tmp_path, max_length=21))  # the longest record exactly fits
     assert _data_lines(caplog) == [
         ("INFO", "event=data_loaded split=train records=16 cut=0 max_length=21 longest=21 most_cut=0 tokens_cut=0"),
