@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -693,7 +695,20 @@ def run_silo(config: Config, progress: bool = False) -> int:
         device = rank_device(config.silo, launch.local_rank)
         if launch.rank > 0:
             setup_logging(f"silo-rank{launch.rank}", config.run.log_level)
-            return serve_rank(config, load_data(config).train, device)
+            _leave(serve_rank(config, load_data(config).train, device))
     with StopRequest() as stop:
         status = SiloAgent(config, progress=progress).run(stop.event)
-    return stop.exit_status or status
+    status = stop.exit_status or status
+    if launch is not None:
+        _leave(status)
+    return status
+
+
+def _leave(status: int) -> NoReturn:
+    """A torchrun rank's exit, once its process group is destroyed and everything is saved: without the
+    interpreter's teardown, where gloo's threads can still abort the process ("terminate called without
+    an active exception", seen after a run had completed), which torchrun would report as a failure."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
