@@ -16,7 +16,7 @@ from typing import NoReturn, TypeVar
 import numpy as np
 import torch
 
-from crypto.secagg import SecAggError, sketch_key
+from crypto.secagg import SecAggError
 from crypto.signed_log import Receipt
 from crypto.sketch import own_agreement, sketch_units
 from fcmoe.config import Config, SiloConfig
@@ -45,12 +45,14 @@ from silo_agent.personal import PersonalAdapter
 from silo_agent.projection import (GlobalHistory, ResidualBook, instruction_refusal, opposed_units, project_units,
                                    reanchor)
 from silo_agent.retention import anchor, importance_scale
+from silo_agent.round_mode import PlainRound, RunKeys, SiloRound
 from silo_agent.routing import RoutingMeter
 from silo_agent.training import evaluate, train_locally
-from silo_agent.update import clip_units, scaled_payload, unit_deltas
+from silo_agent.update import clip_units, unit_deltas
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ROUND_MODES: dict[str, type[SiloRound]] = {"none": PlainRound, "masking": MaskingSession, "ckks": CkksSession}
 
 
 @dataclass
@@ -129,12 +131,9 @@ class SiloAgent:
         self.pending: TrainedRound | None = None  # trained and reported, not uploaded yet
         self.weighted_sketches: dict[str, np.ndarray] = {}  # FC-MoE: this round's w * sketch, to score against the sum
         self.trained: TrainedRound | None = None
-        self.secure: MaskingSession | CkksSession | None = None  # this attempt's secure-aggregation state
+        self.secure: SiloRound | None = None  # this attempt's aggregation state, while this silo takes part
         self.refused_session: int | None = None  # an attempt this silo refused to take part in
-        # secure modes, kept across rounds: the run secret (dealt by a peer through the aggregator,
-        # sealed) and, mode ckks, the run's CKKS key
-        self.run_secret: bytes | None = None
-        self.ckks_context = None
+        self.run_keys = RunKeys()  # secure modes: what the silo keeps across the run's rounds
         self.total_rounds = 0
         self.dp = DpTrainer(self.silo.dp, self.silo.pki_dir, self.silo.name) if self.silo.dp.enabled else None
         if self.dp is not None:
@@ -173,7 +172,8 @@ class SiloAgent:
         self.last_reliability = None
         self.globals_seen, self.residuals = GlobalHistory(), ResidualBook()
         self.conflicts = {}
-        self.refused_session = self.run_secret = self.ckks_context = None
+        self.refused_session = None
+        self.run_keys = RunKeys()
 
     def handle(self, task: pb.Task) -> int | None:
         """Do one task; returns the exit status once the run is over, else None."""
@@ -320,18 +320,13 @@ class SiloAgent:
             if trained is None:
                 return
             self.trained = trained
-        args = (self.run_id, t.session, self.silo.name, self.silo.pki_dir, self.silo.min_group_size, self.run_secret)
-        if mode == "masking":
-            self.secure = MaskingSession(*args, min_weight_ratio=self.silo.min_weight_ratio)
-        elif mode == "ckks":
-            self.secure = CkksSession(*args, context=self.ckks_context)
-        else:
-            self.secure = None
+        self.secure = ROUND_MODES[mode].open(self.run_id, t.session, self.silo, self.run_keys)
         self.pending = trained
         report = pb.RoundReport()
         report.CopyFrom(trained.report)
-        if self.secure is not None:
-            report.advert.CopyFrom(self.secure.advert())
+        advert = self.secure.advert()
+        if advert is not None:
+            report.advert.CopyFrom(advert)
         if not self._refused("report", task.round, lambda: self.client.report_round(report)):
             log_event(log, "report_sent", round=task.round, session=t.session, reliability=round(report.reliability, 4))
 
@@ -470,51 +465,45 @@ class SiloAgent:
         self._refused("decline", task.round, lambda: self.client.decline(
             pb.DeclineRequest(run_id=self.run_id, round=task.round, reason=reason)))
 
-    def _sketch_secret(self) -> bytes:
-        """Secure modes: the key derived from the run secret (dealt with the sketch stage's instructions,
-        so every silo has it by then). Plaintext: the configured key."""
-        if self.secure is not None:
-            if self.secure.run_secret is None:
-                raise SecAggError("sketch stage without a run secret")
-            return sketch_key(self.secure.run_secret)
-        if self.sketch_secret is None:
-            raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key (shared by the silos)")
-        return self.sketch_secret
-
-    def _pending_for(self, task: pb.Task) -> TrainedRound | None:
-        pending = self.pending
-        if pending is None or pending.round != task.round:
+    def _pending_for(self, task: pb.Task) -> tuple[TrainedRound, SiloRound] | None:
+        """What this silo reported for ``task.round`` and its attempt's state; None (waited out) if nothing."""
+        pending, secure = self.pending, self.secure
+        if pending is None or secure is None or pending.round != task.round:
             # e.g. restarted after reporting, or refused the round: nothing to send; do not spin
             log_event(log, "upload_without_training", level=logging.WARNING, round=task.round)
             self._wait_out(task)
             return None
         if list(task.upload.units) != list(self.specs):
             raise ConfigError("upload instructions do not match this silo's layout")
-        return pending
+        return pending, secure
+
+    def _in_round(self, task: pb.Task) -> SiloRound | None:
+        """This attempt's state; None (waited out) when this silo is not in it (refused, or restarted)."""
+        if self.secure is None:
+            self._wait_out(task)
+        return self.secure
 
     def _sketch(self, task: pb.Task) -> None:
         """FC-MoE's sketch stage: the importance-weighted keyed sketch of every unit's delta, masked in
         secure modes (only its sum is ever unmasked); kept here to score against that sum."""
-        pending = self._pending_for(task)
-        if pending is None:
+        taking = self._pending_for(task)
+        if taking is None:
             return
-        instructions, secure = task.upload, self.secure
+        (pending, secure), instructions = taking, task.upload
         try:
-            view = secure.accept_stage(instructions) if isinstance(secure, MaskingSession) else None
-            if secure is not None:
-                self.run_secret = secure.run_secret
+            key = secure.open_sketch_stage(instructions)
+            self.run_keys = secure.kept(self.run_keys)
+            if key is None:  # plaintext: the key the silos were configured with
+                if self.sketch_secret is None:
+                    raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key (shared by the silos)")
+                key = self.sketch_secret
             # clipped like the deltas: a masked sum needs every coordinate bounded (crypto/fixed_point.py),
             # and a count-sketch of a clipped delta is only about as long as the delta
-            sketches, _ = clip_units(sketch_units(pending.deltas, self._sketch_secret(), self.run_id, task.round,
+            sketches, _ = clip_units(sketch_units(pending.deltas, key, self.run_id, task.round,
                                                   instructions.sketch_buckets), pending.clip_norm)
             weights = dict(zip(instructions.units, instructions.coefficients))
             self.weighted_sketches = {u: np.float64(weights[u]) * y.astype(np.float64) for u, y in sketches.items()}
-            if view is not None:
-                payload = secure.mask(view, sketches)
-            elif secure is None:
-                payload = {u: y.astype(np.float32) for u, y in self.weighted_sketches.items()}
-            else:
-                raise SecAggError(f"no sketch stage in mode {type(secure).__name__}")
+            payload = secure.sketch_payload(sketches, self.weighted_sketches)
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
@@ -535,11 +524,11 @@ class SiloAgent:
 
     def _check(self, task: pb.Task) -> None:
         """Consistency check: sign the view this silo masked under and the survivors it is shown."""
-        if not isinstance(self.secure, MaskingSession):
-            self._wait_out(task)
+        secure = self._in_round(task)
+        if secure is None:
             return
         try:
-            signature = self.secure.sign_view(task.check)
+            signature = secure.sign_view(task.check)
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
@@ -549,28 +538,20 @@ class SiloAgent:
                       survivors=len(task.check.survivors), dropped=len(task.check.dropped))
 
     def _upload(self, task: pb.Task) -> None:
-        pending = self._pending_for(task)
-        if pending is None:
+        taking = self._pending_for(task)
+        if taking is None:
             return
-        coefficients = dict(zip(task.upload.units, task.upload.coefficients))
-        secure = self.secure
+        pending, secure = taking
         try:
-            if isinstance(secure, MaskingSession):
-                payload = secure.masked_payload(task.upload, pending.deltas)
-            elif isinstance(secure, CkksSession):
-                payload = secure.encrypted_payload(task.upload, pending.deltas)
-                self.ckks_context = secure.context
-            else:
-                payload = scaled_payload(pending.deltas, coefficients)
+            payload = secure.update_payload(task.upload, pending.deltas)
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
-        if secure is not None:
-            self.run_secret = secure.run_secret
+        self.run_keys = secure.kept(self.run_keys)
         if self._send_update(task, "update", payload, stage="update"):
             self.pending = None
-            if isinstance(secure, CkksSession) and self.trained is not None:
-                self.trained.exposed = True  # the key holder may decrypt a sum holding it without this silo
+            if secure.exposes_on_upload and self.trained is not None:
+                self.trained.exposed = True  # e.g. the ckks key holder may decrypt a sum holding it alone
 
     def _send_update(self, task: pb.Task, what: str, payload: dict[str, np.ndarray], stage: str = "") -> bool:
         """Stream ``payload`` as this silo's update, sketch or decryption for ``task.round``; False if refused."""
@@ -578,7 +559,7 @@ class SiloAgent:
                                  units=list(payload), sizes=[v.nbytes for v in payload.values()],
                                  secure_seconds=self.secure.seconds if self.secure is not None else 0.0,
                                  stage=stage)
-        if what == "update" and isinstance(self.secure, CkksSession):  # mode ckks: each unit's signed digest
+        if what == "update" and self.secure is not None:  # mode ckks: each unit's signed digest
             header.contributions.extend(self.secure.contributions)
         if self.dp is not None:  # the ledger's anchor: the aggregator keeps it, a cut ledger is then caught
             receipt = self.dp.ledger.receipt(self.run_id, task.round)
@@ -592,18 +573,12 @@ class SiloAgent:
         return True
 
     def _share(self, task: pb.Task) -> None:
-        secure = self.secure
+        secure = self._in_round(task)
         if secure is None:
-            self._wait_out(task)
             return
         try:
-            if isinstance(secure, MaskingSession):
-                shares, secrets = secure.make_shares(task.share)
-                submission = pb.ShareSubmission(shares=shares, secrets=secrets)
-            else:
-                submission = secure.make_shares(task.share)
-                self.ckks_context = secure.context  # created here if this silo deals a fresh key
-            self.run_secret = secure.run_secret  # drawn here if this silo deals a fresh one
+            submission = secure.make_shares(task.share)
+            self.run_keys = secure.kept(self.run_keys)  # a run secret (or CKKS key) this silo deals is drawn here
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
@@ -613,11 +588,11 @@ class SiloAgent:
                       dealt=len(submission.secrets))
 
     def _reveal(self, task: pb.Task) -> None:
-        if not isinstance(self.secure, MaskingSession):
-            self._wait_out(task)
+        secure = self._in_round(task)
+        if secure is None:
             return
         try:
-            shares = self.secure.reveal(task.unmask)
+            shares = secure.reveal(task.unmask)
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
@@ -630,9 +605,8 @@ class SiloAgent:
 
     def _decrypt(self, task: pb.Task) -> None:
         """Mode ckks, this silo holds the key this round: decrypt the group sums it is sent."""
-        secure = self.secure
-        if not isinstance(secure, CkksSession):
-            self._wait_out(task)
+        secure = self._in_round(task)
+        if secure is None:
             return
         try:
             specs = secure.sum_specs(task.decrypt)

@@ -33,9 +33,11 @@ from crypto.secagg import (
     sum_chunk_name,
     sum_name,
 )
+from fcmoe.config import SiloConfig
 from fcmoe.timing import timed
 from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
+from silo_agent.round_mode import RunKeys
 from silo_agent.secure_session import SecureSession
 
 PARAMS = ckks.DEFAULT_PARAMS
@@ -45,13 +47,22 @@ CONTEXT_PURPOSE = "ckks-context"
 class CkksSession(SecureSession):
     """The CKKS key (held across rounds by the agent) and this attempt's encryption and decryption."""
 
+    mode = "ckks"
+    exposes_on_upload = True  # the round's key holder may decrypt a sum holding this update without this silo
+
     def __init__(self, run_id: str, session: int, silo: str, pki_dir, min_group_size: int,
                  run_secret: bytes | None = None, context: ts.Context | None = None):
         super().__init__(run_id, session, silo, pki_dir, min_group_size, run_secret)
         self.context = context  # the run's CKKS secret context, once created or dealt
-        self.contributions: list[pb.SignedContribution] = []  # this attempt's upload, signed per unit
         self._signed_digests: dict[str, bytes] = {}  # unit -> digest this silo signed this attempt
         self._coefficients: dict[str, dict[str, float]] = {}  # unit -> peer -> alpha (the upload plan)
+
+    @classmethod
+    def open(cls, run_id: str, session: int, silo: SiloConfig, keys: RunKeys) -> "CkksSession":
+        return cls(run_id, session, silo.name, silo.pki_dir, silo.min_group_size, keys.run_secret, keys.ckks_context)
+
+    def kept(self, before: RunKeys) -> RunKeys:
+        return RunKeys(self.run_secret, self.context)
 
     @timed
     def make_shares(self, instructions: pb.ShareInstructions) -> pb.ShareSubmission:
@@ -67,8 +78,8 @@ class CkksSession(SecureSession):
         return submission
 
     @timed
-    def encrypted_payload(self, instructions: pb.UploadInstructions,
-                          deltas: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def update_payload(self, instructions: pb.UploadInstructions,
+                       deltas: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Each unit's clipped delta as CKKS ciphertext chunks (uint8 tensors ``UNIT#CHUNK``); the
         signed digest of each unit's chunks goes to :attr:`contributions` (for the update header)."""
         view = self.accept_upload_plan(instructions, self.min_group_size)

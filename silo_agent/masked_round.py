@@ -26,7 +26,7 @@ from crypto import masking, shamir
 from crypto.fixed_point import FixedPoint, FixedPointError
 from crypto.key_agreement import ChannelError, SignatureError, open_sealed, seal, sign_as_silo, verify_silo_signature
 from crypto.secagg import (STAGES, RoundView, SecAggError, StageShares, check_bytes, mask_label, mask_seed, pack_shares,
-                           share_aad, share_x, stage_mask_public, unpack_shares,
+                           share_aad, share_x, sketch_key, stage_mask_public, unpack_shares,
                            weight_policy_violation)
 from crypto.shamir import ShamirError
 from fcmoe.timing import timed
@@ -36,6 +36,8 @@ from silo_agent.secure_session import SecureSession
 
 class MaskingSession(SecureSession):
     """Shares, masks, consistency signatures and reveals of one silo for one attempt of one round."""
+
+    mode = "masking"
 
     def __init__(self, run_id: str, session: int, silo: str, pki_dir, min_group_size: int,
                  run_secret: bytes | None = None, min_weight_ratio: float = 0.1):
@@ -51,9 +53,9 @@ class MaskingSession(SecureSession):
 
     # -- SHARE ---------------------------------------------------------------------------------
     @timed
-    def make_shares(self, instructions: pb.ShareInstructions) -> tuple[list[pb.SealedShare], list[pb.SealedShare]]:
+    def make_shares(self, instructions: pb.ShareInstructions) -> pb.ShareSubmission:
         """Verify every peer's advert, then seal shares of this silo's secrets for each peer; the
-        dealer also seals the run secret for the listed recipients. Returns (shares, secrets)."""
+        dealer also seals the run secret for the listed recipients."""
         n, t = len(instructions.adverts), instructions.threshold
         if not (t >= 2 and 2 * t > n and t <= n):
             raise SecAggError(f"threshold t={t} for n={n} silos: need a majority, 2 <= t <= n")
@@ -72,7 +74,7 @@ class MaskingSession(SecureSession):
             ciphertext = seal(self._channel_key(peer), pack_shares(mine),
                               share_aad(self.run_id, self.session, self.silo, peer))
             out.append(pb.SealedShare(sender=self.silo, recipient=peer, ciphertext=ciphertext))
-        return out, secrets
+        return pb.ShareSubmission(shares=out, secrets=secrets)
 
     # -- SKETCH / UPLOAD -----------------------------------------------------------------------
     def accept_stage(self, instructions: pb.UploadInstructions) -> RoundView:
@@ -93,10 +95,21 @@ class MaskingSession(SecureSession):
         self._views[stage] = view
         return view
 
-    def masked_payload(self, instructions: pb.UploadInstructions,
-                       vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Accept the stage, then mask ``vectors`` in it."""
-        return self.mask(self.accept_stage(instructions), vectors)
+    def open_sketch_stage(self, instructions: pb.UploadInstructions) -> bytes:
+        """Accept the sketch stage; sketches are keyed by the run secret (dealt by now to every silo)."""
+        self.accept_stage(instructions)
+        if self.run_secret is None:
+            raise SecAggError("sketch stage without a run secret")
+        return sketch_key(self.run_secret)
+
+    def sketch_payload(self, sketches: Mapping[str, np.ndarray],
+                       weighted: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.mask(self._views["sketch"], sketches)
+
+    def update_payload(self, instructions: pb.UploadInstructions,
+                       deltas: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Accept the stage, then mask ``deltas`` in it."""
+        return self.mask(self.accept_stage(instructions), deltas)
 
     @timed
     def mask(self, view: RoundView, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

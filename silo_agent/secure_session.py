@@ -11,7 +11,8 @@ and that no member of a group weighs under its ``min_weight_ratio`` of the group
 
 Any check that fails raises :class:`SecAggError`; the agent then refuses the round (it goes on
 without this silo) instead of sending something that could expose its update. Mode-specific work is
-in :mod:`silo_agent.masked_round` and :mod:`silo_agent.ckks_round`.
+in :mod:`silo_agent.masked_round` and :mod:`silo_agent.ckks_round`; the interface the agent drives
+them through is :mod:`silo_agent.round_mode`.
 """
 
 from __future__ import annotations
@@ -31,17 +32,20 @@ from crypto.key_agreement import (
 from crypto.pki import PkiPaths, read_pem
 from crypto.secagg import (RUN_SECRET_BYTES, RUN_SECRET_TAG, RoundView, SecAggError, advert_of, run_secret_digest,
                            share_aad, weight_policy_violation)
+from fcmoe.config import SiloConfig
 from fcmoe.timing import timed
 from protos import fcmoe_pb2 as pb
+from silo_agent.round_mode import RunKeys, SiloRound
 
 
-class SecureSession:
+class SecureSession(SiloRound):
     """Keys, verified peers, the run secret and the upload plan of one silo for one attempt."""
 
     def __init__(self, run_id: str, session: int, silo: str, pki_dir, min_group_size: int,
                  run_secret: bytes | None = None, min_weight_ratio: float = 0.1):
+        super().__init__(session)
         paths = PkiPaths(pki_dir)
-        self.run_id, self.session, self.silo = run_id, session, silo
+        self.run_id, self.silo = run_id, silo
         self.min_group_size = min_group_size
         self.min_weight_ratio = min_weight_ratio
         self._ca = read_pem(paths.ca_cert)
@@ -54,7 +58,14 @@ class SecureSession:
         self._certificates: dict[str, bytes] = {}  # reporter -> its certificate, verified against the own CA
         self._peers: list[str] = []  # who uploads this attempt
         self._groups: dict[str, dict[str, int]] = {}  # unit -> peer -> group
-        self.seconds = 0.0  # in secure-aggregation work this attempt (fcmoe.timing.timed)
+
+    @classmethod
+    def open(cls, run_id: str, session: int, silo: SiloConfig, keys: RunKeys) -> "SecureSession":
+        return cls(run_id, session, silo.name, silo.pki_dir, silo.min_group_size, keys.run_secret,
+                   silo.min_weight_ratio)
+
+    def kept(self, before: RunKeys) -> RunKeys:
+        return RunKeys(self.run_secret, before.ckks_context)
 
     @timed
     def advert(self) -> pb.KeyAdvert:

@@ -73,7 +73,7 @@ class Federation:
     def encrypt(self, silo: str) -> None:
         """The silo encrypts and signs its upload; the (wire) header carries its signed digests."""
         session = self.sessions[silo]
-        self.payloads[silo] = session.encrypted_payload(wire(self.agg.upload_instructions(silo)), self.deltas[silo])
+        self.payloads[silo] = session.update_payload(wire(self.agg.upload_instructions(silo)), self.deltas[silo])
         self.headers[silo] = wire(pb.UpdateHeader(run_id=RUN, contributions=session.contributions))
 
     def upload(self, silos) -> None:

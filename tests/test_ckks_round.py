@@ -54,7 +54,7 @@ def setup(pki_dir, keys=None, contexts=None, secrets=None):
 
 def upload(agg, sessions, deltas, silos):
     for s in silos:
-        payload = sessions[s].encrypted_payload(wire(agg.upload_instructions(s)), deltas[s])
+        payload = sessions[s].update_payload(wire(agg.upload_instructions(s)), deltas[s])
         agg.add(s, payload, wire(pb.UpdateHeader(contributions=sessions[s].contributions)).contributions)
 
 
@@ -101,7 +101,7 @@ def test_the_key_holder_refuses_a_sum_claiming_too_few_or_too_many_contributors(
 
 def test_a_bad_ciphertext_is_refused_and_adds_nothing(pki_dir):
     agg, sessions, deltas, _ = setup(pki_dir)
-    payload = sessions["silo1"].encrypted_payload(wire(agg.upload_instructions("silo1")), deltas["silo1"])
+    payload = sessions["silo1"].update_payload(wire(agg.upload_instructions("silo1")), deltas["silo1"])
     payload["L0.shared#0"] = np.frombuffer(b"\x00" * 64, dtype=np.uint8)
     with pytest.raises(ProtocolError, match="encrypted update refused"):
         agg.add("silo1", payload, sessions["silo1"].contributions)

@@ -67,13 +67,14 @@ def share_phase(f: Federation, sharers=None) -> None:
     f.aggregator.open_sharing(set(f.sessions))
     instructions = wire(f.aggregator.share_instructions())
     for s in sharers if sharers is not None else f.sessions:
-        shares, secrets = f.sessions[s].make_shares(instructions)
-        f.aggregator.add_shares(s, wire(pb.ShareSubmission(run_id=RUN, round=1, shares=shares, secrets=secrets)))
+        submission = f.sessions[s].make_shares(instructions)
+        submission.run_id, submission.round = RUN, 1
+        f.aggregator.add_shares(s, wire(submission))
 
 
 def upload_phase(f: Federation, uploaders) -> None:
     for s in uploaders:
-        payload = f.sessions[s].masked_payload(wire(f.aggregator.upload_instructions(s)), f.deltas[s])
+        payload = f.sessions[s].update_payload(wire(f.aggregator.upload_instructions(s)), f.deltas[s])
         f.aggregator.add(s, payload)
 
 
@@ -229,7 +230,7 @@ def test_a_tampered_sealed_share_is_refused_by_its_recipient(pki_dir):
     blob[20] ^= 1
     instructions.shares[0].ciphertext = bytes(blob)
     with pytest.raises(SecAggError, match="does not open"):
-        f.sessions["silo0"].masked_payload(instructions, f.deltas["silo0"])
+        f.sessions["silo0"].update_payload(instructions, f.deltas["silo0"])
 
 
 def test_attack_a_second_unmask_of_the_same_stage_is_refused(pki_dir):
@@ -257,7 +258,7 @@ def test_nothing_the_aggregator_holds_before_unmasking_correlates_with_a_delta(p
     fixed = f.aggregator.fixed
     held = []
     for s in NAMES[:3]:
-        payload = f.sessions[s].masked_payload(wire(f.aggregator.upload_instructions(s)), f.deltas[s])
+        payload = f.sessions[s].update_payload(wire(f.aggregator.upload_instructions(s)), f.deltas[s])
         held.append(payload["L0.E0"])  # what arrives on the wire
         f.aggregator.add(s, payload)
         held.append(f.aggregator._sums[("L0.E0", 0)].copy())  # the running masked sum it stores
@@ -297,11 +298,11 @@ def test_a_run_secret_from_anyone_but_the_dealer_is_refused(pki_dir):
     instructions = wire(f.aggregator.upload_instructions("silo2"))
     instructions.run_secret.sender = "silo1"  # relabelled by the relay
     with pytest.raises(SecAggError, match="the dealer is 'silo0'"):
-        f.sessions["silo2"].masked_payload(instructions, f.deltas["silo2"])
+        f.sessions["silo2"].update_payload(instructions, f.deltas["silo2"])
     forged = wire(f.aggregator.upload_instructions("silo2"))
     forged.run_secret.ciphertext = bytes(len(forged.run_secret.ciphertext))
     with pytest.raises(SecAggError, match="run secret from 'silo0' does not open"):
-        f.sessions["silo2"].masked_payload(forged, f.deltas["silo2"])
+        f.sessions["silo2"].update_payload(forged, f.deltas["silo2"])
 
 
 # -- attacks by a malicious aggregator (docs/threat-model.md, table of attacks) ----------------------
@@ -322,9 +323,9 @@ def test_attack_split_views_of_the_groups_never_unmask(pki_dir):
     honest = {s: wire(f.aggregator.upload_instructions(s)) for s in NAMES[:n]}
     lied = wire(honest["silo0"])  # silo0 is told the others are split into two groups
     lied.groups[:] = [0, 0, 0, 1, 1]
-    f.aggregator.add("silo0", f.sessions["silo0"].masked_payload(lied, f.deltas["silo0"]))
+    f.aggregator.add("silo0", f.sessions["silo0"].update_payload(lied, f.deltas["silo0"]))
     for s in NAMES[1:n]:
-        f.aggregator.add(s, f.sessions[s].masked_payload(honest[s], f.deltas[s]))
+        f.aggregator.add(s, f.sessions[s].update_payload(honest[s], f.deltas[s]))
     check = f.aggregator.check_instructions()
     signatures = _sign_all(f, check, NAMES[:n])
     unmask = pb.UnmaskInstructions(survivors=check.survivors, dropped=check.dropped, stage="update",
@@ -371,14 +372,14 @@ def test_attack_isolating_weights_are_refused_before_masking(pki_dir):
         forged.peer_coefficients[:] = [1.0, 0.0, 0.0]
         forged.coefficients[:] = [forged.peer_coefficients[NAMES.index(s)]]
         with pytest.raises(SecAggError, match="a member weighs 0 of the largest coefficient, under the minimum ratio 0.1"):
-            f.sessions[s].masked_payload(forged, f.deltas[s])
+            f.sessions[s].update_payload(forged, f.deltas[s])
     other = federation(pki_dir, 3, {"L0.E0": 16})
     share_phase(other)
     other.aggregator.open_upload(set(NAMES[:3]), other.plan, CLIP)
     mismatch = wire(other.aggregator.upload_instructions("silo1"))
     mismatch.coefficients[:] = [5.0]
     with pytest.raises(SecAggError, match="coefficients differ from its row"):
-        other.sessions["silo1"].masked_payload(mismatch, other.deltas["silo1"])
+        other.sessions["silo1"].update_payload(mismatch, other.deltas["silo1"])
 
 
 def test_honest_plans_are_floored_so_the_weight_policy_never_trips(pki_dir):
@@ -405,7 +406,7 @@ def test_attack_a_silo_that_survives_the_sketch_stage_and_drops_out_later_stays_
     f.aggregator.open_stage("sketch", set(NAMES[:n]), weights, CLIP, sketch_buckets=16)
     held = {}
     for s in NAMES[:n]:
-        payload = f.sessions[s].masked_payload(wire(f.aggregator.upload_instructions(s)), sketches[s])
+        payload = f.sessions[s].update_payload(wire(f.aggregator.upload_instructions(s)), sketches[s])
         held[s] = payload["L0.E0"]  # what a malicious aggregator keeps
         f.aggregator.add(s, payload)
     sketch_sums = unmask_phase(f)

@@ -24,6 +24,7 @@ from protos import codec
 from protos import fcmoe_pb2 as pb
 from silo_agent.agent import SiloAgent
 from silo_agent.client import RpcFailure
+from silo_agent.round_mode import RunKeys
 
 T = TypeVar("T")
 
@@ -149,7 +150,7 @@ def run_in_process(aggregator_config: Config, silo_configs: list[Config],
         assert config.silo is not None
         agents.append(SiloAgent(config, transport=InProcessTransport(coordinator, config.silo.name)))
     for agent in agents:
-        agent.run_secret = run_secret
+        agent.run_keys = RunKeys(run_secret=run_secret)
         agent.join()
     active = list(agents)
     try:
