@@ -40,7 +40,7 @@ chromium:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    $(APT_CHROMIUM) >/dev/null || { apt-get update -q >/dev/null && $(APT_CHROMIUM) >/dev/null; } \
-	      || echo "note: apt-get could not install chromium (tests/test_monitor.py's browser test needs it)"; \
+	      || echo "note: apt-get could not install chromium (tests/integration/test_monitor.py's browser test needs it)"; \
 	  else echo "note: chromium missing; as root: apt-get install chromium (the status page's browser test)"; fi; }
 
 demo: venv
@@ -53,7 +53,7 @@ test: venv
 # docs/models.md's table of Hugging Face MoE families, from what the family tests measure (every family)
 families-table: venv
 	rm -f .families.jsonl
-	FCMOE_FULL_MATRIX=1 FCMOE_FAMILY_ROWS=.families.jsonl $(BIN)/python -m pytest -q tests/test_families.py
+	FCMOE_FULL_MATRIX=1 FCMOE_FAMILY_ROWS=.families.jsonl $(BIN)/python -m pytest -q tests/integration/test_families.py
 	$(BIN)/python tools/family_table.py .families.jsonl docs/models.md
 	rm -f .families.jsonl
 

@@ -40,7 +40,7 @@ Releasing decryptions (noise flooding). Li and Micciancio (Eurocrypt 2021) recov
 from exact decryptions of ciphertexts the attacker knows, and a key holder that decrypts whatever it
 is sent gives the key away outright: ``(c0, c1) = (0, t)``, built from the public parameters,
 decrypts to ``t * s``, and two such ciphertexts reveal every coefficient of ``s``
-(tests/test_attack_ckks.py does this against the old code). :func:`decrypt_sum` therefore
+(tests/integration/test_attack_ckks.py does this against the old code). :func:`decrypt_sum` therefore
 (1) decrypts every chunk to all its complex slots and refuses the chunk if the imaginary parts have
 l2 norm over ``B``: a sum of encrypted real vectors has imaginary parts that are decryption error
 only, while a crafted ciphertext's key-dependent part ``c1 * s`` has slot values of unknown phase,
@@ -56,7 +56,7 @@ a proof), and each refusal tells the aggregator one bit (refused or not) about t
 never happens in an honest run, so it is proof of a malicious aggregator.
 Cost: sigma is ``2**-18 * sqrt(sum max(1, |w_i|)**2) ~ 3.8e-6 * sqrt(sum ...)`` per coordinate of
 a group sum, e.g. 6.6e-6 for 3 contributors with weights up to 1 and 7.6e-6 for 4 (measured std
-7.5e-6, largest of 5300 coordinates 2.8e-5, tests/test_attack_ckks.py); after division by the
+7.5e-6, largest of 5300 coordinates 2.8e-5, tests/integration/test_attack_ckks.py); after division by the
 group's total weight the global model moves by about that much per coordinate.
 
 Untrusted bytes. Every context or ciphertext that arrives from elsewhere is size-limited by

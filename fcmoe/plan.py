@@ -2,7 +2,7 @@
 
 The strategy makes it (:meth:`RoundPlan.for_round`, then its own settings), the coordinator adds
 what the attempt decides (mode, session, whether to evaluate) and sends it as ``TrainInstructions``
-(protos/plan.py converts by field name, so the two cannot drift: tests/test_protos.py), the silo
+(protos/plan.py converts by field name, so the two cannot drift: tests/unit/protos/test_plan.py), the silo
 reads it back and trains with :meth:`RoundPlan.for_silo`. Both seed derivations live here.
 """
 

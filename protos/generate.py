@@ -1,7 +1,7 @@
 """Regenerate the Python modules from protos/fcmoe.proto with grpcio-tools.
 
 The generated modules are committed so that running the project needs no code generation;
-tests/test_protos.py regenerates into a temporary folder and fails when the committed ones are stale.
+tests/unit/protos/test_generate.py regenerates into a temporary folder and fails when the committed ones are stale.
 Run: ``python -m protos.generate``.
 """
 

@@ -1,7 +1,7 @@
 """A round's plan on the wire: :class:`fcmoe.plan.RoundPlan` <-> ``TrainInstructions``, field by name.
 
 The two carry the same fields (the round aside, which travels in the Task), so a field added to one
-and not the other fails tests/test_protos.py instead of being dropped silently.
+and not the other fails tests/unit/protos/test_plan.py instead of being dropped silently.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Helpers of the tests that kill a real aggregator process and restart it (tests/test_crash_resume.py,
-tests/test_restart_matrix.py): the process, its configs, the silos driven task by task, its logs and
+"""Helpers of the tests that kill a real aggregator process and restart it (tests/integration/test_crash_resume.py,
+tests/integration/test_restart_matrix.py): the process, its configs, the silos driven task by task, its logs and
 metrics, and the uninterrupted run a resumed one must end as.
 
 Imported like conftest (``from restarts import ...``); the fixture ``aggregator_process`` is imported

@@ -1,4 +1,4 @@
-"""Write docs/models.md's table of Hugging Face MoE families from what tests/test_families.py measured.
+"""Write docs/models.md's table of Hugging Face MoE families from what tests/integration/test_families.py measured.
 
 ``make families-table`` runs the family tests with ``FCMOE_FAMILY_ROWS=FILE`` (each passing case
 appends one JSON row: what trains, what DP supports) and then this script, which replaces the text

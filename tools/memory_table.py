@@ -3,7 +3,7 @@
 ``make memory-table`` runs this script: for each ``configs/checkpoints/*.yaml`` it plans the silo's
 training (:mod:`fcmoe.model.memory_plan`, the same figures as ``fcmoe plan-memory``) at 1, 2, 4 and 8
 GPUs and replaces the text between the table markers in docs/operations.md. The table is never
-edited by hand; tests/test_memory_plan.py checks that it is current.
+edited by hand; tests/unit/fcmoe/model/test_memory_plan.py checks that it is current.
 """
 
 from __future__ import annotations

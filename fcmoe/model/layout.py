@@ -7,12 +7,12 @@ shared experts) forms one *shared unit* per layer (``layer = -1`` for model-wide
 PEFT's ``ParamWrapper`` (peft 0.21) reads a fused tensor's LoRA factors as
 ``lora_A [E*r, in] -> (E, r, in)`` (expert e owns rows e*r .. e*r+r-1) and
 ``lora_B [out, r*E] -> (out, r, E)`` (expert e owns the *interleaved* columns e, e+E, e+2E, ...).
-Slicing B in contiguous blocks would mix experts; tests/test_layout.py checks the effective weights.
+Slicing B in contiguous blocks would mix experts; tests/unit/fcmoe/model/test_layout.py checks the effective weights.
 On 2-D stacked experts (``[E*I, H]``, DBRX) LoRA is one low-rank map of the whole stack: B's rows are
 per expert, A is shared by all of them and sits in the layer's shared unit.
 
 Which tensors are experts, and which decoder layer a parameter is in, come from
-:func:`fcmoe.model.discovery.discover`; tests/test_families.py checks the layout of every family.
+:func:`fcmoe.model.discovery.discover`; tests/integration/test_families.py checks the layout of every family.
 
 The layout is derived from the model structure alone (names and shapes, never values), so both roles
 compute it identically from the same config; its hash travels in every message.

@@ -314,7 +314,7 @@ def read_model(spec: ModelConfig) -> ModelShape:
 def _layer_activation(element: nn.Module, moe: MoeLayer | None, hidden: int, heads: int, head_dim: int, s: int,
                       top_k: int, experts: int, trainable: TrainableConfig, partial: bool) -> int:
     """Bytes autograd keeps per token in one decoder layer (checked against a measured peak in
-    tests/test_memory_plan.py):
+    tests/unit/fcmoe/model/test_memory_plan.py):
 
     * each RMSNorm/LayerNorm: its float32 input copy (4 bytes per normalised value);
     * attention (SDPA): q, k, v and the output (every projection's output but the last, plus the last
