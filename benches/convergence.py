@@ -124,8 +124,8 @@ def conflict_fractions(agents: list, rounds: int) -> list[float | None]:
     global update is negative (silo.measure_conflict); None before there is a previous update."""
     out: list[float | None] = []
     for r in range(1, rounds + 1):
-        opposed = sum(a.conflicts.get(r, (0, 0))[0] for a in agents)
-        compared = sum(a.conflicts.get(r, (0, 0))[1] for a in agents)
+        opposed = sum(a.state.conflicts.get(r, (0, 0))[0] for a in agents)
+        compared = sum(a.state.conflicts.get(r, (0, 0))[1] for a in agents)
         out.append(opposed / compared if compared else None)
     return out
 

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NoReturn, TypeVar
 
 import numpy as np
@@ -75,6 +75,29 @@ class TrainedRound:
         return self.key[1]
 
 
+@dataclass
+class RunState:
+    """What a silo keeps from round to round of the run it is in; a new run starts from a fresh one.
+    None of it leaves the silo as such: the aggregator sees only what each report and upload carry."""
+
+    local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
+    local_shares: dict[str, float] | None = None  # its routing shares then (retention by importance)
+    last_reliability: float | None = None  # from the last round that evaluated (federation.evaluation)
+    adapter: PersonalAdapter | None = None  # retention: this silo's personal adapter, never uploaded
+    # silo-side projection (FC-MoE's paper variant): the last two globals (their difference is the
+    # consensus direction) and what the projection removed per round (re-anchored next round)
+    globals_seen: GlobalHistory = field(default_factory=GlobalHistory)
+    residuals: ResidualBook = field(default_factory=ResidualBook)
+    conflicts: dict[int, tuple[int, int]] = field(default_factory=dict)  # silo.measure_conflict: round -> counts
+    trained: TrainedRound | None = None  # the last training, resent by a redone attempt of its round
+    run_keys: RunKeys = field(default_factory=RunKeys)  # secure modes: the run secret, the CKKS key
+    # the current attempt
+    secure: SiloRound | None = None  # its aggregation state, while this silo takes part
+    pending: TrainedRound | None = None  # trained and reported, not uploaded yet
+    weighted_sketches: dict[str, np.ndarray] = field(default_factory=dict)  # FC-MoE: w * sketch, scored against the sum
+    refused_session: int | None = None  # an attempt this silo refused to take part in
+
+
 def training_key(run_id: str, task: pb.Task, global_units: dict[str, np.ndarray]) -> tuple[str, int, bytes, bytes]:
     """What makes two attempts the same training: run, round, global model and instructions (the
     attempt's session aside) — an operator who changed the settings before a restart gets a new one."""
@@ -85,6 +108,9 @@ def training_key(run_id: str, task: pb.Task, global_units: dict[str, np.ndarray]
 
 
 class SiloAgent:
+    """One silo: its model, data and training ranks for the life of the process, a :class:`RunState` for
+    the run it is in, and one task of the aggregator's at a time (:meth:`handle`)."""
+
     def __init__(self, config: Config, progress: bool = False, transport=None):
         if config.silo is None:
             raise ConfigError("silo section missing: a silo needs silo.name, silo.aggregator and silo.pki_dir")
@@ -119,22 +145,9 @@ class SiloAgent:
                       if self.world_size > 1 else None)
         self.sketch_secret = bytes.fromhex(self.silo.sketch_key) if self.silo.sketch_key else None
         self.run_id = ""
-        self.local_units: dict[str, np.ndarray] | None = None  # this silo's model after its last training
-        self.local_shares: dict[str, float] | None = None
-        self.last_reliability: float | None = None  # measured in the last round that evaluated (federation.evaluation)
-        self.evaluated_examples = 0  # held-out examples run through a model so far (every pass), for the reports
-        self.adapter: PersonalAdapter | None = None  # retention: this silo's personal adapter, never uploaded
-        # silo-side projection (FC-MoE's paper variant): the last two globals (their difference is the
-        # consensus direction) and what the projection removed per round (re-anchored next round)
-        self.globals_seen, self.residuals = GlobalHistory(), ResidualBook()
-        self.conflicts: dict[int, tuple[int, int]] = {}  # silo.measure_conflict: round -> (opposed, compared)
-        self.pending: TrainedRound | None = None  # trained and reported, not uploaded yet
-        self.weighted_sketches: dict[str, np.ndarray] = {}  # FC-MoE: this round's w * sketch, to score against the sum
-        self.trained: TrainedRound | None = None
-        self.secure: SiloRound | None = None  # this attempt's aggregation state, while this silo takes part
-        self.refused_session: int | None = None  # an attempt this silo refused to take part in
-        self.run_keys = RunKeys()  # secure modes: what the silo keeps across the run's rounds
         self.total_rounds = 0
+        self.state = RunState()  # what this silo keeps of the run it is in
+        self.evaluated_examples = 0  # held-out examples run through a model so far (every pass), for the reports
         self.dp = DpTrainer(self.silo.dp, self.silo.pki_dir, self.silo.name) if self.silo.dp.enabled else None
         if self.dp is not None:
             check_private_step(self.model, self.device)
@@ -161,26 +174,19 @@ class SiloAgent:
                 raise
         again = bool(self.run_id)
         if again and reply.run_id != self.run_id:
-            self._forget_run()
+            self.state = RunState()  # another run: nothing of the last one carries over
         self.run_id = reply.run_id
         self.total_rounds = reply.total_rounds
         log_event(log, "rejoined" if again else "joined", silo=reply.silo_name, run_id=reply.run_id,
                   rounds=reply.total_rounds, layout=self.layout.hash[:12], train_examples=self.data.num_train)
 
-    def _forget_run(self) -> None:
-        self.local_units = self.local_shares = self.adapter = self.pending = self.trained = self.secure = None
-        self.last_reliability = None
-        self.globals_seen, self.residuals = GlobalHistory(), ResidualBook()
-        self.conflicts = {}
-        self.refused_session = None
-        self.run_keys = RunKeys()
 
     def handle(self, task: pb.Task) -> int | None:
         """Do one task; returns the exit status once the run is over, else None."""
         if task.kind == pb.Task.JOIN:
             self.join()
         elif task.kind == pb.Task.TRAIN:
-            if task.train.session == self.refused_session and task.train.session:
+            if task.train.session == self.state.refused_session and task.train.session:
                 self._wait_out(task)
             else:
                 self._train_and_report(task)
@@ -248,16 +254,16 @@ class SiloAgent:
     def _save_model(self, label: str) -> None:
         """silo.save: this silo's last trained model (and personal adapter) as ``silo-NAME/label``, in the
         form ``fcmoe export`` reads (fcmoe/model/saved.py); nothing before the first training."""
-        if self.local_units is None or self.trained is None:
+        if self.state.local_units is None or self.state.trained is None:
             return
-        adapter = self.adapter
-        state = {"run_id": self.run_id, "round": self.trained.round, "layout_hash": self.layout.hash,
+        adapter = self.state.adapter
+        state = {"run_id": self.run_id, "round": self.state.trained.round, "layout_hash": self.layout.hash,
                  "silo": self.silo.name, "personal_used": adapter is not None and adapter.helps,
                  "personal_gain": None if adapter is None else adapter.gain}
         personal = None if adapter is None else adapter.residual.weight.detach().float().cpu().numpy()
         folder = save_silo_model(silo_folder(self.config.run.output_dir, self.silo.name), label,
-                                 model_record(self.config, "silo"), self.local_units, state, personal)
-        log_event(log, "model_saved", folder=str(folder), round=self.trained.round, personal=state["personal_used"])
+                                 model_record(self.config, "silo"), self.state.local_units, state, personal)
+        log_event(log, "model_saved", folder=str(folder), round=self.state.trained.round, personal=state["personal_used"])
 
     def _load(self, units: dict[str, np.ndarray]) -> None:
         load_trainable_state(self.model, self.layout.merge(units))
@@ -277,9 +283,9 @@ class SiloAgent:
             log_event(log, "personal_adapter_skipped", round=round_,
                       reason="dp" if self.dp is not None else "world_size > 1")
             return None
-        if self.adapter is None:
-            self.adapter = PersonalAdapter.for_model(self.model, t.learning_rate, t.weight_decay)
-        return self.adapter
+        if self.state.adapter is None:
+            self.state.adapter = PersonalAdapter.for_model(self.model, t.learning_rate, t.weight_decay)
+        return self.state.adapter
 
     def _wait_out(self, task: pb.Task) -> None:
         """Nothing to do for this task (refused, or restarted mid-round): wait for the phase to move on."""
@@ -287,8 +293,8 @@ class SiloAgent:
 
     def _refuse_round(self, task: pb.Task, reason: str) -> None:
         """Stay out of this attempt; the round goes on without this silo."""
-        self.refused_session = self.secure.session if self.secure is not None else task.train.session
-        self.secure, self.pending = None, None
+        self.state.refused_session = self.state.secure.session if self.state.secure is not None else task.train.session
+        self.state.secure, self.state.pending = None, None
         log_event(log, "round_refused", level=logging.WARNING, round=task.round, reason=reason)
 
     def _train_and_report(self, task: pb.Task) -> None:
@@ -303,7 +309,7 @@ class SiloAgent:
         if global_units is None:
             return
         key = training_key(self.run_id, task, global_units)
-        trained = self.trained
+        trained = self.state.trained
         if trained is not None and trained.key == key and not trained.exposed:
             log_event(log, "training_reused", round=task.round, session=t.session,
                       reason="a redone attempt of a round already trained from this global model")
@@ -319,12 +325,12 @@ class SiloAgent:
             trained = self._train(task, global_units, key, time.perf_counter() - t0, retrain)
             if trained is None:
                 return
-            self.trained = trained
-        self.secure = ROUND_MODES[mode].open(self.run_id, t.session, self.silo, self.run_keys)
-        self.pending = trained
+            self.state.trained = trained
+        self.state.secure = ROUND_MODES[mode].open(self.run_id, t.session, self.silo, self.state.run_keys)
+        self.state.pending = trained
         report = pb.RoundReport()
         report.CopyFrom(trained.report)
-        advert = self.secure.advert()
+        advert = self.state.secure.advert()
         if advert is not None:
             report.advert.CopyFrom(advert)
         if not self._refused("report", task.round, lambda: self.client.report_round(report)):
@@ -353,7 +359,7 @@ class SiloAgent:
         # (FC-MoE): routing on the global model over the capped subset, and reliability only when this silo
         # has none from an evaluated round to reuse (docs/algorithm.md, "Evaluation cost").
         skip = t.skip_evaluation
-        measure_reliability = not skip or (t.needs_signals and self.last_reliability is None)
+        measure_reliability = not skip or (t.needs_signals and self.state.last_reliability is None)
         # Routing share is measured here, under the global model: how this silo's data uses each expert
         # of the model being aggregated (the router that local training drifts to is not kept).
         self.meter.reset()
@@ -362,11 +368,11 @@ class SiloAgent:
                        if measure_reliability or metered else {})
         eval_seconds = time.perf_counter() - t1
         start_units = global_units
-        if t.retention_lambda > 0 and self.local_units is not None:
-            scale = importance_scale(self.local_shares) if t.retention_by_importance and self.local_shares else None
-            start_units = anchor(global_units, self.local_units, t.retention_lambda, scale)
+        if t.retention_lambda > 0 and self.state.local_units is not None:
+            scale = importance_scale(self.state.local_shares) if t.retention_by_importance and self.state.local_shares else None
+            start_units = anchor(global_units, self.state.local_units, t.retention_lambda, scale)
             self._load(start_units)
-        if t.reanchor_lambda > 0 and (residual := self.residuals.before(task.round)) is not None:
+        if t.reanchor_lambda > 0 and (residual := self.state.residuals.before(task.round)) is not None:
             # the paper's re-anchoring: what silo-side projection removed last time, lambda of it
             start_units = reanchor(start_units, residual, t.reanchor_lambda)
             self._load(start_units)
@@ -395,29 +401,29 @@ class SiloAgent:
             if adapter.helps and not skip:
                 personal_eval = self._evaluate(adapter, max_examples=cap)
         eval_seconds += time.perf_counter() - t2
-        self.local_units = self.layout.split(trainable_state(self.model))
+        self.state.local_units = self.layout.split(trainable_state(self.model))
         # What this round taught the silo; the retained residual (start - global) stays here.
-        deltas, norms = clip_units(unit_deltas(self.local_units, start_units), t.clip_norm)
+        deltas, norms = clip_units(unit_deltas(self.state.local_units, start_units), t.clip_norm)
         unit_norm = {u: float(np.linalg.norm(d.astype(np.float64))) for u, d in deltas.items()}  # before projecting
         if self.silo.measure_conflict:
             self._measure_conflict(task.round, global_units, deltas)
         if t.silo_projection:
             deltas = self._project(task.round, global_units, deltas, t.silo_projection)
         # Under DP the released importance is post-processing of the privatised delta (dp/importance.py)
-        self.local_shares = norm_shares(deltas) if privacy is not None else self.meter.shares(self.layout)
+        self.state.local_shares = norm_shares(deltas) if privacy is not None else self.meter.shares(self.layout)
         if self.dp is not None and privacy is not None:
             self.dp.record(self.run_id, task.round, t.session, privacy, deltas)
             result = replace(result, loss_first=math.nan, loss_last=math.nan)  # training losses stay here
         if measure_reliability:
-            rel = self.last_reliability = reliability(global_eval, local_eval)
+            rel = self.state.last_reliability = reliability(global_eval, local_eval)
         else:
-            rel = self.last_reliability if self.last_reliability is not None else 0.0
+            rel = self.state.last_reliability if self.state.last_reliability is not None else 0.0
         if skip:  # the losses of a signals pass are not a metrics evaluation: they stay here
             global_eval = personal_eval = {}
         report = pb.RoundReport(
             run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
             num_examples=float(self.data.num_train), reliability=rel, units=list(self.specs),
-            routing_share=[self.local_shares[u] for u in self.specs],
+            routing_share=[self.state.local_shares[u] for u in self.specs],
             stats=pb.TrainStats(steps=result.steps, tokens=result.tokens, train_seconds=result.seconds,
                                 train_loss_first=result.loss_first, train_loss_last=result.loss_last,
                                 num_examples=self.data.num_train, eval_seconds=eval_seconds,
@@ -438,21 +444,21 @@ class SiloAgent:
     def _measure_conflict(self, round_: int, global_units: dict[str, np.ndarray],
                           deltas: dict[str, np.ndarray]) -> None:
         """silo.measure_conflict: how many expert updates oppose the previous global update."""
-        self.globals_seen.keep(start_version(round_), global_units)
-        direction, since = self.globals_seen.direction(start_version(round_))
+        self.state.globals_seen.keep(start_version(round_), global_units)
+        direction, since = self.state.globals_seen.direction(start_version(round_))
         experts = [str(k) for k in self.layout.units if k.is_expert]
         opposed, compared = opposed_units(deltas, direction, experts)
-        self.conflicts[round_] = (opposed, compared)
+        self.state.conflicts[round_] = (opposed, compared)
         log_event(log, "update_conflict", round=round_, opposed=opposed, compared=compared, since_version=since)
 
     def _project(self, round_: int, global_units: dict[str, np.ndarray], deltas: dict[str, np.ndarray],
                  consensus: str) -> dict[str, np.ndarray]:
         """Silo-side projection: each unit's delta that opposes the consensus direction loses its component
         along it (before masking, so exactly); the removed part stays here for re-anchoring."""
-        self.globals_seen.keep(start_version(round_), global_units)
-        direction, since = self.globals_seen.direction(start_version(round_))
+        self.state.globals_seen.keep(start_version(round_), global_units)
+        direction, since = self.state.globals_seen.direction(start_version(round_))
         kept, removed = project_units(deltas, direction)
-        self.residuals.keep(round_, removed)
+        self.state.residuals.keep(round_, removed)
         removed_norm = {u: float(np.linalg.norm(r.astype(np.float64))) for u, r in removed.items()}
         log_event(log, "silo_projection", round=round_, consensus=consensus, since_version=since,
                   projected=sum(n > 0 for n in removed_norm.values()), units=len(removed_norm),
@@ -460,14 +466,14 @@ class SiloAgent:
         return kept
 
     def _decline(self, task: pb.Task, reason: str) -> None:
-        self.refused_session = task.train.session
+        self.state.refused_session = task.train.session
         log_event(log, "round_declined", level=logging.WARNING, round=task.round, reason=reason)
         self._refused("decline", task.round, lambda: self.client.decline(
             pb.DeclineRequest(run_id=self.run_id, round=task.round, reason=reason)))
 
     def _pending_for(self, task: pb.Task) -> tuple[TrainedRound, SiloRound] | None:
         """What this silo reported for ``task.round`` and its attempt's state; None (waited out) if nothing."""
-        pending, secure = self.pending, self.secure
+        pending, secure = self.state.pending, self.state.secure
         if pending is None or secure is None or pending.round != task.round:
             # e.g. restarted after reporting, or refused the round: nothing to send; do not spin
             log_event(log, "upload_without_training", level=logging.WARNING, round=task.round)
@@ -479,9 +485,9 @@ class SiloAgent:
 
     def _in_round(self, task: pb.Task) -> SiloRound | None:
         """This attempt's state; None (waited out) when this silo is not in it (refused, or restarted)."""
-        if self.secure is None:
+        if self.state.secure is None:
             self._wait_out(task)
-        return self.secure
+        return self.state.secure
 
     def _sketch(self, task: pb.Task) -> None:
         """FC-MoE's sketch stage: the importance-weighted keyed sketch of every unit's delta, masked in
@@ -492,7 +498,7 @@ class SiloAgent:
         (pending, secure), instructions = taking, task.upload
         try:
             key = secure.open_sketch_stage(instructions)
-            self.run_keys = secure.kept(self.run_keys)
+            self.state.run_keys = secure.kept(self.state.run_keys)
             if key is None:  # plaintext: the key the silos were configured with
                 if self.sketch_secret is None:
                     raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key (shared by the silos)")
@@ -502,8 +508,8 @@ class SiloAgent:
             sketches, _ = clip_units(sketch_units(pending.deltas, key, self.run_id, task.round,
                                                   instructions.sketch_buckets), pending.clip_norm)
             weights = dict(zip(instructions.units, instructions.coefficients))
-            self.weighted_sketches = {u: np.float64(weights[u]) * y.astype(np.float64) for u, y in sketches.items()}
-            payload = secure.sketch_payload(sketches, self.weighted_sketches)
+            self.state.weighted_sketches = {u: np.float64(weights[u]) * y.astype(np.float64) for u, y in sketches.items()}
+            payload = secure.sketch_payload(sketches, self.state.weighted_sketches)
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
@@ -511,12 +517,12 @@ class SiloAgent:
 
     def _agree(self, task: pb.Task) -> None:
         """Score this silo's own sketch against the sketch sums; only the scalars leave the silo."""
-        if self.pending is None or self.pending.round != task.round or not self.weighted_sketches:
+        if self.state.pending is None or self.state.pending.round != task.round or not self.state.weighted_sketches:
             self._wait_out(task)
             return
-        specs = {u: codec.TensorSpec("float32", y.shape) for u, y in self.weighted_sketches.items()}
+        specs = {u: codec.TensorSpec("float32", y.shape) for u, y in self.state.weighted_sketches.items()}
         sums = codec.decode(task.agree.sketch_sums, specs)
-        scores = [own_agreement(self.weighted_sketches[u], sums[u]) for u in self.specs]
+        scores = [own_agreement(self.state.weighted_sketches[u], sums[u]) for u in self.specs]
         submission = pb.AgreementSubmission(run_id=self.run_id, round=task.round, units=list(self.specs),
                                             agreement=scores)
         if not self._refused("agreement", task.round, lambda: self.client.submit_agreement(submission)):
@@ -547,20 +553,20 @@ class SiloAgent:
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
-        self.run_keys = secure.kept(self.run_keys)
+        self.state.run_keys = secure.kept(self.state.run_keys)
         if self._send_update(task, "update", payload, stage="update"):
-            self.pending = None
-            if secure.exposes_on_upload and self.trained is not None:
-                self.trained.exposed = True  # e.g. the ckks key holder may decrypt a sum holding it alone
+            self.state.pending = None
+            if secure.exposes_on_upload and self.state.trained is not None:
+                self.state.trained.exposed = True  # e.g. the ckks key holder may decrypt a sum holding it alone
 
     def _send_update(self, task: pb.Task, what: str, payload: dict[str, np.ndarray], stage: str = "") -> bool:
         """Stream ``payload`` as this silo's update, sketch or decryption for ``task.round``; False if refused."""
         header = pb.UpdateHeader(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
                                  units=list(payload), sizes=[v.nbytes for v in payload.values()],
-                                 secure_seconds=self.secure.seconds if self.secure is not None else 0.0,
+                                 secure_seconds=self.state.secure.seconds if self.state.secure is not None else 0.0,
                                  stage=stage)
-        if what == "update" and self.secure is not None:  # mode ckks: each unit's signed digest
-            header.contributions.extend(self.secure.contributions)
+        if what == "update" and self.state.secure is not None:  # mode ckks: each unit's signed digest
+            header.contributions.extend(self.state.secure.contributions)
         if self.dp is not None:  # the ledger's anchor: the aggregator keeps it, a cut ledger is then caught
             receipt = self.dp.ledger.receipt(self.run_id, task.round)
             header.ledger.CopyFrom(pb.LedgerReceipt(silo=receipt.silo, run_id=receipt.run_id, round=receipt.round,
@@ -578,7 +584,7 @@ class SiloAgent:
             return
         try:
             submission = secure.make_shares(task.share)
-            self.run_keys = secure.kept(self.run_keys)  # a run secret (or CKKS key) this silo deals is drawn here
+            self.state.run_keys = secure.kept(self.state.run_keys)  # a run secret (or CKKS key) this silo deals is drawn here
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
@@ -596,8 +602,8 @@ class SiloAgent:
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
-        if self.trained is not None and self.trained.round == task.round:
-            self.trained.exposed = True  # a sum holding this round's contribution may now be unmasked
+        if self.state.trained is not None and self.state.trained.round == task.round:
+            self.state.trained.exposed = True  # a sum holding this round's contribution may now be unmasked
         submission = pb.UnmaskSubmission(run_id=self.run_id, round=task.round, shares=shares)
         if not self._refused("unmask", task.round, lambda: self.client.submit_unmask(submission)):
             log_event(log, "unmask_sent", round=task.round, survivors=len(task.unmask.survivors),

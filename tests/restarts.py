@@ -153,8 +153,8 @@ class Federation(TaskDriver):
         if task.kind == K.SHARE and task.share.want_ckks_context:
             self.ckks_key_requests.add(self.aggregator.starts)
         super().handle(agent, task)
-        if task.kind == K.TRAIN and agent.trained is not None and agent.trained.round == task.round:
-            self.retrains[(agent.silo.name, task.round)] = agent.trained.retrain
+        if task.kind == K.TRAIN and agent.state.trained is not None and agent.state.trained.round == task.round:
+            self.retrains[(agent.silo.name, task.round)] = agent.state.trained.retrain
 
     def finish(self, timeout_s: float = 240) -> None:
         super().finish(lambda: self.aggregator.proc.poll() is None, timeout_s)

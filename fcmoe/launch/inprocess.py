@@ -150,7 +150,7 @@ def run_in_process(aggregator_config: Config, silo_configs: list[Config],
         assert config.silo is not None
         agents.append(SiloAgent(config, transport=InProcessTransport(coordinator, config.silo.name)))
     for agent in agents:
-        agent.run_keys = RunKeys(run_secret=run_secret)
+        agent.state.run_keys = RunKeys(run_secret=run_secret)
         agent.join()
     active = list(agents)
     try:

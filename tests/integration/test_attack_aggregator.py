@@ -98,7 +98,7 @@ def test_attack_the_aggregators_entire_input_reveals_no_silo_delta_or_sketch(tmp
                 assert total.count >= 3 and min(alphas) >= 0.1 * max(alphas) * (1 - 1e-9)
 
     # every array the aggregator received, against every silo's delta and weighted sketch
-    secrets = {a.silo.name: {"update": a.trained.deltas, "sketch": a.weighted_sketches} for a in agents}
+    secrets = {a.silo.name: {"update": a.state.trained.deltas, "sketch": a.state.weighted_sketches} for a in agents}
     kinds = {what for what, _, _ in received}
     assert {"stream-sketch", "stream-update", "add_report", "add_check", "add_unmask", "add_agreement"} <= kinds
     checked = coincidences = compared = 0

@@ -27,13 +27,13 @@ def test_attack_a_decrypt_task_sent_to_a_masking_silo_gets_nothing_and_it_leaves
     try:
         driver.run_until(K.UPLOAD, 1)  # every silo trained, reported and shared; uploads are open
         victim = driver.agents[0]
-        session = victim.secure.session
+        session = victim.state.secure.session
         sent: list[str] = []
         victim.client.submit = lambda *a, **k: sent.append("submit")
         victim.client.download = lambda *a, **k: sent.append("download")
         victim.handle(pb.Task(kind=K.DECRYPT, round=1, decrypt=pb.DecryptInstructions(
             sums=[pb.EncryptedSum(unit=next(iter(victim.specs)), group=0, length=8, chunk_bytes=[64])])))
-        assert victim.secure is None and victim.pending is None and victim.refused_session == session
+        assert victim.state.secure is None and victim.state.pending is None and victim.state.refused_session == session
         assert any("no decryption in mode masking" in r.getMessage() for r in caplog.records)
         victim.handle(victim.client.get_task(victim.run_id, wait_s=0.5))  # its UPLOAD task: waited out
         assert sent == []

@@ -270,9 +270,9 @@ def test_silo_side_projection_and_reanchoring_in_process(tmp_path, caplog, mode)
     assert sum(int(p["projected"]) for p in later) > 0 and max(float(p["removed_norm"]) for p in later) > 0
     # silo.measure_conflict counts the same opposed expert updates (every LoRA unit here is an expert's)
     for agent in agents:
-        assert agent.conflicts[1] == (0, 0)  # no previous global update yet
-        assert all(agent.conflicts[r][1] > 0 for r in (2, 3, 4))
-    assert (sum(agent.conflicts[r][0] for agent in agents for r in (2, 3, 4))
+        assert agent.state.conflicts[1] == (0, 0)  # no previous global update yet
+        assert all(agent.state.conflicts[r][1] > 0 for r in (2, 3, 4))
+    assert (sum(agent.state.conflicts[r][0] for agent in agents for r in (2, 3, 4))
             == sum(int(p["projected"]) for p in later))
     reanchored = [dict(re.findall(r"(\w+)=(\S+)", r.getMessage())) for r in caplog.records
                   if "event=reanchored" in r.getMessage()]

@@ -197,7 +197,7 @@ def test_killed_in_every_phase_each_run_completes_and_ends_as_an_uninterrupted_o
     aggregator, silos, fed, record = _run(tmp_path / "compared", aggregator_process, setup, mode, compared)
     same: dict = {"run_id": record["run_id"]}
     if SETUPS[setup][1]["name"] == "fcmoe" and mode == "masking":  # the sketches' key
-        held = {agent.run_keys.run_secret for agent in fed.agents}
+        held = {agent.state.run_keys.run_secret for agent in fed.agents}
         assert len(held) == 1 and None not in held, "the silos do not hold one run secret"
         same["run_secret"] = held.pop()
     assert_same_as_uninterrupted(aggregator, silos, tmp_path / "compared", atol=ATOL[mode], **same)
