@@ -41,6 +41,21 @@ def smoke_config(tmp_path: Path, strategy: dict | None = None, **federation) -> 
     return parse_config(data)
 
 
+def jsonl_config(tmp_path: Path) -> Config:
+    """configs/smoke.yaml for one silo reading two small JSONL files (two domains) written under tmp_path."""
+    from silo_agent.data import Example, write_jsonl
+
+    train = [Example("", "the quick brown fox", "prose"), Example("2+2=", "4", "maths")] * 8
+    held_out = [Example("", "jumps over the dog", "prose"), Example("3+3=", "6", "maths")] * 2
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "eval.jsonl", held_out)
+    data = smoke_config(tmp_path).model_dump(mode="json")
+    data["data"] = {"builtin": None, "train_file": str(tmp_path / "train.jsonl"),
+                    "eval_file": str(tmp_path / "eval.jsonl"), "max_length": 32}
+    data["silo"] = {"name": "silo0"}
+    return parse_config(data)
+
+
 def silo_config(config: Config, name: str, port: int, index: int = 0, num_silos: int = 3) -> Config:
     data = config.model_dump(mode="json")
     data["silo"] = {"name": name, "aggregator": f"127.0.0.1:{port}", "pki_dir": data["aggregator"]["pki_dir"],

@@ -1,30 +1,16 @@
 """silo_agent/routing.py: routing shares per layer, padding ignored, a silent layer a loud error."""
 
 import torch
-from conftest import smoke_config
+from conftest import jsonl_config
 
-from fcmoe.config import parse_config
 from fcmoe.model import build_model
-from silo_agent.data import Example, write_jsonl
-
-
-def _jsonl_config(tmp_path):
-    train = [Example("", "the quick brown fox", "prose"), Example("2+2=", "4", "maths")] * 8
-    held_out = [Example("", "jumps over the dog", "prose"), Example("3+3=", "6", "maths")] * 2
-    write_jsonl(tmp_path / "train.jsonl", train)
-    write_jsonl(tmp_path / "eval.jsonl", held_out)
-    data = smoke_config(tmp_path).model_dump(mode="json")
-    data["data"] = {"builtin": None, "train_file": str(tmp_path / "train.jsonl"),
-                    "eval_file": str(tmp_path / "eval.jsonl"), "max_length": 32}
-    data["silo"] = {"name": "silo0"}
-    return parse_config(data)
 
 
 def test_routing_meter_shares_sum_to_one_per_layer_and_ignore_padding(tmp_path):
     from fcmoe.model import ExpertLayout
     from silo_agent.routing import RoutingMeter
 
-    config = _jsonl_config(tmp_path)
+    config = jsonl_config(tmp_path)
     model = build_model(config.model)
     layout = ExpertLayout.from_model(model)
     meter = RoutingMeter()
@@ -51,7 +37,7 @@ def test_routing_meter_fails_loudly_when_no_layer_reports_its_routing(tmp_path, 
     from fcmoe.errors import LayoutError
     from silo_agent import routing
 
-    model = build_model(_jsonl_config(tmp_path).model)
+    model = build_model(jsonl_config(tmp_path).model)
     monkeypatch.setattr(routing, "_index_and_weights", lambda args, kwargs: None)
     with pytest.raises(LayoutError, match=r"routing meter: .* ran 1 forward pass\(es\) and none of its 2 MoE layers"):
         with routing.RoutingMeter().attached(model):

@@ -1,30 +1,16 @@
 """silo_agent/training.py: a JSONL silo trains and evaluates per domain; FedProx keeps it nearer its start."""
 
 import torch
-from conftest import smoke_config
+from conftest import jsonl_config
 
-from fcmoe.config import parse_config
 from fcmoe.model import build_model
 from fcmoe.plan import RoundPlan
-from silo_agent.data import Example, write_jsonl
 from silo_agent.data.loading import load_data
 from silo_agent.training import evaluate, train_locally
 
 
-def _jsonl_config(tmp_path):
-    train = [Example("", "the quick brown fox", "prose"), Example("2+2=", "4", "maths")] * 8
-    held_out = [Example("", "jumps over the dog", "prose"), Example("3+3=", "6", "maths")] * 2
-    write_jsonl(tmp_path / "train.jsonl", train)
-    write_jsonl(tmp_path / "eval.jsonl", held_out)
-    data = smoke_config(tmp_path).model_dump(mode="json")
-    data["data"] = {"builtin": None, "train_file": str(tmp_path / "train.jsonl"),
-                    "eval_file": str(tmp_path / "eval.jsonl"), "max_length": 32}
-    data["silo"] = {"name": "silo0"}
-    return parse_config(data)
-
-
 def test_jsonl_silo_trains_and_evaluates_per_domain(tmp_path):
-    config = _jsonl_config(tmp_path)
+    config = jsonl_config(tmp_path)
     data = load_data(config)
     assert data.num_train == 16 and sorted(set(data.eval.domains)) == ["maths", "prose"]
     model = build_model(config.model)
@@ -39,7 +25,7 @@ def test_jsonl_silo_trains_and_evaluates_per_domain(tmp_path):
 
 
 def test_fedprox_term_keeps_model_closer_to_start(tmp_path):
-    config = _jsonl_config(tmp_path)
+    config = jsonl_config(tmp_path)
     data = load_data(config)
     distances = []
     for mu in (0.0, 50.0):
