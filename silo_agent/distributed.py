@@ -443,7 +443,11 @@ class _Replica:
         _broadcast_into(self.params, agent_model, self.device)
         result = self._train(data, plan, progress)
         if self.setup.parallel == "fsdp":  # gather the trainable tensors only; rank 0 keeps them
-            trained = {n: p.full_tensor() for n, p in self.params}
+            trained = {}
+            for name, param in self.params:
+                whole = param.full_tensor()  # a collective: every rank takes part, the others drop it at once
+                if agent_model is not None:
+                    trained[name] = whole
             if agent_model is not None:
                 load_trainable_state(agent_model, trained)
         release_host_memory()
