@@ -18,11 +18,16 @@ from fcmoe.errors import ProtocolError
 
 @dataclass(frozen=True)
 class GroupSum:
-    """``sum_i alpha_i,u delta_i,u`` over a group's contributors, ``sum_i alpha_i,u`` and their count."""
+    """``sum_i alpha_i,u delta_i,u`` over a group's contributors, ``sum_i alpha_i,u`` and their count.
+    The vector is float64, the precision sums are taken in, until the strategy's result becomes the
+    float32 global model: one cast, at the end."""
 
     vector: np.ndarray
     weight: float
     count: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vector", np.asarray(self.vector, dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ def weighted_mean(groups: Mapping[int, GroupSum]) -> np.ndarray:
     weight = total_weight(groups)
     if weight <= 0:
         raise ProtocolError("no weight in any group; nothing to average")
-    return (sum(g.vector.astype(np.float64) for g in groups.values()) / weight).astype(np.float32)
+    return (sum(g.vector for g in groups.values()) / weight).astype(np.float32)
 
 
 def merge_small_groups(sums: UnitSums, min_group_size: int) -> dict[str, dict[int, GroupSum]]:
@@ -53,7 +58,7 @@ def merge_small_groups(sums: UnitSums, min_group_size: int) -> dict[str, dict[in
     out: dict[str, dict[int, GroupSum]] = {}
     for unit, groups in sums.items():
         if len(groups) > 1 and min(g.count for g in groups.values()) < min_group_size:
-            merged = GroupSum(sum(g.vector.astype(np.float64) for g in groups.values()).astype(np.float32),
+            merged = GroupSum(sum(g.vector for g in groups.values()),
                               total_weight(groups), sum(g.count for g in groups.values()))
             out[unit] = {0: merged}
         else:
@@ -144,6 +149,6 @@ class PlaintextAccumulator:
     def result(self) -> dict[str, dict[int, GroupSum]]:
         out: dict[str, dict[int, GroupSum]] = {u: {} for u in self._sizes}
         for (unit, group), vec in self._sums.items():
-            out[unit][group] = GroupSum(vec.astype(np.float32), self._weights[(unit, group)],
+            out[unit][group] = GroupSum(vec, self._weights[(unit, group)],
                                         self._counts[(unit, group)])
         return out

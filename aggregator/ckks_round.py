@@ -224,8 +224,9 @@ class CkksRound(SecureRound):
             if vector is None or not np.all(np.isfinite(vector)):
                 raise ProtocolError(f"unit {unit} group {group}: no finite decrypted sum")
             bound = sum(clip_bound(self.plan.alpha[s][unit], self._clip) for s in silos)
-            if float(np.linalg.norm(vector.astype(np.float64))) > bound + DECRYPTION_ERROR * np.sqrt(vector.size):
+            vector = np.asarray(vector, dtype=np.float64)
+            if float(np.linalg.norm(vector)) > bound + DECRYPTION_ERROR * np.sqrt(vector.size):
                 raise ProtocolError(f"unit {unit} group {group}: decrypted sum exceeds its clip bound")
-            out[unit][group] = GroupSum(vector.astype(np.float32),
+            out[unit][group] = GroupSum(vector,
                                         float(sum(self.plan.alpha[s][unit] for s in silos)), len(silos))
         return out

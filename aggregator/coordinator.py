@@ -623,7 +623,7 @@ class Coordinator:
     def _open_agreement(self, sums: UnitSums, contributors: frozenset[str]) -> None:
         """Send every contributor the sketch sums; each answers with its own agreement scores."""
         assert self._round is not None
-        self._sketch_sums = {u: groups[0].vector for u, groups in sums.items() if 0 in groups}
+        self._sketch_sums = {u: groups[0].vector.astype(np.float32) for u, groups in sums.items() if 0 in groups}
         m = self.machine
         m.open_phase(Phase.AGREEING, contributors, max(m.quorum, self._round.threshold), self.clock(),
                      self.secure.phase_timeout_s)

@@ -266,7 +266,7 @@ class MaskedRound(SecureRound):
                 if float(np.linalg.norm(vector)) > bound:
                     raise ProtocolError(f"unit {unit} group {group}: unmasked {self.stage} sum exceeds its clip bound "
                                         "(a wrong share or payload)")
-                out[unit][group] = GroupSum(vector.astype(np.float32), weight, len(alive))
+                out[unit][group] = GroupSum(vector, weight, len(alive))
         except (ShamirError, SecAggError, MaskingError, AdvertError) as exc:
             raise ProtocolError(f"unmasking failed: {exc}") from None
         return out

@@ -15,13 +15,13 @@ from aggregator.strategies.fcmoe.consensus import CONFLICT, CONSENSUS
 
 
 def project_off(vector: np.ndarray, direction: np.ndarray) -> np.ndarray:
-    """``vector`` minus its component along ``direction`` if they oppose; unchanged otherwise."""
-    v = vector.astype(np.float64)
-    d = direction.astype(np.float64)
+    """``vector`` minus its component along ``direction`` if they oppose; unchanged otherwise (float64)."""
+    v = np.asarray(vector, dtype=np.float64)
+    d = np.asarray(direction, dtype=np.float64)
     dot, norm2 = float(v @ d), float(d @ d)
     if dot >= 0 or norm2 == 0:
-        return vector
-    return (v - (dot / norm2) * d).astype(np.float32)
+        return v
+    return v - (dot / norm2) * d
 
 
 def combine(groups: Mapping[int, GroupSum], project: bool) -> np.ndarray:
@@ -31,7 +31,6 @@ def combine(groups: Mapping[int, GroupSum], project: bool) -> np.ndarray:
         raise ValueError("no weight in any group")
     consensus, conflict = groups.get(CONSENSUS), groups.get(CONFLICT)
     if consensus is None or conflict is None:
-        total = sum(g.vector.astype(np.float64) for g in groups.values())
-        return (total / weight).astype(np.float32)
+        return (sum(g.vector for g in groups.values()) / weight).astype(np.float32)
     conflict_vec = project_off(conflict.vector, consensus.vector) if project else conflict.vector
-    return ((consensus.vector.astype(np.float64) + conflict_vec) / weight).astype(np.float32)
+    return ((consensus.vector + conflict_vec) / weight).astype(np.float32)
