@@ -180,7 +180,6 @@ class SiloAgent:
         log_event(log, "rejoined" if again else "joined", silo=reply.silo_name, run_id=reply.run_id,
                   rounds=reply.total_rounds, layout=self.layout.hash[:12], train_examples=self.data.num_train)
 
-
     def handle(self, task: pb.Task) -> int | None:
         """Do one task; returns the exit status once the run is over, else None."""
         if task.kind == pb.Task.JOIN:
@@ -263,7 +262,8 @@ class SiloAgent:
         personal = None if adapter is None else adapter.residual.weight.detach().float().cpu().numpy()
         folder = save_silo_model(silo_folder(self.config.run.output_dir, self.silo.name), label,
                                  model_record(self.config, "silo"), self.state.local_units, state, personal)
-        log_event(log, "model_saved", folder=str(folder), round=self.state.trained.round, personal=state["personal_used"])
+        log_event(log, "model_saved", folder=str(folder), round=self.state.trained.round,
+                  personal=state["personal_used"])
 
     def _load(self, units: dict[str, np.ndarray]) -> None:
         load_trainable_state(self.model, self.layout.merge(units))
@@ -369,7 +369,8 @@ class SiloAgent:
         eval_seconds = time.perf_counter() - t1
         start_units = global_units
         if t.retention_lambda > 0 and self.state.local_units is not None:
-            scale = importance_scale(self.state.local_shares) if t.retention_by_importance and self.state.local_shares else None
+            shares = self.state.local_shares
+            scale = importance_scale(shares) if t.retention_by_importance and shares else None
             start_units = anchor(global_units, self.state.local_units, t.retention_lambda, scale)
             self._load(start_units)
         if t.reanchor_lambda > 0 and (residual := self.state.residuals.before(task.round)) is not None:
@@ -501,14 +502,16 @@ class SiloAgent:
             self.state.run_keys = secure.kept(self.state.run_keys)
             if key is None:  # plaintext: the key the silos were configured with
                 if self.sketch_secret is None:
-                    raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key (shared by the silos)")
+                    raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key "
+                                      "(shared by the silos)")
                 key = self.sketch_secret
             # clipped like the deltas: a masked sum needs every coordinate bounded (crypto/fixed_point.py),
             # and a count-sketch of a clipped delta is only about as long as the delta
             sketches, _ = clip_units(sketch_units(pending.deltas, key, self.run_id, task.round,
                                                   instructions.sketch_buckets), pending.clip_norm)
             weights = dict(zip(instructions.units, instructions.coefficients))
-            self.state.weighted_sketches = {u: np.float64(weights[u]) * y.astype(np.float64) for u, y in sketches.items()}
+            self.state.weighted_sketches = {u: np.float64(weights[u]) * y.astype(np.float64)
+                                            for u, y in sketches.items()}
             payload = secure.sketch_payload(sketches, self.state.weighted_sketches)
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
@@ -584,7 +587,7 @@ class SiloAgent:
             return
         try:
             submission = secure.make_shares(task.share)
-            self.state.run_keys = secure.kept(self.state.run_keys)  # a run secret (or CKKS key) this silo deals is drawn here
+            self.state.run_keys = secure.kept(self.state.run_keys)  # a run secret (CKKS key) it deals is drawn here
         except SecAggError as exc:
             self._refuse_round(task, str(exc))
             return
