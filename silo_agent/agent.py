@@ -333,7 +333,7 @@ class SiloAgent:
         advert = self.state.secure.advert()
         if advert is not None:
             report.advert.CopyFrom(advert)
-        if not self._refused("report", task.round, lambda: self.client.report_round(report)):
+        if self._sent("report", task.round, lambda: self.client.report_round(report)):
             log_event(log, "report_sent", round=task.round, session=t.session, reliability=round(report.reliability, 4))
 
     def _train(self, task: pb.Task, global_units: dict[str, np.ndarray], key: tuple[str, int, bytes, bytes],
@@ -469,7 +469,7 @@ class SiloAgent:
     def _decline(self, task: pb.Task, reason: str) -> None:
         self.state.refused_session = task.train.session
         log_event(log, "round_declined", level=logging.WARNING, round=task.round, reason=reason)
-        self._refused("decline", task.round, lambda: self.client.decline(
+        self._sent("decline", task.round, lambda: self.client.decline(
             pb.DeclineRequest(run_id=self.run_id, round=task.round, reason=reason)))
 
     def _pending_for(self, task: pb.Task) -> tuple[TrainedRound, SiloRound] | None:
@@ -528,7 +528,7 @@ class SiloAgent:
         scores = [own_agreement(self.state.weighted_sketches[u], sums[u]) for u in self.specs]
         submission = pb.AgreementSubmission(run_id=self.run_id, round=task.round, units=list(self.specs),
                                             agreement=scores)
-        if not self._refused("agreement", task.round, lambda: self.client.submit_agreement(submission)):
+        if self._sent("agreement", task.round, lambda: self.client.submit_agreement(submission)):
             log_event(log, "agreement_sent", round=task.round, mean=round(float(np.mean(scores)), 4))
 
     def _check(self, task: pb.Task) -> None:
@@ -542,7 +542,7 @@ class SiloAgent:
             self._refuse_round(task, str(exc))
             return
         submission = pb.CheckSubmission(run_id=self.run_id, round=task.round, signature=signature)
-        if not self._refused("check", task.round, lambda: self.client.submit_check(submission)):
+        if self._sent("check", task.round, lambda: self.client.submit_check(submission)):
             log_event(log, "view_signed", round=task.round, stage=task.check.stage,
                       survivors=len(task.check.survivors), dropped=len(task.check.dropped))
 
@@ -592,7 +592,7 @@ class SiloAgent:
             self._refuse_round(task, str(exc))
             return
         submission.run_id, submission.round = self.run_id, task.round
-        if not self._refused("shares", task.round, lambda: self.client.submit_shares(submission)):
+        if self._sent("shares", task.round, lambda: self.client.submit_shares(submission)):
             log_event(log, "shares_sent", round=task.round, peers=len(submission.shares),
                       dealt=len(submission.secrets))
 
@@ -608,7 +608,7 @@ class SiloAgent:
         if self.state.trained is not None and self.state.trained.round == task.round:
             self.state.trained.exposed = True  # a sum holding this round's contribution may now be unmasked
         submission = pb.UnmaskSubmission(run_id=self.run_id, round=task.round, shares=shares)
-        if not self._refused("unmask", task.round, lambda: self.client.submit_unmask(submission)):
+        if self._sent("unmask", task.round, lambda: self.client.submit_unmask(submission)):
             log_event(log, "unmask_sent", round=task.round, survivors=len(task.unmask.survivors),
                       dropped=len(task.unmask.dropped))
 
@@ -644,9 +644,13 @@ class SiloAgent:
             log_event(log, f"{what}_refused", level=logging.WARNING, round=round_, reason=str(exc))
             return None
 
-    def _refused(self, what: str, round_: int, send: Callable[[], object]) -> bool:
-        """Send; True when the round had moved on (see :meth:`_fetch`)."""
-        return self._fetch(what, round_, lambda: send() or True) is None
+    def _sent(self, what: str, round_: int, send: Callable[[], object]) -> bool:
+        """Send; False when the aggregator refused it because the round had moved on (see :meth:`_fetch`)."""
+        def sending() -> bool:
+            send()
+            return True
+
+        return self._fetch(what, round_, sending) is not None
 
     def _final_evaluation(self, task: pb.Task) -> None:
         units = self._download(task.round, task.round)
@@ -656,7 +660,7 @@ class SiloAgent:
         result = self._evaluate(max_examples=task.eval_max_examples or None)
         report = pb.EvalReport(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
                                evaluation=pb.Evaluation(global_model=domain_losses(result)))
-        if self._refused("evaluation", task.round, lambda: self.client.report(report)):
+        if not self._sent("evaluation", task.round, lambda: self.client.report(report)):
             return
         log_event(log, "final_evaluation_sent", version=task.round, global_loss=mean_loss(result))
 
