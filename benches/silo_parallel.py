@@ -12,9 +12,11 @@ each in a fresh interpreter so that its memory high-water mark is its own:
 - ``respawn``: the same two ranks started afresh every round (build, base broadcast, then training:
   what a silo paid per round before ranks persisted).
 
-Reported, last, as one JSON object: each rank's peak resident memory and ``memory_ratio`` = a training
-rank's peak (rank 1, which holds only its shard) over the one process's peak; ``rank0_memory_ratio``
-for rank 0, which is also the agent and keeps the whole model for evaluation and the update;
+Reported, last, as one JSON object: each rank's peak resident memory in the last round (start-up
+apart) and ``memory_ratio`` = a training rank's peak (rank 1) over the one process's peak;
+``rank0_memory_ratio`` for rank 0, which is also the agent: its model is its shard, through which it
+evaluates and reads the update; ``startup_peak_mib``, the peak while the model is built (rank 0
+builds the whole model on the host once, hands it out tensor by tensor and drops it);
 ``above_base_ratio``, the same ratio after taking off each process's memory before its model was
 built (interpreter, libraries, data: ``base_mib``), which is what a GPU allocator's peaks compare; both
 with and without activation checkpointing (``memory_ratio`` itself: with it, on both sides);
@@ -24,9 +26,9 @@ whose first step divides each gradient by its own size, so elements with gradien
 their sign from rounding; one process on 1 thread against 2 threads differed by 3e-6 after one
 round of this bench and by 0.26 after three); round
 times and ``respawn_over_persistent`` (median round time when respawning over persistent). Memory is
-the process's resident-set high-water mark (``VmHWM``; ``ru_maxrss`` would carry the parent's over a
-spawn), interpreter and libraries included, the same in every variant; on CUDA the figures would be
-the allocator's peaks instead.
+the process's resident-set high-water mark (``VmHWM``, started afresh with each round;
+``ru_maxrss`` would carry the parent's over a spawn), interpreter and libraries included, the same in
+every variant; on CUDA the figures would be the allocator's peaks instead.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     from fcmoe.model import build_model, checkpoint_activations, load_trainable_state, trainable_state
     from fcmoe.plan import RoundPlan
     from silo_agent.data import ByteTokenizer, ExampleBatches, build_silo_dataset
-    from silo_agent.distributed import RankSetup, SiloRanks, memory_bytes, peak_memory_bytes
+    from silo_agent.distributed import RankSetup, SiloRanks, memory_bytes, peak_memory_bytes, reset_peak_memory
     from silo_agent.training import train_locally
 
     torch.set_num_threads(1)
@@ -78,34 +80,42 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     load_trainable_state(model, {k: v + 0.02 * torch.randn(v.shape, generator=generator)
                                  for k, v in trainable_state(model).items()})
     save_file(trainable_state(model), str(out / "start.safetensors"))
+    parameters = sum(p.numel() for p in model.parameters())
     plan = RoundPlan(local_steps=steps, batch_size=batch_size, learning_rate=1e-3, seed=7)
     setup = RankSetup(spec, "fsdp", 2, cuda=False, activation_checkpointing=checkpointing)
-    seconds, peaks = [], []
-    ranks = SiloRanks(model, setup, data, cpu) if variant == "fsdp" else None
+    seconds, peaks, startup = [], [], peak_memory_bytes(cpu)
+    ranks = None
+    if variant == "fsdp":  # the ranks own the model: rank 0 keeps its shard only, as the agent does
+        ranks, model = SiloRanks(model, setup, data, cpu), None
+        startup = ranks.startup_peak_bytes
     suffix = "-ckpt" if checkpointing else ""
     try:
         for round_ in range(rounds):
             began = time.perf_counter()
             if variant == "one":
+                reset_peak_memory(cpu)  # the round's peak, as the ranks report theirs
                 train_locally(model, data, plan, cpu)
-                peaks = [peak_memory_bytes(cpu)]
+                peaks, trained = [peak_memory_bytes(cpu)], model
             else:
                 if variant == "respawn":
                     ranks = SiloRanks(model, setup, data, cpu)
                 assert ranks is not None
                 ranks.train(plan)
                 peaks, bases = ranks.peak_bytes_per_rank, ranks.base_bytes_per_rank
-                if variant == "respawn":
+                trained = ranks.trainable_state()
+                if variant == "respawn":  # the next round's fresh ranks start from this round's state
+                    load_trainable_state(model, trained)
                     ranks.close()
                     ranks = None
             seconds.append(time.perf_counter() - began)
             if round_ == 0:
-                save_file(trainable_state(model), str(out / f"{variant}{suffix}-round1.safetensors"))
+                state = trainable_state(trained) if isinstance(trained, torch.nn.Module) else trained
+                save_file(state, str(out / f"{variant}{suffix}-round1.safetensors"))
     finally:
         if ranks is not None:
             ranks.close()
     return {"round_seconds": [round(s, 3) for s in seconds], "peak_bytes": peaks, "base_bytes": bases,
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "startup_peak_bytes": startup, "parameters": parameters}
 
 
 def _run_variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, checkpointing: bool,
@@ -137,6 +147,8 @@ def _memory(runs: dict) -> dict:
     rank1_base = runs["fsdp"]["base_bytes"][1]
     return {"one_process_peak_mib": one >> 20, "rank_peak_mib": [rank0 >> 20, rank1 >> 20],
             "memory_ratio": round(rank1 / one, 3), "rank0_memory_ratio": round(rank0 / one, 3),
+            "startup_peak_mib": {"one": runs["one"]["startup_peak_bytes"] >> 20,
+                                 "rank0": runs["fsdp"]["startup_peak_bytes"] >> 20},
             "base_mib": [one_base >> 20, rank1_base >> 20],
             "above_base_ratio": round((rank1 - rank1_base) / (one - one_base), 3)}
 

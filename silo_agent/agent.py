@@ -15,6 +15,7 @@ from typing import NoReturn, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from crypto.secagg import SecAggError
 from crypto.signed_log import Receipt
@@ -130,20 +131,25 @@ class SiloAgent:
         # the gRPC client, or anything with its methods (fcmoe.launch.inprocess for many-run experiments); first,
         # so that a missing certificate is named before minutes of model and data loading
         self.client = transport or _client(self.silo)
-        self.model = build_model(config.model, self.device, seed=config.run.seed)
-        if self.silo.activation_checkpointing:
-            checkpoint_activations(self.model)
-        self.layout = ExpertLayout.from_model(self.model)
-        self.meter = RoutingMeter()
-        self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}
-        self.data = load_data(config)
         self.world_size = world_size_of(self.silo)
         if self.world_size > 1 and self.silo.dp.enabled:
             raise ConfigError(f"silo.dp.enabled with {self.world_size} processes: DP-SGD trains in one process")
-        # the silo's training ranks, started once: each builds its model once and keeps it across rounds
-        self.ranks = (SiloRanks(self.model, RankSetup.of(config), self.data.train, self.device, progress)
+        sharded = self.world_size > 1 and self.silo.parallel == "fsdp"
+        # sharded, the whole model is built on the host only to be handed out to the ranks: no GPU holds it
+        model = build_model(config.model, torch.device("cpu") if sharded else self.device, seed=config.run.seed)
+        if self.silo.activation_checkpointing:
+            checkpoint_activations(model)
+        self.layout = ExpertLayout.from_model(model)
+        self.fingerprint = base_fingerprint(model)  # the frozen base never changes (and, sharded, is not whole again)
+        self.meter = RoutingMeter()
+        self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}
+        self.data = load_data(config)
+        # the silo's training ranks, started once: each builds its model once and keeps it across rounds; they
+        # own the agent's model from then on (under fsdp rank 0's shard of it)
+        self.ranks = (SiloRanks(model, RankSetup.of(config), self.data.train, self.device, progress)
                       if self.world_size > 1 else None)
-        self.sketch_secret = bytes.fromhex(self.silo.sketch_key) if self.silo.sketch_key else None
+        self._model = model if self.ranks is None else None
+        del model
         self.run_id = ""
         self.total_rounds = 0
         self.state = RunState()  # what this silo keeps of the run it is in
@@ -154,13 +160,21 @@ class SiloAgent:
         # this process's id: the aggregator refuses a second live process under this silo's name
         self.instance = secrets.token_hex(8)
 
+    @property
+    def model(self) -> nn.Module:
+        """The model this silo evaluates and trains: its own, or the one its ranks hold for it."""
+        if self.ranks is not None:
+            return self.ranks.model
+        assert self._model is not None
+        return self._model
+
     def join(self) -> None:
         """Join the aggregator's run; again whenever it asks (it restarted): a resumed run keeps this
         silo's run state (run secret, CKKS key, last training), a new run starts from nothing. A DP
         silo whose ledger falls short of the newest receipt the aggregator holds for it (cut or
         rewritten since) stops here with LedgerError: it would resume a smaller epsilon than it spent."""
         reply = self.client.join(pb.JoinRequest(
-            layout_hash=self.layout.hash, base_fingerprint=base_fingerprint(self.model),
+            layout_hash=self.layout.hash, base_fingerprint=self.fingerprint,
             num_train_examples=self.data.num_train, agent_version="0.1.0", silo_name=self.silo.name,
             instance=self.instance))
         if self.dp is not None and reply.HasField("ledger_receipt"):
@@ -266,7 +280,14 @@ class SiloAgent:
                   personal=state["personal_used"])
 
     def _load(self, units: dict[str, np.ndarray]) -> None:
-        load_trainable_state(self.model, self.layout.merge(units))
+        state = self.layout.merge(units)
+        if self.ranks is not None:
+            self.ranks.load_trainable_state(state)
+        else:
+            load_trainable_state(self.model, state)
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.ranks.trainable_state() if self.ranks is not None else trainable_state(self.model)
 
     def _evaluate(self, adapter: PersonalAdapter | None = None, meter: RoutingMeter | None = None,
                   max_examples: int | None = None) -> dict[str, tuple[float, int]]:
@@ -322,7 +343,13 @@ class SiloAgent:
             # a redo after an unmask trains afresh: another seed, so not the update the aggregator saw
             # (under DP a second release of the round, ledgered and within the budget, or declined)
             retrain = trained.retrain + 1 if trained is not None and trained.key == key else 0
-            trained = self._train(task, global_units, key, time.perf_counter() - t0, retrain)
+            try:
+                trained = self._train(task, global_units, key, time.perf_counter() - t0, retrain)
+            except RunError as exc:  # a rank failed: this round goes on without the silo, the next gets new ranks
+                if self.ranks is None or not self.ranks.restartable:
+                    raise  # torchrun owns the ranks: the silo stops, and the launcher starts them all again
+                self._decline(task, str(exc))
+                return
             if trained is None:
                 return
             self.state.trained = trained
@@ -384,13 +411,7 @@ class SiloAgent:
         if self.dp is not None and privacy is not None:
             result = self.dp.train(self.model, self.data.train, plan, privacy, self.device)
         elif self.ranks is not None:
-            try:
-                result = self.ranks.train(plan)
-            except RunError as exc:  # a rank failed: this round goes on without the silo, the next gets new ranks
-                if not self.ranks.restartable:
-                    raise  # torchrun owns the ranks: the silo stops, and the launcher starts them all again
-                self._decline(task, str(exc))
-                return None
+            result = self.ranks.train(plan)
         else:
             result = train_locally(self.model, self.data.train, plan, self.device, self.progress, adapter)
         t2 = time.perf_counter()
@@ -402,7 +423,7 @@ class SiloAgent:
             if adapter.helps and not skip:
                 personal_eval = self._evaluate(adapter, max_examples=cap)
         eval_seconds += time.perf_counter() - t2
-        self.state.local_units = self.layout.split(trainable_state(self.model))
+        self.state.local_units = self.layout.split(self._trainable_state())
         # What this round taught the silo; the retained residual (start - global) stays here.
         deltas, norms = clip_units(unit_deltas(self.state.local_units, start_units), t.clip_norm)
         unit_norm = {u: float(np.linalg.norm(d.astype(np.float64))) for u, d in deltas.items()}  # before projecting
@@ -500,11 +521,6 @@ class SiloAgent:
         try:
             key = secure.open_sketch_stage(instructions)
             self.state.run_keys = secure.kept(self.state.run_keys)
-            if key is None:  # plaintext: the key the silos were configured with
-                if self.sketch_secret is None:
-                    raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key "
-                                      "(shared by the silos)")
-                key = self.sketch_secret
             # clipped like the deltas: a masked sum needs every coordinate bounded (crypto/fixed_point.py),
             # and a count-sketch of a clipped delta is only about as long as the delta
             sketches, _ = clip_units(sketch_units(pending.deltas, key, self.run_id, task.round,

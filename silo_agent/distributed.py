@@ -8,15 +8,19 @@ which also spans machines. Either way rank 0 is the agent's own process, the onl
 the aggregator; the others wait for its commands in :func:`serve_rank`.
 
 Each rank builds its model once, on the meta device, and receives the frozen base from rank 0 one
-tensor at a time, so ranks agree on the base by construction and (under ``fsdp``) no rank other than
-rank 0 ever holds the whole model. Each round rank 0 broadcasts the plan and the round's trainable
-state (never re-read from disk); all ranks train on disjoint rows of the same seeded batches; rank 0
-ends up with the trained state. Two layouts (``silo.parallel``):
+tensor at a time, so ranks agree on the base by construction. Each round's plan and trainable state
+come from rank 0 (never re-read from disk); all ranks train on disjoint rows of the same seeded
+batches. Two layouts (``silo.parallel``):
 
 - ``ddp``: every rank holds the whole model (``DistributedDataParallel``); rank 0's replica is the
-  agent's model itself;
+  agent's model itself, which holds the trained state after each round;
 - ``fsdp``: FSDP2 (``fully_shard``) shards each decoder layer and the rest of the model over the
-  ranks, frozen base included; after training only the trainable tensors are gathered to rank 0.
+  ranks, frozen base included, and rank 0's shard *is* the agent's model: the whole model the agent
+  built (on the host, never on a GPU) is handed out tensor by tensor and dropped, so no GPU ever
+  holds it. Everything the agent then does with its model is collective: a forward (evaluation,
+  routing) leads the other ranks through the same forward on the same batch (a pre-forward hook on
+  rank 0 sends it); reading the trainable state gathers it tensor by tensor to rank 0's host;
+  loading one hands each rank its shard.
 
 The update is the one a single process would make on the whole batch: each rank divides its summed
 token loss by the whole batch's token count, times ``world_size``, because both DDP and FSDP average
@@ -39,7 +43,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,9 +59,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from fcmoe.config import Config, ModelConfig, SiloConfig
-from fcmoe.errors import ConfigError, RunError
+from fcmoe.errors import ConfigError, LayoutError, RunError
 from fcmoe.logs import log_event, setup_logging
-from fcmoe.model import build_model, checkpoint_activations, load_trainable_state
+from fcmoe.model import build_model, checkpoint_activations, load_trainable_state, trainable_state
 from fcmoe.model.discovery import discover
 from fcmoe.plan import RoundPlan
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
@@ -68,7 +72,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 600.0  # a training collective waiting longer than this means a rank is stuck: fail
 _IDLE = timedelta(days=30)  # between rounds a rank waits for rank 0 as long as the federation takes
 _GRACE_S = 5.0  # after a failure, how long a rank gets to exit (and leave its reason) before it is killed
-_TRAIN, _STOP = 1, 2
+_TRAIN, _STOP, _FORWARD, _GATHER, _LOAD = 1, 2, 3, 4, 5  # rank 0's commands
 _BUILDS = [0]  # replicas this process has built: a rank builds its model once, however many rounds it trains
 _INTS = ("local_steps", "batch_size", "grad_accum", "seed")
 _FLOATS = ("learning_rate", "weight_decay", "prox_mu")
@@ -125,6 +129,7 @@ class RankSetup:
     world_size: int
     cuda: bool
     activation_checkpointing: bool = False
+    seed: int = 0  # the model's build seed: under fsdp rank 0 builds the whole model again to restart a group
     timeout_s: float = DEFAULT_TIMEOUT_S
     threads: int = 1
     log_level: str = "INFO"
@@ -135,18 +140,21 @@ class RankSetup:
         world = world_size_of(config.silo)
         return cls(model=config.model, parallel=config.silo.parallel, world_size=world,
                    cuda=config.silo.device.startswith("cuda"),
-                   activation_checkpointing=config.silo.activation_checkpointing, timeout_s=timeout_s,
+                   activation_checkpointing=config.silo.activation_checkpointing, seed=config.run.seed,
+                   timeout_s=timeout_s,
                    threads=max(1, torch.get_num_threads() // world),
                    log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
 
 
 class SiloRanks:
     """Rank 0's handle on the silo's ranks: started here (or found under torchrun), trained with each
-    round, closed with the agent."""
+    round, closed with the agent. It owns the agent's model from then on: use :attr:`model`,
+    :meth:`trainable_state` and :meth:`load_trainable_state`, which are collective under fsdp."""
 
     def __init__(self, model: nn.Module, setup: RankSetup, data: ExampleBatches, device: torch.device,
                  progress: bool = False):
-        self.model, self.setup, self.data, self.device, self.progress = model, setup, data, device, progress
+        self.setup, self.data, self.device, self.progress = setup, data, device, progress
+        self._source: nn.Module | None = model  # the whole model: under fsdp only until it is handed out
         self.launch = torchrun_rank()
         self._context: mp.ProcessContext | None = None
         self._folder: Path | None = None
@@ -154,8 +162,9 @@ class SiloRanks:
         self.starts = 0  # how often the group was (re)started; ranks build their model once per start
         self._builds_before = _BUILDS[0]
         self.builds_per_rank: list[int] = []  # model builds per rank process, as the ranks counted after the last round
-        self.peak_bytes_per_rank: list[int] = []  # each rank's peak memory so far (GPU allocations, else process RSS)
+        self.peak_bytes_per_rank: list[int] = []  # each rank's peak memory in the last round (GPU allocator, else RSS)
         self.base_bytes_per_rank: list[int] = []  # each rank's memory before it built its replica
+        self.startup_peak_bytes = 0  # rank 0's peak while it built its replica (and handed out the whole model)
         self._start()
 
     def _start(self) -> None:
@@ -174,9 +183,13 @@ class SiloRanks:
             if store is not None:
                 self._await_spawned(store)
             _join_group(0, self.setup, store)
-            self._replica = _Replica(self.setup, 0, self.device, self.model)
+            self._replica = _Replica(self.setup, 0, self.device, self._whole_model())
+            self.startup_peak_bytes = self._replica.startup_peak_bytes
         except Exception as exc:
             self._fail(exc)
+        if self.sharded:
+            self._source = None  # rank 0 keeps its shard only
+            release_host_memory()
         self.starts += 1
         log_event(log, "ranks_started", world_size=self.setup.world_size, parallel=self.setup.parallel,
                   launcher="torchrun" if self.launch else "spawn", backend=_backend(self.setup.cuda),
@@ -195,22 +208,87 @@ class SiloRanks:
                 raise RunError(f"the ranks did not all start within {self.setup.timeout_s:.0f} s")
             time.sleep(0.05)
 
+    @property
+    def sharded(self) -> bool:
+        return self.setup.parallel == "fsdp"
+
+    def _whole_model(self) -> nn.Module:
+        """The whole model to hand out: the agent's; under fsdp, after the first start, built again on the
+        host (the ranks that held the other shards are gone; the caller loads the trainable state)."""
+        if self._source is None:
+            self._source = build_model(self.setup.model, "cpu", seed=self.setup.seed)
+        return self._source
+
+    @property
+    def model(self) -> nn.Module:
+        """The agent's model: under ddp the whole model; under fsdp rank 0's shard, whose forwards lead
+        the other ranks (a group that lost a rank is started again first)."""
+        if self.sharded:
+            self._ensure_started()
+            assert self._replica is not None
+            return self._replica.module
+        assert self._source is not None
+        return self._source
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors, whole, as :func:`fcmoe.model.trainable_state` gives them (under fsdp
+        gathered one at a time onto rank 0's host)."""
+        if not self.sharded:
+            return trainable_state(self.model)
+        self._ensure_started()
+        assert self._replica is not None
+        try:
+            _send_command(_GATHER)
+            return self._replica.gather_trainable()
+        except Exception as exc:
+            self._fail(exc)
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load trainable tensors into the agent's model (under fsdp each rank takes its shard)."""
+        if not self.sharded:
+            load_trainable_state(self.model, state)
+            return
+        self._ensure_started()
+        assert self._replica is not None
+        trainable = dict(self._replica.params)
+        unknown = sorted(set(state) - set(trainable))
+        if unknown:  # before any rank is told: the group stays in step
+            raise LayoutError(f"parameter {unknown[0]!r} is not trainable in this model")
+        try:
+            _send_command(_LOAD)
+            self._replica.scatter_trainable(state)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _ensure_started(self) -> None:
+        if self._replica is not None and self._replica.forward_open:
+            # a forward rank 0 led failed part-way (an error or out of memory there): the other ranks still wait
+            # inside it, so the group is out of step
+            reason = "an evaluation forward failed part-way on rank 0; the ranks were out of step"
+            if not self.restartable:
+                self._fail(RunError(reason))
+            log_event(log, "ranks_restarted", level=logging.WARNING, reason=reason)
+            self._teardown()
+        if self._replica is None:  # the last round lost a rank: a fresh group (spawned ranks only)
+            self._start()
+
     def train(self, plan: RoundPlan) -> TrainResult:
         """Train the agent's model in place over all ranks, as one process would on the whole batch.
 
-        A batch smaller than ``world_size`` leaves a rank without rows: that round trains in this
-        process instead (same update), rather than stopping the silo over the aggregator's batch size."""
-        if plan.batch_size < self.setup.world_size:
+        A batch smaller than ``world_size`` leaves a rank without rows. Under ddp that round trains in
+        this process instead (same update), rather than stopping the silo over the aggregator's batch
+        size; under fsdp no process holds the whole model, so a rank without rows runs a stand-in row
+        whose loss counts for nothing (it must take part in every gather)."""
+        if plan.batch_size < self.setup.world_size and not self.sharded:
             log_event(log, "training_in_one_process", level=logging.WARNING,
                       reason=f"batch_size={plan.batch_size} is below world_size={self.setup.world_size}")
             return train_locally(self.model, self.data, plan, self.device, self.progress)
-        if self._replica is None:  # the last round lost a rank: a fresh group (spawned ranks only)
-            self._start()
+        self._ensure_started()
         assert self._replica is not None
         start = time.perf_counter()
         try:
             _send_command(_TRAIN, plan)
-            result = self._replica.train_round(self.data, plan, self.model, self.progress)
+            result = self._replica.train_round(self.data, plan, self._source, self.progress)
             self.builds_per_rank, self.peak_bytes_per_rank, self.base_bytes_per_rank = _rank_figures(
                 self.setup.world_size, 0, _BUILDS[0] - self._builds_before, self.device, self._replica.base_bytes)
         except Exception as exc:
@@ -336,8 +414,17 @@ def _serve(rank: int, setup: RankSetup, data: ExampleBatches, device: torch.devi
         command, plan = _receive_command()
         if command == _STOP:
             return
-        replica.train_round(data, plan, None, False)
-        _rank_figures(setup.world_size, rank, _BUILDS[0], device, replica.base_bytes)
+        if command == _TRAIN:
+            replica.train_round(data, plan, None, False)
+            _rank_figures(setup.world_size, rank, _BUILDS[0], device, replica.base_bytes)
+        elif command == _FORWARD:
+            replica.follow_forward()
+        elif command == _GATHER:
+            replica.gather_trainable()
+        elif command == _LOAD:
+            replica.scatter_trainable(None)
+        else:
+            raise RunError(f"unknown command {command} from rank 0")
 
 
 def _rank_figures(world_size: int, rank: int, builds: int, device: torch.device,
@@ -399,6 +486,18 @@ def memory_bytes(device: torch.device) -> int:
     return _status_bytes("VmRSS") or 0
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this process's peak memory afresh from now (the GPU allocator's, else the resident set's
+    high-water mark, through Linux's ``clear_refs``; elsewhere the peak keeps counting from the start)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        log_event(log, "peak_memory_not_reset", level=logging.DEBUG)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """This process's peak memory: the GPU allocator's on CUDA, else the resident set's high-water mark."""
     if device.type == "cuda":
@@ -418,6 +517,8 @@ class _Replica:
 
     def __init__(self, setup: RankSetup, rank: int, device: torch.device, source: nn.Module | None):
         self.setup, self.rank, self.device = setup, rank, device
+        self.training = False  # rank 0: in a training round, where every rank runs its own forwards
+        self.forward_open = False  # rank 0: inside a forward it leads (still set after one that failed)
         self.base_bytes = memory_bytes(device)  # before the replica: interpreter, libraries (and the agent)
         if setup.parallel == "ddp" and source is not None:
             self.module = source  # rank 0 under ddp: the agent's model is this rank's replica
@@ -430,28 +531,71 @@ class _Replica:
             checkpoint_activations(self.module)
         _broadcast_into(list(chain(self.module.named_parameters(), self.module.named_buffers())), source, device)
         release_host_memory()
+        self.startup_peak_bytes = peak_memory_bytes(device)  # rank 0's includes the whole model it handed out
         self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         self.view: nn.Module = self.module
         if setup.parallel == "ddp":
             self.view = DistributedDataParallel(self.module, device_ids=[device.index] if setup.cuda else None,
                                                 init_sync=False)
+        elif rank == 0:  # rank 0's shard is the agent's model: its forwards lead the others (before FSDP's gathers)
+            self.module.register_forward_pre_hook(self._lead_forward, prepend=True, with_kwargs=True)
+            self.module.register_forward_hook(self._forward_done)
         _BUILDS[0] += 1
 
     def train_round(self, data: ExampleBatches, plan: RoundPlan, agent_model: nn.Module | None,
                     progress: bool) -> TrainResult:
-        """Load the round's state from rank 0, train with the others, hand the result to rank 0."""
-        _broadcast_into(self.params, agent_model, self.device)
-        result = self._train(data, plan, progress)
-        if self.setup.parallel == "fsdp":  # gather the trainable tensors only; rank 0 keeps them
-            trained = {}
-            for name, param in self.params:
-                whole = param.full_tensor()  # a collective: every rank takes part, the others drop it at once
-                if agent_model is not None:
-                    trained[name] = whole
-            if agent_model is not None:
-                load_trainable_state(agent_model, trained)
+        """Train with the others. Under ddp every rank first takes the round's state from rank 0's (the
+        agent's) model, and rank 0's replica is that model; under fsdp the state is already in the shards."""
+        reset_peak_memory(self.device)  # each round's peak is its own (start-up and evaluations apart)
+        if self.setup.parallel == "ddp":
+            _broadcast_into(self.params, agent_model, self.device)
+        self.training = True
+        try:
+            result = self._train(data, plan, progress)
+        finally:
+            self.training = False
         release_host_memory()
         return result
+
+    def gather_trainable(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor whole, float32, on rank 0's host; the other ranks drop each at once."""
+        gathered = {}
+        for name, param in self.params:
+            whole = param.detach().full_tensor()  # a collective: every rank takes part
+            if self.rank == 0:
+                gathered[name] = whole.float().cpu()
+        return gathered
+
+    @torch.no_grad()
+    def scatter_trainable(self, state: Mapping[str, torch.Tensor] | None) -> None:
+        """Rank 0 sends the tensors of ``state`` (which names: a mask, first); each rank keeps its shard."""
+        included = torch.tensor([state is not None and name in state for name, _ in self.params], dtype=torch.uint8)
+        dist.broadcast(included, 0, group=_control())
+        wanted = [pair for pair, keep in zip(self.params, included.tolist()) if keep]
+        _broadcast_into(wanted, state, self.device)
+
+    def _lead_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Rank 0's pre-forward hook: outside training, tell the other ranks to run this forward too."""
+        if self.training:
+            return
+        if self.forward_open:
+            raise RunError("an evaluation forward failed part-way on rank 0; the ranks are out of step")
+        if torch.is_grad_enabled() or args or set(kwargs) - {"input_ids", "attention_mask"}:
+            raise RunError("under silo.parallel fsdp the agent's model runs evaluation forwards only "
+                           "(no gradients; input_ids and attention_mask as keywords)")
+        _send_command(_FORWARD)
+        _send_batch(kwargs["input_ids"], kwargs.get("attention_mask"), module.training)
+        self.forward_open = True
+
+    def _forward_done(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.forward_open = False
+
+    @torch.no_grad()
+    def follow_forward(self) -> None:
+        """The forward rank 0 runs, on the same batch (its result is rank 0's alone)."""
+        batch, training = _receive_batch(self.device)
+        self.module.train(training)
+        self.module(**batch)
 
     def _train(self, data: ExampleBatches, plan: RoundPlan, progress: bool) -> TrainResult:
         rank, world, device = self.rank, self.setup.world_size, self.device
@@ -474,10 +618,13 @@ class _Replica:
             for micro in range(plan.grad_accum):
                 whole = data.sample(plan.batch_size, generator)
                 count = scored_tokens(whole)
-                batch = {k: v.to(device) for k, v in shard_rows(whole, rank, world).items()}
+                rows, weight = shard_rows(whole, rank, world), 1.0
+                if rows["input_ids"].shape[0] == 0:  # fewer rows than ranks (fsdp): this rank must still take
+                    rows, weight = {k: v[:1] for k, v in whole.items()}, 0.0  # part; its stand-in row counts nil
+                batch = {k: v.to(device) for k, v in rows.items()}
                 with self._syncing(micro == plan.grad_accum - 1):  # average gradients on the last micro-batch
                     losses, _ = token_losses(self.view, batch)
-                    part = losses.sum() / max(count, 1)  # this rank's share of the whole batch's token mean
+                    part = losses.sum() * weight / max(count, 1)  # this rank's share of the batch's token mean
                     (part * world / plan.grad_accum).backward()  # DDP and FSDP divide summed gradients by world
                 token_loss += part.detach().double() / plan.grad_accum
                 tokens += count
@@ -537,13 +684,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def _broadcast_into(targets: list[tuple[str, torch.Tensor]], source: nn.Module | None, device: torch.device) -> None:
-    """Rank 0 sends ``source``'s tensors of these names, one at a time; every rank copies what it keeps
-    of each (its shard under FSDP). Tensor by tensor, so no receiving rank holds more than one whole."""
-    sent = dict(chain(source.named_parameters(), source.named_buffers())) if source is not None else {}
+def _broadcast_into(targets: list[tuple[str, torch.Tensor]], source: nn.Module | Mapping[str, torch.Tensor] | None,
+                    device: torch.device) -> None:
+    """Rank 0 sends ``source``'s tensors of these names (a model's, or a state's), one at a time; every
+    rank copies what it keeps of each (its shard under FSDP). Tensor by tensor, so no receiving rank
+    holds more than one whole."""
+    if isinstance(source, nn.Module):
+        source = dict(chain(source.named_parameters(), source.named_buffers()))
+    sent = source if source is not None else {}
     for name, target in targets:
         if source is not None:
-            whole = sent[name].detach().to(device).contiguous()
+            whole = sent[name].detach().to(device, target.dtype).contiguous()
         else:
             whole = torch.empty(target.shape, dtype=target.dtype, device=device)
         dist.broadcast(whole, 0)
@@ -559,6 +710,26 @@ def _send_command(command: int, plan: RoundPlan | None = None) -> None:
     floats = torch.tensor([getattr(plan, f) if plan else 0.0 for f in _FLOATS], dtype=torch.float64)
     dist.broadcast(ints, 0, group=_control())
     dist.broadcast(floats, 0, group=_control())
+
+
+def _send_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, training: bool) -> None:
+    header = torch.tensor([*input_ids.shape, attention_mask is not None, training], dtype=torch.int64)
+    dist.broadcast(header, 0, group=_control())
+    dist.broadcast(input_ids.detach().to("cpu", torch.int64).contiguous(), 0, group=_control())
+    if attention_mask is not None:
+        dist.broadcast(attention_mask.detach().to("cpu", torch.int64).contiguous(), 0, group=_control())
+
+
+def _receive_batch(device: torch.device) -> tuple[dict[str, torch.Tensor], bool]:
+    header = torch.zeros(4, dtype=torch.int64)
+    dist.broadcast(header, 0, group=_control())
+    rows, columns, masked, training = header.tolist()
+    batch = {}
+    for name in ("input_ids", "attention_mask") if masked else ("input_ids",):
+        tensor = torch.zeros(rows, columns, dtype=torch.int64)
+        dist.broadcast(tensor, 0, group=_control())
+        batch[name] = tensor.to(device)
+    return batch, bool(training)
 
 
 def _receive_command() -> tuple[int, RoundPlan]:
@@ -601,9 +772,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def shard_rows(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    """Rank ``rank``'s contiguous block of the batch's rows (blocks differ by at most one row)."""
-    rows = torch.tensor_split(torch.arange(batch["input_ids"].shape[0]), world_size)[rank]
-    return {k: v[rows[0]:rows[-1] + 1] for k, v in batch.items()}
+    """Rank ``rank``'s contiguous block of the batch's rows (blocks differ by at most one row; empty when
+    the batch has fewer rows than there are ranks)."""
+    sizes = [len(block) for block in torch.tensor_split(torch.arange(batch["input_ids"].shape[0]), world_size)]
+    begin = sum(sizes[:rank])
+    return {k: v[begin:begin + sizes[rank]] for k, v in batch.items()}
 
 
 def scored_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 
 from crypto.secagg import SecAggError
 from fcmoe.config import SiloConfig
+from fcmoe.errors import ConfigError
 from protos import fcmoe_pb2 as pb
 from protos.codec import TensorSpec
 from silo_agent.update import scaled_payload
@@ -56,8 +57,8 @@ class SiloRound:
     def make_shares(self, instructions: pb.ShareInstructions) -> pb.ShareSubmission:
         raise self._absent("share phase")
 
-    def open_sketch_stage(self, instructions: pb.UploadInstructions) -> bytes | None:
-        """Accept FC-MoE's sketch stage; the key to sketch with (None: the silo's configured key)."""
+    def open_sketch_stage(self, instructions: pb.UploadInstructions) -> bytes:
+        """Accept FC-MoE's sketch stage; the key to sketch with."""
         raise self._absent("sketch stage")
 
     def sketch_payload(self, sketches: Mapping[str, np.ndarray],
@@ -95,8 +96,20 @@ class PlainRound(SiloRound):
 
     mode = "none"
 
-    def open_sketch_stage(self, instructions: pb.UploadInstructions) -> bytes | None:
-        return None
+    def __init__(self, session: int, sketch_key: bytes | None = None):
+        super().__init__(session)
+        self.sketch_key = sketch_key
+
+    @classmethod
+    def open(cls, run_id: str, session: int, silo: SiloConfig, keys: RunKeys) -> "PlainRound":
+        return cls(session, bytes.fromhex(silo.sketch_key) if silo.sketch_key else None)
+
+    def open_sketch_stage(self, instructions: pb.UploadInstructions) -> bytes:
+        """Plaintext sketches are keyed with the key the silos share by configuration (``silo.sketch_key``):
+        the aggregator, which sees each sketch, must not know it."""
+        if self.sketch_key is None:
+            raise ConfigError("the aggregator asks for keyed sketches: set silo.sketch_key (shared by the silos)")
+        return self.sketch_key
 
     def sketch_payload(self, sketches: Mapping[str, np.ndarray],
                        weighted: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -139,7 +139,7 @@ class Memory:
     gradients: int
     optimizer: int
     activations: int
-    agent_model: int  # rank 0 only, fsdp over > 1 GPU: the agent's whole model (under ddp it is rank 0's replica)
+    host_model: int  # rank 0's host memory (not a GPU's), fsdp over > 1 GPU: the whole model, built once to hand out
 
     @property
     def total(self) -> int:
@@ -159,7 +159,7 @@ def plan_memory(shape: ModelShape, plan: Plan) -> Memory:
     n = plan.gpus
     train = [t for t in shape.tensors if t.trainable]
     steps = _STEP_BYTES * len(train)
-    agent = sum(t.nbytes for t in shape.tensors) if n > 1 and plan.strategy == "fsdp" else 0
+    host = sum(t.nbytes for t in shape.tensors) if n > 1 and plan.strategy == "fsdp" else 0
     if plan.strategy == "ddp":
         grads = sum(t.nbytes for t in train)
         parameters, gathered = sum(t.nbytes for t in shape.tensors), 0
@@ -180,7 +180,7 @@ def plan_memory(shape: ModelShape, plan: Plan) -> Memory:
         raise ConfigError(f"strategy {plan.strategy!r}: allowed 'ddp' or 'fsdp'")
     rows = math.ceil(plan.batch_size / n)
     return Memory(parameters, gathered, gradients, optimizer, activation_bytes(shape, rows, plan.seq_len,
-                                                                              plan.checkpointing), agent)
+                                                                              plan.checkpointing), host)
 
 
 def activation_bytes(shape: ModelShape, rows: int, seq_len: int, checkpointing: bool = False) -> int:
@@ -475,9 +475,10 @@ def render(shape: ModelShape, rows: list[tuple[Plan, Memory]]) -> str:
         cells = [mem.parameters, mem.gathered, mem.gradients, mem.optimizer, mem.activations, mem.total]
         lines.append(f"{plan.gpus:>4}  {plan.strategy:<6} " + " ".join(f"{c / GIB:8.2f}" for c in cells)
                      + f"  {'yes' if mem.total <= FIT_GIB * GIB else 'no'}")
-    agent = next((mem.agent_model for _, mem in rows if mem.agent_model), 0)
-    if agent:
-        lines.append(f"fsdp: rank 0 (GPU 0) also holds the silo agent's whole model: +{agent / GIB:.2f} GiB")
+    host = next((mem.host_model for _, mem in rows if mem.host_model), 0)
+    if host:
+        lines.append(f"fsdp: rank 0 builds the whole model once in host memory (not on a GPU) to hand it out: "
+                     f"{host / GIB:.2f} GiB of host RAM at start-up")
     lines += [f"note: {n}" for n in shape.notes]
     lines.append("activations are an estimate; parameters, gradients and AdamW state are counted exactly "
                  "(docs/operations.md, Planning a silo's memory)")

@@ -143,7 +143,7 @@ def test_bfloat16_training_on_cuda_learns(tmp_path):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_gpu_ranks_give_the_one_gpu_update(parallel):
     """NCCL between two GPUs, the model sharded (fsdp) or replicated (ddp): the one-GPU update."""
-    from test_distributed import TINY, _data, _start_state
+    from integration.test_distributed import TINY, _data, _start_state
 
     from fcmoe.config import ModelConfig
     from fcmoe.model import load_trainable_state
@@ -154,18 +154,22 @@ def test_two_gpu_ranks_give_the_one_gpu_update(parallel):
     plan = RoundPlan(local_steps=2, batch_size=6, grad_accum=2, learning_rate=0.01, prox_mu=0.5, seed=5)
     trained = []
     for world_size in (1, 2):
-        model = build_model(spec, cuda)
+        # as the agent does: under fsdp the whole model is built on the host only to be handed out
+        model = build_model(spec, "cpu" if world_size > 1 and parallel == "fsdp" else cuda)
         load_trainable_state(model, start)
         if world_size == 1:
             train_locally(model, data, plan, cuda)
+            state = trainable_state(model)
         else:
             ranks = SiloRanks(model, RankSetup(spec, parallel, 2, cuda=True), data, cuda)
+            del model  # under fsdp GPU 0 holds rank 0's shard only
             try:
                 ranks.train(plan)
                 assert ranks.builds_per_rank == [1, 1]
+                state = ranks.trainable_state()
             finally:
                 ranks.close()
-        trained.append({k: v.cpu() for k, v in trainable_state(model).items()})
+        trained.append({k: v.cpu() for k, v in state.items()})
     one, two = trained
     gap = sum(float(((two[k] - one[k]).double() ** 2).sum()) for k in one) ** 0.5
     moved = sum(float(((one[k] - start[k]).double() ** 2).sum()) for k in one) ** 0.5

@@ -23,13 +23,15 @@ import torch
 from conftest import FULL_MATRIX, ROOT, kill_process_groups, silo_config, smoke_config
 
 from fcmoe.config import ModelConfig, SiloConfig, dump_config, parse_config
-from fcmoe.errors import ConfigError, RunError
+from fcmoe.errors import ConfigError, LayoutError, RunError
 from fcmoe.launch.inprocess import run_in_process
 from fcmoe.model import build_model, load_trainable_state, trainable_state
 from fcmoe.plan import RoundPlan
 from silo_agent.data import ByteTokenizer, Example, ExampleBatches, build_silo_dataset
-from silo_agent.distributed import RankSetup, SiloRanks, check_world_size, scored_tokens, shard_rows
-from silo_agent.training import train_locally
+from silo_agent.distributed import (RankSetup, SiloRanks, check_world_size, decoder_layers, scored_tokens,
+                                    shard_rows)
+from silo_agent.routing import RoutingMeter
+from silo_agent.training import evaluate, train_locally
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.tls, pytest.mark.slow]
 
@@ -59,14 +61,14 @@ def _train(model_config: ModelConfig, start: dict[str, torch.Tensor], data: Exam
     load_trainable_state(model, start)
     if world_size == 1:
         result = train_locally(model, data, plan, CPU)
-    else:
-        setup = RankSetup(model_config, parallel, world_size, cuda=False, activation_checkpointing=checkpointing)
-        ranks = SiloRanks(model, setup, data, CPU)
-        try:
-            result = ranks.train(plan)
-        finally:
-            ranks.close()
-    return trainable_state(model), result
+        return trainable_state(model), result
+    setup = RankSetup(model_config, parallel, world_size, cuda=False, activation_checkpointing=checkpointing)
+    ranks = SiloRanks(model, setup, data, CPU)
+    try:
+        result = ranks.train(plan)
+        return ranks.trainable_state(), result
+    finally:
+        ranks.close()
 
 
 _IN_CI_ONLY = pytest.mark.skipif(not FULL_MATRIX, reason="runs in .ci/run (FCMOE_FULL_MATRIX=1); make test runs "
@@ -98,17 +100,19 @@ def test_two_processes_give_the_one_process_update_with_accumulation_and_prox(pa
 
 
 def test_agent_with_world_size_2_sends_the_same_update(tmp_path):
-    """Through the agent's training call: one silo, one FedAvg round, world_size 1 against 2."""
+    """Through the agent's training call: one silo, one FedAvg round, world_size 1 against 2 (ddp, and fsdp,
+    where the agent evaluates, loads and reads its model as rank 0's shard)."""
     globals_ = []
-    for world_size in (1, 2):
-        config = smoke_config(tmp_path / str(world_size), min_silos=1, rounds=1, min_group_size=1)
+    for world_size, parallel in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
+        config = smoke_config(tmp_path / f"{world_size}{parallel}", min_silos=1, rounds=1, min_group_size=1)
         data = silo_config(config, "silo0", 0, index=0, num_silos=1).model_dump(mode="json")
-        data["silo"]["world_size"] = world_size
+        data["silo"].update(world_size=world_size, parallel=parallel)
         coordinator = run_in_process(config, [parse_config(data)])
         assert coordinator.machine.succeeded
         globals_.append(coordinator.global_units)
-    one, two = globals_
-    assert max(float(np.abs(one[u] - two[u]).max()) for u in one) < TOLERANCE
+    one, *others = globals_
+    for two in others:
+        assert max(float(np.abs(one[u] - two[u]).max()) for u in one) < TOLERANCE
 
 
 class _BrokenTokenizer(ByteTokenizer):
@@ -184,7 +188,7 @@ def test_ranks_persist_across_rounds_and_a_rank_killed_mid_round_costs_that_roun
             train_locally(reference, data, plan, CPU)
         # three rounds, each a fresh AdamW whose first steps divide a gradient by its own size: a
         # summation order's rounding grows past 1e-5 absolute; the update still agrees to 1e-3 relative
-        assert _relative_gap(trainable_state(model), trainable_state(reference), start) < ROUNDS_TOLERANCE
+        assert _relative_gap(ranks.trainable_state(), trainable_state(reference), start) < ROUNDS_TOLERANCE
 
         killer = threading.Timer(1.0, os.kill, (pids[0], signal.SIGKILL))
         killer.start()
@@ -195,13 +199,64 @@ def test_ranks_persist_across_rounds_and_a_rank_killed_mid_round_costs_that_roun
         assert time.monotonic() - began < 30  # the death, not a timeout, ended the round
         assert str(caught.value) == "local training process 1 of 2 failed: exited with signal SIGKILL"
 
-        load_trainable_state(model, start)  # the next round starts from the global model again
+        ranks.load_trainable_state(start)  # the next round starts from the global model again, on fresh ranks
         ranks.train(plan)
         assert ranks.starts == 2 and ranks.pids != pids and ranks.builds_per_rank == [2, 1]
         once = build_model(model_config)
         load_trainable_state(once, start)
         train_locally(once, data, plan, CPU)
-        assert _gap(trainable_state(model), trainable_state(once)) < TOLERANCE
+        assert _gap(ranks.trainable_state(), trainable_state(once)) < TOLERANCE
+    finally:
+        ranks.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_under_fsdp_the_agent_model_is_rank_0s_shard_and_its_forwards_lead_the_other_ranks():
+    """The agent's model under fsdp is rank 0's shard (the whole model it was built from is dropped):
+    evaluation through it, routing meter attached, gives one process's losses and routing; the trainable
+    state loads and reads back whole; a name it lacks is refused before any rank is told; a batch of
+    fewer rows than ranks trains (a stand-in row that counts nil on the rank without rows) to one
+    process's update; and the group is still in step for the next evaluation. A forward that fails
+    part-way on rank 0 alone leaves the others inside it: the group is started afresh before its next use."""
+    model_config = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": "lora", "router": True}})
+    train, held_out = build_silo_dataset(silo_index=0, num_silos=1, domains=["shift_up", "copy"], partition="domain",
+                                         alpha=0.5, samples_per_silo=32, eval_fraction=0.25, seed=0)
+    data, eval_data = ExampleBatches(train, ByteTokenizer(), 24), ExampleBatches(held_out, ByteTokenizer(), 24)
+    start = _start_state(model_config)
+    one = build_model(model_config)
+    load_trainable_state(one, start)
+    ranks = SiloRanks(build_model(model_config), RankSetup(model_config, "fsdp", 2, cuda=False), data, CPU)
+    try:
+        shard = sum(p.to_local().numel() for p in ranks.model.parameters())
+        assert shard <= 0.55 * sum(p.numel() for p in one.parameters())  # rank 0 keeps about half
+        ranks.load_trainable_state(start)
+        assert _gap(ranks.trainable_state(), start) == 0
+        with pytest.raises(LayoutError, match="'nope' is not trainable"):
+            ranks.load_trainable_state({"nope": torch.zeros(1)})
+        for _ in range(2):  # before and after training: the other ranks follow every forward
+            expected_meter, meter = RoutingMeter(), RoutingMeter()
+            expected = evaluate(one, eval_data, CPU, 4, meter=expected_meter)
+            got = evaluate(ranks.model, eval_data, CPU, 4, meter=meter)
+            assert set(got) == set(expected) and all(got[d][1] == expected[d][1] for d in expected)
+            assert all(got[d][0] == pytest.approx(expected[d][0], rel=1e-5) for d in expected)
+            assert set(meter.mass) == set(expected_meter.mass) and all(
+                torch.allclose(meter.mass[k], expected_meter.mass[k], atol=1e-4) for k in meter.mass)
+            plan = RoundPlan(local_steps=2, batch_size=1, learning_rate=0.01, seed=3)
+            ranks.train(plan)
+            train_locally(one, data, plan, CPU)
+            assert _gap(ranks.trainable_state(), trainable_state(one)) < TOLERANCE
+
+        def out_of_memory(*_):  # rank 0 alone fails inside a forward, as running out of memory there would
+            raise MemoryError("rank 0 only")
+
+        pids, handle = ranks.pids, decoder_layers(ranks.model)[1].register_forward_pre_hook(out_of_memory)
+        with pytest.raises(MemoryError):
+            evaluate(ranks.model, eval_data, CPU, 4)
+        handle.remove()
+        ranks.load_trainable_state(trainable_state(one))  # the group is out of step: started afresh first
+        assert ranks.starts == 2 and ranks.pids != pids
+        assert _gap(ranks.trainable_state(), trainable_state(one)) == 0
+        assert evaluate(ranks.model, eval_data, CPU, 4).keys() == expected.keys()
     finally:
         ranks.close()
     assert multiprocessing.active_children() == []

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from crypto.secagg import SecAggError
+from fcmoe.errors import ConfigError
 from fcmoe.config import SecureAggregationConfig
 from protos import fcmoe_pb2 as pb
 from silo_agent.agent import ROUND_MODES
@@ -31,7 +32,9 @@ def test_mode_none_sends_the_weighted_delta_and_the_weighted_sketches():
     payload = mode.update_payload(instructions, deltas)
     np.testing.assert_array_equal(payload["u"], [0.5, -1.0])
     np.testing.assert_array_equal(payload["v"], [6.0])
-    assert mode.open_sketch_stage(instructions) is None  # plaintext sketches use the configured key
+    with pytest.raises(ConfigError, match="set silo.sketch_key"):  # plaintext sketches: the configured key only
+        mode.open_sketch_stage(instructions)
+    assert PlainRound(session=7, sketch_key=b"k" * 32).open_sketch_stage(instructions) == b"k" * 32
     weighted = {"u": np.array([0.25, 1.5], np.float64)}
     sent = mode.sketch_payload({"u": np.ones(2, np.float32)}, weighted)
     assert sent["u"].dtype == np.float32 and sent["u"].tolist() == [0.25, 1.5]
