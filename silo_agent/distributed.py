@@ -149,7 +149,8 @@ class RankSetup:
 class SiloRanks:
     """Rank 0's handle on the silo's ranks: started here (or found under torchrun), trained with each
     round, closed with the agent. It owns the agent's model from then on: use :attr:`model`,
-    :meth:`trainable_state` and :meth:`load_trainable_state`, which are collective under fsdp."""
+    :meth:`trainable_state` and :meth:`load_trainable_state`, which are collective under fsdp (and
+    drop your own reference to the model handed in: under fsdp that is what frees the whole model)."""
 
     def __init__(self, model: nn.Module, setup: RankSetup, data: ExampleBatches, device: torch.device,
                  progress: bool = False):
@@ -517,7 +518,7 @@ class _Replica:
 
     def __init__(self, setup: RankSetup, rank: int, device: torch.device, source: nn.Module | None):
         self.setup, self.rank, self.device = setup, rank, device
-        self.training = False  # rank 0: in a training round, where every rank runs its own forwards
+        self.in_round = False  # in a training round, where every rank runs its own forwards
         self.forward_open = False  # rank 0: inside a forward it leads (still set after one that failed)
         self.base_bytes = memory_bytes(device)  # before the replica: interpreter, libraries (and the agent)
         if setup.parallel == "ddp" and source is not None:
@@ -549,11 +550,11 @@ class _Replica:
         reset_peak_memory(self.device)  # each round's peak is its own (start-up and evaluations apart)
         if self.setup.parallel == "ddp":
             _broadcast_into(self.params, agent_model, self.device)
-        self.training = True
+        self.in_round = True
         try:
             result = self._train(data, plan, progress)
         finally:
-            self.training = False
+            self.in_round = False
         release_host_memory()
         return result
 
@@ -576,7 +577,7 @@ class _Replica:
 
     def _lead_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Rank 0's pre-forward hook: outside training, tell the other ranks to run this forward too."""
-        if self.training:
+        if self.in_round:
             return
         if self.forward_open:
             raise RunError("an evaluation forward failed part-way on rank 0; the ranks are out of step")
