@@ -25,7 +25,9 @@ batches. Two layouts (``silo.parallel``):
 The update is the one a single process would make on the whole batch: each rank divides its summed
 token loss by the whole batch's token count, times ``world_size``, because both DDP and FSDP average
 gradients over ranks (ranks hold different token counts, so an average of per-rank means would be
-wrong); the FedProx gradient is added once after the gradients are averaged.
+wrong); the FedProx gradient is added once after the gradients are averaged. A family whose training
+depends on how the batch is split (``FamilyFacts.split_changes_update``: a router that mixes the rows
+of a batch, or samples experts at random) cannot give that update; the silo warns at start.
 
 A rank that fails or dies fails the round in one :class:`RunError` line; a silo that started its own
 ranks starts them afresh for the next round. Under torchrun the launcher owns the processes: the
@@ -166,6 +168,12 @@ class SiloRanks:
         self.peak_bytes_per_rank: list[int] = []  # each rank's peak memory in the last round (GPU allocator, else RSS)
         self.base_bytes_per_rank: list[int] = []  # each rank's memory before it built its replica
         self.startup_peak_bytes = 0  # rank 0's peak while it built its replica (and handed out the whole model)
+        facts = discover(model).facts
+        if facts.split_changes_update:  # each rank trains on its own rows of every batch
+            family = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+            log_event(log, "update_differs_from_one_process", level=logging.WARNING, model=family,
+                      reason=f"{facts.split_changes_update}; the batch is split over {setup.world_size} "
+                             "processes")
         self._start()
 
     def _start(self) -> None:

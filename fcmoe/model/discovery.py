@@ -50,6 +50,7 @@ class FamilyFacts:
     # "block_product_keys": Doge's block returns (hidden, router logits [2, tokens, keys]) and picks
     # its experts from the sums of two top-k key scores (the reader repeats that choice).
     no_lora: str = ""  # why LoRA on this family's experts cannot work ("" : it can)
+    split_changes_update: str = ""  # why training on a batch split over ranks cannot give one process's update
     expert_tables: tuple[str, ...] = ()  # children of the MoE block that are per-expert embedding tables
     router: str = ""  # the router's name in the MoE block, where its shape does not say
 
@@ -60,7 +61,11 @@ FAMILY_FACTS: dict[str, FamilyFacts] = {
     "llama4": _LLAMA4,
     "jetmoe": FamilyFacts(routing="router_sorted"),  # experts get tokens sorted by expert, and counts
     # Doge's experts are single neurons: rows of two embedding tables in the MoE block, chosen by product keys
-    "doge": FamilyFacts(routing="block_product_keys", expert_tables=("down_embed", "up_embed"), router="router_gate"),
+    "doge": FamilyFacts(routing="block_product_keys", expert_tables=("down_embed", "up_embed"), router="router_gate",
+                        split_changes_update="its router splits the logits of all the batch's tokens into two halves "
+                        "(modeling_doge.py keeps that for its checkpoints)"),
+    "phimoe": FamilyFacts(split_changes_update="its router samples experts at random in training (sparsemixer), "
+                          "and each process draws for its own rows"),
     "dbrx": FamilyFacts(no_lora="its experts read their stacked weights as attributes of a submodule (mlp.w1), "
                         "which PEFT's parameter wrapper hides; train the experts with mode: full"),
 }

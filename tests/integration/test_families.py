@@ -30,6 +30,7 @@ from fcmoe.errors import ConfigError, LayoutError
 from fcmoe.launch.inprocess import run_in_process
 from fcmoe.model import ExpertLayout, build_model, load_trainable_state, trainable_state
 from fcmoe.model.discovery import MoeStructure, discover
+from fcmoe.plan import RoundPlan
 
 pytestmark = [pytest.mark.slow]
 
@@ -45,6 +46,11 @@ SILOS = 2
 SLICE = ("dbrx", "deepseek_v3", "doge", "gemma4", "gpt_oss", "granitemoe", "jetmoe", "llama4_text",
          "longcat_flash", "mixtral", "nemotron_h", "zaya")
 CASES = [t for t in FAMILIES if t not in EXCLUDED and (FULL_MATRIX or t in SLICE)]
+# sharded over two ranks: fused experts; shared experts; transposed experts with biases; a router that mixes
+# rows of a batch (Doge). .ci/run: every family.
+FSDP_SLICE = ("mixtral", "qwen2_moe", "gpt_oss", "doge")
+FSDP_CASES = [t for t in FAMILIES if t not in EXCLUDED and (FULL_MATRIX or t in FSDP_SLICE)]
+UPDATE_TOLERANCE = 1e-3  # relative difference of one round's update, sharded against one process
 
 
 def test_the_case_list_is_every_moe_family_of_the_installed_transformers():
@@ -184,6 +190,58 @@ def test_family_trains_and_federates_from_a_local_checkpoint(model_type, tmp_pat
     if os.environ.get("FCMOE_FAMILY_ROWS"):
         with open(os.environ["FCMOE_FAMILY_ROWS"], "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("model_type", FSDP_CASES)
+def test_family_sharded_over_two_ranks_evaluates_and_trains_as_one_process(model_type, tmp_path, caplog):
+    """``silo.parallel: fsdp`` on two ranks (gloo), the agent's model being rank 0's shard: evaluation
+    through it, routing meter attached, gives one process's losses and routing (every rank runs the
+    whole batch; measured: the same bits), and a round of training gives one process's update to 1e-3
+    relative. A family whose training depends on how the batch is split (``FamilyFacts.split_changes_update``:
+    Doge's router mixes the rows of a batch, PhiMoE's samples experts at random) cannot give that update:
+    the silo says so at start, in one warning."""
+    from silo_agent.data import ByteTokenizer, ExampleBatches, build_silo_dataset
+    from silo_agent.distributed import RankSetup, SiloRanks
+    from silo_agent.routing import RoutingMeter
+    from silo_agent.training import evaluate, train_locally
+
+    checkpoint, cpu = tmp_path / model_type, torch.device("cpu")
+    save_tiny_checkpoint(model_type, checkpoint, seed=0)
+    spec = _local(checkpoint, mode="full" if discover(build_model(_local(checkpoint, mode="full"))).facts.no_lora
+                  else "lora")
+    train, held_out = build_silo_dataset(silo_index=0, num_silos=1, domains=["shift_up", "copy"], partition="domain",
+                                         alpha=0.5, samples_per_silo=16, eval_fraction=0.25, seed=0)
+    data, eval_data = ExampleBatches(train, ByteTokenizer(), 24), ExampleBatches(held_out, ByteTokenizer(), 24)
+    one = build_model(spec)
+    generator = torch.Generator().manual_seed(1)  # away from PEFT's zero LoRA B, as after a first round
+    start = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in trainable_state(one).items()}
+    load_trainable_state(one, start)
+    with caplog.at_level("WARNING", logger="silo_agent.distributed"):
+        ranks = SiloRanks(build_model(spec), RankSetup(spec, "fsdp", 2, cuda=False, timeout_s=120), data, cpu)
+    try:
+        ranks.load_trainable_state(start)
+        expected_meter, meter = RoutingMeter(), RoutingMeter()
+        expected = evaluate(one, eval_data, cpu, 4, meter=expected_meter)
+        got = evaluate(ranks.model, eval_data, cpu, 4, meter=meter)
+        assert got.keys() == expected.keys() and all(got[d][1] == expected[d][1] for d in expected)
+        assert all(got[d][0] == pytest.approx(expected[d][0], rel=1e-6) for d in expected)
+        assert meter.mass.keys() == expected_meter.mass.keys()
+        assert all(torch.allclose(meter.mass[k], expected_meter.mass[k], atol=1e-6) for k in meter.mass)
+        plan = RoundPlan(local_steps=2, batch_size=4, learning_rate=0.01, seed=3)
+        ranks.train(plan)
+        train_locally(one, data, plan, cpu)
+        sharded, alone = ranks.trainable_state(), trainable_state(one)
+    finally:
+        ranks.close()
+    gap = sum(float(((sharded[k] - alone[k]).double() ** 2).sum()) for k in alone) ** 0.5
+    moved = sum(float(((alone[k] - start[k]).double() ** 2).sum()) for k in alone) ** 0.5
+    warned = [r.getMessage() for r in caplog.records if "event=update_differs_from_one_process" in r.getMessage()]
+    if discover(one).facts.split_changes_update:
+        assert len(warned) == 1 and "the batch is split over 2 processes" in warned[0], warned
+        assert gap > UPDATE_TOLERANCE * moved
+    else:
+        assert not warned and gap <= UPDATE_TOLERANCE * moved, (gap, moved)
 
 
 def _attention_lora(checkpoint) -> str:
