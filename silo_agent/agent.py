@@ -286,6 +286,11 @@ class SiloAgent:
         else:
             load_trainable_state(self.model, state)
 
+    def _ranks_restartable(self) -> bool:
+        """After a RunError: whether this silo starts its ranks afresh itself (under torchrun the launcher owns
+        them, so the silo stops and torchrun starts them all again; without ranks the error is not theirs)."""
+        return self.ranks is not None and self.ranks.restartable
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return self.ranks.trainable_state() if self.ranks is not None else trainable_state(self.model)
 
@@ -346,8 +351,8 @@ class SiloAgent:
             try:
                 trained = self._train(task, global_units, key, time.perf_counter() - t0, retrain)
             except RunError as exc:  # a rank failed: this round goes on without the silo, the next gets new ranks
-                if self.ranks is None or not self.ranks.restartable:
-                    raise  # torchrun owns the ranks: the silo stops, and the launcher starts them all again
+                if not self._ranks_restartable():
+                    raise
                 self._decline(task, str(exc))
                 return
             if trained is None:
@@ -672,8 +677,16 @@ class SiloAgent:
         units = self._download(task.round, task.round)
         if units is None:
             return
-        self._load(units)
-        result = self._evaluate(max_examples=task.eval_max_examples or None)
+        cap = task.eval_max_examples or None
+        try:
+            self._load(units)
+            result = self._evaluate(max_examples=cap)
+        except RunError as exc:  # a rank failed (under fsdp evaluation is collective): once more, on fresh ranks
+            if not self._ranks_restartable():
+                raise
+            log_event(log, "final_evaluation_retried", level=logging.WARNING, reason=str(exc))
+            self._load(units)
+            result = self._evaluate(max_examples=cap)
         report = pb.EvalReport(run_id=self.run_id, round=task.round, layout_hash=self.layout.hash,
                                evaluation=pb.Evaluation(global_model=domain_losses(result)))
         if not self._sent("evaluation", task.round, lambda: self.client.report(report)):

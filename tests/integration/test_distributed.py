@@ -316,7 +316,9 @@ def test_a_silo_under_torchrun_keeps_its_ranks_through_a_real_federation(tmp_pat
 def test_a_silo_whose_rank_dies_sits_out_that_round_and_trains_the_next(tmp_path, caplog, parallel):
     """In a federation of three (silo0 on two ranks), rank 1 of silo0 is killed as round 2 reaches it:
     silo0 declines round 2 in one line, the round goes on with the other two, and round 3 has all three.
-    Under fsdp the first collective to fail is the agent loading the global model into the shards."""
+    Under fsdp the first collective to fail is the agent loading the global model into the shards; there
+    rank 1 is also killed as the final evaluation reaches silo0 (evaluation is collective under fsdp):
+    silo0 evaluates once more on fresh ranks and reports."""
     config = smoke_config(tmp_path, min_silos=2, rounds=3)
     silos = []
     for index in range(3):
@@ -329,6 +331,8 @@ def test_a_silo_whose_rank_dies_sits_out_that_round_and_trains_the_next(tmp_path
     def kill_rank_at_round_2(silo: str, task) -> bool:
         if silo == "silo0" and task.kind == task.TRAIN and task.round == 2 and agents[0].ranks.starts == 1:
             os.kill(agents[0].ranks.pids[0], signal.SIGKILL)
+        if silo == "silo0" and task.kind == task.EVALUATE and parallel == "fsdp" and agents[0].ranks.starts == 2:
+            os.kill(agents[0].ranks.pids[0], signal.SIGKILL)
         return False
 
     with caplog.at_level(logging.WARNING, logger="silo_agent.agent"):
@@ -340,7 +344,9 @@ def test_a_silo_whose_rank_dies_sits_out_that_round_and_trains_the_next(tmp_path
                 if r.name == "silo_agent.agent" and "event=round_declined" in r.getMessage()]
     assert len(declined) == 1 and "round=2" in declined[0]
     assert "local training process 1 of 2 failed: exited with signal SIGKILL" in declined[0]
-    assert agents[0].ranks.starts == 2 and multiprocessing.active_children() == []
+    retried = [r.getMessage() for r in caplog.records if "event=final_evaluation_retried" in r.getMessage()]
+    assert len(retried) == (1 if parallel == "fsdp" else 0)
+    assert agents[0].ranks.starts == (3 if parallel == "fsdp" else 2) and multiprocessing.active_children() == []
 
 
 def test_a_rank_that_dies_before_joining_fails_the_start_at_once():
