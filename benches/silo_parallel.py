@@ -63,7 +63,8 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     from fcmoe.model import build_model, checkpoint_activations, load_trainable_state, trainable_state
     from fcmoe.plan import RoundPlan
     from silo_agent.data import ByteTokenizer, ExampleBatches, build_silo_dataset
-    from silo_agent.distributed import RankSetup, SiloRanks, memory_bytes, peak_memory_bytes, reset_peak_memory
+    from silo_agent.distributed import RankSetup, SiloRanks
+    from silo_agent.memory import memory_bytes, peak_memory_bytes, reset_peak_memory
     from silo_agent.training import train_locally
 
     torch.set_num_threads(1)
