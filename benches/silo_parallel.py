@@ -96,7 +96,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
             if variant == "one":
                 reset_peak_memory(cpu)  # the round's peak, as the ranks report theirs
                 train_locally(model, data, plan, cpu)
-                peaks, trained = [peak_memory_bytes(cpu)], model
+                peaks, trained = [peak_memory_bytes(cpu)], trainable_state(model)
             else:
                 if variant == "respawn":
                     ranks = SiloRanks(model, setup, data, cpu)
@@ -110,8 +110,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
                     ranks = None
             seconds.append(time.perf_counter() - began)
             if round_ == 0:
-                state = trainable_state(trained) if isinstance(trained, torch.nn.Module) else trained
-                save_file(state, str(out / f"{variant}{suffix}-round1.safetensors"))
+                save_file(trained, str(out / f"{variant}{suffix}-round1.safetensors"))
     finally:
         if ranks is not None:
             ranks.close()
