@@ -27,6 +27,7 @@ from fcmoe.logs import log_event, setup_logging
 from fcmoe.model import (ExpertLayout, base_fingerprint, build_model, checkpoint_activations, load_trainable_state,
                          trainable_state)
 from fcmoe.model.saved import SILO_FINAL, model_record, save_silo_model, silo_folder
+from fcmoe.model.stream import CheckpointStream
 from fcmoe.plan import RoundPlan, start_version
 from fcmoe.signals import StopRequest
 from protos import codec
@@ -135,21 +136,29 @@ class SiloAgent:
         if self.world_size > 1 and self.silo.dp.enabled:
             raise ConfigError(f"silo.dp.enabled with {self.world_size} processes: DP-SGD trains in one process")
         sharded = self.world_size > 1 and self.silo.parallel == "fsdp"
-        # sharded, the whole model is built on the host only to be handed out to the ranks: no GPU holds it
-        model = build_model(config.model, torch.device("cpu") if sharded else self.device, seed=config.run.seed)
-        if self.silo.activation_checkpointing:
-            checkpoint_activations(model)
-        self.layout = ExpertLayout.from_model(model)
-        self.fingerprint = base_fingerprint(model)  # the frozen base never changes (and, sharded, is not whole again)
+        source: nn.Module | CheckpointStream
+        if sharded and config.model.source == "local":
+            # read layer by layer while the ranks take their shards: no process ever holds the whole model
+            source = CheckpointStream(config.model, seed=config.run.seed)
+            shapes = source.model
+        else:  # sharded, a built-in model is built on the host only to be handed out: no GPU holds it whole
+            source = shapes = build_model(config.model, torch.device("cpu") if sharded else self.device,
+                                          seed=config.run.seed)
+            if self.silo.activation_checkpointing:
+                checkpoint_activations(source)
+            self.fingerprint = base_fingerprint(source)  # the frozen base never changes (sharded, is not whole again)
+        self.layout = ExpertLayout.from_model(shapes)
         self.meter = RoutingMeter()
         self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}
         self.data = load_data(config)
         # the silo's training ranks, started once: each builds its model once and keeps it across rounds; they
         # own the agent's model from then on (under fsdp rank 0's shard of it)
-        self.ranks = (SiloRanks(model, RankSetup.of(config), self.data.train, self.device, progress)
+        self.ranks = (SiloRanks(source, RankSetup.of(config), self.data.train, self.device, progress)
                       if self.world_size > 1 else None)
-        self._model = model if self.ranks is None else None
-        del model
+        if isinstance(source, CheckpointStream):
+            self.fingerprint = source.fingerprint()  # digested tensor by tensor as the ranks took them
+        self._model = source if self.ranks is None else None
+        del source, shapes
         self.run_id = ""
         self.total_rounds = 0
         self.state = RunState()  # what this silo keeps of the run it is in

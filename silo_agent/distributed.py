@@ -15,12 +15,13 @@ batches. Two layouts (``silo.parallel``):
 - ``ddp``: every rank holds the whole model (``DistributedDataParallel``); rank 0's replica is the
   agent's model itself, which holds the trained state after each round;
 - ``fsdp``: FSDP2 (``fully_shard``) shards each decoder layer and the rest of the model over the
-  ranks, frozen base included, and rank 0's shard *is* the agent's model: the whole model the agent
-  built (on the host, never on a GPU) is handed out tensor by tensor and dropped, so no GPU ever
-  holds it. Everything the agent then does with its model is collective: a forward (evaluation,
-  routing) leads the other ranks through the same forward on the same batch (a pre-forward hook on
-  rank 0 sends it); reading the trainable state gathers it tensor by tensor to rank 0's host;
-  loading one hands each rank its shard.
+  ranks, frozen base included, and rank 0's shard *is* the agent's model. A local checkpoint is read
+  one layer at a time as it is handed out (:class:`fcmoe.model.stream.CheckpointStream`), so no
+  process ever holds the whole model; a built-in model (generated from its seed) is built whole on
+  rank 0's host, never on a GPU, handed out tensor by tensor and dropped. Everything the agent then
+  does with its model is collective: a forward (evaluation, routing) leads the other ranks through
+  the same forward on the same batch (a pre-forward hook on rank 0 sends it); reading the trainable
+  state gathers it tensor by tensor to rank 0's host; loading one hands each rank its shard.
 
 The update is the one a single process would make on the whole batch: each rank divides its summed
 token loss by the whole batch's token count, times ``world_size``, because both DDP and FSDP average
@@ -63,6 +64,7 @@ from fcmoe.errors import ConfigError, LayoutError, RunError
 from fcmoe.logs import log_event, setup_logging
 from fcmoe.model import build_model, checkpoint_activations, load_trainable_state, trainable_state
 from fcmoe.model.discovery import discover
+from fcmoe.model.stream import CheckpointStream
 from fcmoe.plan import RoundPlan
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
 from silo_agent.memory import (map_large_blocks_directly, memory_bytes, peak_memory_bytes, release_host_memory,
@@ -75,6 +77,7 @@ DEFAULT_TIMEOUT_S = 600.0  # a training collective waiting longer than this mean
 _IDLE = timedelta(days=30)  # between rounds a rank waits for rank 0 as long as the federation takes
 _GRACE_S = 5.0  # after a failure, how long a rank gets to exit (and leave its reason) before it is killed
 _TRAIN, _STOP, _FORWARD, _GATHER, _LOAD = 1, 2, 3, 4, 5  # rank 0's commands
+_DONE, _FAILED = -1, -2  # the ends of handing out the model, sent in place of a tensor's index
 _BUILDS = [0]  # replicas this process has built: a rank builds its model once, however many rounds it trains
 _INTS = ("local_steps", "batch_size", "grad_accum", "seed")
 _FLOATS = ("learning_rate", "weight_decay", "prox_mu")
@@ -131,7 +134,7 @@ class RankSetup:
     world_size: int
     cuda: bool
     activation_checkpointing: bool = False
-    seed: int = 0  # the model's build seed: under fsdp rank 0 builds the whole model again to restart a group
+    seed: int = 0  # the model's build seed: under fsdp rank 0 reads or builds the model again to restart a group
     timeout_s: float = DEFAULT_TIMEOUT_S
     threads: int = 1
     log_level: str = "INFO"
@@ -152,12 +155,17 @@ class SiloRanks:
     """Rank 0's handle on the silo's ranks: started here (or found under torchrun), trained with each
     round, closed with the agent. It owns the agent's model from then on: use :attr:`model`,
     :meth:`trainable_state` and :meth:`load_trainable_state`, which are collective under fsdp (and
-    drop your own reference to the model handed in: under fsdp that is what frees the whole model)."""
+    drop your own reference to the model handed in: under fsdp that is what frees the whole model).
+    Under fsdp the model may come as a :class:`CheckpointStream`, read layer by layer as it is handed out."""
 
-    def __init__(self, model: nn.Module, setup: RankSetup, data: ExampleBatches, device: torch.device,
-                 progress: bool = False):
+    def __init__(self, model: nn.Module | CheckpointStream, setup: RankSetup, data: ExampleBatches,
+                 device: torch.device, progress: bool = False):
         self.setup, self.data, self.device, self.progress = setup, data, device, progress
-        self._source: nn.Module | None = model  # the whole model: under fsdp only until it is handed out
+        if isinstance(model, CheckpointStream) and setup.parallel != "fsdp":
+            raise ConfigError("silo.parallel = ddp: every rank holds the whole model; a checkpoint is read "
+                              "layer by layer under fsdp only")
+        # the whole model, or the checkpoint to read it from: under fsdp only until it is handed out
+        self._source: nn.Module | CheckpointStream | None = model
         self.launch = torchrun_rank()
         self._context: mp.ProcessContext | None = None
         self._folder: Path | None = None
@@ -167,10 +175,11 @@ class SiloRanks:
         self.builds_per_rank: list[int] = []  # model builds per rank process, as the ranks counted after the last round
         self.peak_bytes_per_rank: list[int] = []  # each rank's peak memory in the last round (GPU allocator, else RSS)
         self.base_bytes_per_rank: list[int] = []  # each rank's memory before it built its replica
-        self.startup_peak_bytes = 0  # rank 0's peak while it built its replica (and handed out the whole model)
-        facts = discover(model).facts
+        self.startup_peak_bytes = 0  # rank 0's peak while it built its replica (and handed out the model)
+        shapes = model.model if isinstance(model, CheckpointStream) else model
+        facts = discover(shapes).facts
         if facts.split_changes_update:  # each rank trains on its own rows of every batch
-            family = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+            family = type(shapes.get_base_model() if hasattr(shapes, "get_base_model") else shapes).__name__
             log_event(log, "update_differs_from_one_process", level=logging.WARNING, model=family,
                       reason=f"{facts.split_changes_update}; the batch is split over {setup.world_size} "
                              "processes")
@@ -192,7 +201,7 @@ class SiloRanks:
             if store is not None:
                 self._await_spawned(store)
             _join_group(0, self.setup, store)
-            self._replica = _Replica(self.setup, 0, self.device, self._whole_model())
+            self._replica = _Replica(self.setup, 0, self.device, self._base())
             self.startup_peak_bytes = self._replica.startup_peak_bytes
         except Exception as exc:
             self._fail(exc)
@@ -221,11 +230,14 @@ class SiloRanks:
     def sharded(self) -> bool:
         return self.setup.parallel == "fsdp"
 
-    def _whole_model(self) -> nn.Module:
-        """The whole model to hand out: the agent's; under fsdp, after the first start, built again on the
-        host (the ranks that held the other shards are gone; the caller loads the trainable state)."""
+    def _base(self) -> nn.Module | CheckpointStream:
+        """The model to hand out: the agent's; under fsdp, after the first start (the ranks that held the
+        other shards are gone; the caller loads the trainable state), read again from a local checkpoint
+        layer by layer, or a built-in one built again on the host."""
         if self._source is None:
-            self._source = build_model(self.setup.model, "cpu", seed=self.setup.seed)
+            spec = self.setup.model
+            self._source = (CheckpointStream(spec, self.setup.seed) if spec.source == "local"
+                            else build_model(spec, "cpu", seed=self.setup.seed))
         return self._source
 
     @property
@@ -236,7 +248,7 @@ class SiloRanks:
             self._ensure_started()
             assert self._replica is not None
             return self._replica.module
-        assert self._source is not None
+        assert isinstance(self._source, nn.Module)
         return self._source
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -297,7 +309,8 @@ class SiloRanks:
         start = time.perf_counter()
         try:
             _send_command(_TRAIN, plan)
-            result = self._replica.train_round(self.data, plan, self._source, self.progress)
+            result = self._replica.train_round(self.data, plan, self.model if not self.sharded else None,
+                                               self.progress)
             self.builds_per_rank, self.peak_bytes_per_rank, self.base_bytes_per_rank = _rank_figures(
                 self.setup.world_size, 0, _BUILDS[0] - self._builds_before, self.device, self._replica.base_bytes)
         except Exception as exc:
@@ -393,6 +406,10 @@ def rank_device(silo: SiloConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+class _Abandoned(RunError):
+    """Rank 0 gave up handing out the model and says why itself."""
+
+
 def _spawned_rank(index: int, setup: RankSetup, data: ExampleBatches, port: int, folder: str) -> None:
     """Entry point of a rank the agent spawned (a fresh interpreter): ranks 1 .. world_size - 1."""
     rank = index + 1
@@ -411,6 +428,8 @@ def _spawned_rank(index: int, setup: RankSetup, data: ExampleBatches, port: int,
             _serve(rank, setup, data, device)
         finally:
             dist.destroy_process_group()
+    except _Abandoned:
+        return  # rank 0 names its own failure (a checkpoint that cannot be read, say); no note to mask it
     except Exception as exc:
         # one line for the agent; torch's error file keeps the traceback
         (Path(folder) / f"rank{rank}.error").write_text(_one_line(exc))
@@ -448,12 +467,13 @@ def _rank_figures(world_size: int, rank: int, builds: int, device: torch.device,
 class _Replica:
     """One rank's copy of the model for training: DDP-wrapped, or FSDP2-sharded."""
 
-    def __init__(self, setup: RankSetup, rank: int, device: torch.device, source: nn.Module | None):
+    def __init__(self, setup: RankSetup, rank: int, device: torch.device,
+                 source: nn.Module | CheckpointStream | None):
         self.setup, self.rank, self.device = setup, rank, device
         self.in_round = False  # in a training round, where every rank runs its own forwards
         self.forward_open = False  # rank 0: inside a forward it leads (still set after one that failed)
         self.base_bytes = memory_bytes(device)  # before the replica: interpreter, libraries (and the agent)
-        if setup.parallel == "ddp" and source is not None:
+        if setup.parallel == "ddp" and isinstance(source, nn.Module):
             self.module = source  # rank 0 under ddp: the agent's model is this rank's replica
         else:
             self.module = build_model(setup.model, "meta")
@@ -462,9 +482,9 @@ class _Replica:
             self.module.to_empty(device=device)
         if setup.activation_checkpointing:
             checkpoint_activations(self.module)
-        _broadcast_into(list(chain(self.module.named_parameters(), self.module.named_buffers())), source, device)
+        _hand_out(list(chain(self.module.named_parameters(), self.module.named_buffers())), source, device)
         release_host_memory()
-        self.startup_peak_bytes = peak_memory_bytes(device)  # rank 0's includes the whole model it handed out
+        self.startup_peak_bytes = peak_memory_bytes(device)  # rank 0's includes what it handed out
         self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         self.view: nn.Module = self.module
         if setup.parallel == "ddp":
@@ -617,6 +637,60 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
+def _hand_out(targets: list[tuple[str, torch.Tensor]], source: nn.Module | CheckpointStream | None,
+              device: torch.device) -> None:
+    """Rank 0 sends every tensor of ``source`` (a model, or a checkpoint read layer by layer) in the order
+    it comes, each after its index among ``targets``; every rank copies what it keeps of each (its shard
+    under FSDP). Tensor by tensor, so no rank holds more than one whole; a source that fails part-way
+    (a checkpoint missing a tensor) stops every rank with its reason."""
+    index = torch.zeros(1, dtype=torch.int64)
+    received = set()
+    if source is not None:  # rank 0
+        where = {name: i for i, (name, _) in enumerate(targets)}
+        pairs = source if isinstance(source, CheckpointStream) else chain(source.named_parameters(),
+                                                                          source.named_buffers())
+        try:
+            for name, tensor in pairs:
+                if name not in where:
+                    raise LayoutError(f"the model has no tensor {name!r} to take")
+                index[0] = where[name]
+                dist.broadcast(index, 0)
+                _copy_into(targets[where[name]][1], tensor.detach().to(device, targets[where[name]][1].dtype)
+                           .contiguous(), sent=tensor)
+                received.add(where[name])
+        except Exception:
+            index[0] = _FAILED
+            dist.broadcast(index, 0)
+            raise
+        index[0] = _DONE
+        dist.broadcast(index, 0)
+    else:
+        while True:
+            dist.broadcast(index, 0)
+            if index[0] == _FAILED:
+                raise _Abandoned("rank 0 failed while handing out the model")
+            if index[0] == _DONE:
+                break
+            target = targets[int(index[0])][1]
+            _copy_into(target, torch.empty(target.shape, dtype=target.dtype, device=device))
+            received.add(int(index[0]))
+    if len(received) != len(targets):
+        missing = next(name for i, (name, _) in enumerate(targets) if i not in received)
+        raise LayoutError(f"no value was handed out for {missing!r}")
+
+
+def _copy_into(target: torch.Tensor, whole: torch.Tensor, sent: torch.Tensor | None = None) -> None:
+    """Broadcast ``whole`` from rank 0 (``whole`` is the receiving buffer elsewhere) and keep this rank's
+    part of it in ``target`` (nothing to copy where ``target`` is the tensor sent: ddp's rank 0)."""
+    dist.broadcast(whole, 0)
+    if isinstance(target, DTensor):
+        target.copy_(distribute_tensor(whole.to(target.dtype), target.device_mesh, target.placements,
+                                       src_data_rank=None))
+    elif target is not sent:
+        target.copy_(whole)
+
+
+@torch.no_grad()
 def _broadcast_into(targets: list[tuple[str, torch.Tensor]], source: nn.Module | Mapping[str, torch.Tensor] | None,
                     device: torch.device) -> None:
     """Rank 0 sends ``source``'s tensors of these names (a model's, or a state's), one at a time; every
@@ -627,15 +701,9 @@ def _broadcast_into(targets: list[tuple[str, torch.Tensor]], source: nn.Module |
     sent = source if source is not None else {}
     for name, target in targets:
         if source is not None:
-            whole = sent[name].detach().to(device, target.dtype).contiguous()
+            _copy_into(target, sent[name].detach().to(device, target.dtype).contiguous(), sent=sent[name])
         else:
-            whole = torch.empty(target.shape, dtype=target.dtype, device=device)
-        dist.broadcast(whole, 0)
-        if isinstance(target, DTensor):
-            target.copy_(distribute_tensor(whole.to(target.dtype), target.device_mesh, target.placements,
-                                           src_data_rank=None))
-        elif target is not sent.get(name):
-            target.copy_(whole)
+            _copy_into(target, torch.empty(target.shape, dtype=target.dtype, device=device))
 
 
 def _send_command(command: int, plan: RoundPlan | None = None) -> None:

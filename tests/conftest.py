@@ -56,6 +56,19 @@ def jsonl_config(tmp_path: Path) -> Config:
     return parse_config(data)
 
 
+def as_local_checkpoint(config: Config, folder: Path) -> Config:
+    """``config`` with its built-in model saved to ``folder`` (safetensors, byte tokenizer) and read from there:
+    the same weights, loaded as a real checkpoint is (a sharded silo reads it layer by layer)."""
+    from fcmoe.model.build import build_base_model
+    from fcmoe.model.tokenizer import byte_tokenizer
+
+    build_base_model(config.model).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    data = config.model_dump(mode="json")
+    data["model"].update(source="local", path=str(folder))
+    return parse_config(data)
+
+
 def silo_config(config: Config, name: str, port: int, index: int = 0, num_silos: int = 3) -> Config:
     data = config.model_dump(mode="json")
     data["silo"] = {"name": name, "aggregator": f"127.0.0.1:{port}", "pki_dir": data["aggregator"]["pki_dir"],

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 BYTE_VOCAB_SIZE = 260  # 256 bytes + BOS/EOS/PAD, rounded up (see silo_agent.data.tokenize)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def builtin_hf_config(spec: BuiltinModelConfig):  # -> transformers.PretrainedConfig
@@ -67,14 +67,14 @@ def build_base_model(spec: ModelConfig, device: str | torch.device = "cpu") -> n
     ``meta`` device, its shapes only (nothing allocated, nothing read but the checkpoint's config)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = _DTYPES[spec.dtype]
+    dtype = DTYPES[spec.dtype]
     if spec.source == "local":
         assert spec.path is not None
         if not spec.path.is_dir():
             raise ConfigError(f"model.path = {str(spec.path)!r}: not a directory")
     if torch.device(device).type == "meta":  # shapes only: a rank that receives its weights from rank 0
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(_hf_config(spec), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=dtype)
     elif spec.source == "builtin":
         torch.manual_seed(spec.builtin.seed)
         model = AutoModelForCausalLM.from_config(builtin_hf_config(spec.builtin), dtype=dtype)
@@ -88,7 +88,7 @@ def build_base_model(spec: ModelConfig, device: str | torch.device = "cpu") -> n
     return model
 
 
-def _hf_config(spec: ModelConfig):  # -> transformers.PretrainedConfig
+def hf_config(spec: ModelConfig):  # -> transformers.PretrainedConfig
     if spec.source == "builtin":
         return builtin_hf_config(spec.builtin)
     from transformers import AutoConfig
@@ -186,11 +186,19 @@ def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the frozen weights, so silos and aggregator can tell they start from the same base."""
+    """SHA-256 over the frozen weights, so silos and aggregator can tell they start from the same base.
+    One digest per tensor, combined in name order: a sharded silo digests its base as it streams it in
+    the checkpoint's order (:class:`fcmoe.model.stream.CheckpointStream`) and gets the same answer."""
+    return combine_digests({n: tensor_digest(p) for n, p in model.named_parameters() if not p.requires_grad})
+
+
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
+
+
+def combine_digests(digests: Mapping[str, bytes]) -> str:
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad:
-            continue
+    for name in sorted(digests):
         h.update(name.encode())
-        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(digests[name])
     return h.hexdigest()

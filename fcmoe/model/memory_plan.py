@@ -105,6 +105,7 @@ class ModelShape:
     head_per_token: int  # the final norm's input and the logits, per token (held through backward)
     transient: int  # the largest single tensor backward makes (a merged expert stack's gradient under LoRA)
     notes: tuple[str, ...] = ()
+    read_layer_by_layer: bool = False  # a local checkpoint (fcmoe.model.stream); a built-in model is built whole
 
     @property
     def base_params(self) -> int:
@@ -139,7 +140,7 @@ class Memory:
     gradients: int
     optimizer: int
     activations: int
-    host_model: int  # rank 0's host memory (not a GPU's), fsdp over > 1 GPU: the whole model, built once to hand out
+    host_model: int  # rank 0's host memory (not a GPU's) at start-up, fsdp over > 1 GPU: what it reads to hand out
 
     @property
     def total(self) -> int:
@@ -159,7 +160,7 @@ def plan_memory(shape: ModelShape, plan: Plan) -> Memory:
     n = plan.gpus
     train = [t for t in shape.tensors if t.trainable]
     steps = _STEP_BYTES * len(train)
-    host = sum(t.nbytes for t in shape.tensors) if n > 1 and plan.strategy == "fsdp" else 0
+    host = _startup_host_bytes(shape) if n > 1 and plan.strategy == "fsdp" else 0
     if plan.strategy == "ddp":
         grads = sum(t.nbytes for t in train)
         parameters, gathered = sum(t.nbytes for t in shape.tensors), 0
@@ -181,6 +182,19 @@ def plan_memory(shape: ModelShape, plan: Plan) -> Memory:
     rows = math.ceil(plan.batch_size / n)
     return Memory(parameters, gathered, gradients, optimizer, activation_bytes(shape, rows, plan.seq_len,
                                                                               plan.checkpointing), host)
+
+
+def _startup_host_bytes(shape: ModelShape) -> int:
+    """Rank 0's host memory while it hands the model out under fsdp: a local checkpoint is read one
+    layer (or the embeddings, norm and head) at a time, its tensors and their converted form (fused
+    experts) both held for a moment, plus the LoRA factors; a built-in model is built whole."""
+    if not shape.read_layer_by_layer:
+        return sum(t.nbytes for t in shape.tensors)
+    groups: dict[int, int] = {}
+    for t in shape.tensors:
+        if not t.lora:
+            groups[t.layer] = groups.get(t.layer, 0) + t.nbytes
+    return 2 * max(groups.values(), default=0) + sum(t.nbytes for t in shape.tensors if t.lora)
 
 
 def activation_bytes(shape: ModelShape, rows: int, seq_len: int, checkpointing: bool = False) -> int:
@@ -308,7 +322,7 @@ def read_model(spec: ModelConfig) -> ModelShape:
         model_class=structure.model_class, model_type=structure.model_type, dtype_bytes=s, hidden_size=hidden,
         vocab_size=vocab, num_experts=structure.num_experts, top_k=top_k, moe_layers=len(structure.layers),
         tensors=tuple(tensors + lora), layers=tuple(layers), head_per_token=4 * final_norms + vocab * s,
-        transient=transient, notes=tuple(notes))
+        transient=transient, notes=tuple(notes), read_layer_by_layer=spec.source == "local")
 
 
 def _layer_activation(element: nn.Module, moe: MoeLayer | None, hidden: int, heads: int, head_dim: int, s: int,
@@ -477,7 +491,9 @@ def render(shape: ModelShape, rows: list[tuple[Plan, Memory]]) -> str:
                      + f"  {'yes' if mem.total <= FIT_GIB * GIB else 'no'}")
     host = next((mem.host_model for _, mem in rows if mem.host_model), 0)
     if host:
-        lines.append(f"fsdp: rank 0 builds the whole model once in host memory (not on a GPU) to hand it out: "
+        how = ("reads the checkpoint one layer at a time" if shape.read_layer_by_layer
+               else "builds the whole model once")
+        lines.append(f"fsdp: rank 0 {how} in host memory (not on a GPU) to hand it out: "
                      f"{host / GIB:.2f} GiB of host RAM at start-up")
     lines += [f"note: {n}" for n in shape.notes]
     lines.append("activations are an estimate; parameters, gradients and AdamW state are counted exactly "

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import FULL_MATRIX, ROOT, kill_process_groups, silo_config, smoke_config
+from conftest import FULL_MATRIX, ROOT, as_local_checkpoint, kill_process_groups, silo_config, smoke_config
 
 from fcmoe.config import ModelConfig, SiloConfig, dump_config, parse_config
 from fcmoe.errors import ConfigError, LayoutError, RunError
@@ -101,10 +101,14 @@ def test_two_processes_give_the_one_process_update_with_accumulation_and_prox(pa
 
 def test_agent_with_world_size_2_sends_the_same_update(tmp_path):
     """Through the agent's training call: one silo, one FedAvg round, world_size 1 against 2 (ddp, and fsdp,
-    where the agent evaluates, loads and reads its model as rank 0's shard)."""
+    where the agent evaluates, loads and reads its model as rank 0's shard); the last case reads the same
+    model from a local checkpoint, which under fsdp is handed to the ranks as it is read, layer by layer
+    (the aggregator, which loads it whole, accepts the silo's base fingerprint when it joins)."""
     globals_ = []
-    for world_size, parallel in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
-        config = smoke_config(tmp_path / f"{world_size}{parallel}", min_silos=1, rounds=1, min_group_size=1)
+    for world_size, parallel, local in ((1, "ddp", False), (2, "ddp", False), (2, "fsdp", False), (2, "fsdp", True)):
+        config = smoke_config(tmp_path / f"{world_size}{parallel}{local}", min_silos=1, rounds=1, min_group_size=1)
+        if local:
+            config = as_local_checkpoint(config, tmp_path / "checkpoint")
         data = silo_config(config, "silo0", 0, index=0, num_silos=1).model_dump(mode="json")
         data["silo"].update(world_size=world_size, parallel=parallel)
         coordinator = run_in_process(config, [parse_config(data)])
@@ -283,9 +287,11 @@ def _silo_process(command: list[str], path, log_path) -> subprocess.Popen:
 
 def test_a_silo_under_torchrun_keeps_its_ranks_through_a_real_federation(tmp_path, pki, aggregator_factory):
     """Three rounds over real gRPC + mutual TLS: silo0 is ``torchrun --nproc-per-node 2 -m fcmoe silo``
-    with its model sharded (fsdp, router trained), the others are plain silos. Every round takes all three
-    updates; silo0's ranks start once and each builds its model once."""
-    data = smoke_config(tmp_path, min_silos=3, rounds=3).model_dump(mode="json")
+    with its model sharded (fsdp, router trained), the others are plain silos; the model is a local
+    checkpoint, which silo0's rank 0 hands to the ranks as it reads it, layer by layer. Every round takes
+    all three updates; silo0's ranks start once and each builds its model once."""
+    data = as_local_checkpoint(smoke_config(tmp_path, min_silos=3, rounds=3), tmp_path / "checkpoint").model_dump(
+        mode="json")
     data["model"]["trainable"]["router"] = True
     config = parse_config(data)
     agg = aggregator_factory(config)
@@ -310,6 +316,7 @@ def test_a_silo_under_torchrun_keeps_its_ranks_through_a_real_federation(tmp_pat
     assert logs[0].count("event=ranks_started") == 1 and "launcher=torchrun" in logs[0]
     assert logs[0].count("event=distributed_training_done") == 3
     assert logs[0].count("builds=1/1 ") == 3
+    assert logs[0].count("event=checkpoint_read") == 1 and "event=checkpoint_read" not in logs[1]
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -360,4 +367,27 @@ def test_a_rank_that_dies_before_joining_fails_the_start_at_once():
     assert time.monotonic() - began < 60
     message = str(caught.value)
     assert message.startswith("local training process 1 of 2 failed: RuntimeError: ") and "\n" not in message
+    assert multiprocessing.active_children() == [] and not torch.distributed.is_initialized()
+
+
+def test_a_checkpoint_that_fails_part_way_through_the_hand_out_is_rank_0s_one_line(tmp_path):
+    """Under fsdp rank 0 hands out a local checkpoint as it reads it; one that lacks a tensor fails only after
+    the ranks took the rest. The other ranks are told, leave without a note of their own, and the start
+    fails in one line naming the tensor, at once (no rank waits out the group's timeout)."""
+    from safetensors.torch import load_file, save_file
+
+    from fcmoe.model.stream import CheckpointStream
+
+    config = as_local_checkpoint(smoke_config(tmp_path), tmp_path / "checkpoint")
+    tensors = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    del tensors["model.layers.1.post_attention_layernorm.weight"]
+    save_file(tensors, str(tmp_path / "checkpoint" / "model.safetensors"), metadata={"format": "pt"})
+    began = time.monotonic()
+    with pytest.raises(RunError) as caught:
+        SiloRanks(CheckpointStream(config.model), RankSetup(config.model, "fsdp", 2, cuda=False, timeout_s=300),
+                  _data(), CPU)
+    assert time.monotonic() - began < 60
+    message = str(caught.value)
+    assert message.startswith("local training process 0 of 2 failed: LayoutError: model.path = ") and "\n" not in message
+    assert "the checkpoint holds no value for 1 tensor(s) of the model" in message
     assert multiprocessing.active_children() == [] and not torch.distributed.is_initialized()

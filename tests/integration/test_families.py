@@ -28,8 +28,9 @@ from families import EXCLUDED, moe_model_types, save_tiny_checkpoint
 from fcmoe.config import ModelConfig, parse_config
 from fcmoe.errors import ConfigError, LayoutError
 from fcmoe.launch.inprocess import run_in_process
-from fcmoe.model import ExpertLayout, build_model, load_trainable_state, trainable_state
+from fcmoe.model import ExpertLayout, base_fingerprint, build_model, load_trainable_state, trainable_state
 from fcmoe.model.discovery import MoeStructure, discover
+from fcmoe.model.stream import CheckpointStream
 from fcmoe.plan import RoundPlan
 
 pytestmark = [pytest.mark.slow]
@@ -192,10 +193,35 @@ def test_family_trains_and_federates_from_a_local_checkpoint(model_type, tmp_pat
             f.write(json.dumps(row) + "\n")
 
 
+@pytest.mark.parametrize("model_type", [t for t in FAMILIES if t not in EXCLUDED])
+def test_family_checkpoint_read_layer_by_layer_gives_from_pretrained_tensors(model_type, tmp_path):
+    """What a sharded silo hands its ranks (:class:`CheckpointStream`: the checkpoint read one layer at a
+    time, through transformers' conversions) is what ``from_pretrained`` loads, tensor for tensor, and
+    digests to the same base fingerprint (the aggregator checks it when the silo joins). Every family,
+    in ``make test`` too: about a quarter of a second each."""
+    save_tiny_checkpoint(model_type, tmp_path, seed=0)
+    spec = _local(tmp_path)
+    if discover(build_model(_local(tmp_path, mode="full"))).facts.no_lora:
+        spec = _local(tmp_path, mode="full")
+    whole = build_model(spec)
+    expected = dict(whole.named_parameters())
+    expected.update(whole.named_buffers())
+    stream = CheckpointStream(spec)
+    got = {}
+    for name, tensor in stream:
+        assert name not in got, f"{name} twice"
+        got[name] = (tensor.shape, tensor.dtype, "lora_" in name or torch.equal(tensor, expected[name]))
+    assert got.keys() == expected.keys()
+    assert [n for n, (shape, dtype, same) in got.items()
+            if not same or shape != expected[n].shape or dtype != expected[n].dtype] == []
+    assert stream.fingerprint() == base_fingerprint(whole)
+
+
 @pytest.mark.subprocess
 @pytest.mark.parametrize("model_type", FSDP_CASES)
 def test_family_sharded_over_two_ranks_evaluates_and_trains_as_one_process(model_type, tmp_path, caplog):
-    """``silo.parallel: fsdp`` on two ranks (gloo), the agent's model being rank 0's shard: evaluation
+    """``silo.parallel: fsdp`` on two ranks (gloo), the checkpoint handed out to them as it is read layer by
+    layer (as the agent does), the agent's model being rank 0's shard: evaluation
     through it, routing meter attached, gives one process's losses and routing (every rank runs the
     whole batch; measured: the same bits), and a round of training gives one process's update to 1e-3
     relative. A family whose training depends on how the batch is split (``FamilyFacts.split_changes_update``:
@@ -218,7 +244,7 @@ def test_family_sharded_over_two_ranks_evaluates_and_trains_as_one_process(model
     start = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in trainable_state(one).items()}
     load_trainable_state(one, start)
     with caplog.at_level("WARNING", logger="silo_agent.distributed"):
-        ranks = SiloRanks(build_model(spec), RankSetup(spec, "fsdp", 2, cuda=False, timeout_s=120), data, cpu)
+        ranks = SiloRanks(CheckpointStream(spec), RankSetup(spec, "fsdp", 2, cuda=False, timeout_s=120), data, cpu)
     try:
         ranks.load_trainable_state(start)
         expected_meter, meter = RoutingMeter(), RoutingMeter()

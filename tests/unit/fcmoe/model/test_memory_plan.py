@@ -148,6 +148,22 @@ def test_fsdp_divides_the_state(checkpoints):
     assert plan_memory(shape, Plan(3, "fsdp", 8, 2048)).activations == activation_bytes(shape, 3, 2048)
 
 
+def test_rank_0s_host_reads_a_checkpoint_layer_by_layer_and_builds_a_builtin_whole(checkpoints):
+    """Under fsdp rank 0's host holds, at start-up, twice the largest layer of a local checkpoint (its
+    tensors and their fused form) plus LoRA, not the whole model (Mixtral-8x7B: 94 GB whole); a built-in
+    model, generated from its seed, is built whole."""
+    _, shape = checkpoints["mixtral-8x7b"]
+    assert shape.read_layer_by_layer
+    whole = sum(t.nbytes for t in shape.tensors)
+    layer = max(sum(t.nbytes for t in shape.tensors if t.layer == i and not t.lora) for i in range(len(shape.layers)))
+    host = plan_memory(shape, Plan(8, "fsdp", 8, 2048)).host_model
+    assert host == 2 * layer + sum(t.nbytes for t in shape.tensors if t.lora) and host < whole / 10
+    assert plan_memory(shape, Plan(8, "ddp", 8, 2048)).host_model == 0
+    builtin = read_model(_spec("mixtral", "float32", mode="lora"))
+    assert not builtin.read_layer_by_layer
+    assert plan_memory(builtin, Plan(2, "fsdp", 2, 16)).host_model == sum(t.nbytes for t in builtin.tensors)
+
+
 def test_checkpoints_match_published_totals(checkpoints):
     assert set(checkpoints) == set(PUBLISHED)
     for stem, (config, shape) in checkpoints.items():
