@@ -140,30 +140,38 @@ def test_bfloat16_training_on_cuda_learns(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fsdp over two ranks needs two GPUs")
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_gpu_ranks_give_the_one_gpu_update(parallel):
-    """NCCL between two GPUs, the model sharded (fsdp) or replicated (ddp): the one-GPU update."""
+@pytest.mark.parametrize("parallel, streamed", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_two_gpu_ranks_give_the_one_gpu_update(parallel, streamed, tmp_path):
+    """NCCL between two GPUs, the model sharded (fsdp) or replicated (ddp): the one-GPU update; sharded
+    from a local checkpoint too, read layer by layer as it is handed to the GPUs (as the agent does)."""
     from integration.test_distributed import TINY, _data, _start_state
 
     from fcmoe.config import ModelConfig
     from fcmoe.model import load_trainable_state
+    from fcmoe.model.build import build_base_model
+    from fcmoe.model.stream import CheckpointStream
     from silo_agent.distributed import RankSetup, SiloRanks
 
     spec = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": "lora", "router": True}})
+    if streamed:
+        build_base_model(spec).save_pretrained(tmp_path)
+        spec = spec.model_copy(update={"source": "local", "path": tmp_path})
     data, start, cuda = _data(), _start_state(spec), torch.device("cuda", 0)
     plan = RoundPlan(local_steps=2, batch_size=6, grad_accum=2, learning_rate=0.01, prox_mu=0.5, seed=5)
     trained = []
     for world_size in (1, 2):
-        # as the agent does: under fsdp the whole model is built on the host only to be handed out
+        # as the agent does with a built-in model: under fsdp it is built on the host only to be handed out
         model = build_model(spec, "cpu" if world_size > 1 and parallel == "fsdp" else cuda)
         load_trainable_state(model, start)
         if world_size == 1:
             train_locally(model, data, plan, cuda)
             state = trainable_state(model)
         else:
-            ranks = SiloRanks(model, RankSetup(spec, parallel, 2, cuda=True), data, cuda)
+            ranks = SiloRanks(CheckpointStream(spec) if streamed else model, RankSetup(spec, parallel, 2, cuda=True),
+                              data, cuda)
             del model  # under fsdp GPU 0 holds rank 0's shard only
             try:
+                ranks.load_trainable_state(start)
                 ranks.train(plan)
                 assert ranks.builds_per_rank == [1, 1]
                 state = ranks.trainable_state()
