@@ -152,7 +152,7 @@ class FederationService(pb_grpc.FederationServicer):
                     raise _Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {header.round} deadline passed")
                 assembler.add(message.chunk)
             payload = assembler.finish()
-            if header.payload_sha256 and codec.payload_digest(payload) != header.payload_sha256:
+            if header.payload_sha256 and codec.payload_digest(payload, assembler.digests) != header.payload_sha256:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "update does not match its payload_sha256")
             self.coordinator.add_update(silo, header, payload, assembler.bytes_received)
         except grpc.RpcError:  # the link broke mid-stream: what arrived is kept for a resumed stream

@@ -53,16 +53,27 @@ def dtype_name(array: np.ndarray) -> str:
     raise CodecError(f"dtype {array.dtype} cannot be sent (allowed: {', '.join(_DTYPES)})")
 
 
+def _wire_bytes(array: np.ndarray) -> tuple[str, bytes]:
+    dtype = dtype_name(array)
+    return dtype, np.ascontiguousarray(array, dtype=_DTYPES[dtype]).tobytes()
+
+
+def tensor_digests(tensors: Mapping[str, np.ndarray]) -> dict[str, bytes]:
+    """Each tensor's SHA-256 over the bytes it travels as (what its first chunk carries)."""
+    return {name: hashlib.sha256(_wire_bytes(array)[1]).digest() for name, array in tensors.items()}
+
+
 def encode(
-    tensors: Mapping[str, np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    tensors: Mapping[str, np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    digests: Mapping[str, bytes] | None = None,
 ) -> Iterator[pb.TensorChunk]:
-    """Yield TensorChunk messages for every tensor, in mapping order."""
+    """Yield TensorChunk messages for every tensor, in mapping order (``digests``: the tensors' own,
+    from :func:`tensor_digests`, when the sender has them already)."""
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise CodecError(f"chunk_bytes={chunk_bytes} outside 1..{MAX_CHUNK_BYTES}")
     for name, array in tensors.items():
-        dtype = dtype_name(array)
-        raw = np.ascontiguousarray(array, dtype=_DTYPES[dtype]).tobytes()
-        digest = hashlib.sha256(raw).digest()
+        dtype, raw = _wire_bytes(array)
+        digest = digests[name] if digests is not None else hashlib.sha256(raw).digest()
         shape = list(array.shape)
         offsets = range(0, len(raw), chunk_bytes) if raw else [0]
         for i, offset in enumerate(offsets):
@@ -78,14 +89,16 @@ def encode(
             )
 
 
-def payload_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
-    """SHA-256 naming a whole payload (names, dtypes, shapes, bytes): an interrupted upload resumes
-    only into the same payload."""
+def payload_digest(tensors: Mapping[str, np.ndarray], digests: Mapping[str, bytes] | None = None) -> bytes:
+    """SHA-256 naming a whole payload (names, dtypes, shapes, and each tensor's SHA-256): an interrupted
+    upload resumes only into the same payload. Built on the tensors' own digests, which the sender
+    computes once for its chunks and the receiver checks as they arrive (``TensorAssembler.digests``),
+    so neither side reads the bytes a second time."""
+    digests = digests if digests is not None else tensor_digests(tensors)
     h = hashlib.sha256()
     for name, array in tensors.items():
-        dtype = dtype_name(array)
-        h.update(f"{name}\0{dtype}\0{list(array.shape)}\0".encode())
-        h.update(np.ascontiguousarray(array, dtype=_DTYPES[dtype]).tobytes())
+        h.update(f"{name}\0{dtype_name(array)}\0{list(array.shape)}\0".encode())
+        h.update(digests[name])
     return h.digest()
 
 
@@ -103,6 +116,7 @@ class TensorAssembler:
         self._current: str | None = None
         self._buffer: bytearray | None = None
         self._digest = b""
+        self.digests: dict[str, bytes] = {}  # each finished tensor's SHA-256, checked against its bytes
         self.bytes_received = 0
         self.chunks_received = 0  # accepted so far: where an interrupted stream resumes
 
@@ -154,6 +168,7 @@ class TensorAssembler:
         name, spec = self._current, self._expected[self._current]
         if hashlib.sha256(self._buffer).digest() != self._digest:
             raise CodecError(f"tensor {name!r}: SHA-256 mismatch")
+        self.digests[name] = self._digest
         array = np.frombuffer(self._buffer, dtype=_DTYPES[spec.dtype]).reshape(spec.shape)  # writable, no copy
         self._done[name] = array.astype(array.dtype.newbyteorder("="), copy=False)
         self._current, self._buffer = None, None

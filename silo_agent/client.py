@@ -150,7 +150,8 @@ class AggregatorClient:
         """Stream an update; after a cut link, resume after the chunks the aggregator kept (UploadStatus)."""
         first = pb.UpdateHeader()
         first.CopyFrom(header)
-        first.payload_sha256 = codec.payload_digest(payload)
+        digests = codec.tensor_digests(payload)  # once: for the header's payload digest and every (re)sent chunk
+        first.payload_sha256 = codec.payload_digest(payload, digests)
         tries = 0
 
         def send() -> pb.SubmitReply:
@@ -165,7 +166,7 @@ class AggregatorClient:
 
             def messages() -> Iterator[pb.UpdateMessage]:
                 yield pb.UpdateMessage(header=head)
-                for chunk in itertools.islice(codec.encode(payload, chunk_bytes), resume, None):
+                for chunk in itertools.islice(codec.encode(payload, chunk_bytes, digests), resume, None):
                     yield pb.UpdateMessage(chunk=chunk)
 
             return self.stub.SubmitUpdate(messages(), timeout=self.rpc_timeout_s)

@@ -178,6 +178,11 @@ def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator
     nan = dict(payload)
     nan[units[0]] = np.full(coord.unit_sizes[units[0]], np.nan, np.float32)
     wrong_round = pb.UpdateHeader(run_id=run_id, round=7, layout_hash=coord.layout_hash, units=units)
+    # a stream whose chunks are each intact but whose header names another payload (what a resumed upload
+    # mixing two payloads would be): the aggregator rebuilds the payload digest from the chunks it checked
+    other = {k: np.ones(n, np.float32) for k, n in coord.unit_sizes.items()}
+    named_other = pb.UpdateHeader(run_id=run_id, round=1, layout_hash=coord.layout_hash, units=units,
+                                  payload_sha256=codec.payload_digest(other))
     for hdr, chunks, status, words in [
         (header, bad_digest, grpc.StatusCode.INVALID_ARGUMENT, "SHA-256"),
         (header, wrong_shape, grpc.StatusCode.INVALID_ARGUMENT, "shape"),
@@ -185,6 +190,7 @@ def test_bad_messages_refused_and_server_keeps_serving(tmp_path, pki, aggregator
         (header, [huge], grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
         (header, list(codec.encode(nan)), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
         (wrong_round, good, grpc.StatusCode.FAILED_PRECONDITION, "round 7"),
+        (named_other, good, grpc.StatusCode.INVALID_ARGUMENT, "update does not match its payload_sha256"),
     ]:
         err = _submit(stub, hdr, chunks)
         assert err.code() == status and words in (err.details() or ""), err.details()

@@ -75,3 +75,25 @@ def test_oversize_truncated_and_misordered_refused():
         codec.decode(codec.encode({"b": np.ones(1, np.float32), "a": np.ones(1, np.float32)}), two)
     with pytest.raises(CodecError, match="missing"):
         codec.decode(codec.encode({"a": np.ones(1, np.float32)}), two)
+
+
+def test_payload_digest_from_the_checked_chunk_digests_equals_the_senders_and_binds_every_part():
+    """The receiver rebuilds the sender's payload digest from the per-tensor digests it checked while
+    assembling (no second pass over the bytes); changing a name, dtype, shape or one bit changes it."""
+    payload = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float64),
+               "empty": np.zeros(0, np.float32)}
+    digests = codec.tensor_digests(payload)
+    sent = codec.payload_digest(payload, digests)
+    assert sent == codec.payload_digest(payload)
+    assembler = codec.TensorAssembler(_specs(payload))
+    for chunk in codec.encode(payload, 16, digests):
+        assembler.add(chunk)
+    received = assembler.finish()
+    assert assembler.digests.keys() == payload.keys() and codec.payload_digest(received, assembler.digests) == sent
+    changed = [{"c": payload["a"], "b": payload["b"], "empty": payload["empty"]},
+               {**payload, "b": payload["b"].astype(np.float32)},
+               {**payload, "a": payload["a"].reshape(4, 3)}]
+    flipped = payload["a"].copy()
+    flipped.view(np.uint32)[0, 0] ^= 1
+    changed.append({**payload, "a": flipped})
+    assert all(codec.payload_digest(other) != sent for other in changed)
