@@ -391,3 +391,27 @@ def test_a_checkpoint_that_fails_part_way_through_the_hand_out_is_rank_0s_one_li
     assert message.startswith("local training process 0 of 2 failed: LayoutError: model.path = ") and "\n" not in message
     assert "the checkpoint holds no value for 1 tensor(s) of the model" in message
     assert multiprocessing.active_children() == [] and not torch.distributed.is_initialized()
+
+
+def test_fc_moe_with_a_sharded_silo_gives_the_global_model_of_one_process(tmp_path):
+    """The FC-MoE set-up users run (configs/demo_fcmoe.yaml's defaults: routing-weighted importance, each
+    silo projecting its delta and re-anchoring part of it, the personal adapter; router trained) with a
+    local checkpoint, three silos, two rounds: silo0 on two fsdp ranks, which read the checkpoint layer
+    by layer, gives the global model silo0 gives in one process."""
+    globals_ = []
+    for world_size in (1, 2):
+        config = as_local_checkpoint(smoke_config(tmp_path / str(world_size), strategy={"name": "fcmoe"}, min_silos=3,
+                                                  rounds=2, min_group_size=2), tmp_path / "checkpoint")
+        silos = []
+        for index in range(3):
+            data = silo_config(config, f"silo{index}", 0, index=index).model_dump(mode="json")
+            if index == 0:
+                data["silo"].update(world_size=world_size, parallel="fsdp")
+            silos.append(parse_config(data))
+        coordinator = run_in_process(config, silos)
+        assert coordinator.machine.succeeded
+        rows = [json.loads(line) for line in (config.run.output_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["updates"] for r in rows[1:]] == [3, 3]
+        globals_.append(coordinator.global_units)
+    one, two = globals_
+    assert max(float(np.abs(one[u] - two[u]).max()) for u in one) < TOLERANCE
