@@ -15,7 +15,10 @@ each in a fresh interpreter so that its memory high-water mark is its own:
   layer as it hands it out (what a silo does with ``source: local``): one round;
 - ``threads``: ``one`` on two threads instead of one, one round: how far the update moves when only
   the order of float sums changes (``one_process_two_threads_relative_diff``), the scale against which
-  ``update_relative_diff`` reads.
+  ``update_relative_diff`` reads;
+- ``one-ranks-allocator``: ``one`` with the glibc setting CPU ranks use (``map_large_blocks_directly``;
+  a one-process silo keeps glibc's default), two rounds, checkpointed: ``memory_ratio_ranks_allocator``
+  is a rank's peak over that process's, the ratio with the allocator the same on both sides.
 
 Reported, last, as one JSON object: each rank's peak resident memory in the last round (start-up
 apart) and ``memory_ratio`` = a training rank's peak (rank 1) over the one process's peak;
@@ -70,10 +73,12 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     from fcmoe.model import build_model, checkpoint_activations, load_trainable_state, trainable_state
     from fcmoe.plan import RoundPlan
     from silo_agent.distributed import RankSetup, SiloRanks
-    from silo_agent.memory import memory_bytes, peak_memory_bytes, reset_peak_memory
+    from silo_agent.memory import map_large_blocks_directly, memory_bytes, peak_memory_bytes, reset_peak_memory
     from silo_agent.training import train_locally
 
     torch.set_num_threads(2 if variant == "threads" else 1)
+    if variant == "one-ranks-allocator":
+        map_large_blocks_directly()
     spec = ModelConfig.model_validate(_model(intermediate_size))
     if variant == "streamed":
         return _streamed(spec.model_copy(update={"source": "local", "path": out / "checkpoint"}), steps, batch_size,
@@ -100,7 +105,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     try:
         for round_ in range(rounds):
             began = time.perf_counter()
-            if variant in ("one", "threads"):
+            if variant in ("one", "threads", "one-ranks-allocator"):
                 reset_peak_memory(cpu)  # the round's peak, as the ranks report theirs
                 train_locally(model, data, plan, cpu)
                 peaks, trained = [peak_memory_bytes(cpu)], trainable_state(model)
@@ -212,7 +217,8 @@ def main() -> int:
                         help="each expert's hidden width (512: 371 M parameters; 1024: 676 M)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=["one", "threads", "fsdp", "respawn", "streamed"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["one", "threads", "one-ranks-allocator", "fsdp", "respawn", "streamed"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:  # one variant in this fresh process, for the parent
@@ -232,7 +238,11 @@ def main() -> int:
         streamed_diff = _relative_diff(out, "", reference="fsdp-ckpt", other="streamed")
         _run_variant("threads", 1, *sizes[1:], False, args.intermediate_size)
         threads_diff = _relative_diff(out, "", other="threads")
+        allocator = _run_variant("one-ranks-allocator", 2, *sizes[1:], True, args.intermediate_size)
     memory = {name: _memory(variants) for name, variants in (("plain", runs), ("checkpointed", checkpointed))}
+    same_allocator = allocator["peak_bytes"][0]
+    memory["checkpointed"]["one_process_ranks_allocator_peak_mib"] = same_allocator >> 20
+    memory["checkpointed"]["memory_ratio_ranks_allocator"] = round(checkpointed["fsdp"]["peak_bytes"][1] / same_allocator, 3)
     persistent = statistics.median(runs["fsdp"]["round_seconds"][1:] or runs["fsdp"]["round_seconds"])
     respawn = statistics.median(runs["respawn"]["round_seconds"])
     best = memory["checkpointed"]["memory_ratio"]
