@@ -100,9 +100,10 @@ class CheckpointStream:
             if base_name not in persistent and base_name in names:
                 yield give(names[base_name], buffer)
         for group, keys in groups.items():
-            before = {n: id(t) for n, t in _tensors(skeleton)}
+            before = dict(_tensors(skeleton))  # held, not just their ids: a freed object's id can come back
             convert_and_load_state_dict_in_model(model=skeleton, state_dict=_lazy(self.files, keys), load_config=load)
-            loaded = [(n, t) for n, t in _tensors(skeleton) if id(t) != before.get(n) and t.device.type != "meta"]
+            loaded = [(n, t) for n, t in _tensors(skeleton) if t is not before.get(n) and t.device.type != "meta"]
+            del before
             for base_name, tensor in loaded:
                 if base_name in names and names[base_name] in left:
                     yield give(names[base_name], tensor)
