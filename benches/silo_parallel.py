@@ -146,6 +146,7 @@ def _streamed(spec, steps: int, batch_size: int, out: Path, checkpointing: bool)
     from fcmoe.model.stream import CheckpointStream
     from fcmoe.plan import RoundPlan
     from silo_agent.distributed import RankSetup, SiloRanks
+
     cpu = torch.device("cpu")
     data = _data()
     setup = RankSetup(spec, "fsdp", 2, cuda=False, activation_checkpointing=checkpointing)
