@@ -193,12 +193,11 @@ def test_family_trains_and_federates_from_a_local_checkpoint(model_type, tmp_pat
             f.write(json.dumps(row) + "\n")
 
 
-@pytest.mark.parametrize("model_type", [t for t in FAMILIES if t not in EXCLUDED])
+@pytest.mark.parametrize("model_type", CASES)
 def test_family_checkpoint_read_layer_by_layer_gives_from_pretrained_tensors(model_type, tmp_path):
     """What a sharded silo hands its ranks (:class:`CheckpointStream`: the checkpoint read one layer at a
     time, through transformers' conversions) is what ``from_pretrained`` loads, tensor for tensor, and
-    digests to the same base fingerprint (the aggregator checks it when the silo joins). Every family,
-    in ``make test`` too: about a quarter of a second each."""
+    digests to the same base fingerprint (the aggregator checks it when the silo joins)."""
     save_tiny_checkpoint(model_type, tmp_path, seed=0)
     spec = _local(tmp_path)
     if discover(build_model(_local(tmp_path, mode="full"))).facts.no_lora:
