@@ -16,7 +16,7 @@ from aggregator.coordinator import Coordinator
 from aggregator.receipts import RECEIPTS_FILE, ReceiptBook, to_message
 from aggregator.status import Traffic
 from crypto.tls import peer_certificate_pem, peer_common_name
-from fcmoe.errors import FcMoeError, ProtocolError
+from fcmoe.errors import CodecError, FcMoeError, ProtocolError
 from fcmoe.logs import log_event
 from protos import codec
 from protos import fcmoe_pb2 as pb
@@ -29,6 +29,11 @@ class _Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+class _StreamCut(Exception):
+    """The link broke and gRPC ended the request stream as if the sender had finished it (seen under
+    load) instead of raising: an interruption, not a malformed update."""
 
 
 def _identify(context: grpc.ServicerContext) -> str:
@@ -151,11 +156,16 @@ class FederationService(pb_grpc.FederationServicer):
                 if self.coordinator.clock() > stream.deadline:
                     raise _Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {header.round} deadline passed")
                 assembler.add(message.chunk)
-            payload = assembler.finish()
+            try:
+                payload = assembler.finish()
+            except CodecError:
+                if context.is_active():
+                    raise  # the silo ended a short stream itself: a bad update
+                raise _StreamCut from None
             if header.payload_sha256 and codec.payload_digest(payload, assembler.digests) != header.payload_sha256:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "update does not match its payload_sha256")
             self.coordinator.add_update(silo, header, payload, assembler.bytes_received)
-        except grpc.RpcError:  # the link broke mid-stream: what arrived is kept for a resumed stream
+        except (grpc.RpcError, _StreamCut):  # the link broke mid-stream: what arrived is kept for a resumed stream
             self.coordinator.interrupted_update(silo, stream)
             raise _Refused(grpc.StatusCode.CANCELLED,
                            f"update stream cut after {assembler.chunks_received} chunks") from None
