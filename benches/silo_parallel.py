@@ -64,6 +64,11 @@ def _model(intermediate_size: int) -> dict:
     return {**MODEL, "builtin": {**MODEL["builtin"], "intermediate_size": intermediate_size}}
 
 
+# the one-process variants: (torch threads, the ranks' allocator setting); the others train on two fsdp ranks
+# (``fsdp``: persistent; ``respawn``: fresh ranks every round; ``streamed``: from the local checkpoint)
+_ONE_PROCESS = {"one": (1, False), "threads": (2, False), "one-ranks-allocator": (1, True)}
+
+
 def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, checkpointing: bool,
              intermediate_size: int) -> dict:
     """One variant, in this (fresh) process: trains ``rounds`` rounds and saves the trained state."""
@@ -76,8 +81,9 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     from silo_agent.memory import map_large_blocks_directly, memory_bytes, peak_memory_bytes, reset_peak_memory
     from silo_agent.training import train_locally
 
-    torch.set_num_threads(2 if variant == "threads" else 1)
-    if variant == "one-ranks-allocator":
+    threads, ranks_allocator = _ONE_PROCESS.get(variant, (1, False))
+    torch.set_num_threads(threads)
+    if ranks_allocator:
         map_large_blocks_directly()
     spec = ModelConfig.model_validate(_model(intermediate_size))
     if variant == "streamed":
@@ -105,7 +111,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     try:
         for round_ in range(rounds):
             began = time.perf_counter()
-            if variant in ("one", "threads", "one-ranks-allocator"):
+            if variant in _ONE_PROCESS:
                 reset_peak_memory(cpu)  # the round's peak, as the ranks report theirs
                 train_locally(model, data, plan, cpu)
                 peaks, trained = [peak_memory_bytes(cpu)], trainable_state(model)

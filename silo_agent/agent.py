@@ -146,7 +146,6 @@ class SiloAgent:
                                           seed=config.run.seed)
             if self.silo.activation_checkpointing:
                 checkpoint_activations(source)
-            self.fingerprint = base_fingerprint(source)  # the frozen base never changes (sharded, is not whole again)
         self.layout = ExpertLayout.from_model(shapes)
         self.meter = RoutingMeter()
         self.specs = {k: codec.TensorSpec("float32", (n,)) for k, n in self.layout.unit_sizes().items()}
@@ -155,8 +154,9 @@ class SiloAgent:
         # own the agent's model from then on (under fsdp rank 0's shard of it)
         self.ranks = (SiloRanks(source, RankSetup.of(config), self.data.train, self.device, progress)
                       if self.world_size > 1 else None)
-        if isinstance(source, CheckpointStream):
-            self.fingerprint = source.fingerprint()  # digested tensor by tensor as the ranks took them
+        # of the frozen base, which never changes: taken while it is whole here (a stream digested each tensor as
+        # the ranks took it)
+        self.fingerprint = source.fingerprint() if isinstance(source, CheckpointStream) else base_fingerprint(source)
         self._model = source if self.ranks is None else None
         del source, shapes
         self.run_id = ""

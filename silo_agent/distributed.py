@@ -44,7 +44,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -77,7 +77,7 @@ DEFAULT_TIMEOUT_S = 600.0  # a training collective waiting longer than this mean
 _IDLE = timedelta(days=30)  # between rounds a rank waits for rank 0 as long as the federation takes
 _GRACE_S = 5.0  # after a failure, how long a rank gets to exit (and leave its reason) before it is killed
 _TRAIN, _STOP, _FORWARD, _GATHER, _LOAD = 1, 2, 3, 4, 5  # rank 0's commands
-_DONE, _FAILED = -1, -2  # the ends of handing out the model, sent in place of a tensor's index
+_DONE, _FAILED = -1, -2  # the ends of a hand-out, sent in place of a tensor's index
 _BUILDS = [0]  # replicas this process has built: a rank builds its model once, however many rounds it trains
 _INTS = ("local_steps", "batch_size", "grad_accum", "seed")
 _FLOATS = ("learning_rate", "weight_decay", "prox_mu")
@@ -407,7 +407,7 @@ def rank_device(silo: SiloConfig, local_rank: int) -> torch.device:
 
 
 class _Abandoned(RunError):
-    """Rank 0 gave up handing out the model and says why itself."""
+    """Rank 0 gave up handing out tensors (the model, a state) and says why itself."""
 
 
 def _spawned_rank(index: int, setup: RankSetup, data: ExampleBatches, port: int, folder: str) -> None:
@@ -482,7 +482,8 @@ class _Replica:
             self.module.to_empty(device=device)
         if setup.activation_checkpointing:
             checkpoint_activations(self.module)
-        _hand_out(list(chain(self.module.named_parameters(), self.module.named_buffers())), source, device)
+        pairs = source if isinstance(source, CheckpointStream) else _tensors_of(source) if source is not None else None
+        _hand_out(list(_tensors_of(self.module)), pairs, device)
         release_host_memory()
         self.startup_peak_bytes = peak_memory_bytes(device)  # rank 0's includes what it handed out
         self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -501,7 +502,8 @@ class _Replica:
         agent's) model, and rank 0's replica is that model; under fsdp the state is already in the shards."""
         reset_peak_memory(self.device)  # each round's peak is its own (start-up and evaluations apart)
         if self.setup.parallel == "ddp":
-            _broadcast_into(self.params, agent_model, self.device)
+            sent = dict(_tensors_of(agent_model)) if agent_model is not None else None
+            _hand_out(self.params, [(n, sent[n]) for n, _ in self.params] if sent is not None else None, self.device)
         self.in_round = True
         try:
             result = self._train(data, plan, progress)
@@ -521,11 +523,8 @@ class _Replica:
 
     @torch.no_grad()
     def scatter_trainable(self, state: Mapping[str, torch.Tensor] | None) -> None:
-        """Rank 0 sends the tensors of ``state`` (which names: a mask, first); each rank keeps its shard."""
-        included = torch.tensor([state is not None and name in state for name, _ in self.params], dtype=torch.uint8)
-        dist.broadcast(included, 0, group=_control())
-        wanted = [pair for pair, keep in zip(self.params, included.tolist()) if keep]
-        _broadcast_into(wanted, state, self.device)
+        """Rank 0 sends the tensors of ``state`` (some or all of the trainable ones); each rank keeps its shard."""
+        _hand_out(self.params, state.items() if state is not None else None, self.device, every=False)
 
     def _lead_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Rank 0's pre-forward hook: outside training, tell the other ranks to run this forward too."""
@@ -637,26 +636,25 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def _hand_out(targets: list[tuple[str, torch.Tensor]], source: nn.Module | CheckpointStream | None,
-              device: torch.device) -> None:
-    """Rank 0 sends every tensor of ``source`` (a model, or a checkpoint read layer by layer) in the order
-    it comes, each after its index among ``targets``; every rank copies what it keeps of each (its shard
-    under FSDP). Tensor by tensor, so no rank holds more than one whole; a source that fails part-way
-    (a checkpoint missing a tensor) stops every rank with its reason."""
+def _hand_out(targets: list[tuple[str, torch.Tensor]], pairs: Iterable[tuple[str, torch.Tensor]] | None,
+              device: torch.device, every: bool = True) -> None:
+    """Rank 0 (the one given ``pairs``: a model's tensors, a checkpoint read layer by layer, a state) sends
+    each tensor in the order it comes, after its index among ``targets``; every rank copies what it keeps
+    of each (its shard under FSDP). Tensor by tensor, so no rank holds more than one whole; a source that
+    fails part-way (a checkpoint missing a tensor) stops every rank with its reason. ``every``: each
+    target must receive a value."""
     index = torch.zeros(1, dtype=torch.int64)
     received = set()
-    if source is not None:  # rank 0
+    if pairs is not None:  # rank 0
         where = {name: i for i, (name, _) in enumerate(targets)}
-        pairs = source if isinstance(source, CheckpointStream) else chain(source.named_parameters(),
-                                                                          source.named_buffers())
         try:
             for name, tensor in pairs:
                 if name not in where:
                     raise LayoutError(f"the model has no tensor {name!r} to take")
                 index[0] = where[name]
                 dist.broadcast(index, 0)
-                _copy_into(targets[where[name]][1], tensor.detach().to(device, targets[where[name]][1].dtype)
-                           .contiguous(), sent=tensor)
+                target = targets[where[name]][1]
+                _copy_into(target, tensor.detach().to(device, target.dtype).contiguous(), sent=tensor)
                 received.add(where[name])
         except Exception:
             index[0] = _FAILED
@@ -668,15 +666,19 @@ def _hand_out(targets: list[tuple[str, torch.Tensor]], source: nn.Module | Check
         while True:
             dist.broadcast(index, 0)
             if index[0] == _FAILED:
-                raise _Abandoned("rank 0 failed while handing out the model")
+                raise _Abandoned("rank 0 failed while handing out tensors")
             if index[0] == _DONE:
                 break
             target = targets[int(index[0])][1]
             _copy_into(target, torch.empty(target.shape, dtype=target.dtype, device=device))
             received.add(int(index[0]))
-    if len(received) != len(targets):
+    if every and len(received) != len(targets):
         missing = next(name for i, (name, _) in enumerate(targets) if i not in received)
         raise LayoutError(f"no value was handed out for {missing!r}")
+
+
+def _tensors_of(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    return chain(model.named_parameters(), model.named_buffers())
 
 
 def _copy_into(target: torch.Tensor, whole: torch.Tensor, sent: torch.Tensor | None = None) -> None:
@@ -688,22 +690,6 @@ def _copy_into(target: torch.Tensor, whole: torch.Tensor, sent: torch.Tensor | N
                                        src_data_rank=None))
     elif target is not sent:
         target.copy_(whole)
-
-
-@torch.no_grad()
-def _broadcast_into(targets: list[tuple[str, torch.Tensor]], source: nn.Module | Mapping[str, torch.Tensor] | None,
-                    device: torch.device) -> None:
-    """Rank 0 sends ``source``'s tensors of these names (a model's, or a state's), one at a time; every
-    rank copies what it keeps of each (its shard under FSDP). Tensor by tensor, so no receiving rank
-    holds more than one whole."""
-    if isinstance(source, nn.Module):
-        source = dict(chain(source.named_parameters(), source.named_buffers()))
-    sent = source if source is not None else {}
-    for name, target in targets:
-        if source is not None:
-            _copy_into(target, sent[name].detach().to(device, target.dtype).contiguous(), sent=sent[name])
-        else:
-            _copy_into(target, torch.empty(target.shape, dtype=target.dtype, device=device))
 
 
 def _send_command(command: int, plan: RoundPlan | None = None) -> None:

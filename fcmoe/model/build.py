@@ -68,16 +68,13 @@ def build_base_model(spec: ModelConfig, device: str | torch.device = "cpu") -> n
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[spec.dtype]
-    if spec.source == "local":
-        assert spec.path is not None
-        if not spec.path.is_dir():
-            raise ConfigError(f"model.path = {str(spec.path)!r}: not a directory")
+    config = hf_config(spec)  # a local checkpoint's folder and config.json checked first, in one line each
     if torch.device(device).type == "meta":  # shapes only: a rank that receives its weights from rank 0
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif spec.source == "builtin":
         torch.manual_seed(spec.builtin.seed)
-        model = AutoModelForCausalLM.from_config(builtin_hf_config(spec.builtin), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.path, local_files_only=True, dtype=dtype)
     discover(model)  # refuse at once a model whose experts cannot be found (one line naming its class)
@@ -89,11 +86,23 @@ def build_base_model(spec: ModelConfig, device: str | torch.device = "cpu") -> n
 
 
 def hf_config(spec: ModelConfig):  # -> transformers.PretrainedConfig
+    """The transformers config of ``spec``: the built-in's, or ``config.json`` of ``model.path`` alone (no
+    weights read), with a one-line error naming the path when it cannot be read."""
     if spec.source == "builtin":
         return builtin_hf_config(spec.builtin)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(spec.path, local_files_only=True)
+    assert spec.path is not None
+    where = f"model.path = {str(spec.path)!r}"
+    if not spec.path.is_dir():
+        raise ConfigError(f"{where}: not a directory")
+    if not (spec.path / "config.json").is_file():
+        raise ConfigError(f"{where}: no config.json")
+    try:
+        return AutoConfig.from_pretrained(spec.path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        lines = str(exc).strip().splitlines()
+        raise ConfigError(f"{where}: cannot read config.json: {lines[0] if lines else type(exc).__name__}") from None
 
 
 def make_trainable(model: nn.Module, trainable: TrainableConfig, seed: int = 0) -> nn.Module:

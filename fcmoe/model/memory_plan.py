@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 FIT_GIB = 80  # the fit check; an "80GB" A100/H100 reports about 79.6 GiB, CUDA context and allocator slack not counted
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 _LORA_BYTES = 4  # PEFT autocasts adapter weights of a bf16/fp16 base to float32
 _STEP_BYTES = 4  # AdamW's per-tensor ``step``: a float32 scalar
 _LOSS_BYTES = 12  # per vocabulary entry and token as backward starts: the log-softmax output, its gradient and
@@ -227,15 +226,15 @@ def read_model(spec: ModelConfig) -> ModelShape:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from fcmoe.model.build import DTYPES, hf_config
     from fcmoe.model.discovery import discover
 
-    hf_config = _hf_config(spec)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
+    config = hf_config(spec)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # stdout/stderr carry the plan, not transformers' notices
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{_where(spec)}: transformers cannot build it as a causal LM: {_line(exc)}") from None
     finally:
@@ -247,8 +246,8 @@ def read_model(spec: ModelConfig) -> ModelShape:
     if trainable.mode == "lora" and structure.facts.no_lora:
         raise ConfigError(f"model.trainable.mode = lora: not for {structure.model_class}: {structure.facts.no_lora}")
 
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    s = _DTYPE_BYTES[spec.dtype]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    s = DTYPES[spec.dtype].itemsize
     hidden = int(text.hidden_size)
     heads = int(getattr(text, "num_attention_heads", 0) or 0)
     head_dim = int(getattr(text, "head_dim", 0) or (hidden // heads if heads else 0))
@@ -411,26 +410,6 @@ def _top_k(router: nn.Module | None, block: nn.Module, text: object) -> tuple[in
         if isinstance(value, int) and value > 0:
             return value, []
     return 2, ["experts per token not found in the config: assumed 2"]
-
-
-def _hf_config(spec: ModelConfig):
-    """The transformers config of ``spec``: the built-in's, or ``config.json`` of ``model.path`` alone."""
-    from fcmoe.model.build import builtin_hf_config
-
-    if spec.source == "builtin":
-        return builtin_hf_config(spec.builtin)
-    from transformers import AutoConfig
-
-    assert spec.path is not None
-    if not spec.path.is_dir():
-        raise ConfigError(f"model.path = {str(spec.path)!r}: not a directory")
-    if not (spec.path / "config.json").is_file():
-        raise ConfigError(f"model.path = {str(spec.path)!r}: no config.json (plan-memory reads only the config, "
-                          "no weights)")
-    try:
-        return AutoConfig.from_pretrained(spec.path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"model.path = {str(spec.path)!r}: cannot read config.json: {_line(exc)}") from None
 
 
 def _where(spec: ModelConfig) -> str:
