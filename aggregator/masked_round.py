@@ -29,8 +29,8 @@ from crypto import shamir
 from crypto.fixed_point import FixedPoint, FixedPointError, plan_fixed_point
 from crypto.key_agreement import NONCE_BYTES, TAG_BYTES, AdvertError, SignatureError, verify_silo_signature
 from crypto.masking import MaskingError, unmask_sum
-from crypto.secagg import (PACKED_SHARES_BYTES, STAGES, RoundView, SecAggError, check_bytes, mask_label, mask_seed,
-                           share_x, stage_mask_public, threshold_for)
+from crypto.secagg import (PACKED_SHARES_BYTES, STAGES, RoundView, SecAggError, cells, check_bytes, mask_label,
+                           mask_seed, share_x, stage_mask_public, threshold_for)
 from crypto.shamir import Share, ShamirError
 from fcmoe.config import SecureAggregationConfig
 from fcmoe.errors import ProtocolError
@@ -112,8 +112,7 @@ class MaskedRound(SecureRound):
         self._sums, self._members, self._signatures, self._revealed, self._check = {}, set(), {}, {}, b""
         units = list(self.unit_sizes)
         self.view = RoundView(self.run_id, self.session, stage, tuple(self.peers), tuple(units),
-                              tuple(self.plan.group[p][u] for u in units for p in self.peers),
-                              tuple(self.plan.alpha[p][u] for u in units for p in self.peers),
+                              cells(self.plan.group, self.peers, units), cells(self.plan.alpha, self.peers, units),
                               self.fixed.bits, self.fixed.frac_bits, sketch_buckets if stage == "sketch" else 0)
 
     def open_upload(self, sharers: set[str], plan: Coefficients, clip_norm: float, minimum: int = 0) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from aggregator.accumulate import Coefficients, floor_coefficients, regroup
 from aggregator.round_mode import RoundMode
 from crypto.key_agreement import NONCE_BYTES, TAG_BYTES, AdvertError, verify_advert
-from crypto.secagg import RUN_SECRET_BYTES, advert_of
+from crypto.secagg import RUN_SECRET_BYTES, advert_of, cells
 from fcmoe.config import SecureAggregationConfig
 from fcmoe.errors import ProtocolError
 from fcmoe.timing import timed
@@ -120,8 +120,8 @@ class SecureRound(RoundMode):
         assert self.plan is not None
         units = list(self.unit_sizes)
         return pb.UploadInstructions(units=units, coefficients=[self.plan.alpha[silo][u] for u in units],
-                                     peers=self.peers, groups=[self.plan.group[p][u] for u in units for p in self.peers],
-                                     peer_coefficients=[self.plan.alpha[p][u] for u in units for p in self.peers],
+                                     peers=self.peers, groups=cells(self.plan.group, self.peers, units),
+                                     peer_coefficients=cells(self.plan.alpha, self.peers, units),
                                      run_secret=self._secrets.get(silo))
 
     @property

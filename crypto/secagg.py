@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,9 +153,15 @@ class RoundView:
         return hashlib.sha256(encode_fields(VIEW_TAG, parts)).digest()
 
     def table(self, values: Sequence) -> dict[str, dict[str, Any]]:
-        """unit -> peer -> value, from a flat [u * len(peers) + p] list."""
+        """unit -> peer -> value, from a flat [u * len(peers) + p] list (:func:`cells` writes them)."""
         n = len(self.peers)
         return {u: dict(zip(self.peers, values[i * n:(i + 1) * n])) for i, u in enumerate(self.units)}
+
+
+def cells(by_silo: Mapping[str, Mapping[str, Any]], peers: Sequence[str], units: Sequence[str]) -> tuple:
+    """A plan's silo -> unit -> value (a group, a coefficient) as the flat [u * len(peers) + p] list the
+    view is signed over and the wire carries (:meth:`RoundView.table` reads it back)."""
+    return tuple(by_silo[p][u] for u in units for p in peers)
 
 
 def check_bytes(view_digest: bytes, survivors: Sequence[str], dropped: Sequence[str]) -> bytes:
