@@ -63,7 +63,7 @@ from fcmoe.config import Config, ModelConfig, SiloConfig
 from fcmoe.errors import ConfigError, LayoutError, RunError
 from fcmoe.logs import log_event, setup_logging
 from fcmoe.model import build_model, checkpoint_activations, load_trainable_state, trainable_state
-from fcmoe.model.discovery import discover
+from fcmoe.model.discovery import decoder_layers, discover, vocabulary_modules
 from fcmoe.model.stream import CheckpointStream
 from fcmoe.plan import RoundPlan
 from silo_agent.data import IGNORE_INDEX, ExampleBatches
@@ -351,7 +351,7 @@ class SiloRanks:
         raise RunError(reason) from None
 
     def _reason(self, exc: Exception) -> str:
-        if self._context is not None:
+        if self._context is not None and not isinstance(exc, _GaveUp):
             deadline = time.monotonic() + _GRACE_S  # a peer's failure reaches rank 0 before the peer has exited
             while time.monotonic() < deadline and all(p.exitcode is None for p in self._context.processes):
                 time.sleep(0.05)
@@ -363,7 +363,8 @@ class SiloRanks:
                     code = process.exitcode
                     how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
                     return f"local training process {index + 1} of {self.setup.world_size} failed: exited with {how}"
-        return f"local training process 0 of {self.setup.world_size} failed: {_one_line(exc)}"
+        own = str(exc) if isinstance(exc, _GaveUp) else _one_line(exc)
+        return f"local training process 0 of {self.setup.world_size} failed: {own}"
 
     def _teardown(self) -> None:
         self._replica = None
@@ -408,6 +409,11 @@ def rank_device(silo: SiloConfig, local_rank: int) -> torch.device:
 
 class _Abandoned(RunError):
     """Rank 0 gave up handing out tensors (the model, a state) and says why itself."""
+
+
+class _GaveUp(RunError):
+    """Rank 0's side of :class:`_Abandoned`: it failed handing out tensors and told the other ranks, so
+    its own reason is the group's, whatever becomes of the ranks it told."""
 
 
 def _spawned_rank(index: int, setup: RankSetup, data: ExampleBatches, port: int, folder: str) -> None:
@@ -614,25 +620,20 @@ def _add_prox_gradient(params: list[nn.Parameter], anchor: list[torch.Tensor], m
 
 
 def _shard(model: nn.Module, device: torch.device, cuda: bool) -> None:
-    """FSDP2 over every decoder layer, then the rest (embeddings, norm, head) as the root group."""
+    """FSDP2 over every decoder layer, the input embeddings and the output head, then the rest (final norm)
+    as the root group. FSDP2 keeps the root's own parameters gathered from forward through backward; a
+    large vocabulary's embeddings and head weigh as much as several layers, so they are groups of their
+    own, gathered only while they run."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
     # each tensor computes in its own dtype, as in one process (a bf16 base in bf16, LoRA in float32);
     # on GPUs gradients are reduced in float32, so a bf16 model loses nothing summing over ranks
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32 if cuda else None)
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    structure = discover(model)
+    for unit in decoder_layers(model, structure) + vocabulary_modules(model, structure):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """Every element of the module list that holds the MoE layers (dense layers of hybrids included)."""
-    moe = {id(layer.decoder_layer) for layer in discover(model).layers}
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and any(id(m) in moe for m in module):
-            return list(module)
-    return []
 
 
 @torch.no_grad()
@@ -656,10 +657,10 @@ def _hand_out(targets: list[tuple[str, torch.Tensor]], pairs: Iterable[tuple[str
                 target = targets[where[name]][1]
                 _copy_into(target, tensor.detach().to(device, target.dtype).contiguous(), sent=tensor)
                 received.add(where[name])
-        except Exception:
+        except Exception as exc:
             index[0] = _FAILED
             dist.broadcast(index, 0)
-            raise
+            raise _GaveUp(_one_line(exc)) from exc
         index[0] = _DONE
         dist.broadcast(index, 0)
     else:

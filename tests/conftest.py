@@ -21,6 +21,17 @@ FULL_MATRIX = os.environ.get("FCMOE_FULL_MATRIX") == "1"
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Cases marked ``ci_only`` run in .ci/run (``FCMOE_FULL_MATRIX=1 pytest -m ci_only``), after ``make
+    test``, which runs a like case of each: the rest of a slow matrix, a second variant of a scenario."""
+    if FULL_MATRIX:
+        return
+    skip = pytest.mark.skip(reason="runs in .ci/run (FCMOE_FULL_MATRIX=1 -m ci_only); make test runs a like case")
+    for item in items:
+        if item.get_closest_marker("ci_only") is not None:
+            item.add_marker(skip)
+
+
 def kill_process_groups(procs: Iterable[subprocess.Popen | None]) -> None:
     """SIGKILL what is still running of each process's group (tests start theirs in new sessions) and reap it."""
     for proc in procs:

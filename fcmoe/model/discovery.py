@@ -53,6 +53,8 @@ class FamilyFacts:
     split_changes_update: str = ""  # why training on a batch split over ranks cannot give one process's update
     expert_tables: tuple[str, ...] = ()  # children of the MoE block that are per-expert embedding tables
     router: str = ""  # the router's name in the MoE block, where its shape does not say
+    embeddings_read_directly: str = ""  # why the model reads its input embeddings' weight outside their forward
+    # (FSDP then keeps them in the root group, gathered, instead of a group of their own)
 
 
 _LLAMA4 = FamilyFacts(routing="router_dense")  # experts get pre-weighted copies of every token
@@ -66,6 +68,8 @@ FAMILY_FACTS: dict[str, FamilyFacts] = {
                         "(modeling_doge.py keeps that for its checkpoints)"),
     "phimoe": FamilyFacts(split_changes_update="its router samples experts at random in training (sparsemixer), "
                           "and each process draws for its own rows"),
+    "gemma4": FamilyFacts(embeddings_read_directly="its multimodal wrapper takes the pad token's row of "
+                          "embed_tokens.weight for the per-layer inputs"),
     "dbrx": FamilyFacts(no_lora="its experts read their stacked weights as attributes of a submodule (mlp.w1), "
                         "which PEFT's parameter wrapper hides; train the experts with mode: full"),
 }
@@ -276,6 +280,29 @@ def discover(model: nn.Module) -> MoeStructure:
                 if id(parents.get(id(element))) in layer_lists for p in element.parameters()}
     views = {id(t.param): t.view for layer in moe_layers for t in layer.tensors}
     return MoeStructure(type(model).__name__, model_type, num_experts, tuple(moe_layers), facts, layer_of, views)
+
+
+def decoder_layers(model: nn.Module, structure: MoeStructure | None = None) -> list[nn.Module]:
+    """Every element of the module list that holds the MoE layers (dense layers of hybrids included), in
+    order: what FSDP shards one group each and the memory plan counts layer by layer."""
+    moe = {id(layer.decoder_layer) for layer in (structure or discover(model)).layers}
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and any(id(m) in moe for m in module):
+            return list(module)
+    return []
+
+
+def vocabulary_modules(model: nn.Module, structure: MoeStructure | None = None) -> list[nn.Module]:
+    """The input embeddings and the output head, each an FSDP group of its own; none where they share a
+    weight (tied: one parameter cannot live in two groups, so both stay in the root), and not the input
+    embeddings of a family that reads their weight outside their forward (it would find it sharded)."""
+    inputs, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is not None and output is not None and {id(p) for p in inputs.parameters()} & {
+            id(p) for p in output.parameters()}:
+        return []
+    if (structure or discover(model)).facts.embeddings_read_directly:
+        inputs = None
+    return [m for m in (inputs, output) if m is not None and any(True for _ in m.parameters())]
 
 
 def _find_router(block: nn.Module, skip: set[int], experts: int) -> nn.Module | None:

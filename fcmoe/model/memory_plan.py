@@ -15,11 +15,11 @@ What is counted, and why (docs/operations.md, *Planning a silo's memory*):
   the silo runs ``torch.optim.AdamW`` on the parameters as they are (full-mode bf16 experts train in
   bf16). Under DDP (``silo.world_size`` > 1) each rank also holds DDP's gradient buckets (one more
   copy of the gradients).
-* **FSDP** (FSDP2 ``fully_shard`` on every decoder layer, then the root): each tensor split on dim 0
-  into N padded chunks; the root's own parameters (embeddings, head, final norm) stay gathered
-  through forward and backward (FSDP2 does not reshard the root), and two decoder layers are
-  gathered at a time (the running one and the prefetched next); one layer's unsharded gradients
-  wait for their reduce-scatter.
+* **FSDP** (FSDP2 ``fully_shard`` on every decoder layer, the input embeddings and the output head,
+  then the root): each tensor split on dim 0 into N padded chunks; the root's own parameters (the
+  final norm; embeddings and head too where they are tied) stay gathered through forward and backward
+  (FSDP2 does not reshard the root), and two of the other groups are gathered at a time (the running
+  one and the prefetched next); one layer's unsharded gradients wait for their reduce-scatter.
 * **Activations** are an estimate (:func:`_layer_activation`): what autograd keeps per token between
   forward and backward in transformers' own code (grouped-mm experts, SDPA attention, RMSNorm's
   float32 copy), plus what LoRA on fused experts costs: PEFT folds ``W + BA`` into one tensor the size
@@ -53,10 +53,14 @@ ASSUMPTIONS = (
     "no float32 master copy",
     "LoRA factors in float32 (PEFT's autocast); base weights, router and full-mode experts in model.dtype",
     "ddp: every rank a whole replica, plus DDP's gradient buckets (none at 1 GPU: one process)",
-    "fsdp: FSDP2 fully_shard per decoder layer and the root; dim-0 shards; the root and two layers gathered",
+    "fsdp: FSDP2 fully_shard per decoder layer, embeddings, head and the root; dim-0 shards; the root and two "
+    "groups gathered",
     "activations: an estimate (SDPA attention, eager where the family has none), rows split over the ranks; "
     "CUDA context and allocator fragmentation not counted",
 )
+# FSDP groups other than the decoder layers, as Tensor.layer: the root (final norm; embeddings and head where
+# tied), the input embeddings, the output head
+ROOT_GROUP, EMBEDDINGS_GROUP, HEAD_GROUP = -1, -2, -3
 _TOP_K_NAMES = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "experts_per_token", "moe_k")
 
 
@@ -67,7 +71,7 @@ class Tensor:
     numel: int
     itemsize: int
     dim0: int  # FSDP2 shards on dim 0
-    layer: int  # decoder layer index; -1: the root group (embeddings, head, final norm)
+    layer: int  # decoder layer index; ROOT_GROUP, EMBEDDINGS_GROUP, HEAD_GROUP: FSDP's other groups
     trainable: bool
     lora: bool = False  # a LoRA factor PEFT adds (not a base weight)
 
@@ -170,9 +174,10 @@ def plan_memory(shape: ModelShape, plan: Plan) -> Memory:
         by_layer: dict[int, list[Tensor]] = {}
         for t in shape.tensors:
             by_layer.setdefault(t.layer, []).append(t)
-        layer_bytes = sorted((sum(t.nbytes for t in ts) for k, ts in by_layer.items() if k >= 0), reverse=True)
-        root = sum(t.nbytes for t in by_layer.get(-1, []))
-        gathered = (root + sum(layer_bytes[:2])) if n > 1 else 0
+        group_bytes = sorted((sum(t.nbytes for t in ts) for k, ts in by_layer.items() if k != ROOT_GROUP),
+                             reverse=True)
+        root = sum(t.nbytes for t in by_layer.get(ROOT_GROUP, []))
+        gathered = (root + sum(group_bytes[:2])) if n > 1 else 0
         in_flight = max((sum(t.nbytes for t in ts if t.trainable) for k, ts in by_layer.items() if k >= 0), default=0)
         gradients = sum(t.shard_bytes(n) for t in train) + (in_flight if n > 1 else 0)
         optimizer = 2 * sum(t.shard_bytes(n) for t in train) + steps
@@ -192,7 +197,8 @@ def _startup_host_bytes(shape: ModelShape) -> int:
     groups: dict[int, int] = {}
     for t in shape.tensors:
         if not t.lora:
-            groups[t.layer] = groups.get(t.layer, 0) + t.nbytes
+            group = t.layer if t.layer >= 0 else ROOT_GROUP  # the checkpoint's non-layer keys are read as one group
+            groups[group] = groups.get(group, 0) + t.nbytes
     return 2 * max(groups.values(), default=0) + sum(t.nbytes for t in shape.tensors if t.lora)
 
 
@@ -227,7 +233,7 @@ def read_model(spec: ModelConfig) -> ModelShape:
     from transformers.utils import logging as hf_logging
 
     from fcmoe.model.build import DTYPES, hf_config
-    from fcmoe.model.discovery import discover
+    from fcmoe.model.discovery import decoder_layers, discover, vocabulary_modules
 
     config = hf_config(spec)
     verbosity = hf_logging.get_verbosity()
@@ -254,8 +260,7 @@ def read_model(spec: ModelConfig) -> ModelShape:
     first_moe = structure.layers[0]
     block = first_moe.block
     top_k, notes = _top_k(first_moe.router, block, text)
-    layer_list = next(m for m in model.modules() if isinstance(m, nn.ModuleList)
-                      and any(e is first_moe.decoder_layer for e in m))
+    layer_list = nn.ModuleList(decoder_layers(model, structure))
     moe_by_index = {layer.index: layer for layer in structure.layers}
 
     # parameters: the base (router / full-mode experts trainable), then LoRA factors as PEFT makes them
@@ -265,8 +270,10 @@ def read_model(spec: ModelConfig) -> ModelShape:
     if trainable.router:
         chosen |= {id(p) for p in structure.router_params}
     layer_of = {id(p): i for i, element in enumerate(layer_list) for p in element.parameters()}
-    tensors = [Tensor(p.numel(), s, p.shape[0] if p.dim() else 1, layer_of.get(id(p), -1), id(p) in chosen)
-               for p in model.parameters()]
+    layer_of |= {id(p): EMBEDDINGS_GROUP if m is model.get_input_embeddings() else HEAD_GROUP
+                 for m in vocabulary_modules(model, structure) for p in m.parameters()}
+    tensors = [Tensor(p.numel(), s, p.shape[0] if p.dim() else 1, layer_of.get(id(p), ROOT_GROUP),
+                      id(p) in chosen) for p in model.parameters()]
     lora: list[Tensor] = []
     merged: dict[int, list[int]] = {}  # layer -> bytes of each merged expert tensor (W + BA), in order
     if trainable.mode == "lora":

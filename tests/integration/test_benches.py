@@ -38,6 +38,7 @@ def test_secagg_bench_runs_every_mode_with_a_dropout_round(tmp_path):
     assert result["target"]["fcmoe_masking_round_ratio"] == fcmoe["masking"]["round_ratio_to_none"]
 
 
+@pytest.mark.ci_only  # make test runs the secagg bench in full (test_secagg_bench_runs_every_mode_...)
 def test_secagg_bench_reports_an_aborted_mode_and_goes_on_with_the_others():
     """A ckks upload deadline nobody can meet: ckks aborts in its first round (the real deadline path),
     is reported as such and not run again; the other modes take turns over both repeats, each with a
@@ -178,6 +179,7 @@ def test_load_robust_compares_each_ratio_with_and_without_load():
     assert out["z"]["agree"] is None and out["z"]["with_load"] is None
 
 
+@pytest.mark.ci_only  # make test runs the convergence bench in the paper's setting
 def test_convergence_bench_on_shakespeare_silos_reports_per_silo_losses(tmp_path):
     """The bench's contract on a Shakespeare setting, with a tiny built-in model (the SmolLM2 figures
     come from configs/bench_shakespeare.yaml, far too slow for the suite)."""

@@ -20,16 +20,17 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import FULL_MATRIX, ROOT, as_local_checkpoint, kill_process_groups, silo_config, smoke_config
+from conftest import ROOT, as_local_checkpoint, kill_process_groups, silo_config, smoke_config
+from torch.distributed.tensor import DTensor
 
 from fcmoe.config import ModelConfig, SiloConfig, dump_config, parse_config
 from fcmoe.errors import ConfigError, LayoutError, RunError
 from fcmoe.launch.inprocess import run_in_process
 from fcmoe.model import build_model, load_trainable_state, trainable_state
+from fcmoe.model.discovery import decoder_layers, vocabulary_modules
 from fcmoe.plan import RoundPlan
 from silo_agent.data import ByteTokenizer, Example, ExampleBatches, build_silo_dataset
-from silo_agent.distributed import (RankSetup, SiloRanks, check_world_size, decoder_layers, scored_tokens,
-                                    shard_rows)
+from silo_agent.distributed import RankSetup, SiloRanks, check_world_size, scored_tokens, shard_rows
 from silo_agent.routing import RoutingMeter
 from silo_agent.training import evaluate, train_locally
 
@@ -71,13 +72,11 @@ def _train(model_config: ModelConfig, start: dict[str, torch.Tensor], data: Exam
         ranks.close()
 
 
-_IN_CI_ONLY = pytest.mark.skipif(not FULL_MATRIX, reason="runs in .ci/run (FCMOE_FULL_MATRIX=1); make test runs "
-                                 "ddp-full and fsdp-lora")
 
 
 @pytest.mark.parametrize("parallel,mode,checkpointing", [
-    ("ddp", "full", False), pytest.param("fsdp", "full", False, marks=_IN_CI_ONLY),
-    pytest.param("ddp", "lora", False, marks=_IN_CI_ONLY), ("fsdp", "lora", True)])
+    ("ddp", "full", False), pytest.param("fsdp", "full", False, marks=pytest.mark.ci_only),
+    pytest.param("ddp", "lora", False, marks=pytest.mark.ci_only), ("fsdp", "lora", True)])
 def test_two_processes_give_the_one_process_update_with_accumulation_and_prox(parallel, mode, checkpointing):
     """LoRA on the experts or whole experts, the router trained too, each sharded (fsdp) or replicated (ddp);
     activation checkpointing recomputes the same numbers."""
@@ -246,7 +245,16 @@ def test_under_fsdp_the_agent_model_is_rank_0s_shard_and_its_forwards_lead_the_o
             assert set(meter.mass) == set(expected_meter.mass) and all(
                 torch.allclose(meter.mass[k], expected_meter.mass[k], atol=1e-4) for k in meter.mass)
             plan = RoundPlan(local_steps=2, batch_size=1, learning_rate=0.01, seed=3)
+            seen: list[list[bool]] = []
+            vocabulary = vocabulary_modules(ranks.model)  # untied: each an FSDP group, not part of the root
+
+            def while_a_layer_runs(*_):  # the embeddings were sharded again once they ran; the head is not gathered yet
+                seen.append([isinstance(next(m.parameters()), DTensor) for m in vocabulary])
+
+            handle = decoder_layers(ranks.model)[1].register_forward_pre_hook(while_a_layer_runs)
             ranks.train(plan)
+            handle.remove()
+            assert len(vocabulary) == 2 and len(seen) == plan.local_steps and all(all(s) for s in seen)
             train_locally(one, data, plan, CPU)
             assert _gap(ranks.trainable_state(), trainable_state(one)) < TOLERANCE
 
@@ -319,7 +327,7 @@ def test_a_silo_under_torchrun_keeps_its_ranks_through_a_real_federation(tmp_pat
     assert logs[0].count("event=checkpoint_read") == 1 and "event=checkpoint_read" not in logs[1]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", [pytest.param("ddp", marks=pytest.mark.ci_only), "fsdp"])
 def test_a_silo_whose_rank_dies_sits_out_that_round_and_trains_the_next(tmp_path, caplog, parallel):
     """In a federation of three (silo0 on two ranks), rank 1 of silo0 is killed as round 2 reaches it:
     silo0 declines round 2 in one line, the round goes on with the other two, and round 3 has all three.

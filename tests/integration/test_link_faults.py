@@ -176,6 +176,7 @@ def test_an_upload_cut_mid_stream_resumes_after_the_last_chunk_the_aggregator_ho
         np.testing.assert_allclose(coordinator.global_units[unit], value, atol=1e-5, rtol=0)
 
 
+@pytest.mark.ci_only  # make test cuts an upload mid-stream (the other test here)
 def test_a_silo_that_dies_mid_upload_is_dropped_at_the_deadline_and_rejoins_next_round(
         tmp_path, aggregator_factory, proxy_factory):
     config, names = _setup(tmp_path, 4, rounds=2, quorum=3, upload_timeout_s=8)

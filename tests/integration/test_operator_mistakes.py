@@ -158,7 +158,7 @@ def test_an_aborted_run_goes_on_only_with_resume(tmp_path, pki):
     assert again.returncode == 1  # no silo this time either: aborted again, nothing lost
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.ci_only)])
 def test_a_signal_stops_the_aggregator_with_one_line_and_the_same_command_resumes(tmp_path, pki, sig):
     config = smoke_config(tmp_path)
     path = _aggregator_with(config, tmp_path, aggregator={"port_file": str(tmp_path / "port")})

@@ -61,9 +61,9 @@ sigma of the difference of two floods). Over more rounds local AdamW training am
 FC-MoE's sketches are keyed by the run id and the run secret a silo draws at random: the
 uninterrupted run is given the crashed run's two (restarts.uninterrupted).
 
-Cost: 36 to 55 s a case on 2 cores (each restart is a new process: about 3.5 s), about 6 min for
-all eight. Plain ``pytest`` runs ``SLICE`` (about 2 min); ``FCMOE_FULL_MATRIX=1`` runs all eight (.ci/run
-does, after ``make test``).
+Cost: 36 to 80 s a case on 2 cores (each restart is a new process: about 3.5 s), about 6 min for
+all eight. Plain ``pytest`` runs ``SLICE`` (about 80 s); the seven others are ``ci_only`` (.ci/run runs
+them, after ``make test``).
 """
 
 from __future__ import annotations
@@ -73,7 +73,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import FULL_MATRIX
 from restarts import aggregator_process  # noqa: F401 (a fixture)
 from fcmoe.config import FCMOE_SKETCH_VARIANT
 from restarts import K, Federation, aggregator_events, assert_same_as_uninterrupted, federation_configs, metrics_rows
@@ -91,10 +90,9 @@ SETUPS = {
 MODES = ("masking", "ckks")
 ATOL = {"masking": 1e-6, "ckks": 1e-4}
 SILOS = 3
-# plain pytest: both modes and every model ingredient (FC-MoE's model is the router set-up's, trained
-# router and all) and FC-MoE with its sketch stage, in about 2 min; the six others (the default FC-MoE
-# among them) take about 4 min more
-SLICE = {"fcmoe_sketch-masking", "qwen2_moe-ckks"}
+# plain pytest: the demo's FC-MoE with its sketch stage under masking (trained router, the most phases to
+# be killed in); .ci/run: the seven others (ckks, Qwen2-MoE with full experts, the default FC-MoE among them)
+SLICE = {"fcmoe_sketch-masking"}
 
 
 @dataclass(frozen=True)
@@ -184,8 +182,7 @@ def _run(folder: Path, make_aggregator, setup: str, mode: str, run: Run):
 
 
 CASES = [pytest.param(setup, mode, id=f"{setup}-{mode}",
-                      marks=pytest.mark.skipif(not FULL_MATRIX and f"{setup}-{mode}" not in SLICE,
-                                               reason="full restart matrix runs in .ci/run (FCMOE_FULL_MATRIX=1)"))
+                      marks=() if f"{setup}-{mode}" in SLICE else pytest.mark.ci_only)
          for setup in SETUPS for mode in MODES]
 
 

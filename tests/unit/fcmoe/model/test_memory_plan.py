@@ -15,7 +15,8 @@ import torch
 from fcmoe.launch.cli import main
 from fcmoe.config import BuiltinModelConfig, ModelConfig, TrainableConfig
 from fcmoe.model.build import build_model
-from fcmoe.model.memory_plan import GIB, Plan, activation_bytes, plan_memory, read_model
+from fcmoe.model.memory_plan import (EMBEDDINGS_GROUP, GIB, HEAD_GROUP, ROOT_GROUP, Plan, activation_bytes,
+                                     plan_memory, read_model)
 from silo_agent.training import forward_logits, logit_losses
 
 ROOT = Path(__file__).resolve().parents[4]
@@ -140,9 +141,11 @@ def test_fsdp_divides_the_state(checkpoints):
         ddp, fsdp = plan_memory(shape, Plan(n, "ddp", 8, 2048)), plan_memory(shape, Plan(n, "fsdp", 8, 2048))
         assert ddp.parameters == total and ddp.gradients == 2 * trainable  # DDP's buckets
         assert total / n <= fsdp.parameters <= total / n * 1.001  # only dim-0 padding on top
-        layers = sorted((sum(t.nbytes for t in shape.tensors if t.layer == i) for i in range(len(shape.layers))))
-        root = sum(t.nbytes for t in shape.tensors if t.layer == -1)
-        assert fsdp.gathered == root + sum(layers[-2:])
+        groups = sorted(sum(t.nbytes for t in shape.tensors if t.layer == i)
+                        for i in [*range(len(shape.layers)), EMBEDDINGS_GROUP, HEAD_GROUP])
+        root = sum(t.nbytes for t in shape.tensors if t.layer == ROOT_GROUP)
+        assert fsdp.gathered == root + sum(groups[-2:])
+        assert root < groups[0]  # Mixtral's embeddings and head (untied) are groups of their own: the root is a norm
         assert fsdp.optimizer < 2 * trainable / n * 1.01 + 4 * len(shape.tensors)
         assert fsdp.activations == ddp.activations  # same rows per rank
     assert plan_memory(shape, Plan(3, "fsdp", 8, 2048)).activations == activation_bytes(shape, 3, 2048)
