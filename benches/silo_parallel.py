@@ -5,7 +5,9 @@
 A built-in Mixtral-style MoE of 371 M parameters (24 layers of 8 experts, hidden 1024, expert width
 512; fp32 on the CPU, about 1.5 GB; 676 M with ``--intermediate-size 1024``; LoRA rank 8 on the
 experts, router trained) trains the same rounds three ways,
-each in a fresh interpreter so that its memory high-water mark is its own:
+each in a fresh interpreter so that its memory high-water mark is its own (``--hidden-size``,
+``--intermediate-size`` and ``--num-layers`` change the model; tests/integration/test_benches.py runs it
+tiny):
 
 - ``one``: one process (``world_size: 1``);
 - ``fsdp``: two ranks, ``silo.parallel: fsdp``, started once and kept for every round;
@@ -60,8 +62,12 @@ MODEL = {"builtin": {"family": "mixtral", "hidden_size": 1024, "intermediate_siz
          "trainable": {"mode": "lora", "lora_rank": 8, "lora_alpha": 16, "router": True}}
 
 
-def _model(intermediate_size: int) -> dict:
-    return {**MODEL, "builtin": {**MODEL["builtin"], "intermediate_size": intermediate_size}}
+SHAPE = ("hidden_size", "intermediate_size", "num_layers")  # what the command line may change (a smoke test
+# runs the bench on a tiny model)
+
+
+def _model(shape: dict) -> dict:
+    return {**MODEL, "builtin": {**MODEL["builtin"], **shape}}
 
 
 # the one-process variants: (torch threads, the ranks' allocator setting); the others train on two fsdp ranks
@@ -70,7 +76,7 @@ _ONE_PROCESS = {"one": (1, False), "threads": (2, False), "one-ranks-allocator":
 
 
 def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, checkpointing: bool,
-             intermediate_size: int) -> dict:
+             shape: dict) -> dict:
     """One variant, in this (fresh) process: trains ``rounds`` rounds and saves the trained state."""
     from safetensors.torch import save_file
 
@@ -85,7 +91,7 @@ def _variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, 
     torch.set_num_threads(threads)
     if ranks_allocator:
         map_large_blocks_directly()
-    spec = ModelConfig.model_validate(_model(intermediate_size))
+    spec = ModelConfig.model_validate(_model(shape))
     if variant == "streamed":
         return _streamed(spec.model_copy(update={"source": "local", "path": out / "checkpoint"}), steps, batch_size,
                          out, checkpointing)
@@ -172,11 +178,11 @@ def _streamed(spec, steps: int, batch_size: int, out: Path, checkpointing: bool)
 
 
 def _run_variant(variant: str, rounds: int, steps: int, batch_size: int, out: Path, checkpointing: bool,
-                 intermediate_size: int) -> dict:
-    flag = ["--activation-checkpointing"] if checkpointing else []
+                 shape: dict) -> dict:
+    flags = ["--activation-checkpointing"] if checkpointing else []
+    flags += [f"--{key.replace('_', '-')}={value}" for key, value in shape.items()]
     proc = subprocess.run([sys.executable, "-m", "benches.silo_parallel", "--variant", variant, "--rounds", str(rounds),
-                           "--steps", str(steps), "--batch-size", str(batch_size), "--out", str(out),
-                           "--intermediate-size", str(intermediate_size)] + flag,
+                           "--steps", str(steps), "--batch-size", str(batch_size), "--out", str(out)] + flags,
                           cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"variant {variant} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -207,12 +213,12 @@ def _memory(runs: dict) -> dict:
             "above_base_ratio": round((rank1 - rank1_base) / (one - one_base), 3)}
 
 
-def _save_checkpoint(intermediate_size: int, folder: Path) -> None:
+def _save_checkpoint(shape: dict, folder: Path) -> None:
     """The built-in model as a local checkpoint (safetensors), for ``streamed``."""
     from fcmoe.config import ModelConfig
     from fcmoe.model.build import build_base_model
 
-    build_base_model(ModelConfig.model_validate(_model(intermediate_size))).save_pretrained(folder)
+    build_base_model(ModelConfig.model_validate(_model(shape))).save_pretrained(folder)
 
 
 def main() -> int:
@@ -222,30 +228,33 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--intermediate-size", type=int, default=MODEL["builtin"]["intermediate_size"],
                         help="each expert's hidden width (512: 371 M parameters; 1024: 676 M)")
+    parser.add_argument("--hidden-size", type=int, default=MODEL["builtin"]["hidden_size"])
+    parser.add_argument("--num-layers", type=int, default=MODEL["builtin"]["num_layers"])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["one", "threads", "one-ranks-allocator", "fsdp", "respawn", "streamed"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    shape = {key: getattr(args, key) for key in SHAPE}
     if args.variant:  # one variant in this fresh process, for the parent
         print(json.dumps(_variant(args.variant, args.rounds, args.steps, args.batch_size, args.out,
-                                  args.activation_checkpointing, args.intermediate_size)))
+                                  args.activation_checkpointing, shape)))
         return 0
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fcmoe-silo-parallel-") as tmp:
         out = Path(tmp)
         sizes = (args.rounds, args.steps, args.batch_size, out)
-        runs = {v: _run_variant(v, *sizes, False, args.intermediate_size) for v in ("one", "fsdp", "respawn")}
-        checkpointed = {v: _run_variant(v, *sizes, True, args.intermediate_size) for v in ("one", "fsdp")}
+        runs = {v: _run_variant(v, *sizes, False, shape) for v in ("one", "fsdp", "respawn")}
+        checkpointed = {v: _run_variant(v, *sizes, True, shape) for v in ("one", "fsdp")}
         diffs = {"plain": _relative_diff(out, ""), "checkpointed": _relative_diff(out, "-ckpt")}
-        _save_checkpoint(args.intermediate_size, out / "checkpoint")
-        streamed = _run_variant("streamed", 1, *sizes[1:], True, args.intermediate_size)
+        _save_checkpoint(shape, out / "checkpoint")
+        streamed = _run_variant("streamed", 1, *sizes[1:], True, shape)
         streamed_diff = _relative_diff(out, "", reference="fsdp-ckpt", other="streamed")
-        _run_variant("threads", 1, *sizes[1:], False, args.intermediate_size)
+        _run_variant("threads", 1, *sizes[1:], False, shape)
         threads_diff = _relative_diff(out, "", other="threads")
-        allocator = _run_variant("one-ranks-allocator", 2, *sizes[1:], True, args.intermediate_size)
+        allocator = _run_variant("one-ranks-allocator", 2, *sizes[1:], True, shape)
     memory = {name: _memory(variants) for name, variants in (("plain", runs), ("checkpointed", checkpointed))}
     same_allocator = allocator["peak_bytes"][0]
     memory["checkpointed"]["one_process_ranks_allocator_peak_mib"] = same_allocator >> 20
@@ -255,7 +264,7 @@ def main() -> int:
     best = memory["checkpointed"]["memory_ratio"]
     result = {
         "bench": "silo_parallel", "parameters": runs["one"]["parameters"],
-        "intermediate_size": args.intermediate_size, "rounds": args.rounds,
+        **shape, "rounds": args.rounds,
         "local_steps": args.steps, "batch_size": args.batch_size, "world_size": 2, "parallel": "fsdp",
         "memory": memory, "memory_ratio": best, "memory_target": 0.65, "memory_target_met": best <= 0.65,
         "update_relative_diff": max(diffs.values()), "update_relative_diffs": diffs,
