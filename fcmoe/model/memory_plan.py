@@ -260,7 +260,7 @@ def read_model(spec: ModelConfig) -> ModelShape:
     first_moe = structure.layers[0]
     block = first_moe.block
     top_k, notes = _top_k(first_moe.router, block, text)
-    layer_list = nn.ModuleList(decoder_layers(model, structure))
+    layer_list = decoder_layers(model, structure)
     moe_by_index = {layer.index: layer for layer in structure.layers}
 
     # parameters: the base (router / full-mode experts trainable), then LoRA factors as PEFT makes them
@@ -320,7 +320,7 @@ def read_model(spec: ModelConfig) -> ModelShape:
         notes.append("eager attention (no SDPA for this family): each layer keeps [heads, T, T] probabilities")
     output = model.get_output_embeddings()
     vocab = int(output.weight.shape[0]) if output is not None else int(text.vocab_size)
-    in_layers = {id(m) for m in layer_list.modules()}
+    in_layers = {id(m) for element in layer_list for m in element.modules()}
     final_norms = sum(_norm_width(m, hidden, heads, head_dim) for m in model.modules()
                       if _is_norm(m) and id(m) not in in_layers)
     transient = max((t.param.numel() * s for t in structure.expert_tensors), default=0) if lora else 0
