@@ -16,10 +16,12 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import ROOT, as_local_checkpoint, kill_process_groups, silo_config, smoke_config
 from torch.distributed.tensor import DTensor
 
@@ -214,12 +216,14 @@ def test_ranks_persist_across_rounds_and_a_rank_killed_mid_round_costs_that_roun
     assert multiprocessing.active_children() == []
 
 
-def test_under_fsdp_the_agent_model_is_rank_0s_shard_and_its_forwards_lead_the_other_ranks():
+def test_under_fsdp_the_agent_model_is_rank_0s_shard_and_its_forwards_lead_the_other_ranks(monkeypatch):
     """The agent's model under fsdp is rank 0's shard (the whole model it was built from is dropped):
     evaluation through it, routing meter attached, gives one process's losses and routing; the trainable
     state loads and reads back whole; a name it lacks is refused before any rank is told; a batch of
     fewer rows than ranks trains (a stand-in row that counts nil on the rank without rows) to one
-    process's update; and the group is still in step for the next evaluation. A forward that fails
+    process's update, with no group gathered out of its turn (the embeddings and head while a layer runs;
+    on the CPU, the layer before one whose backward runs); and the group is still in step for the next
+    evaluation. A forward that fails
     part-way on rank 0 alone leaves the others inside it: the group is started afresh before its next use."""
     model_config = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": "lora", "router": True}})
     train, held_out = build_silo_dataset(silo_index=0, num_silos=1, domains=["shift_up", "copy"], partition="domain",
@@ -228,6 +232,17 @@ def test_under_fsdp_the_agent_model_is_rank_0s_shard_and_its_forwards_lead_the_o
     start = _start_state(model_config)
     one = build_model(model_config)
     load_trainable_state(one, start)
+    gathers: list[weakref.ref] = []  # rank 0's all-gather buffers (this process)
+    real_gather = dist.all_gather_single  # what FSDP2 gathers a group with
+
+    def gather(output: torch.Tensor, *args, **kwargs):
+        gathers.append(weakref.ref(output))
+        return real_gather(output, *args, **kwargs)
+
+    def no_gather_held() -> bool:
+        return all(buffer() is None for buffer in gathers)
+
+    monkeypatch.setattr(dist, "all_gather_single", gather)
     ranks = SiloRanks(build_model(model_config), RankSetup(model_config, "fsdp", 2, cuda=False), data, CPU)
     try:
         shard = sum(p.to_local().numel() for p in ranks.model.parameters())
@@ -248,13 +263,21 @@ def test_under_fsdp_the_agent_model_is_rank_0s_shard_and_its_forwards_lead_the_o
             seen: list[list[bool]] = []
             vocabulary = vocabulary_modules(ranks.model)  # untied: each an FSDP group, not part of the root
 
-            def while_a_layer_runs(*_):  # the embeddings were sharded again once they ran; the head is not gathered yet
-                seen.append([isinstance(next(m.parameters()), DTensor) for m in vocabulary])
+            layers = decoder_layers(ranks.model)
 
-            handle = decoder_layers(ranks.model)[1].register_forward_pre_hook(while_a_layer_runs)
+            def while_a_layer_runs(*_):  # the embeddings were sharded again once they ran; the head is not gathered
+                # yet; and on the CPU no gather's buffer outlives its copy into the layer's parameters
+                seen.append([isinstance(next(m.parameters()), DTensor) for m in vocabulary] + [no_gather_held()])
+
+            def after_its_backward(*_):  # the layer before is not being gathered ahead of its turn
+                seen.append([no_gather_held()])
+
+            handles = [layers[1].register_forward_pre_hook(while_a_layer_runs),
+                       layers[1].register_full_backward_hook(after_its_backward)]
             ranks.train(plan)
-            handle.remove()
-            assert len(vocabulary) == 2 and len(seen) == plan.local_steps and all(all(s) for s in seen)
+            for handle in handles:
+                handle.remove()
+            assert len(vocabulary) == 2 and len(seen) == 2 * plan.local_steps and all(all(s) for s in seen)
             train_locally(one, data, plan, CPU)
             assert _gap(ranks.trainable_state(), trainable_state(one)) < TOLERANCE
 
