@@ -488,8 +488,7 @@ class _Replica:
             self.module.to_empty(device=device)
         if setup.activation_checkpointing:
             checkpoint_activations(self.module)
-        pairs = source if isinstance(source, CheckpointStream) else _tensors_of(source) if source is not None else None
-        _hand_out(list(_tensors_of(self.module)), pairs, device)
+        _hand_out(list(_tensors_of(self.module)), _pairs_of(source), device)
         release_host_memory()
         self.startup_peak_bytes = peak_memory_bytes(device)  # rank 0's includes what it handed out
         self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -696,6 +695,13 @@ def _hand_out(targets: list[tuple[str, torch.Tensor]], pairs: Iterable[tuple[str
 
 def _tensors_of(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     return chain(model.named_parameters(), model.named_buffers())
+
+
+def _pairs_of(source: nn.Module | CheckpointStream | None) -> Iterable[tuple[str, torch.Tensor]] | None:
+    """What rank 0 hands out at start-up: a checkpoint as it reads it, or a model's tensors; None elsewhere."""
+    if source is None or isinstance(source, CheckpointStream):
+        return source
+    return _tensors_of(source)
 
 
 def _copy_into(target: torch.Tensor, whole: torch.Tensor, sent: torch.Tensor | None = None) -> None:

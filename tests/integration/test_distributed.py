@@ -278,6 +278,7 @@ def test_under_fsdp_the_agent_model_is_rank_0s_shard_and_its_forwards_lead_the_o
             for handle in handles:
                 handle.remove()
             assert len(vocabulary) == 2 and len(seen) == 2 * plan.local_steps and all(all(s) for s in seen)
+            assert gathers  # the spy saw FSDP's gathers (else "none held" would say nothing)
             train_locally(one, data, plan, CPU)
             assert _gap(ranks.trainable_state(), trainable_state(one)) < TOLERANCE
 
