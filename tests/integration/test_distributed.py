@@ -7,6 +7,7 @@ interpreter and model start-up, so the cases are few and each covers several fea
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import multiprocessing
@@ -223,8 +224,8 @@ def test_under_fsdp_the_agent_model_is_rank_0s_shard_and_its_forwards_lead_the_o
     fewer rows than ranks trains (a stand-in row that counts nil on the rank without rows) to one
     process's update, with no group gathered out of its turn (the embeddings and head while a layer runs;
     on the CPU, the layer before one whose backward runs); and the group is still in step for the next
-    evaluation. A forward that fails
-    part-way on rank 0 alone leaves the others inside it: the group is started afresh before its next use."""
+    evaluation. A forward that fails part-way on rank 0 alone leaves the others inside it: the group is
+    started afresh before its next use."""
     model_config = ModelConfig.model_validate({"builtin": TINY, "trainable": {"mode": "lora", "router": True}})
     train, held_out = build_silo_dataset(silo_index=0, num_silos=1, domains=["shift_up", "copy"], partition="domain",
                                          alpha=0.5, samples_per_silo=32, eval_fraction=0.25, seed=0)
@@ -240,7 +241,16 @@ def test_under_fsdp_the_agent_model_is_rank_0s_shard_and_its_forwards_lead_the_o
         return real_gather(output, *args, **kwargs)
 
     def no_gather_held() -> bool:
-        return all(buffer() is None for buffer in gathers)
+        """Every gather's buffer let go. Gloo's worker thread drops its own reference to a finished
+        gather a moment after FSDP did, so wait for that (a buffer FSDP itself still holds stays alive
+        however long this waits: FSDP is blocked in this hook)."""
+        deadline = time.monotonic() + 5
+        while any(buffer() is not None for buffer in gathers):
+            if time.monotonic() > deadline:
+                return False
+            gc.collect()
+            time.sleep(0.01)
+        return True
 
     monkeypatch.setattr(dist, "all_gather_single", gather)
     ranks = SiloRanks(build_model(model_config), RankSetup(model_config, "fsdp", 2, cuda=False), data, CPU)
